@@ -1,0 +1,17 @@
+//! nvdriver-agent: keeps precompiled NVIDIA driver overlays loaded across kernel updates on
+//! image-based Linux (Fedora CoreOS / RHCOS / SCOS, Flatcar, Garden Linux).
+//!
+//! The crate is split the way the boot path runs: [`config`] and [`host`] gather facts,
+//! [`overlay`] finds and verifies the overlay for a kernel, [`kmod`] turns all of that into a
+//! pure [`kmod::plan::LoadPlan`] and executes it through the thin [`kmod::sys::Kernel`] trait,
+//! [`runtime`] and [`readiness`] hand the driver to the container toolkit and the GPU Operator.
+#![deny(unsafe_code)]
+
+pub mod commands;
+pub mod config;
+pub mod fsutil;
+pub mod host;
+pub mod kmod;
+pub mod overlay;
+pub mod readiness;
+pub mod runtime;
