@@ -1,1 +1,507 @@
-//! PLACEHOLDER
+//! Configuration: the shipped defaults (`/usr/lib/nvdriver-agent/config.toml`), then
+//! `/etc/nvdriver-agent/config.toml`, then `/etc/nvdriver-agent/config.d/*.toml` in lexical
+//! order; later keys win. Each file is a [`Fragment`] of all-optional fields with
+//! `deny_unknown_fields`, so a typo is an error naming the file, line and key; the merged
+//! fragments become one validated [`Settings`].
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::host::Root;
+
+/// The defaults as shipped; compiled in so a host without `/usr/lib/nvdriver-agent` still has
+/// them, and read from the same file the packages install (one source of truth).
+pub const SHIPPED_DEFAULTS: &str = include_str!("../dist/config.toml");
+pub const SHIPPED_DEFAULTS_PATH: &str = "/usr/lib/nvdriver-agent/config.toml";
+pub const ETC_CONFIG_PATH: &str = "/etc/nvdriver-agent/config.toml";
+pub const ETC_DROPIN_DIR: &str = "/etc/nvdriver-agent/config.d";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}:{line}: {message}")]
+    Parse {
+        file: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("cannot read config {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config key {key} (last set in {file}): {message}")]
+    Invalid {
+        key: String,
+        file: PathBuf,
+        message: String,
+    },
+}
+
+/// Module parameter values as TOML allows them.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Int(i64),
+    Str(String),
+}
+
+impl std::fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // The kernel's bool parameters accept 1/0 everywhere (Y/N only for some).
+            ParamValue::Bool(b) => write!(f, "{}", u8::from(*b)),
+            ParamValue::Int(i) => write!(f, "{i}"),
+            ParamValue::Str(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingOverlayPolicy {
+    /// Log it, leave the driver unloaded, exit 0: boot goes on.
+    Warn,
+    /// Exit with the "no overlay" code so the unit fails visibly.
+    Fail,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fragment {
+    store: Option<StoreFragment>,
+    driver: Option<DriverFragment>,
+    parameters: Option<BTreeMap<String, BTreeMap<String, ParamValue>>>,
+    toolkit: Option<ToolkitFragment>,
+    readiness: Option<ReadinessFragment>,
+    policy: Option<PolicyFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFragment {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DriverFragment {
+    version: Option<String>,
+    root: Option<PathBuf>,
+    modules: Option<Vec<String>>,
+    os_modules: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolkitFragment {
+    config: Option<PathBuf>,
+    manage: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ReadinessFragment {
+    driver_ready: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PolicyFragment {
+    missing_overlay: Option<MissingOverlayPolicy>,
+}
+
+/// The validated, merged configuration. Paths are host paths (absolute); resolve them under a
+/// [`Root`] before touching the disk.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Settings {
+    pub store_dir: PathBuf,
+    /// Pinned driver version, if any.
+    pub driver_version: Option<String>,
+    pub driver_root: PathBuf,
+    /// Overlay modules to load, as configured (file-name spelling, e.g. `nvidia-uvm`).
+    pub modules: Vec<String>,
+    pub os_modules: Vec<String>,
+    /// Per module (normalised to underscores), parameter name → value.
+    pub parameters: BTreeMap<String, BTreeMap<String, ParamValue>>,
+    pub toolkit_config: PathBuf,
+    pub manage_toolkit: bool,
+    pub driver_ready: PathBuf,
+    pub missing_overlay: MissingOverlayPolicy,
+    /// The files that were read, in order (host paths, or the `--config` path as given).
+    pub sources: Vec<PathBuf>,
+}
+
+impl Settings {
+    /// Parameters for one module as the kernel takes them: `key=value key=value`.
+    pub fn module_params(&self, module: &str) -> String {
+        self.parameters
+            .get(&crate::host::kernel::normalize_module_name(module))
+            .map(|params| {
+                params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Where configuration comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    /// The standard layering under the root.
+    Layered,
+    /// `--config FILE`: the shipped defaults, then this one file (not resolved under the root);
+    /// `/etc` is not read.
+    File(PathBuf),
+}
+
+/// Read and merge configuration.
+pub fn load(root: &Root, source: &ConfigSource) -> Result<Settings, ConfigError> {
+    let mut layers: Vec<(PathBuf, String)> = vec![(
+        PathBuf::from(format!("{SHIPPED_DEFAULTS_PATH} (built in)")),
+        SHIPPED_DEFAULTS.to_string(),
+    )];
+    match source {
+        ConfigSource::Layered => {
+            let mut host_files = vec![PathBuf::from(SHIPPED_DEFAULTS_PATH), PathBuf::from(ETC_CONFIG_PATH)];
+            host_files.extend(list_dropins(root)?);
+            for host_file in host_files {
+                if let Some(text) = read_optional(&root.join(&host_file))? {
+                    layers.push((host_file, text));
+                }
+            }
+        }
+        ConfigSource::File(path) => {
+            let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                file: path.clone(),
+                source,
+            })?;
+            layers.push((path.clone(), text));
+        }
+    }
+    merge_layers(&layers)
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, ConfigError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// `config.d/*.toml`, sorted by file name (lexical byte order, as systemd sorts drop-ins).
+fn list_dropins(root: &Root) -> Result<Vec<PathBuf>, ConfigError> {
+    let dir = root.join(ETC_DROPIN_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ConfigError::Read { file: dir, source }),
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".toml") && !name.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|name| Path::new(ETC_DROPIN_DIR).join(name))
+        .collect())
+}
+
+/// Parse each layer (so errors name their file) and merge them in order.
+pub fn merge_layers(layers: &[(PathBuf, String)]) -> Result<Settings, ConfigError> {
+    let mut merged = Merged::default();
+    for (file, text) in layers {
+        let fragment: Fragment = toml::from_str(text).map_err(|e| parse_error(file, text, &e))?;
+        merged.apply(file, fragment);
+    }
+    merged.finish(layers.iter().map(|(f, _)| f.clone()).collect())
+}
+
+fn parse_error(file: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let line = error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+        .unwrap_or(0);
+    ConfigError::Parse {
+        file: file.to_path_buf(),
+        line,
+        message: error.message().trim().to_string(),
+    }
+}
+
+/// Each value remembers the file that set it last, for error messages.
+type Sourced<T> = Option<(T, PathBuf)>;
+
+#[derive(Default)]
+struct Merged {
+    store_dir: Sourced<PathBuf>,
+    driver_version: Sourced<String>,
+    driver_root: Sourced<PathBuf>,
+    modules: Sourced<Vec<String>>,
+    os_modules: Sourced<Vec<String>>,
+    parameters: BTreeMap<String, BTreeMap<String, ParamValue>>,
+    toolkit_config: Sourced<PathBuf>,
+    manage_toolkit: Sourced<bool>,
+    driver_ready: Sourced<PathBuf>,
+    missing_overlay: Sourced<MissingOverlayPolicy>,
+}
+
+fn set<T>(slot: &mut Sourced<T>, value: Option<T>, file: &Path) {
+    if let Some(value) = value {
+        *slot = Some((value, file.to_path_buf()));
+    }
+}
+
+impl Merged {
+    fn apply(&mut self, file: &Path, fragment: Fragment) {
+        if let Some(store) = fragment.store {
+            set(&mut self.store_dir, store.dir, file);
+        }
+        if let Some(driver) = fragment.driver {
+            set(&mut self.driver_version, driver.version, file);
+            set(&mut self.driver_root, driver.root, file);
+            set(&mut self.modules, driver.modules, file);
+            set(&mut self.os_modules, driver.os_modules, file);
+        }
+        // Parameters merge per module and per key, so a drop-in can change one parameter.
+        for (module, params) in fragment.parameters.unwrap_or_default() {
+            self.parameters
+                .entry(crate::host::kernel::normalize_module_name(&module))
+                .or_default()
+                .extend(params);
+        }
+        if let Some(toolkit) = fragment.toolkit {
+            set(&mut self.toolkit_config, toolkit.config, file);
+            set(&mut self.manage_toolkit, toolkit.manage, file);
+        }
+        if let Some(readiness) = fragment.readiness {
+            set(&mut self.driver_ready, readiness.driver_ready, file);
+        }
+        if let Some(policy) = fragment.policy {
+            set(&mut self.missing_overlay, policy.missing_overlay, file);
+        }
+    }
+
+    fn finish(self, sources: Vec<PathBuf>) -> Result<Settings, ConfigError> {
+        let store_dir = required_path("store.dir", self.store_dir)?;
+        let driver_root = required_path("driver.root", self.driver_root)?;
+        let toolkit_config = required_path("toolkit.config", self.toolkit_config)?;
+        let driver_ready = required_path("readiness.driver-ready", self.driver_ready)?;
+        let (modules, modules_file) = required("driver.modules", self.modules)?;
+        if modules.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "driver.modules".into(),
+                file: modules_file,
+                message: "expected at least one module (e.g. \"nvidia\"), found an empty list".into(),
+            });
+        }
+        check_module_names("driver.modules", &modules, &modules_file)?;
+        let (os_modules, os_file) = required("driver.os-modules", self.os_modules)?;
+        check_module_names("driver.os-modules", &os_modules, &os_file)?;
+        let driver_version = self
+            .driver_version
+            .map(|(v, _)| v)
+            .filter(|v| !v.is_empty());
+        Ok(Settings {
+            store_dir,
+            driver_version,
+            driver_root,
+            modules,
+            os_modules,
+            parameters: self.parameters,
+            toolkit_config,
+            manage_toolkit: self.manage_toolkit.map(|(v, _)| v).unwrap_or(true),
+            driver_ready,
+            missing_overlay: self
+                .missing_overlay
+                .map(|(v, _)| v)
+                .unwrap_or(MissingOverlayPolicy::Warn),
+            sources,
+        })
+    }
+}
+
+fn check_module_names(key: &str, names: &[String], file: &Path) -> Result<(), ConfigError> {
+    match names.iter().find(|m| !is_module_name(m)) {
+        Some(bad) => Err(ConfigError::Invalid {
+            key: key.into(),
+            file: file.to_path_buf(),
+            message: format!("{bad:?} is not a module name (letters, digits, - and _ only)"),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn is_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn required<T>(key: &str, value: Sourced<T>) -> Result<(T, PathBuf), ConfigError> {
+    value.ok_or_else(|| ConfigError::Invalid {
+        key: key.into(),
+        file: PathBuf::from(SHIPPED_DEFAULTS_PATH),
+        message: "missing; the shipped defaults set it".into(),
+    })
+}
+
+/// Paths in the config are host paths: absolute, with no `..` (they are resolved under the root).
+fn required_path(key: &str, value: Sourced<PathBuf>) -> Result<PathBuf, ConfigError> {
+    let (path, file) = required(key, value)?;
+    let ok = path.is_absolute()
+        && !path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    if !ok {
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            file,
+            message: format!("expected an absolute path without \"..\", found {path:?}"),
+        });
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layered(files: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        for (path, text) in files {
+            let p = root.join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        }
+        load(&root, &ConfigSource::Layered)
+    }
+
+    #[test]
+    fn defaults_alone() {
+        let s = layered(&[]).unwrap();
+        assert_eq!(s.store_dir, Path::new("/var/lib/nvdriver-agent/overlays"));
+        assert_eq!(s.modules, ["nvidia", "nvidia-modeset", "nvidia-uvm"]);
+        assert_eq!(s.driver_root, Path::new("/run/nvidia/driver"));
+        assert_eq!(s.toolkit_config, Path::new("/etc/nvidia-container-runtime/config.toml"));
+        assert_eq!(s.missing_overlay, MissingOverlayPolicy::Warn);
+        assert_eq!(s.driver_version, None);
+        assert!(s.manage_toolkit);
+    }
+
+    #[test]
+    fn layering_order_usr_lib_then_etc_then_dropins_lexically() {
+        let s = layered(&[
+            ("/usr/lib/nvdriver-agent/config.toml", "[store]\ndir = \"/usr-lib\"\n[policy]\nmissing-overlay = \"fail\"\n"),
+            ("/etc/nvdriver-agent/config.toml", "[store]\ndir = \"/etc\"\n[driver]\nversion = \"570.1\"\n"),
+            ("/etc/nvdriver-agent/config.d/20-b.toml", "[store]\ndir = \"/dropin-b\"\n"),
+            ("/etc/nvdriver-agent/config.d/10-a.toml", "[store]\ndir = \"/dropin-a\"\n[driver]\nmodules = [\"nvidia\", \"nvidia-drm\"]\n"),
+            ("/etc/nvdriver-agent/config.d/30-c.conf", "[store]\ndir = \"/ignored\"\n"),
+        ])
+        .unwrap();
+        assert_eq!(s.store_dir, Path::new("/dropin-b"));
+        assert_eq!(s.driver_version.as_deref(), Some("570.1"));
+        assert_eq!(s.modules, ["nvidia", "nvidia-drm"]);
+        assert_eq!(s.missing_overlay, MissingOverlayPolicy::Fail);
+        let sources: Vec<_> = s.sources.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            &sources[1..],
+            [
+                "/usr/lib/nvdriver-agent/config.toml",
+                "/etc/nvdriver-agent/config.toml",
+                "/etc/nvdriver-agent/config.d/10-a.toml",
+                "/etc/nvdriver-agent/config.d/20-b.toml",
+            ]
+        );
+    }
+
+    #[test]
+    fn parameters_merge_per_key() {
+        let s = layered(&[
+            ("/etc/nvdriver-agent/config.toml", "[parameters.nvidia]\nNVreg_A = 1\nNVreg_B = \"x\"\n"),
+            ("/etc/nvdriver-agent/config.d/50.toml", "[parameters.nvidia]\nNVreg_B = \"y\"\n[parameters.nvidia-uvm]\nuvm_perf = true\n"),
+        ])
+        .unwrap();
+        assert_eq!(s.module_params("nvidia"), "NVreg_A=1 NVreg_B=y");
+        assert_eq!(s.module_params("nvidia-uvm"), "uvm_perf=1");
+        assert_eq!(s.module_params("nvidia-drm"), "");
+    }
+
+    #[test]
+    fn typo_names_file_line_and_key() {
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.d/10-x.toml",
+            "[store]\ndir = \"/x\"\n\n[driver]\nmodulez = [\"nvidia\"]\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/etc/nvdriver-agent/config.d/10-x.toml:5"), "{err}");
+        assert!(err.contains("modulez"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_file_line_and_key() {
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.toml",
+            "[toolkit]\nmanage = \"yes\"\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/etc/nvdriver-agent/config.toml:2"), "{err}");
+        assert!(err.contains("manage") || err.contains("bool"), "{err}");
+    }
+
+    #[test]
+    fn bad_policy_value() {
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.toml",
+            "[policy]\nmissing-overlay = \"ignore\"\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(":2") && err.contains("ignore"), "{err}");
+    }
+
+    #[test]
+    fn relative_path_refused() {
+        let err = layered(&[("/etc/nvdriver-agent/config.toml", "[driver]\nroot = \"run/nvidia\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("driver.root") && err.contains("/etc/nvdriver-agent/config.toml"), "{err}");
+    }
+
+    #[test]
+    fn empty_module_list_refused() {
+        let err = layered(&[("/etc/nvdriver-agent/config.toml", "[driver]\nmodules = []\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("driver.modules"), "{err}");
+    }
+
+    #[test]
+    fn explicit_file_skips_etc() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        fs::create_dir_all(root.join("/etc/nvdriver-agent")).unwrap();
+        fs::write(root.join(ETC_CONFIG_PATH), "[store]\ndir = \"/etc-store\"\n").unwrap();
+        let file = dir.path().join("mine.toml");
+        fs::write(&file, "[store]\ndir = \"/mine\"\n").unwrap();
+        let s = load(&root, &ConfigSource::File(file)).unwrap();
+        assert_eq!(s.store_dir, Path::new("/mine"));
+        assert_eq!(s.modules, ["nvidia", "nvidia-modeset", "nvidia-uvm"]);
+    }
+}

@@ -1,0 +1,492 @@
+//! The local store of verified overlays: `<store>/<kernel release>/<driver version>/`.
+//!
+//! A reader never sees half an overlay: [`Store::import`] builds the copy in a temporary
+//! sibling, verifies it, fsyncs files and directories, then renames it into place (an atomic
+//! exchange when an older copy is there).
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tracing::{info, warn};
+
+use super::manifest::{Manifest, ManifestError, MANIFEST_NAME};
+use super::verify::{self, check_digest, verify_tree, Generated, VerifyError};
+use crate::fsutil::{fsync_dir, TEMP_PREFIX};
+use crate::host::Root;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: no {MANIFEST_NAME}; an overlay directory holds {MANIFEST_NAME} at its top")]
+    NoManifest { path: PathBuf },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error("{path}: the manifest says kernel {found_kernel} / driver {found_driver}, but the store keeps it as {expected_kernel}/{expected_driver}; remove it and import it again")]
+    Misplaced {
+        path: PathBuf,
+        expected_kernel: String,
+        expected_driver: String,
+        found_kernel: String,
+        found_driver: String,
+    },
+    #[error("driver version {version} is pinned (driver.version) but the store has no overlay for it for kernel {kernel_release}; it has: {available}")]
+    PinnedMissing {
+        version: String,
+        kernel_release: String,
+        available: String,
+    },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An overlay in the store (or any overlay directory), manifest parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOverlay {
+    /// Host path of the overlay's top directory.
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// What [`Store::import`] did.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "result")]
+pub enum ImportOutcome {
+    /// A new overlay was placed in the store.
+    Imported { dir: PathBuf },
+    /// The store already held the same manifest; nothing changed.
+    AlreadyPresent { dir: PathBuf },
+    /// A different overlay for the same kernel and driver was replaced atomically.
+    Replaced { dir: PathBuf },
+}
+
+pub struct Store<'a> {
+    root: &'a Root,
+    /// Host path of the store directory.
+    dir: PathBuf,
+}
+
+/// Read and parse `overlay.toml` from a directory (a real path).
+pub fn read_manifest(real_dir: &Path) -> Result<(Manifest, String), StoreError> {
+    let path = real_dir.join(MANIFEST_NAME);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(StoreError::NoManifest {
+                path: real_dir.to_path_buf(),
+            })
+        }
+        Err(source) => return Err(StoreError::Io { path, source }),
+    };
+    Ok((Manifest::parse(&text, &path)?, text))
+}
+
+/// Parse and fully verify an overlay directory that is not (yet) in the store.
+pub fn verify_source(real_dir: &Path) -> Result<Manifest, StoreError> {
+    let (manifest, _) = read_manifest(real_dir)?;
+    verify_tree(real_dir, &manifest, Generated::Refuse)?;
+    Ok(manifest)
+}
+
+impl<'a> Store<'a> {
+    pub fn new(root: &'a Root, dir: impl Into<PathBuf>) -> Self {
+        Store {
+            root,
+            dir: dir.into(),
+        }
+    }
+
+    pub fn overlay_dir(&self, kernel_release: &str, driver_version: &str) -> PathBuf {
+        self.dir.join(kernel_release).join(driver_version)
+    }
+
+    /// Driver versions stored for a kernel, oldest first (temporary siblings skipped).
+    pub fn driver_versions(&self, kernel_release: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join(self.dir.join(kernel_release));
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StoreError::Io { path: dir, source }),
+        };
+        let mut versions: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        versions.sort_by(|a, b| compare_versions(a, b));
+        Ok(versions)
+    }
+
+    /// The overlay to use for a kernel: the pinned driver version, else the newest stored.
+    pub fn select(
+        &self,
+        kernel_release: &str,
+        pinned: Option<&str>,
+    ) -> Result<Option<StoredOverlay>, StoreError> {
+        let versions = self.driver_versions(kernel_release)?;
+        let chosen = match pinned {
+            Some(version) if versions.iter().any(|v| v == version) => version.to_string(),
+            Some(version) if !versions.is_empty() => {
+                return Err(StoreError::PinnedMissing {
+                    version: version.to_string(),
+                    kernel_release: kernel_release.to_string(),
+                    available: versions.join(", "),
+                })
+            }
+            _ => match versions.last() {
+                Some(newest) => newest.clone(),
+                None => return Ok(None),
+            },
+        };
+        self.open(kernel_release, &chosen).map(Some)
+    }
+
+    /// Open a stored overlay: parse its manifest and check it sits where it says it belongs.
+    /// File contents are not re-hashed here; the loader hashes every module it hands to the
+    /// kernel, and [`Store::verify`] checks the whole tree.
+    pub fn open(&self, kernel_release: &str, driver_version: &str) -> Result<StoredOverlay, StoreError> {
+        let dir = self.overlay_dir(kernel_release, driver_version);
+        let (manifest, _) = read_manifest(&self.root.join(&dir))?;
+        if manifest.kernel_release != kernel_release || manifest.driver_version != driver_version {
+            return Err(StoreError::Misplaced {
+                path: dir,
+                expected_kernel: kernel_release.into(),
+                expected_driver: driver_version.into(),
+                found_kernel: manifest.kernel_release,
+                found_driver: manifest.driver_version,
+            });
+        }
+        Ok(StoredOverlay { dir, manifest })
+    }
+
+    /// Fully verify a stored overlay against its manifest.
+    pub fn verify(&self, overlay: &StoredOverlay) -> Result<(), StoreError> {
+        verify_tree(&self.root.join(&overlay.dir), &overlay.manifest, Generated::Allow)?;
+        Ok(())
+    }
+
+    /// Put the overlay at `source` (a real path) into the store, atomically.
+    pub fn import(&self, source: &Path) -> Result<ImportOutcome, StoreError> {
+        let (manifest, manifest_text) = read_manifest(source)?;
+        verify_tree(source, &manifest, Generated::Refuse)?;
+        let kernel = &manifest.kernel_release;
+        let driver = &manifest.driver_version;
+        let target_host = self.overlay_dir(kernel, driver);
+        let target = self.root.join(&target_host);
+        // An unreadable or damaged copy is simply replaced.
+        let existing = read_manifest(&target).ok().map(|(m, _)| m);
+        if existing.as_ref() == Some(&manifest)
+            && verify_tree(&target, &manifest, Generated::Allow).is_ok()
+        {
+            return Ok(ImportOutcome::AlreadyPresent { dir: target_host });
+        }
+
+        let kernel_dir = self.root.join(self.dir.join(kernel));
+        create_dirs_durably(&kernel_dir)?;
+        let staging = kernel_dir.join(format!(
+            "{TEMP_PREFIX}{driver}.{}.{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let result = build_copy(source, &staging, &manifest, &manifest_text)
+            .and_then(|()| publish(&staging, &target, &kernel_dir));
+        match result {
+            Ok(replaced) => {
+                info!(
+                    OVERLAY = %target_host.display(),
+                    KERNEL_RELEASE = %kernel,
+                    DRIVER_VERSION = %driver,
+                    "overlay imported into the store"
+                );
+                Ok(if replaced {
+                    ImportOutcome::Replaced { dir: target_host }
+                } else {
+                    ImportOutcome::Imported { dir: target_host }
+                })
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Compare version strings numerically where both parts are numbers (`570.9` < `570.10`).
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let split = |s: &str| -> Vec<String> {
+        s.split(['.', '-', '_', '+', '~'])
+            .map(str::to_string)
+            .collect()
+    };
+    let (pa, pb) = (split(a), split(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let order = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(nx), Ok(ny)) => nx.cmp(&ny),
+            _ => x.cmp(y),
+        };
+        if order.is_ne() {
+            return order;
+        }
+    }
+    pa.len().cmp(&pb.len()).then_with(|| a.cmp(b))
+}
+
+/// `mkdir -p` that fsyncs each parent it created into.
+fn create_dirs_durably(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(StoreError::Io { path: dir.into(), source }),
+    }
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent).map_err(io_err(parent))?;
+    }
+    Ok(())
+}
+
+/// Copy every listed entry into `staging`, hashing while copying (so what lands is what was
+/// verified, even if the source changes underneath), then fsync everything.
+fn build_copy(source: &Path, staging: &Path, manifest: &Manifest, manifest_text: &str) -> Result<(), StoreError> {
+    fs::create_dir(staging).map_err(io_err(staging))?;
+    let mut directories = vec![staging.to_path_buf()];
+    let ensure_parent = |path: &Path, directories: &mut Vec<PathBuf>| -> Result<(), StoreError> {
+        let parent = path.parent().expect("entry has a parent");
+        if !parent.is_dir() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            for dir in parent.ancestors().take_while(|d| d.starts_with(staging) && *d != staging) {
+                directories.push(dir.to_path_buf());
+            }
+        }
+        Ok(())
+    };
+    for entry in &manifest.files {
+        let from = source.join(&entry.path);
+        let to = staging.join(&entry.path);
+        ensure_parent(&to, &mut directories)?;
+        let input = File::open(&from).map_err(io_err(&from))?;
+        let mut output = File::create(&to).map_err(io_err(&to))?;
+        let (size, digest) = copy_hashing(input, &mut output, entry.size).map_err(io_err(&from))?;
+        check_digest(&from, entry, size, &digest)?;
+        output
+            .set_permissions(fs::Permissions::from_mode(entry.mode))
+            .map_err(io_err(&to))?;
+        output.sync_all().map_err(io_err(&to))?;
+    }
+    for link in &manifest.symlinks {
+        let to = staging.join(&link.path);
+        ensure_parent(&to, &mut directories)?;
+        symlink(&link.target, &to).map_err(io_err(&to))?;
+    }
+    let manifest_path = staging.join(MANIFEST_NAME);
+    let mut file = File::create(&manifest_path).map_err(io_err(&manifest_path))?;
+    file.write_all(manifest_text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(&manifest_path))?;
+    if manifest.has_userspace() {
+        make_ld_cache(staging);
+    }
+    verify_tree(staging, manifest, Generated::Allow)?;
+    directories.sort();
+    directories.dedup();
+    // Children before parents, so each directory's entries are durable before it is.
+    for dir in directories.iter().rev() {
+        fsync_dir(dir).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+fn copy_hashing(input: File, output: &mut File, limit: u64) -> io::Result<(u64, String)> {
+    struct Tee<'a, R> {
+        inner: R,
+        out: &'a mut File,
+    }
+    impl<R: io::Read> io::Read for Tee<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.out.write_all(&buf[..n])?;
+            Ok(n)
+        }
+    }
+    verify::sha256_reader(Tee { inner: input, out: output }, limit)
+}
+
+/// The container toolkit finds libraries through `<driver root>/etc/ld.so.cache`; make one for
+/// an overlay that carries libraries. Best effort: without `ldconfig` the overlay still works
+/// for everything but library injection, and the warning says so.
+fn make_ld_cache(staging: &Path) {
+    let lib_dirs: Vec<String> = ["usr/lib64", "usr/lib", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu"]
+        .iter()
+        .filter(|d| staging.join(d).is_dir())
+        .map(|d| format!("/{d}"))
+        .collect();
+    if lib_dirs.is_empty() {
+        return;
+    }
+    if let Err(e) = fs::create_dir_all(staging.join("etc")) {
+        warn!(error = %e, "cannot create etc/ in the overlay; no ld.so.cache made");
+        return;
+    }
+    // -X: do not touch the overlay's symlinks (they are verified content); -r: the overlay
+    // is the root; the directories are named explicitly since the overlay has no ld.so.conf.
+    let status = Command::new("ldconfig")
+        .arg("-X")
+        .arg("-r")
+        .arg(staging)
+        .args(&lib_dirs)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => warn!(status = %s, "ldconfig failed; the overlay has no ld.so.cache, so the container toolkit may not find its libraries"),
+        Err(e) => warn!(error = %e, "ldconfig not found; the overlay has no ld.so.cache, so the container toolkit may not find its libraries"),
+    }
+}
+
+/// Move `staging` to `target`: a plain rename when there is none, an atomic exchange (then
+/// removal of the old copy) when there is. Returns whether something was replaced.
+fn publish(staging: &Path, target: &Path, parent: &Path) -> Result<bool, StoreError> {
+    let replaced = if target.exists() {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            staging,
+            nix::fcntl::AT_FDCWD,
+            target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|errno| StoreError::Io {
+            path: target.to_path_buf(),
+            source: io::Error::from(errno),
+        })?;
+        true
+    } else {
+        fs::rename(staging, target).map_err(io_err(target))?;
+        false
+    };
+    fsync_dir(parent).map_err(io_err(parent))?;
+    if replaced {
+        // `staging` now holds the old copy.
+        fs::remove_dir_all(staging).map_err(io_err(staging))?;
+    }
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::manifest::{FileEntry, Flavor, FORMAT_VERSION};
+    use crate::overlay::verify::sha256_bytes;
+
+    const KVER: &str = "6.1.0-28-cloud-amd64";
+
+    fn source(driver: &str, body: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let path = format!("usr/lib/modules/{KVER}/extra/nvidia.ko");
+        fs::create_dir_all(dir.path().join(&path).parent().unwrap()).unwrap();
+        fs::write(dir.path().join(&path), body).unwrap();
+        let manifest = Manifest {
+            format: FORMAT_VERSION,
+            kernel_release: KVER.into(),
+            driver_version: driver.into(),
+            arch: "x86_64".into(),
+            flavor: Flavor::Open,
+            files: vec![FileEntry {
+                path: path.into(),
+                size: body.len() as u64,
+                sha256: sha256_bytes(body),
+                mode: 0o644,
+            }],
+            symlinks: vec![],
+        };
+        fs::write(dir.path().join(MANIFEST_NAME), manifest.to_toml()).unwrap();
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn import_then_again_then_replace() {
+        let host = tempfile::tempdir().unwrap();
+        let root = Root::new(host.path());
+        let store = Store::new(&root, "/var/lib/nvdriver-agent/overlays");
+        let src = source("570.1", b"one");
+        let dir = PathBuf::from(format!("/var/lib/nvdriver-agent/overlays/{KVER}/570.1"));
+        assert_eq!(store.import(src.path()).unwrap(), ImportOutcome::Imported { dir: dir.clone() });
+        assert_eq!(store.import(src.path()).unwrap(), ImportOutcome::AlreadyPresent { dir: dir.clone() });
+        let changed = source("570.1", b"two");
+        assert_eq!(store.import(changed.path()).unwrap(), ImportOutcome::Replaced { dir: dir.clone() });
+        let opened = store.open(KVER, "570.1").unwrap();
+        store.verify(&opened).unwrap();
+        assert_eq!(
+            fs::read(root.join(&dir).join(format!("usr/lib/modules/{KVER}/extra/nvidia.ko"))).unwrap(),
+            b"two"
+        );
+        assert_eq!(names(&root.join(dir.parent().unwrap())), ["570.1"], "no temporary left");
+    }
+
+    #[test]
+    fn corrupt_source_changes_nothing() {
+        let host = tempfile::tempdir().unwrap();
+        let root = Root::new(host.path());
+        let store = Store::new(&root, "/store");
+        let src = source("570.1", b"one");
+        fs::write(src.path().join(format!("usr/lib/modules/{KVER}/extra/nvidia.ko")), b"two").unwrap();
+        let e = store.import(src.path()).unwrap_err();
+        assert!(matches!(e, StoreError::Verify(VerifyError::Digest { .. })), "{e}");
+        assert!(!root.join("/store").exists(), "nothing written");
+    }
+
+    #[test]
+    fn select_newest_or_pinned() {
+        let host = tempfile::tempdir().unwrap();
+        let root = Root::new(host.path());
+        let store = Store::new(&root, "/store");
+        for v in ["570.9", "570.10", "565.57.01"] {
+            store.import(source(v, v.as_bytes()).path()).unwrap();
+        }
+        fs::create_dir_all(root.join(format!("/store/{KVER}/.nvdriver-agent-tmp.999"))).unwrap();
+        assert_eq!(store.driver_versions(KVER).unwrap(), ["565.57.01", "570.9", "570.10"]);
+        assert_eq!(store.select(KVER, None).unwrap().unwrap().manifest.driver_version, "570.10");
+        assert_eq!(store.select(KVER, Some("570.9")).unwrap().unwrap().manifest.driver_version, "570.9");
+        let e = store.select(KVER, Some("580.1")).unwrap_err();
+        assert!(e.to_string().contains("570.10"), "{e}");
+        assert!(store.select("9.9.9", None).unwrap().is_none());
+    }
+
+    #[test]
+    fn misplaced_overlay_is_refused() {
+        let host = tempfile::tempdir().unwrap();
+        let root = Root::new(host.path());
+        let store = Store::new(&root, "/store");
+        store.import(source("570.1", b"x").path()).unwrap();
+        fs::rename(root.join(format!("/store/{KVER}/570.1")), root.join(format!("/store/{KVER}/580.1"))).unwrap();
+        let e = store.select(KVER, None).unwrap_err();
+        assert!(matches!(e, StoreError::Misplaced { .. }), "{e}");
+    }
+}
