@@ -1,1 +1,319 @@
-fn main() {}
+//! The `nvdriver-agent` command line: parse, call the library, print, map errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing::error;
+
+use nvdriver_agent::commands::{self, exit, CommandError, Context, LoadOutcome, Prepared};
+use nvdriver_agent::config::ConfigSource;
+use nvdriver_agent::host::Root;
+use nvdriver_agent::kmod::modinfo;
+use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
+
+/// Keeps precompiled NVIDIA driver overlays loaded across kernel updates.
+#[derive(Debug, Parser)]
+#[command(name = "nvdriver-agent", version, about, long_about = None)]
+struct Cli {
+    /// Resolve every host path under DIR (a whole fake host for tests).
+    #[arg(long, global = true, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+
+    /// Read this config file (after the built-in defaults) instead of
+    /// /usr/lib/nvdriver-agent/config.toml, /etc/nvdriver-agent/config.toml and config.d/*.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Do not call the kernel: simulate it inside --root and record every syscall to
+    /// <root>/run/nvdriver-agent/simulated-kernel.log (for tests and demos).
+    #[arg(long, global = true, hide = true)]
+    simulate_kernel: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print what `load` would do for the running kernel, touching nothing.
+    Plan {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load the driver for the running kernel from the store and hand it to containers.
+    Load,
+    /// Work with overlays and the store.
+    #[command(subcommand)]
+    Overlay(OverlayCommand),
+    /// Show what kernel module files say of themselves (like modinfo(8)).
+    Modinfo {
+        /// Module files (.ko, .ko.xz, .ko.zst).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OverlayCommand {
+    /// Check an overlay directory: manifest, every file's size and sha256, module vermagic.
+    Verify {
+        /// The overlay directory (holding overlay.toml); not resolved under --root.
+        dir: PathBuf,
+    },
+    /// Verify an overlay directory and put it into the store atomically.
+    Import {
+        /// The overlay directory (holding overlay.toml); not resolved under --root.
+        dir: PathBuf,
+    },
+    /// List the overlays in the store.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = e
+                .chain()
+                .find_map(|cause| cause.downcast_ref::<CommandError>())
+                .map(CommandError::exit_code)
+                .unwrap_or(exit::FAILURE);
+            error!("{e:#}");
+            eprintln!("nvdriver-agent: error: {e:#}");
+            commands::notify_status(&format!("failed: {e}"), false);
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::prelude::*;
+    let level = match verbose {
+        0 => tracing::Level::INFO,
+        1 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let filter = tracing_subscriber::filter::LevelFilter::from_level(level);
+    // Under systemd, stderr is the journal: send structured entries instead.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry().with(journald.with_filter(filter)).init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    let root = Root::new(&cli.root);
+    let source = match &cli.config {
+        Some(file) => ConfigSource::File(file.clone()),
+        None => ConfigSource::Layered,
+    };
+    let mut kernel: Box<dyn Kernel> = if cli.simulate_kernel {
+        Box::new(SimulatedKernel::new(root.clone()))
+    } else {
+        Box::new(LinuxKernel)
+    };
+    match cli.command {
+        Command::Plan { json } => {
+            let ctx = Context::new(root, &source)?;
+            match commands::prepare_load(&ctx, kernel.as_ref())? {
+                Prepared::Ready(prepared) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&prepared.plan)?);
+                    } else {
+                        print!("{}", render_plan(&prepared.plan));
+                    }
+                    Ok(exit::OK)
+                }
+                Prepared::NoOverlay { kernel_release } => {
+                    let store = ctx.settings.store_dir.display();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"kernel_release": kernel_release, "overlay": null, "store": store.to_string()})
+                        );
+                    } else {
+                        println!("no overlay for kernel {kernel_release} in {store}: load would do nothing");
+                    }
+                    Ok(exit::NO_OVERLAY)
+                }
+            }
+        }
+        Command::Load => {
+            let ctx = Context::new(root, &source)?;
+            match commands::load(&ctx, kernel.as_mut())? {
+                LoadOutcome::Loaded { plan, report } => {
+                    let status = if report.is_noop() {
+                        format!("driver {} already loaded for {}", plan.driver_version, plan.kernel_release)
+                    } else {
+                        format!(
+                            "driver {} loaded for {} (modules: {})",
+                            plan.driver_version,
+                            plan.kernel_release,
+                            report.loaded.join(", ")
+                        )
+                    };
+                    println!("{status}");
+                    commands::notify_status(&status, true);
+                    Ok(exit::OK)
+                }
+                LoadOutcome::NoOverlayWarned { kernel_release } => {
+                    let status = format!("no overlay for kernel {kernel_release}; driver not loaded");
+                    println!("{status}");
+                    commands::notify_status(&status, true);
+                    Ok(exit::OK)
+                }
+            }
+        }
+        Command::Overlay(OverlayCommand::Verify { dir }) => {
+            let manifest = commands::overlay_verify(&dir)?;
+            let modules = commands::overlay_verify_modules(&dir, &manifest)?;
+            println!(
+                "{}: valid overlay for kernel {} driver {} ({}, {}): {} files, {} links, modules: {}",
+                dir.display(),
+                manifest.kernel_release,
+                manifest.driver_version,
+                manifest.arch,
+                serde_json::to_value(manifest.flavor)?.as_str().unwrap_or_default(),
+                manifest.files.len(),
+                manifest.symlinks.len(),
+                modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+            );
+            Ok(exit::OK)
+        }
+        Command::Overlay(OverlayCommand::Import { dir }) => {
+            let ctx = Context::new(root, &source)?;
+            let outcome = commands::overlay_import(&ctx, &dir)?;
+            println!("{}", serde_json::to_string(&outcome)?);
+            Ok(exit::OK)
+        }
+        Command::Overlay(OverlayCommand::List) => {
+            let ctx = Context::new(root, &source)?;
+            let store_dir = ctx.root.join(&ctx.settings.store_dir);
+            let mut kernels: Vec<String> = match std::fs::read_dir(&store_dir) {
+                Ok(entries) => entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", store_dir.display())),
+            };
+            kernels.sort();
+            for kernel_release in kernels {
+                for driver in ctx.store().driver_versions(&kernel_release)? {
+                    println!("{kernel_release}\t{driver}");
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Modinfo { files, json } => {
+            let mut infos = Vec::new();
+            for file in &files {
+                let info = modinfo::read_module_file(file).map_err(CommandError::from)?;
+                infos.push((file, info));
+            }
+            if json {
+                let list: Vec<_> = infos
+                    .iter()
+                    .map(|(file, info)| serde_json::json!({"filename": file, "modinfo": info}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for (file, info) in &infos {
+                    print!("{}", modinfo::modinfo_lines(info, file));
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn render_plan(plan: &nvdriver_agent::kmod::plan::LoadPlan) -> String {
+    use nvdriver_agent::kmod::plan::{DriverRootStep, MajorSource, ToolkitStep};
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "kernel:       {} ({})", plan.kernel_release, plan.arch);
+    let _ = writeln!(out, "overlay:      {} (driver {})", plan.overlay.display(), plan.driver_version);
+    match &plan.firmware {
+        Some(fw) if fw.change => {
+            let _ = writeln!(out, "firmware:     set firmware_class.path = {}", fw.path.display());
+        }
+        Some(fw) => {
+            let _ = writeln!(out, "firmware:     firmware_class.path already {}", fw.path.display());
+        }
+        None => {
+            let _ = writeln!(out, "firmware:     none in overlay");
+        }
+    }
+    for m in &plan.os_modules {
+        let _ = writeln!(out, "os module:    {} ({:?}, {})", m.name, m.action, m.reason);
+    }
+    for (i, m) in plan.modules.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "module {}:     {} {:?} {} [{}]{}",
+            i + 1,
+            m.name,
+            m.action,
+            m.file.display(),
+            m.parameters,
+            if m.signed { " signed" } else { "" }
+        );
+    }
+    for n in &plan.device_nodes {
+        let major = match &n.major {
+            MajorSource::Fixed(m) => m.to_string(),
+            MajorSource::ProcDevices(name) => format!("<{name} from /proc/devices>"),
+        };
+        let minor = n.minor.map(|m| m.to_string()).unwrap_or_else(|| "<per GPU>".into());
+        let _ = writeln!(out, "device node:  {} c {major}:{minor}", n.path);
+    }
+    let root = match &plan.driver_root {
+        DriverRootStep::Mount { source, path, .. } => format!("mount {} read-only at {}", source.display(), path.display()),
+        DriverRootStep::AlreadyMounted { path, .. } => format!("{} (already mounted)", path.display()),
+        DriverRootStep::HostRoot => "/ (overlay has no user space)".into(),
+    };
+    let _ = writeln!(out, "driver root:  {root}");
+    let toolkit = match &plan.toolkit {
+        ToolkitStep::Unchanged { config, root } => format!("{} root = {root:?} (unchanged)", config.display()),
+        ToolkitStep::Set { config, root, previous } => format!("{} root: {previous:?} -> {root:?}", config.display()),
+        ToolkitStep::Create { config, root } => format!("create {} with root = {root:?}", config.display()),
+        ToolkitStep::NotManaged => "not managed".into(),
+    };
+    let _ = writeln!(out, "toolkit:      {toolkit}");
+    let _ = writeln!(out, "driver-ready: {}", plan.driver_ready.display());
+    for w in &plan.warnings {
+        let _ = writeln!(out, "warning:      {w}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

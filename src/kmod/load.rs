@@ -1,1 +1,336 @@
-//! PLACEHOLDER
+//! Executing a [`LoadPlan`]: the firmware path, the OS prerequisites, `finit_module` in
+//! order, device nodes, the driver root, the toolkit config, the readiness file. Every syscall
+//! goes through [`Kernel`]; a module load that fails undoes the modules this run loaded.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use tracing::{info, warn};
+
+use super::devices::{self, nodes_for, DeviceNode};
+use super::modinfo::{self, Compression};
+use super::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction, ToolkitStep};
+use super::sys::{Kernel, ModuleLoad, NodeState, SysError};
+use crate::host::kernel::FIRMWARE_PATH;
+use crate::host::Root;
+use crate::readiness::{self, DriverReady};
+use crate::runtime;
+
+/// Largest decompressed module the loader will build in memory (nvidia.ko is ~100 MiB).
+const MAX_MODULE_SIZE: u64 = 1 << 30;
+
+/// An overlay module file opened (and hashed) during inspection, handed to `finit_module`
+/// as the same descriptor, so what was verified is what gets loaded.
+pub struct OpenedModule {
+    pub file: File,
+    pub vermagic: String,
+    pub signed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the kernel refused module {module} ({path}): {hint}; `journalctl -k` says why. {cause}")]
+    Refused {
+        module: String,
+        path: PathBuf,
+        hint: &'static str,
+        cause: SysError,
+    },
+    #[error("cannot load the OS module {name} that the driver needs: {cause}")]
+    OsModule { name: String, cause: SysError },
+    #[error("cannot decompress {path} for loading: {cause}")]
+    Decompress {
+        path: PathBuf,
+        cause: modinfo::ModinfoError,
+    },
+    #[error("cannot set the firmware search path: {0}; the open modules will not find their GSP firmware")]
+    Firmware(SysError),
+    #[error(transparent)]
+    Devices(#[from] devices::DeviceError),
+    #[error("cannot create device node {path}: {cause}")]
+    Node { path: PathBuf, cause: SysError },
+    #[error("cannot expose the driver root {path}: {cause}")]
+    DriverRoot { path: PathBuf, cause: String },
+    #[error(transparent)]
+    Toolkit(#[from] runtime::RuntimeError),
+    #[error(transparent)]
+    Readiness(#[from] readiness::ReadinessError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("internal: the plan names {0} but it was not opened")]
+    NotOpened(PathBuf),
+}
+
+/// What `load` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    pub already_loaded: Vec<String>,
+    pub os_modules_loaded: Vec<String>,
+    pub firmware_path_set: bool,
+    pub nodes_created: Vec<PathBuf>,
+    pub driver_root: PathBuf,
+    pub driver_root_mounted: bool,
+    pub toolkit_changed: bool,
+    pub driver_ready_written: bool,
+}
+
+impl LoadReport {
+    /// Nothing on the host changed.
+    pub fn is_noop(&self) -> bool {
+        self.loaded.is_empty()
+            && self.os_modules_loaded.is_empty()
+            && !self.firmware_path_set
+            && self.nodes_created.is_empty()
+            && !self.driver_root_mounted
+            && !self.toolkit_changed
+            && !self.driver_ready_written
+    }
+}
+
+/// Execute `plan` under `root`. `opened` maps each module's manifest path to its open file.
+pub fn execute(
+    root: &Root,
+    plan: &LoadPlan,
+    opened: &BTreeMap<PathBuf, OpenedModule>,
+    kernel: &mut dyn Kernel,
+) -> Result<LoadReport, LoadError> {
+    let mut report = LoadReport::default();
+
+    if let Some(firmware) = plan.firmware.as_ref().filter(|f| f.change) {
+        kernel
+            .write_sysfs(&root.join(FIRMWARE_PATH), &firmware.path.to_string_lossy())
+            .map_err(LoadError::Firmware)?;
+        report.firmware_path_set = true;
+    }
+
+    for step in &plan.os_modules {
+        if step.action == OsModuleAction::Modprobe {
+            kernel.modprobe(&step.name).map_err(|cause| LoadError::OsModule {
+                name: step.name.clone(),
+                cause,
+            })?;
+            report.os_modules_loaded.push(step.name.clone());
+        }
+    }
+
+    for step in &plan.modules {
+        if step.action == ModuleAction::AlreadyLoaded {
+            report.already_loaded.push(step.name.clone());
+            continue;
+        }
+        let module = opened
+            .get(&step.relative_path)
+            .ok_or_else(|| LoadError::NotOpened(step.relative_path.clone()))?;
+        let result = load_one(step, module, kernel);
+        match result {
+            Ok(true) => {
+                info!(MODULE = %step.name, DRIVER_VERSION = ?step.version, "module loaded");
+                report.loaded.push(step.name.clone());
+            }
+            Ok(false) => report.already_loaded.push(step.name.clone()),
+            Err(e) => {
+                // Leave the kernel as it was: unload what this run loaded, newest first.
+                for name in report.loaded.iter().rev() {
+                    if let Err(undo) = kernel.delete_module(name) {
+                        warn!(MODULE = %name, error = %undo, "could not unload after a failed load");
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+
+    let loaded: Vec<&str> = plan.modules.iter().map(|m| m.name.as_str()).collect();
+    let proc_devices = read_to_string_or_empty(&root.join("/proc/devices"));
+    let minors = gpu_minors(root);
+    for node in nodes_for(&loaded, &proc_devices, &minors)? {
+        if ensure_node(root, &node, kernel)? {
+            report.nodes_created.push(node.path.clone());
+        }
+    }
+
+    report.driver_root = plan.driver_root.root();
+    match &plan.driver_root {
+        DriverRootStep::Mount {
+            source,
+            path,
+            replaces_other,
+        } => {
+            let target = root.join(path);
+            let fail = |cause: String| LoadError::DriverRoot {
+                path: path.clone(),
+                cause,
+            };
+            if *replaces_other {
+                kernel.unmount(&target).map_err(|e| fail(e.to_string()))?;
+            }
+            match fs::symlink_metadata(&target) {
+                Ok(meta) if !meta.is_dir() => {
+                    return Err(fail("it exists and is not a directory; remove it or set driver.root".into()))
+                }
+                Ok(_) => {}
+                Err(_) => fs::create_dir_all(&target).map_err(|e| fail(e.to_string()))?,
+            }
+            kernel
+                .bind_mount_readonly(&root.join(source), &target)
+                .map_err(|e| fail(e.to_string()))?;
+            report.driver_root_mounted = true;
+        }
+        DriverRootStep::AlreadyMounted { .. } | DriverRootStep::HostRoot => {}
+    }
+
+    match &plan.toolkit {
+        ToolkitStep::NotManaged | ToolkitStep::Unchanged { .. } => {}
+        ToolkitStep::Set { config, root: value, .. } | ToolkitStep::Create { config, root: value } => {
+            let change = runtime::apply_cli_root(root, config, value)?;
+            report.toolkit_changed = change != runtime::RootChange::Unchanged;
+        }
+    }
+
+    let ready = DriverReady {
+        driver_root: report.driver_root.to_string_lossy().into_owned(),
+        dev_root: "/".into(),
+        is_host_driver: true,
+    };
+    report.driver_ready_written = readiness::write_driver_ready(root, &plan.driver_ready, &ready)?;
+    Ok(report)
+}
+
+/// Load one module. `Ok(false)`: the kernel already had it (a race with another loader).
+fn load_one(
+    step: &super::plan::ModuleStep,
+    module: &OpenedModule,
+    kernel: &mut dyn Kernel,
+) -> Result<bool, LoadError> {
+    let decompressed;
+    let (file, kernel_decompresses) = match step.action {
+        ModuleAction::LoadDecompressed => {
+            decompressed = decompress_to_memfd(&step.file, &module.file, step.compression)?;
+            (&decompressed, false)
+        }
+        _ => (&module.file, step.compression != Compression::None),
+    };
+    let load = ModuleLoad {
+        name: &step.name,
+        path: &step.file,
+        file,
+        params: &step.parameters,
+        kernel_decompresses,
+        version: step.version.as_deref(),
+        vermagic: &module.vermagic,
+        depends: &step.depends,
+        signed: module.signed,
+    };
+    match kernel.finit_module(&load) {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno == Errno::EEXIST => Ok(false),
+        Err(cause) => Err(LoadError::Refused {
+            module: step.name.clone(),
+            path: step.file.clone(),
+            hint: refusal_hint(cause.errno),
+            cause,
+        }),
+    }
+}
+
+fn refusal_hint(errno: Errno) -> &'static str {
+    match errno {
+        Errno::ENOEXEC => "it was built for another kernel or is not a valid module",
+        Errno::EKEYREJECTED | Errno::EKEYEXPIRED | Errno::ENOKEY => {
+            "its signature is not trusted by this kernel"
+        }
+        Errno::EPERM => "the kernel forbids loading it (lockdown, signature policy, or missing CAP_SYS_MODULE)",
+        Errno::ENOENT => "a symbol it needs is missing: a dependency is not loaded",
+        Errno::EINVAL => "a module parameter is invalid",
+        Errno::EBUSY => "the module is busy initialising",
+        _ => "the kernel returned an error",
+    }
+}
+
+fn decompress_to_memfd(path: &Path, file: &File, compression: Compression) -> Result<File, LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    let mut reader = file;
+    reader.rewind().map_err(io)?;
+    reader.read_to_end(&mut bytes).map_err(io)?;
+    let image = modinfo::decompress(&bytes, compression, MAX_MODULE_SIZE)
+        .map_err(|cause| LoadError::Decompress {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+    let fd = nix::sys::memfd::memfd_create(c"nvdriver-agent-module", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| io(std::io::Error::from(e)))?;
+    let mut memfd = File::from(fd);
+    memfd.write_all(&image).map_err(io)?;
+    memfd.rewind().map_err(io)?;
+    Ok(memfd)
+}
+
+fn read_to_string_or_empty(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+/// GPU minors from `/proc/driver/nvidia/gpus/*/information`.
+pub fn gpu_minors(root: &Root) -> Vec<u32> {
+    let dir = root.join("/proc/driver/nvidia/gpus");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut minors: Vec<u32> = entries
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path().join("information")).ok())
+        .filter_map(|text| devices::parse_gpu_minor(&text))
+        .collect();
+    minors.sort_unstable();
+    minors
+}
+
+/// Make `node` exist with the right numbers, and its `/dev/char` link. Returns whether it
+/// created the node.
+fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Result<bool, LoadError> {
+    let path = root.join(&node.path);
+    let fail = |cause| LoadError::Node {
+        path: node.path.clone(),
+        cause,
+    };
+    let created = match kernel.node_state(&path).map_err(fail)? {
+        NodeState::CharDevice { major, minor } if major == node.major && minor == node.minor => false,
+        NodeState::Missing => {
+            kernel.mknod_char(&path, node.major, node.minor, node.mode).map_err(fail)?;
+            true
+        }
+        NodeState::CharDevice { .. } | NodeState::Other => {
+            // A stale node (another major after a reload) or a stray file: replace it.
+            fs::remove_file(&path).map_err(|e| LoadError::Io {
+                path: path.clone(),
+                source: e,
+            })?;
+            kernel.mknod_char(&path, node.major, node.minor, node.mode).map_err(fail)?;
+            true
+        }
+    };
+    let (link, target) = node.char_link();
+    let link = root.join(link);
+    if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        if let Some(parent) = link.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        let _ = fs::remove_file(&link);
+        symlink(&target, &link).map_err(|e| LoadError::Io {
+            path: link.clone(),
+            source: e,
+        })?;
+    }
+    Ok(created)
+}

@@ -1,1 +1,540 @@
-//! PLACEHOLDER
+//! The thin edge to the kernel: the few syscalls the loader makes, behind one trait, so the
+//! planning and ordering logic runs on temp roots against [`SimulatedKernel`] and the real
+//! [`LinuxKernel`] stays a handful of lines (exercised by the VM tests).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use crate::host::{kernel as hk, Root};
+use crate::kmod::plan::MountState;
+
+/// One module handed to `finit_module`.
+pub struct ModuleLoad<'a> {
+    /// The kernel's spelling (`nvidia_uvm`).
+    pub name: &'a str,
+    /// Host path of the file, for messages.
+    pub path: &'a Path,
+    /// The open file (or a memfd with the decompressed image).
+    pub file: &'a File,
+    pub params: &'a str,
+    /// Pass `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses.
+    pub kernel_decompresses: bool,
+    // What the module says of itself; the real kernel reads it from the image, the
+    // simulation needs it spelled out.
+    pub version: Option<&'a str>,
+    pub vermagic: &'a str,
+    pub depends: &'a [String],
+    pub signed: bool,
+}
+
+/// What is at a device-node path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    Missing,
+    CharDevice { major: u32, minor: u32 },
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} {target}: {errno}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+pub struct SysError {
+    pub operation: &'static str,
+    pub target: String,
+    pub errno: Errno,
+    pub detail: Option<String>,
+}
+
+impl SysError {
+    fn new(operation: &'static str, target: impl std::fmt::Display, errno: Errno) -> Self {
+        SysError {
+            operation,
+            target: target.to_string(),
+            errno,
+            detail: None,
+        }
+    }
+}
+
+/// The syscalls of the load path. Paths are *resolved* paths (already under the root).
+pub trait Kernel {
+    fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError>;
+    fn mknod_char(&mut self, path: &Path, major: u32, minor: u32, mode: u32) -> Result<(), SysError>;
+    fn node_state(&self, path: &Path) -> Result<NodeState, SysError>;
+    /// Is `source` mounted at `target`?
+    fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError>;
+    fn bind_mount_readonly(&mut self, source: &Path, target: &Path) -> Result<(), SysError>;
+    fn unmount(&mut self, target: &Path) -> Result<(), SysError>;
+    /// Write a sysfs attribute (no create, no truncate: sysfs takes one write).
+    fn write_sysfs(&mut self, path: &Path, value: &str) -> Result<(), SysError>;
+    /// Load an OS module with the system's `modprobe`.
+    fn modprobe(&mut self, name: &str) -> Result<(), SysError>;
+    /// Unload a module this run loaded, to undo a partial load.
+    fn delete_module(&mut self, name: &str) -> Result<(), SysError>;
+}
+
+/// Mount points in `/proc/self/mountinfo` text (field 5, octal escapes undone).
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .collect()
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let value = u8::from_str_radix(&field[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `MODULE_INIT_COMPRESSED_FILE`, which nix does not name.
+const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
+
+/// The real kernel.
+#[derive(Debug, Default)]
+pub struct LinuxKernel;
+
+impl Kernel for LinuxKernel {
+    fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
+        let params = std::ffi::CString::new(module.params)
+            .map_err(|_| SysError::new("finit_module", module.path.display(), Errno::EINVAL))?;
+        let flags = if module.kernel_decompresses {
+            nix::kmod::ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE as _)
+        } else {
+            nix::kmod::ModuleInitFlags::empty()
+        };
+        nix::kmod::finit_module(module.file, &params, flags)
+            .map_err(|e| SysError::new("finit_module", module.path.display(), e))
+    }
+
+    fn mknod_char(&mut self, path: &Path, major: u32, minor: u32, mode: u32) -> Result<(), SysError> {
+        use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+        mknod(
+            path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(mode),
+            makedev(major.into(), minor.into()),
+        )
+        .map_err(|e| SysError::new("mknod", path.display(), e))?;
+        // mknod honours the umask; the mode is meant exactly.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            Mode::from_bits_truncate(mode),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| SysError::new("chmod", path.display(), e))
+    }
+
+    fn node_state(&self, path: &Path) -> Result<NodeState, SysError> {
+        use std::os::unix::fs::MetadataExt;
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_char_device() => {
+                let rdev = meta.rdev();
+                Ok(NodeState::CharDevice {
+                    major: nix::sys::stat::major(rdev) as u32,
+                    minor: nix::sys::stat::minor(rdev) as u32,
+                })
+            }
+            Ok(_) => Ok(NodeState::Other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeState::Missing),
+            Err(e) => Err(io_sys_error("stat", path, e)),
+        }
+    }
+
+    fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError> {
+        use std::os::unix::fs::MetadataExt;
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| io_sys_error("read", Path::new("/proc/self/mountinfo"), e))?;
+        if !mount_points(&mountinfo).iter().any(|p| p == target) {
+            return Ok(MountState::NotMounted);
+        }
+        // A bind mount shows its source's directory inode at the mount point.
+        let same = match (fs::metadata(source), fs::metadata(target)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        Ok(if same { MountState::Wanted } else { MountState::Other })
+    }
+
+    fn bind_mount_readonly(&mut self, source: &Path, target: &Path) -> Result<(), SysError> {
+        use nix::mount::{mount, MsFlags};
+        mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| SysError::new("mount --bind", target.display(), e))?;
+        // A bind mount ignores MS_RDONLY on the first call; remount to make it read-only.
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| {
+            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            SysError::new("mount -o remount,ro", target.display(), e)
+        })
+    }
+
+    fn unmount(&mut self, target: &Path) -> Result<(), SysError> {
+        nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| SysError::new("umount", target.display(), e))
+    }
+
+    fn write_sysfs(&mut self, path: &Path, value: &str) -> Result<(), SysError> {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(value.as_bytes()))
+            .map_err(|e| io_sys_error("write", path, e))
+    }
+
+    fn modprobe(&mut self, name: &str) -> Result<(), SysError> {
+        let output = std::process::Command::new("modprobe")
+            .arg("--")
+            .arg(name)
+            .output()
+            .map_err(|e| io_sys_error("modprobe", Path::new(name), e))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(SysError {
+                operation: "modprobe",
+                target: name.to_string(),
+                errno: Errno::ENOENT,
+                detail: Some(String::from_utf8_lossy(&output.stderr).trim().to_string()),
+            })
+        }
+    }
+
+    fn delete_module(&mut self, name: &str) -> Result<(), SysError> {
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| SysError::new("delete_module", name, Errno::EINVAL))?;
+        nix::kmod::delete_module(&cname, nix::kmod::DeleteModuleFlags::O_NONBLOCK)
+            .map_err(|e| SysError::new("delete_module", name, e))
+    }
+}
+
+fn io_sys_error(operation: &'static str, path: &Path, e: std::io::Error) -> SysError {
+    SysError {
+        operation,
+        target: path.display().to_string(),
+        errno: e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO),
+        detail: Some(e.to_string()),
+    }
+}
+
+/// One recorded syscall.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "call", rename_all = "kebab-case")]
+pub enum Call {
+    FinitModule {
+        name: String,
+        path: PathBuf,
+        params: String,
+        kernel_decompresses: bool,
+    },
+    Mknod {
+        path: PathBuf,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    },
+    BindMount {
+        source: PathBuf,
+        target: PathBuf,
+    },
+    Unmount {
+        target: PathBuf,
+    },
+    WriteSysfs {
+        path: PathBuf,
+        value: String,
+    },
+    Modprobe {
+        name: String,
+    },
+    DeleteModule {
+        name: String,
+    },
+}
+
+/// Where [`SimulatedKernel`] appends its record (host path), so a CLI run can be inspected.
+pub const SIMULATION_LOG: &str = "/run/nvdriver-agent/simulated-kernel.log";
+
+/// A kernel simulated inside a fake root: it records every call (host paths) and makes the
+/// effects a real kernel would make visible under the root (`/proc/modules`,
+/// `/sys/module/<name>/version`, `/proc/devices`, `/proc/driver/nvidia/gpus`,
+/// `/proc/self/mountinfo`), and refuses what a real one refuses: a module for another kernel
+/// (ENOEXEC), one whose dependency is not loaded (ENOENT), an unsigned one under
+/// `sig_enforce` (EKEYREJECTED), one already loaded (EEXIST).
+pub struct SimulatedKernel {
+    root: Root,
+    pub calls: Vec<Call>,
+    /// GPUs the simulated driver finds.
+    pub gpus: u32,
+    /// The dynamic major the simulated `nvidia-uvm` registers.
+    pub uvm_major: u32,
+}
+
+impl SimulatedKernel {
+    pub fn new(root: Root) -> Self {
+        SimulatedKernel {
+            root,
+            calls: Vec::new(),
+            gpus: 1,
+            uvm_major: 507,
+        }
+    }
+
+    fn record(&mut self, call: Call) {
+        let log = self.root.join(SIMULATION_LOG);
+        if let Some(parent) = log.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(&log) {
+            let _ = writeln!(file, "{}", serde_json::to_string(&call).unwrap_or_default());
+        }
+        self.calls.push(call);
+    }
+
+    fn host(&self, resolved: &Path) -> PathBuf {
+        self.root
+            .host_path_of(resolved)
+            .unwrap_or_else(|| resolved.to_path_buf())
+    }
+
+    fn read(&self, host_path: &str) -> String {
+        fs::read_to_string(self.root.join(host_path)).unwrap_or_default()
+    }
+
+    fn append(&self, host_path: &str, line: &str) {
+        let path = self.root.join(host_path);
+        if let Some(parent) = path.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+
+    fn write(&self, host_path: &str, contents: &str) {
+        let path = self.root.join(host_path);
+        if let Some(parent) = path.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        let _ = fs::write(path, contents);
+    }
+
+    fn is_loaded(&self, name: &str) -> bool {
+        hk::parse_proc_modules(&self.read(hk::PROC_MODULES))
+            .iter()
+            .any(|m| *m == hk::normalize_module_name(name))
+    }
+
+    fn add_char_device(&self, major: u32, name: &str) {
+        let text = self.read("/proc/devices");
+        let text = if text.is_empty() {
+            "Character devices:\n".to_string()
+        } else {
+            text
+        };
+        let (chars, blocks) = match text.find("\nBlock devices:") {
+            Some(i) => (text[..i + 1].to_string(), text[i + 1..].to_string()),
+            None => (text.clone(), String::new()),
+        };
+        self.write("/proc/devices", &format!("{chars}{major:>3} {name}\n{blocks}"));
+    }
+}
+
+impl Kernel for SimulatedKernel {
+    fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
+        let call = Call::FinitModule {
+            name: module.name.to_string(),
+            path: module.path.to_path_buf(),
+            params: module.params.to_string(),
+            kernel_decompresses: module.kernel_decompresses,
+        };
+        self.record(call);
+        let fail = |errno, detail: String| SysError {
+            operation: "finit_module",
+            target: module.path.display().to_string(),
+            errno,
+            detail: Some(detail),
+        };
+        let running = self.read(hk::OSRELEASE).trim().to_string();
+        if crate::kmod::modinfo::vermagic_release(module.vermagic) != running {
+            return Err(fail(Errno::ENOEXEC, "disagrees about version of symbol module_layout".into()));
+        }
+        if self.read(hk::SIG_ENFORCE).trim() == "Y" && !module.signed {
+            return Err(fail(Errno::EKEYREJECTED, "module signature required".into()));
+        }
+        if self.is_loaded(module.name) {
+            return Err(fail(Errno::EEXIST, "already loaded".into()));
+        }
+        if let Some(dep) = module.depends.iter().find(|d| !self.is_loaded(d)) {
+            return Err(fail(Errno::ENOENT, format!("Unknown symbol (needs {dep})")));
+        }
+        let name = hk::normalize_module_name(module.name);
+        self.append(hk::PROC_MODULES, &format!("{name} 16384 0 - Live 0x0000000000000000 (OE)"));
+        if let Some(version) = module.version {
+            self.write(&format!("/sys/module/{name}/version"), &format!("{version}\n"));
+        }
+        match name.as_str() {
+            "nvidia" => {
+                self.add_char_device(195, "nvidia");
+                for gpu in 0..self.gpus {
+                    self.write(
+                        &format!("/proc/driver/nvidia/gpus/0000:{:02x}:00.0/information", gpu + 1),
+                        &format!("Model: \t\t Simulated GPU\nIRQ:   \t\t 42\nDevice Minor: \t {gpu}\n"),
+                    );
+                }
+            }
+            "nvidia_uvm" => self.add_char_device(self.uvm_major, "nvidia-uvm"),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn mknod_char(&mut self, path: &Path, major: u32, minor: u32, mode: u32) -> Result<(), SysError> {
+        self.record(Call::Mknod {
+            path: self.host(path),
+            major,
+            minor,
+            mode,
+        });
+        if path.exists() {
+            return Err(SysError::new("mknod", path.display(), Errno::EEXIST));
+        }
+        fs::write(path, format!("c {major}:{minor}\n")).map_err(|e| io_sys_error("mknod", path, e))
+    }
+
+    fn node_state(&self, path: &Path) -> Result<NodeState, SysError> {
+        match fs::read_to_string(path) {
+            Ok(text) => {
+                let parsed = text
+                    .trim()
+                    .strip_prefix("c ")
+                    .and_then(|rest| rest.split_once(':'))
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                Ok(match parsed {
+                    Some((major, minor)) => NodeState::CharDevice { major, minor },
+                    None => NodeState::Other,
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeState::Missing),
+            Err(_) => Ok(NodeState::Other),
+        }
+    }
+
+    fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError> {
+        let target_host = self.host(target).to_string_lossy().into_owned();
+        let source_host = self.host(source).to_string_lossy().into_owned();
+        let text = self.read("/proc/self/mountinfo");
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(target_host.as_str()));
+        Ok(match line {
+            None => MountState::NotMounted,
+            Some(l) if l.split_whitespace().nth(3) == Some(source_host.as_str()) => MountState::Wanted,
+            Some(_) => MountState::Other,
+        })
+    }
+
+    fn bind_mount_readonly(&mut self, source: &Path, target: &Path) -> Result<(), SysError> {
+        let (source, target_host) = (self.host(source), self.host(target));
+        self.record(Call::BindMount {
+            source: source.clone(),
+            target: target_host.clone(),
+        });
+        if !target.is_dir() {
+            return Err(SysError::new("mount --bind", target.display(), Errno::ENOTDIR));
+        }
+        self.append(
+            "/proc/self/mountinfo",
+            &format!(
+                "900 1 253:1 {} {} ro,nosuid,nodev shared:1 - ext4 /dev/vda1 rw",
+                source.display(),
+                target_host.display()
+            ),
+        );
+        Ok(())
+    }
+
+    fn unmount(&mut self, target: &Path) -> Result<(), SysError> {
+        let target_host = self.host(target);
+        self.record(Call::Unmount {
+            target: target_host.clone(),
+        });
+        let text = self.read("/proc/self/mountinfo");
+        let kept: String = text
+            .lines()
+            .filter(|l| l.split_whitespace().nth(4) != Some(&*target_host.to_string_lossy()))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        self.write("/proc/self/mountinfo", &kept);
+        Ok(())
+    }
+
+    fn write_sysfs(&mut self, path: &Path, value: &str) -> Result<(), SysError> {
+        self.record(Call::WriteSysfs {
+            path: self.host(path),
+            value: value.to_string(),
+        });
+        if !path.exists() {
+            return Err(SysError::new("write", path.display(), Errno::ENOENT));
+        }
+        fs::write(path, value).map_err(|e| io_sys_error("write", path, e))
+    }
+
+    fn modprobe(&mut self, name: &str) -> Result<(), SysError> {
+        self.record(Call::Modprobe {
+            name: name.to_string(),
+        });
+        let running = self.read(hk::OSRELEASE).trim().to_string();
+        let dep = self.read(&format!("/usr/lib/modules/{running}/modules.dep"));
+        let builtin = self.read(&format!("/usr/lib/modules/{running}/modules.builtin"));
+        let normalized = hk::normalize_module_name(name);
+        if hk::parse_module_index(&builtin).contains(&normalized) || self.is_loaded(name) {
+            return Ok(());
+        }
+        if hk::parse_module_index(&dep).contains(&normalized) {
+            self.append(hk::PROC_MODULES, &format!("{normalized} 16384 0 - Live 0x0"));
+            return Ok(());
+        }
+        Err(SysError {
+            operation: "modprobe",
+            target: name.to_string(),
+            errno: Errno::ENOENT,
+            detail: Some(format!("modprobe: FATAL: Module {name} not found in directory /lib/modules/{running}")),
+        })
+    }
+
+    fn delete_module(&mut self, name: &str) -> Result<(), SysError> {
+        self.record(Call::DeleteModule {
+            name: name.to_string(),
+        });
+        let normalized = hk::normalize_module_name(name);
+        let text = self.read(hk::PROC_MODULES);
+        let kept: String = text
+            .lines()
+            .filter(|l| l.split_whitespace().next() != Some(normalized.as_str()))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        self.write(hk::PROC_MODULES, &kept);
+        let _ = fs::remove_dir_all(self.root.join(format!("/sys/module/{normalized}")));
+        Ok(())
+    }
+}
