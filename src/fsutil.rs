@@ -63,6 +63,36 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// Create `dir` and any missing parents, each new one with exactly `mode` (whatever the umask);
+/// directories that already exist are left as they are.
+pub fn create_dir_all_mode(dir: &Path, mode: u32) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cursor = Some(dir);
+    while let Some(path) = cursor {
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a directory", path.display()),
+                ))
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => missing.push(path),
+            Err(err) => return Err(err),
+        }
+        cursor = path.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    for path in missing.into_iter().rev() {
+        match fs::create_dir(path) {
+            Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(mode))?,
+            // Someone else made it meanwhile: fine, it is theirs.
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,13 +103,44 @@ mod tests {
         let path = dir.path().join("f");
         write_atomic(&path, b"one", 0o600).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"one");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
         write_atomic(&path, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn create_dir_all_mode_sets_the_mode_of_new_dirs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_all_mode(&deep, 0o755).unwrap();
+        for path in [dir.path().join("a"), dir.path().join("a/b"), deep.clone()] {
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+                0o755
+            );
+        }
+        assert_eq!(
+            fs::metadata(dir.path()).unwrap().permissions().mode() & 0o7777,
+            0o711
+        );
+        create_dir_all_mode(&deep, 0o700).unwrap();
+        assert_eq!(
+            fs::metadata(&deep).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        fs::write(dir.path().join("file"), "").unwrap();
+        assert!(create_dir_all_mode(&dir.path().join("file/x"), 0o755).is_err());
     }
 
     #[test]
