@@ -102,6 +102,7 @@ pub fn execute(
     opened: &BTreeMap<PathBuf, OpenedModule>,
     kernel: &mut dyn Kernel,
 ) -> Result<LoadReport, LoadError> {
+    preflight(root, plan)?;
     let mut report = LoadReport::default();
 
     if let Some(firmware) = plan.firmware.as_ref().filter(|f| f.change) {
@@ -202,6 +203,28 @@ pub fn execute(
     };
     report.driver_ready_written = readiness::write_driver_ready(root, &plan.driver_ready, &ready)?;
     Ok(report)
+}
+
+/// Check what can be checked before the first syscall, so a broken driver root or toolkit
+/// config is refused with the host untouched rather than after the modules are in.
+fn preflight(root: &Root, plan: &LoadPlan) -> Result<(), LoadError> {
+    if let DriverRootStep::Mount { path, .. } = &plan.driver_root {
+        if let Ok(meta) = fs::symlink_metadata(root.join(path)) {
+            if !meta.is_dir() {
+                return Err(LoadError::DriverRoot {
+                    path: path.clone(),
+                    cause: "it exists and is not a directory; remove it or set driver.root".into(),
+                });
+            }
+        }
+    }
+    match &plan.toolkit {
+        ToolkitStep::Set { config, root: value, .. } | ToolkitStep::Create { config, root: value } => {
+            runtime::plan_cli_root(root, config, value)?;
+        }
+        ToolkitStep::Unchanged { .. } | ToolkitStep::NotManaged => {}
+    }
+    Ok(())
 }
 
 /// Load one module. `Ok(false)`: the kernel already had it (a race with another loader).

@@ -287,6 +287,8 @@ pub struct SimulatedKernel {
     pub gpus: u32,
     /// The dynamic major the simulated `nvidia-uvm` registers.
     pub uvm_major: u32,
+    /// Fault injection: refuse this module (kernel spelling) with this errno.
+    pub refuse: Option<(String, Errno)>,
 }
 
 impl SimulatedKernel {
@@ -296,6 +298,7 @@ impl SimulatedKernel {
             calls: Vec::new(),
             gpus: 1,
             uvm_major: 507,
+            refuse: None,
         }
     }
 
@@ -374,6 +377,11 @@ impl Kernel for SimulatedKernel {
             errno,
             detail: Some(detail),
         };
+        if let Some((name, errno)) = &self.refuse {
+            if *name == module.name {
+                return Err(fail(*errno, "refused by fault injection".into()));
+            }
+        }
         let running = self.read(hk::OSRELEASE).trim().to_string();
         if crate::kmod::modinfo::vermagic_release(module.vermagic) != running {
             return Err(fail(Errno::ENOEXEC, "disagrees about version of symbol module_layout".into()));

@@ -1,0 +1,392 @@
+//! The boot path on whole fake hosts: overlay in the store → plan → load through the
+//! simulated kernel, asserting the exact syscall sequence and the files it leaves; and every
+//! kind of bad input refused with nothing changed.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use common::host::FakeHost;
+use common::modules::FixtureModule;
+use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use nvdriver_agent::commands::{self, exit, CommandError, Context, LoadOutcome, Prepared};
+use nvdriver_agent::config::ConfigSource;
+use nvdriver_agent::kmod::plan::{LoadPlan, ModuleAction, PlanError};
+use nvdriver_agent::kmod::sys::{Call, SimulatedKernel};
+use nvdriver_agent::overlay::Store;
+use pretty_assertions::assert_eq;
+
+const KVER: &str = "6.1.0-28-cloud-amd64";
+const STORE: &str = "/var/lib/nvdriver-agent/overlays";
+
+fn overlay_dir() -> String {
+    format!("{STORE}/{KVER}/{DRIVER}")
+}
+
+/// A host whose store holds `overlay` (imported through the real store code).
+fn host_with(overlay: &OverlayBuilder) -> FakeHost {
+    let host = FakeHost::new(KVER);
+    let src = tempfile::tempdir().unwrap();
+    overlay.build(src.path());
+    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host
+}
+
+fn ctx(host: &FakeHost) -> Context {
+    Context::new(host.root.clone(), &ConfigSource::Layered).unwrap()
+}
+
+fn plan(host: &FakeHost) -> Result<LoadPlan, CommandError> {
+    let kernel = SimulatedKernel::new(host.root.clone());
+    match commands::prepare_load(&ctx(host), &kernel)? {
+        Prepared::Ready(p) => Ok(p.plan),
+        Prepared::NoOverlay { .. } => panic!("no overlay"),
+    }
+}
+
+fn load(host: &FakeHost) -> (Result<LoadOutcome, CommandError>, Vec<Call>) {
+    let mut kernel = SimulatedKernel::new(host.root.clone());
+    let result = commands::load(&ctx(host), &mut kernel);
+    (result, kernel.calls)
+}
+
+fn module_names(plan: &LoadPlan) -> Vec<&str> {
+    plan.modules.iter().map(|m| m.name.as_str()).collect()
+}
+
+fn enable_drm(host: &FakeHost) {
+    host.write(
+        "/etc/nvdriver-agent/config.d/50-drm.toml",
+        "[driver]\nmodules = [\"nvidia\", \"nvidia-modeset\", \"nvidia-uvm\", \"nvidia-drm\"]\n",
+    );
+}
+
+#[test]
+fn plan_orders_modules_by_dependencies() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    assert_eq!(module_names(&plan(&host).unwrap()), ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
+    enable_drm(&host);
+    let plan = plan(&host).unwrap();
+    assert_eq!(module_names(&plan), ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]);
+    let os: Vec<_> = plan.os_modules.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(os, ["i2c_core", "ipmi_msghandler", "drm", "drm_kms_helper"]);
+}
+
+#[test]
+fn plan_touches_nothing() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER).with_userspace());
+    let before = host.snapshot();
+    plan(&host).unwrap();
+    assert_eq!(host.snapshot(), before);
+}
+
+#[test]
+fn load_makes_the_exact_syscalls_and_files() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/etc/nvdriver-agent/config.toml", "[parameters.nvidia]\nNVreg_OpenRmEnableUnsupportedGpus = 1\n");
+    let (result, calls) = load(&host);
+    let LoadOutcome::Loaded { report, .. } = result.unwrap() else { panic!("not loaded") };
+    let modules = format!("{}/usr/lib/modules/{KVER}/extra/nvidia", overlay_dir());
+    let expected = vec![
+        Call::WriteSysfs {
+            path: "/sys/module/firmware_class/parameters/path".into(),
+            value: format!("{}/usr/lib/firmware", overlay_dir()),
+        },
+        Call::Modprobe { name: "i2c_core".into() },
+        Call::Modprobe { name: "ipmi_msghandler".into() },
+        // zstd: the kernel decompresses it (/sys/module/compression says zstd).
+        Call::FinitModule {
+            name: "nvidia".into(),
+            path: format!("{modules}/nvidia.ko.zst").into(),
+            params: "NVreg_OpenRmEnableUnsupportedGpus=1".into(),
+            kernel_decompresses: true,
+        },
+        Call::FinitModule {
+            name: "nvidia_modeset".into(),
+            path: format!("{modules}/nvidia-modeset.ko").into(),
+            params: "".into(),
+            kernel_decompresses: false,
+        },
+        // xz: this kernel cannot, so the agent hands it a decompressed memfd.
+        Call::FinitModule {
+            name: "nvidia_uvm".into(),
+            path: format!("{modules}/nvidia-uvm.ko.xz").into(),
+            params: "".into(),
+            kernel_decompresses: false,
+        },
+        Call::Mknod { path: "/dev/nvidiactl".into(), major: 195, minor: 255, mode: 0o666 },
+        Call::Mknod { path: "/dev/nvidia0".into(), major: 195, minor: 0, mode: 0o666 },
+        Call::Mknod { path: "/dev/nvidia-modeset".into(), major: 195, minor: 254, mode: 0o666 },
+        Call::Mknod { path: "/dev/nvidia-uvm".into(), major: 507, minor: 0, mode: 0o666 },
+        Call::Mknod { path: "/dev/nvidia-uvm-tools".into(), major: 507, minor: 1, mode: 0o666 },
+    ];
+    assert_eq!(calls, expected);
+    assert_eq!(report.loaded, ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
+
+    // The files it leaves.
+    assert_eq!(fs::read_link(host.path("/dev/char/195:255")).unwrap(), PathBuf::from("../nvidiactl"));
+    assert_eq!(fs::read_link(host.path("/dev/char/507:1")).unwrap(), PathBuf::from("../nvidia-uvm-tools"));
+    let toolkit = host.read("/etc/nvidia-container-runtime/config.toml");
+    assert!(toolkit.contains("[nvidia-container-cli]") && toolkit.contains("root = \"/\""), "{toolkit}");
+    let ready = host.read("/run/nvidia/validations/driver-ready");
+    assert!(ready.contains("IS_HOST_DRIVER=true") && ready.contains("NVIDIA_DRIVER_ROOT=/\n"), "{ready}");
+    assert!(host.read("/proc/modules").contains("nvidia_uvm"));
+}
+
+#[test]
+fn second_load_is_a_noop() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER).with_userspace());
+    let (first, _) = load(&host);
+    first.unwrap();
+    let after_first = host.snapshot();
+    let (second, calls) = load(&host);
+    let LoadOutcome::Loaded { report, plan } = second.unwrap() else { panic!() };
+    assert!(report.is_noop(), "{report:?}");
+    assert!(plan.modules.iter().all(|m| m.action == ModuleAction::AlreadyLoaded));
+    assert_eq!(calls, vec![], "no syscall the second time");
+    assert_eq!(host.snapshot(), after_first, "no file changed the second time");
+}
+
+#[test]
+fn userspace_overlay_is_mounted_and_toolkit_pointed_at_it() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER).with_userspace());
+    fs::create_dir_all(host.path("/etc/nvidia-container-runtime")).unwrap();
+    let shipped = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/interfaces/flatcar-sysext-bakery/nvidia-runtime.config.toml"
+    ))
+    .unwrap();
+    host.write("/etc/nvidia-container-runtime/config.toml", &shipped);
+    let (result, calls) = load(&host);
+    result.unwrap();
+    assert!(calls.contains(&Call::BindMount {
+        source: overlay_dir().into(),
+        target: "/run/nvidia/driver".into(),
+    }));
+    let toolkit = host.read("/etc/nvidia-container-runtime/config.toml");
+    assert!(toolkit.contains("root = \"/run/nvidia/driver\""), "{toolkit}");
+    for comment in shipped.lines().filter(|l| l.trim_start().starts_with('#')) {
+        assert!(toolkit.contains(comment), "comment {comment:?} kept");
+    }
+    assert!(host.read("/run/nvidia/validations/driver-ready").contains("NVIDIA_DRIVER_ROOT=/run/nvidia/driver"));
+    // The store made an ld.so.cache for the toolkit when ldconfig is there.
+    if std::path::Path::new("/sbin/ldconfig").exists() {
+        assert!(host.exists(&format!("{}/etc/ld.so.cache", overlay_dir())));
+    }
+}
+
+/// Run `load` on a host expected to refuse; assert the exit code and that nothing changed.
+fn refused(host: &FakeHost, code: u8) -> String {
+    let before = host.snapshot();
+    let (result, calls) = load(host);
+    let err = match result {
+        Err(e) => e,
+        Ok(_) => panic!("load succeeded"),
+    };
+    assert_eq!(err.exit_code(), code, "{err}");
+    assert_eq!(calls, vec![], "no syscall made: {err}");
+    assert_eq!(host.snapshot(), before, "host unchanged: {err}");
+    err.to_string()
+}
+
+#[test]
+fn digest_mismatch_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    let path = host.path(format!("{}/usr/lib/modules/{KVER}/extra/nvidia/nvidia-modeset.ko", overlay_dir()));
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+    let msg = refused(&host, exit::INVALID_OVERLAY);
+    assert!(msg.contains("sha256") && msg.contains("nvidia-modeset.ko"), "{msg}");
+}
+
+#[test]
+fn truncated_module_is_refused() {
+    let host = FakeHost::new(KVER);
+    let src = tempfile::tempdir().unwrap();
+    OverlayBuilder::nvidia(KVER).build(src.path());
+    // Truncate the file and re-sign the manifest for it: the digest matches, the ELF does not.
+    let rel = format!("usr/lib/modules/{KVER}/extra/nvidia/nvidia-modeset.ko");
+    let bytes = fs::read(src.path().join(&rel)).unwrap();
+    let cut = &bytes[..bytes.len() / 3];
+    fs::write(src.path().join(&rel), cut).unwrap();
+    let manifest_path = src.path().join("overlay.toml");
+    let mut manifest = nvdriver_agent::overlay::Manifest::parse(&fs::read_to_string(&manifest_path).unwrap(), &manifest_path).unwrap();
+    let entry = manifest.files.iter_mut().find(|f| f.path == PathBuf::from(&rel)).unwrap();
+    entry.size = cut.len() as u64;
+    entry.sha256 = nvdriver_agent::overlay::verify::sha256_bytes(cut);
+    fs::write(&manifest_path, manifest.to_toml()).unwrap();
+    // The importer refuses it...
+    let err = commands::overlay_import(&ctx(&host), src.path()).unwrap_err();
+    assert_eq!(err.exit_code(), exit::INVALID_OVERLAY, "{err}");
+    assert!(!host.exists(STORE), "store untouched");
+    // ...and so does the loader if such a thing is in the store anyway.
+    Store::new(&host.root, STORE);
+    let dir = host.path(overlay_dir());
+    fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    copy_tree(src.path(), &dir);
+    let msg = refused(&host, exit::INVALID_OVERLAY);
+    assert!(msg.contains("nvidia-modeset.ko"), "{msg}");
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn module_for_another_kernel_is_refused() {
+    let other = "6.1.0-27-cloud-amd64";
+    let overlay = OverlayBuilder::nvidia(KVER).module(FixtureModule::new("nvidia-uvm", other, DRIVER).depends(&["nvidia"]), Packing::Xz);
+    let host = host_with(&overlay);
+    let msg = refused(&host, exit::INVALID_OVERLAY);
+    assert!(msg.contains(other) && msg.contains(KVER), "{msg}");
+}
+
+#[test]
+fn dependency_cycle_is_refused() {
+    let overlay = OverlayBuilder::nvidia(KVER)
+        .module(FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-uvm"]), Packing::Plain);
+    let host = host_with(&overlay);
+    let msg = refused(&host, exit::INVALID_OVERLAY);
+    assert!(msg.contains("cycle") && msg.contains("nvidia_uvm"), "{msg}");
+}
+
+#[test]
+fn missing_dependency_is_refused() {
+    let overlay = OverlayBuilder::nvidia(KVER)
+        .module(FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-missing"]), Packing::Plain);
+    let host = host_with(&overlay);
+    let msg = refused(&host, exit::INVALID_OVERLAY);
+    assert!(msg.contains("nvidia_missing"), "{msg}");
+}
+
+#[test]
+fn configured_module_absent_from_overlay_is_refused() {
+    let mut overlay = OverlayBuilder::nvidia(KVER);
+    overlay.modules.retain(|(m, _)| m.name != "nvidia-uvm");
+    let host = host_with(&overlay);
+    let msg = refused(&host, exit::INVALID_OVERLAY);
+    assert!(msg.contains("nvidia-uvm"), "{msg}");
+}
+
+#[test]
+fn module_claiming_another_name_is_refused() {
+    let mut impostor = FixtureModule::new("nvidia-modeset", KVER, DRIVER).depends(&["nvidia"]);
+    impostor = impostor.extra("name=evil");
+    impostor = impostor.without_key("name");
+    let host = host_with(&OverlayBuilder::nvidia(KVER).module(impostor, Packing::Plain));
+    let msg = refused(&host, exit::INVALID_OVERLAY);
+    assert!(msg.contains("evil"), "{msg}");
+}
+
+#[test]
+fn config_typo_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/etc/nvdriver-agent/config.toml", "[driver]\nmodlues = [\"nvidia\"]\n");
+    let before = host.snapshot();
+    let err = Context::new(host.root.clone(), &ConfigSource::Layered).err().expect("config error");
+    let err = CommandError::from(err);
+    assert_eq!(err.exit_code(), exit::CONFIG);
+    let msg = err.to_string();
+    assert!(msg.contains("/etc/nvdriver-agent/config.toml:2") && msg.contains("modlues"), "{msg}");
+    assert_eq!(host.snapshot(), before);
+}
+
+#[test]
+fn driver_root_that_is_not_a_directory_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER).with_userspace());
+    host.write("/run/nvidia/driver", "a file where the driver root should be");
+    let msg = refused(&host, exit::FAILURE);
+    assert!(msg.contains("/run/nvidia/driver") && msg.contains("not a directory"), "{msg}");
+}
+
+#[test]
+fn unwritable_toolkit_config_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    // A directory where the file should be: unwritable even for root.
+    fs::create_dir_all(host.path("/etc/nvidia-container-runtime/config.toml")).unwrap();
+    let msg = refused(&host, exit::FAILURE);
+    assert!(msg.contains("config.toml"), "{msg}");
+}
+
+#[test]
+fn nouveau_bound_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    fs::create_dir_all(host.path("/sys/bus/pci/drivers/nouveau/0000:01:00.0")).unwrap();
+    let msg = refused(&host, exit::HOST_CONFLICT);
+    assert!(msg.contains("nouveau") && msg.contains("0000:01:00.0"), "{msg}");
+}
+
+#[test]
+fn unsigned_modules_refused_when_signatures_enforced() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/sys/module/module/parameters/sig_enforce", "Y\n");
+    let msg = refused(&host, exit::HOST_CONFLICT);
+    assert!(msg.contains("unsigned") && msg.contains("nvidia"), "{msg}");
+}
+
+#[test]
+fn signed_modules_load_when_signatures_enforced() {
+    let mut overlay = OverlayBuilder::nvidia(KVER);
+    overlay.modules = overlay.modules.into_iter().map(|(m, p)| (m.signed(), p)).collect();
+    let host = host_with(&overlay);
+    host.write("/sys/module/module/parameters/sig_enforce", "Y\n");
+    host.write("/sys/kernel/security/lockdown", "none [integrity] confidentiality\n");
+    let (result, _) = load(&host);
+    result.unwrap();
+}
+
+#[test]
+fn other_driver_version_loaded_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/proc/modules", "nvidia 1 0 - Live 0x0 (OE)\n");
+    host.write("/sys/module/nvidia/version", "550.54.15\n");
+    let msg = refused(&host, exit::HOST_CONFLICT);
+    assert!(msg.contains("550.54.15") && msg.contains(DRIVER), "{msg}");
+}
+
+#[test]
+fn kernel_refusal_unloads_what_this_run_loaded() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    let mut kernel = SimulatedKernel::new(host.root.clone());
+    kernel.refuse = Some(("nvidia_uvm".into(), nix::errno::Errno::ENOEXEC));
+    let err = commands::load(&ctx(&host), &mut kernel).err().expect("refused");
+    assert_eq!(err.exit_code(), exit::KERNEL_REFUSED, "{err}");
+    assert!(err.to_string().contains("nvidia_uvm") && err.to_string().contains("another kernel"), "{err}");
+    let undo: Vec<_> = kernel
+        .calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::DeleteModule { name } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(undo, ["nvidia_modeset", "nvidia"], "newest first");
+    assert!(!host.read("/proc/modules").contains("nvidia"));
+    assert!(!host.exists("/run/nvidia/validations/driver-ready"));
+    assert!(!host.exists("/etc/nvidia-container-runtime/config.toml"));
+}
+
+#[test]
+fn no_overlay_follows_policy() {
+    let host = FakeHost::new(KVER);
+    let (result, calls) = load(&host);
+    assert!(matches!(result.unwrap(), LoadOutcome::NoOverlayWarned { .. }));
+    assert!(calls.is_empty());
+    host.write("/etc/nvdriver-agent/config.toml", "[policy]\nmissing-overlay = \"fail\"\n");
+    let (result, _) = load(&host);
+    let err = result.err().unwrap();
+    assert_eq!(err.exit_code(), exit::NO_OVERLAY);
+    assert!(err.to_string().contains(KVER));
+}
+
+#[test]
+fn plan_error_types_are_specific() {
+    let overlay = OverlayBuilder::nvidia(KVER)
+        .module(FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-uvm"]), Packing::Plain);
+    let host = host_with(&overlay);
+    assert!(matches!(plan(&host), Err(CommandError::Plan(PlanError::DependencyCycle { .. }))));
+}
