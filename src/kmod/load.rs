@@ -196,11 +196,7 @@ pub fn execute(
         }
     }
 
-    let ready = DriverReady {
-        driver_root: report.driver_root.to_string_lossy().into_owned(),
-        dev_root: "/".into(),
-        is_host_driver: true,
-    };
+    let ready = DriverReady::for_driver_root(&report.driver_root.to_string_lossy());
     report.driver_ready_written = readiness::write_driver_ready(root, &plan.driver_ready, &ready)?;
     Ok(report)
 }
