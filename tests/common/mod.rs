@@ -1,0 +1,6 @@
+//! Fixture builders shared by the integration tests (`mod common;` in `tests/*.rs`).
+#![allow(dead_code)]
+
+pub use nvdriver_agent::kmod::modinfo::Compression;
+
+pub mod modules;
