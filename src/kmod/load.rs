@@ -20,9 +20,6 @@ use crate::host::Root;
 use crate::readiness::{self, DriverReady};
 use crate::runtime;
 
-/// Largest decompressed module the loader will build in memory (nvidia.ko is ~100 MiB).
-const MAX_MODULE_SIZE: u64 = 1 << 30;
-
 /// An overlay module file opened (and hashed) during inspection, handed to `finit_module`
 /// as the same descriptor, so what was verified is what gets loaded.
 pub struct OpenedModule {
@@ -283,7 +280,7 @@ fn decompress_to_memfd(path: &Path, file: &File, compression: Compression) -> Re
     let mut reader = file;
     reader.rewind().map_err(io)?;
     reader.read_to_end(&mut bytes).map_err(io)?;
-    let image = modinfo::decompress(&bytes, compression, MAX_MODULE_SIZE)
+    let image = modinfo::decompress(&bytes, compression, modinfo::MAX_MODULE_SIZE)
         .map_err(|cause| LoadError::Decompress {
             path: path.to_path_buf(),
             cause,

@@ -4,3 +4,5 @@
 pub use nvdriver_agent::kmod::modinfo::Compression;
 
 pub mod modules;
+pub mod host;
+pub mod overlay;
