@@ -46,7 +46,7 @@ pub enum CommandError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
-    Load(#[from] LoadError),
+    Load(Box<LoadError>),
     #[error("toolkit config: {0}")]
     Toolkit(#[from] RuntimeError),
     #[error("no overlay for the running kernel {kernel_release} in {store}; stage one (`nvdriver-agent overlay import DIR`) or boot a kernel that has one")]
@@ -59,6 +59,12 @@ pub enum CommandError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<LoadError> for CommandError {
+    fn from(e: LoadError) -> Self {
+        CommandError::Load(Box::new(e))
+    }
 }
 
 impl CommandError {
@@ -75,7 +81,9 @@ impl CommandError {
                 | PlanError::OtherVersionLoaded { .. } => exit::HOST_CONFLICT,
                 _ => exit::INVALID_OVERLAY,
             },
-            E::Load(LoadError::Refused { .. } | LoadError::OsModule { .. }) => exit::KERNEL_REFUSED,
+            E::Load(e) if matches!(**e, LoadError::Refused { .. } | LoadError::OsModule { .. }) => {
+                exit::KERNEL_REFUSED
+            }
             E::Load(_) | E::Toolkit(_) => exit::FAILURE,
         }
     }
@@ -125,7 +133,10 @@ pub fn prepare_load(ctx: &Context, kernel: &dyn Kernel) -> Result<Prepared, Comm
     let (inspected, opened) = inspect_modules(&ctx.root, &overlay)?;
     let toolkit = toolkit_state(&ctx.root, &ctx.settings.toolkit_config)?;
     let driver_root_mount = kernel
-        .mount_state(&ctx.root.join(&overlay.dir), &ctx.root.join(&ctx.settings.driver_root))
+        .mount_state(
+            &ctx.root.join(&overlay.dir),
+            &ctx.root.join(&ctx.settings.driver_root),
+        )
         .map_err(|e| CommandError::Io {
             path: ctx.settings.driver_root.clone(),
             source: std::io::Error::from(e.errno),
@@ -199,7 +210,10 @@ fn toolkit_state(root: &Root, config: &Path) -> Result<ToolkitState, CommandErro
 
 /// What `load` ended with.
 pub enum LoadOutcome {
-    Loaded { plan: Box<LoadPlan>, report: LoadReport },
+    Loaded {
+        plan: Box<LoadPlan>,
+        report: LoadReport,
+    },
     /// No overlay, and the policy says carry on.
     NoOverlayWarned { kernel_release: String },
 }
@@ -246,7 +260,10 @@ pub fn overlay_verify(dir: &Path) -> Result<Manifest, CommandError> {
 }
 
 /// Verify an overlay directory and check its modules against the manifest's kernel.
-pub fn overlay_verify_modules(dir: &Path, manifest: &Manifest) -> Result<Vec<modinfo::ModInfo>, CommandError> {
+pub fn overlay_verify_modules(
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<Vec<modinfo::ModInfo>, CommandError> {
     let mut infos = Vec::new();
     for entry in manifest.module_files() {
         let path = dir.join(&entry.path);

@@ -169,7 +169,10 @@ pub fn load(root: &Root, source: &ConfigSource) -> Result<Settings, ConfigError>
     )];
     match source {
         ConfigSource::Layered => {
-            let mut host_files = vec![PathBuf::from(SHIPPED_DEFAULTS_PATH), PathBuf::from(ETC_CONFIG_PATH)];
+            let mut host_files = vec![
+                PathBuf::from(SHIPPED_DEFAULTS_PATH),
+                PathBuf::from(ETC_CONFIG_PATH),
+            ];
             host_files.extend(list_dropins(root)?);
             for host_file in host_files {
                 if let Some(text) = read_optional(&root.join(&host_file))? {
@@ -304,7 +307,8 @@ impl Merged {
             return Err(ConfigError::Invalid {
                 key: "driver.modules".into(),
                 file: modules_file,
-                message: "expected at least one module (e.g. \"nvidia\"), found an empty list".into(),
+                message: "expected at least one module (e.g. \"nvidia\"), found an empty list"
+                    .into(),
             });
         }
         check_module_names("driver.modules", &modules, &modules_file)?;
@@ -397,7 +401,10 @@ mod tests {
         assert_eq!(s.store_dir, Path::new("/var/lib/nvdriver-agent/overlays"));
         assert_eq!(s.modules, ["nvidia", "nvidia-modeset", "nvidia-uvm"]);
         assert_eq!(s.driver_root, Path::new("/run/nvidia/driver"));
-        assert_eq!(s.toolkit_config, Path::new("/etc/nvidia-container-runtime/config.toml"));
+        assert_eq!(
+            s.toolkit_config,
+            Path::new("/etc/nvidia-container-runtime/config.toml")
+        );
         assert_eq!(s.missing_overlay, MissingOverlayPolicy::Warn);
         assert_eq!(s.driver_version, None);
         assert!(s.manage_toolkit);
@@ -406,18 +413,37 @@ mod tests {
     #[test]
     fn layering_order_usr_lib_then_etc_then_dropins_lexically() {
         let s = layered(&[
-            ("/usr/lib/nvdriver-agent/config.toml", "[store]\ndir = \"/usr-lib\"\n[policy]\nmissing-overlay = \"fail\"\n"),
-            ("/etc/nvdriver-agent/config.toml", "[store]\ndir = \"/etc\"\n[driver]\nversion = \"570.1\"\n"),
-            ("/etc/nvdriver-agent/config.d/20-b.toml", "[store]\ndir = \"/dropin-b\"\n"),
-            ("/etc/nvdriver-agent/config.d/10-a.toml", "[store]\ndir = \"/dropin-a\"\n[driver]\nmodules = [\"nvidia\", \"nvidia-drm\"]\n"),
-            ("/etc/nvdriver-agent/config.d/30-c.conf", "[store]\ndir = \"/ignored\"\n"),
+            (
+                "/usr/lib/nvdriver-agent/config.toml",
+                "[store]\ndir = \"/usr-lib\"\n[policy]\nmissing-overlay = \"fail\"\n",
+            ),
+            (
+                "/etc/nvdriver-agent/config.toml",
+                "[store]\ndir = \"/etc\"\n[driver]\nversion = \"570.1\"\n",
+            ),
+            (
+                "/etc/nvdriver-agent/config.d/20-b.toml",
+                "[store]\ndir = \"/dropin-b\"\n",
+            ),
+            (
+                "/etc/nvdriver-agent/config.d/10-a.toml",
+                "[store]\ndir = \"/dropin-a\"\n[driver]\nmodules = [\"nvidia\", \"nvidia-drm\"]\n",
+            ),
+            (
+                "/etc/nvdriver-agent/config.d/30-c.conf",
+                "[store]\ndir = \"/ignored\"\n",
+            ),
         ])
         .unwrap();
         assert_eq!(s.store_dir, Path::new("/dropin-b"));
         assert_eq!(s.driver_version.as_deref(), Some("570.1"));
         assert_eq!(s.modules, ["nvidia", "nvidia-drm"]);
         assert_eq!(s.missing_overlay, MissingOverlayPolicy::Fail);
-        let sources: Vec<_> = s.sources.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let sources: Vec<_> = s
+            .sources
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(
             &sources[1..],
             [
@@ -432,8 +458,14 @@ mod tests {
     #[test]
     fn parameters_merge_per_key() {
         let s = layered(&[
-            ("/etc/nvdriver-agent/config.toml", "[parameters.nvidia]\nNVreg_A = 1\nNVreg_B = \"x\"\n"),
-            ("/etc/nvdriver-agent/config.d/50.toml", "[parameters.nvidia]\nNVreg_B = \"y\"\n[parameters.nvidia-uvm]\nuvm_perf = true\n"),
+            (
+                "/etc/nvdriver-agent/config.toml",
+                "[parameters.nvidia]\nNVreg_A = 1\nNVreg_B = \"x\"\n",
+            ),
+            (
+                "/etc/nvdriver-agent/config.d/50.toml",
+                "[parameters.nvidia]\nNVreg_B = \"y\"\n[parameters.nvidia-uvm]\nuvm_perf = true\n",
+            ),
         ])
         .unwrap();
         assert_eq!(s.module_params("nvidia"), "NVreg_A=1 NVreg_B=y");
@@ -449,7 +481,10 @@ mod tests {
         )])
         .unwrap_err()
         .to_string();
-        assert!(err.contains("/etc/nvdriver-agent/config.d/10-x.toml:5"), "{err}");
+        assert!(
+            err.contains("/etc/nvdriver-agent/config.d/10-x.toml:5"),
+            "{err}"
+        );
         assert!(err.contains("modulez"), "{err}");
     }
 
@@ -478,17 +513,26 @@ mod tests {
 
     #[test]
     fn relative_path_refused() {
-        let err = layered(&[("/etc/nvdriver-agent/config.toml", "[driver]\nroot = \"run/nvidia\"\n")])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("driver.root") && err.contains("/etc/nvdriver-agent/config.toml"), "{err}");
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.toml",
+            "[driver]\nroot = \"run/nvidia\"\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("driver.root") && err.contains("/etc/nvdriver-agent/config.toml"),
+            "{err}"
+        );
     }
 
     #[test]
     fn empty_module_list_refused() {
-        let err = layered(&[("/etc/nvdriver-agent/config.toml", "[driver]\nmodules = []\n")])
-            .unwrap_err()
-            .to_string();
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.toml",
+            "[driver]\nmodules = []\n",
+        )])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("driver.modules"), "{err}");
     }
 
@@ -497,7 +541,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::new(dir.path());
         fs::create_dir_all(root.join("/etc/nvdriver-agent")).unwrap();
-        fs::write(root.join(ETC_CONFIG_PATH), "[store]\ndir = \"/etc-store\"\n").unwrap();
+        fs::write(
+            root.join(ETC_CONFIG_PATH),
+            "[store]\ndir = \"/etc-store\"\n",
+        )
+        .unwrap();
         let file = dir.path().join("mine.toml");
         fs::write(&file, "[store]\ndir = \"/mine\"\n").unwrap();
         let s = load(&root, &ConfigSource::File(file)).unwrap();

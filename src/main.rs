@@ -109,7 +109,9 @@ fn init_logging(verbose: u8) {
     // Under systemd, stderr is the journal: send structured entries instead.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
-            tracing_subscriber::registry().with(journald.with_filter(filter)).init();
+            tracing_subscriber::registry()
+                .with(journald.with_filter(filter))
+                .init();
             return;
         }
     }
@@ -162,7 +164,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             match commands::load(&ctx, kernel.as_mut())? {
                 LoadOutcome::Loaded { plan, report } => {
                     let status = if report.is_noop() {
-                        format!("driver {} already loaded for {}", plan.driver_version, plan.kernel_release)
+                        format!(
+                            "driver {} already loaded for {}",
+                            plan.driver_version, plan.kernel_release
+                        )
                     } else {
                         format!(
                             "driver {} loaded for {} (modules: {})",
@@ -176,7 +181,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     Ok(exit::OK)
                 }
                 LoadOutcome::NoOverlayWarned { kernel_release } => {
-                    let status = format!("no overlay for kernel {kernel_release}; driver not loaded");
+                    let status =
+                        format!("no overlay for kernel {kernel_release}; driver not loaded");
                     println!("{status}");
                     commands::notify_status(&status, true);
                     Ok(exit::OK)
@@ -215,7 +221,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     .filter(|n| !n.starts_with('.'))
                     .collect(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(e).with_context(|| format!("reading {}", store_dir.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", store_dir.display()))
+                }
             };
             kernels.sort();
             for kernel_release in kernels {
@@ -252,20 +260,37 @@ fn render_plan(plan: &nvdriver_agent::kmod::plan::LoadPlan) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "kernel:       {} ({})", plan.kernel_release, plan.arch);
-    let _ = writeln!(out, "overlay:      {} (driver {})", plan.overlay.display(), plan.driver_version);
+    let _ = writeln!(
+        out,
+        "overlay:      {} (driver {})",
+        plan.overlay.display(),
+        plan.driver_version
+    );
     match &plan.firmware {
         Some(fw) if fw.change => {
-            let _ = writeln!(out, "firmware:     set firmware_class.path = {}", fw.path.display());
+            let _ = writeln!(
+                out,
+                "firmware:     set firmware_class.path = {}",
+                fw.path.display()
+            );
         }
         Some(fw) => {
-            let _ = writeln!(out, "firmware:     firmware_class.path already {}", fw.path.display());
+            let _ = writeln!(
+                out,
+                "firmware:     firmware_class.path already {}",
+                fw.path.display()
+            );
         }
         None => {
             let _ = writeln!(out, "firmware:     none in overlay");
         }
     }
     for m in &plan.os_modules {
-        let _ = writeln!(out, "os module:    {} ({:?}, {})", m.name, m.action, m.reason);
+        let _ = writeln!(
+            out,
+            "os module:    {} ({:?}, {})",
+            m.name, m.action, m.reason
+        );
     }
     for (i, m) in plan.modules.iter().enumerate() {
         let _ = writeln!(
@@ -284,19 +309,34 @@ fn render_plan(plan: &nvdriver_agent::kmod::plan::LoadPlan) -> String {
             MajorSource::Fixed(m) => m.to_string(),
             MajorSource::ProcDevices(name) => format!("<{name} from /proc/devices>"),
         };
-        let minor = n.minor.map(|m| m.to_string()).unwrap_or_else(|| "<per GPU>".into());
+        let minor = n
+            .minor
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "<per GPU>".into());
         let _ = writeln!(out, "device node:  {} c {major}:{minor}", n.path);
     }
     let root = match &plan.driver_root {
-        DriverRootStep::Mount { source, path, .. } => format!("mount {} read-only at {}", source.display(), path.display()),
-        DriverRootStep::AlreadyMounted { path, .. } => format!("{} (already mounted)", path.display()),
+        DriverRootStep::Mount { source, path, .. } => {
+            format!("mount {} read-only at {}", source.display(), path.display())
+        }
+        DriverRootStep::AlreadyMounted { path, .. } => {
+            format!("{} (already mounted)", path.display())
+        }
         DriverRootStep::HostRoot => "/ (overlay has no user space)".into(),
     };
     let _ = writeln!(out, "driver root:  {root}");
     let toolkit = match &plan.toolkit {
-        ToolkitStep::Unchanged { config, root } => format!("{} root = {root:?} (unchanged)", config.display()),
-        ToolkitStep::Set { config, root, previous } => format!("{} root: {previous:?} -> {root:?}", config.display()),
-        ToolkitStep::Create { config, root } => format!("create {} with root = {root:?}", config.display()),
+        ToolkitStep::Unchanged { config, root } => {
+            format!("{} root = {root:?} (unchanged)", config.display())
+        }
+        ToolkitStep::Set {
+            config,
+            root,
+            previous,
+        } => format!("{} root: {previous:?} -> {root:?}", config.display()),
+        ToolkitStep::Create { config, root } => {
+            format!("create {} with root = {root:?}", config.display())
+        }
         ToolkitStep::NotManaged => "not managed".into(),
     };
     let _ = writeln!(out, "toolkit:      {toolkit}");

@@ -65,10 +65,16 @@ fn enable_drm(host: &FakeHost) {
 #[test]
 fn plan_orders_modules_by_dependencies() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
-    assert_eq!(module_names(&plan(&host).unwrap()), ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
+    assert_eq!(
+        module_names(&plan(&host).unwrap()),
+        ["nvidia", "nvidia_modeset", "nvidia_uvm"]
+    );
     enable_drm(&host);
     let plan = plan(&host).unwrap();
-    assert_eq!(module_names(&plan), ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]);
+    assert_eq!(
+        module_names(&plan),
+        ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
+    );
     let os: Vec<_> = plan.os_modules.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(os, ["i2c_core", "ipmi_msghandler", "drm", "drm_kms_helper"]);
 }
@@ -84,17 +90,26 @@ fn plan_touches_nothing() {
 #[test]
 fn load_makes_the_exact_syscalls_and_files() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
-    host.write("/etc/nvdriver-agent/config.toml", "[parameters.nvidia]\nNVreg_OpenRmEnableUnsupportedGpus = 1\n");
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        "[parameters.nvidia]\nNVreg_OpenRmEnableUnsupportedGpus = 1\n",
+    );
     let (result, calls) = load(&host);
-    let LoadOutcome::Loaded { report, .. } = result.unwrap() else { panic!("not loaded") };
+    let LoadOutcome::Loaded { report, .. } = result.unwrap() else {
+        panic!("not loaded")
+    };
     let modules = format!("{}/usr/lib/modules/{KVER}/extra/nvidia", overlay_dir());
     let expected = vec![
         Call::WriteSysfs {
             path: "/sys/module/firmware_class/parameters/path".into(),
             value: format!("{}/usr/lib/firmware", overlay_dir()),
         },
-        Call::Modprobe { name: "i2c_core".into() },
-        Call::Modprobe { name: "ipmi_msghandler".into() },
+        Call::Modprobe {
+            name: "i2c_core".into(),
+        },
+        Call::Modprobe {
+            name: "ipmi_msghandler".into(),
+        },
         // zstd: the kernel decompresses it (/sys/module/compression says zstd).
         Call::FinitModule {
             name: "nvidia".into(),
@@ -115,22 +130,59 @@ fn load_makes_the_exact_syscalls_and_files() {
             params: "".into(),
             kernel_decompresses: false,
         },
-        Call::Mknod { path: "/dev/nvidiactl".into(), major: 195, minor: 255, mode: 0o666 },
-        Call::Mknod { path: "/dev/nvidia0".into(), major: 195, minor: 0, mode: 0o666 },
-        Call::Mknod { path: "/dev/nvidia-modeset".into(), major: 195, minor: 254, mode: 0o666 },
-        Call::Mknod { path: "/dev/nvidia-uvm".into(), major: 507, minor: 0, mode: 0o666 },
-        Call::Mknod { path: "/dev/nvidia-uvm-tools".into(), major: 507, minor: 1, mode: 0o666 },
+        Call::Mknod {
+            path: "/dev/nvidiactl".into(),
+            major: 195,
+            minor: 255,
+            mode: 0o666,
+        },
+        Call::Mknod {
+            path: "/dev/nvidia0".into(),
+            major: 195,
+            minor: 0,
+            mode: 0o666,
+        },
+        Call::Mknod {
+            path: "/dev/nvidia-modeset".into(),
+            major: 195,
+            minor: 254,
+            mode: 0o666,
+        },
+        Call::Mknod {
+            path: "/dev/nvidia-uvm".into(),
+            major: 507,
+            minor: 0,
+            mode: 0o666,
+        },
+        Call::Mknod {
+            path: "/dev/nvidia-uvm-tools".into(),
+            major: 507,
+            minor: 1,
+            mode: 0o666,
+        },
     ];
     assert_eq!(calls, expected);
     assert_eq!(report.loaded, ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
 
     // The files it leaves.
-    assert_eq!(fs::read_link(host.path("/dev/char/195:255")).unwrap(), PathBuf::from("../nvidiactl"));
-    assert_eq!(fs::read_link(host.path("/dev/char/507:1")).unwrap(), PathBuf::from("../nvidia-uvm-tools"));
+    assert_eq!(
+        fs::read_link(host.path("/dev/char/195:255")).unwrap(),
+        PathBuf::from("../nvidiactl")
+    );
+    assert_eq!(
+        fs::read_link(host.path("/dev/char/507:1")).unwrap(),
+        PathBuf::from("../nvidia-uvm-tools")
+    );
     let toolkit = host.read("/etc/nvidia-container-runtime/config.toml");
-    assert!(toolkit.contains("[nvidia-container-cli]") && toolkit.contains("root = \"/\""), "{toolkit}");
+    assert!(
+        toolkit.contains("[nvidia-container-cli]") && toolkit.contains("root = \"/\""),
+        "{toolkit}"
+    );
     let ready = host.read("/run/nvidia/validations/driver-ready");
-    assert!(ready.contains("IS_HOST_DRIVER=true") && ready.contains("NVIDIA_DRIVER_ROOT=/\n"), "{ready}");
+    assert!(
+        ready.contains("IS_HOST_DRIVER=true") && ready.contains("NVIDIA_DRIVER_ROOT=/\n"),
+        "{ready}"
+    );
     assert!(host.read("/proc/modules").contains("nvidia_uvm"));
 }
 
@@ -141,11 +193,20 @@ fn second_load_is_a_noop() {
     first.unwrap();
     let after_first = host.snapshot();
     let (second, calls) = load(&host);
-    let LoadOutcome::Loaded { report, plan } = second.unwrap() else { panic!() };
+    let LoadOutcome::Loaded { report, plan } = second.unwrap() else {
+        panic!()
+    };
     assert!(report.is_noop(), "{report:?}");
-    assert!(plan.modules.iter().all(|m| m.action == ModuleAction::AlreadyLoaded));
+    assert!(plan
+        .modules
+        .iter()
+        .all(|m| m.action == ModuleAction::AlreadyLoaded));
     assert_eq!(calls, vec![], "no syscall the second time");
-    assert_eq!(host.snapshot(), after_first, "no file changed the second time");
+    assert_eq!(
+        host.snapshot(),
+        after_first,
+        "no file changed the second time"
+    );
 }
 
 #[test]
@@ -165,11 +226,16 @@ fn userspace_overlay_is_mounted_and_toolkit_pointed_at_it() {
         target: "/run/nvidia/driver".into(),
     }));
     let toolkit = host.read("/etc/nvidia-container-runtime/config.toml");
-    assert!(toolkit.contains("root = \"/run/nvidia/driver\""), "{toolkit}");
+    assert!(
+        toolkit.contains("root = \"/run/nvidia/driver\""),
+        "{toolkit}"
+    );
     for comment in shipped.lines().filter(|l| l.trim_start().starts_with('#')) {
         assert!(toolkit.contains(comment), "comment {comment:?} kept");
     }
-    assert!(host.read("/run/nvidia/validations/driver-ready").contains("NVIDIA_DRIVER_ROOT=/run/nvidia/driver"));
+    assert!(host
+        .read("/run/nvidia/validations/driver-ready")
+        .contains("NVIDIA_DRIVER_ROOT=/run/nvidia/driver"));
     // The store made an ld.so.cache for the toolkit when ldconfig is there.
     if std::path::Path::new("/sbin/ldconfig").exists() {
         assert!(host.exists(&format!("{}/etc/ld.so.cache", overlay_dir())));
@@ -193,13 +259,19 @@ fn refused(host: &FakeHost, code: u8) -> String {
 #[test]
 fn digest_mismatch_is_refused() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
-    let path = host.path(format!("{}/usr/lib/modules/{KVER}/extra/nvidia/nvidia-modeset.ko", overlay_dir()));
+    let path = host.path(format!(
+        "{}/usr/lib/modules/{KVER}/extra/nvidia/nvidia-modeset.ko",
+        overlay_dir()
+    ));
     let mut bytes = fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     fs::write(&path, bytes).unwrap();
     let msg = refused(&host, exit::INVALID_OVERLAY);
-    assert!(msg.contains("sha256") && msg.contains("nvidia-modeset.ko"), "{msg}");
+    assert!(
+        msg.contains("sha256") && msg.contains("nvidia-modeset.ko"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -213,8 +285,16 @@ fn truncated_module_is_refused() {
     let cut = &bytes[..bytes.len() / 3];
     fs::write(src.path().join(&rel), cut).unwrap();
     let manifest_path = src.path().join("overlay.toml");
-    let mut manifest = nvdriver_agent::overlay::Manifest::parse(&fs::read_to_string(&manifest_path).unwrap(), &manifest_path).unwrap();
-    let entry = manifest.files.iter_mut().find(|f| f.path == PathBuf::from(&rel)).unwrap();
+    let mut manifest = nvdriver_agent::overlay::Manifest::parse(
+        &fs::read_to_string(&manifest_path).unwrap(),
+        &manifest_path,
+    )
+    .unwrap();
+    let entry = manifest
+        .files
+        .iter_mut()
+        .find(|f| f.path.as_os_str() == rel.as_str())
+        .unwrap();
     entry.size = cut.len() as u64;
     entry.sha256 = nvdriver_agent::overlay::verify::sha256_bytes(cut);
     fs::write(&manifest_path, manifest.to_toml()).unwrap();
@@ -223,7 +303,6 @@ fn truncated_module_is_refused() {
     assert_eq!(err.exit_code(), exit::INVALID_OVERLAY, "{err}");
     assert!(!host.exists(STORE), "store untouched");
     // ...and so does the loader if such a thing is in the store anyway.
-    Store::new(&host.root, STORE);
     let dir = host.path(overlay_dir());
     fs::create_dir_all(dir.parent().unwrap()).unwrap();
     copy_tree(src.path(), &dir);
@@ -232,14 +311,22 @@ fn truncated_module_is_refused() {
 }
 
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
-    let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
 #[test]
 fn module_for_another_kernel_is_refused() {
     let other = "6.1.0-27-cloud-amd64";
-    let overlay = OverlayBuilder::nvidia(KVER).module(FixtureModule::new("nvidia-uvm", other, DRIVER).depends(&["nvidia"]), Packing::Xz);
+    let overlay = OverlayBuilder::nvidia(KVER).module(
+        FixtureModule::new("nvidia-uvm", other, DRIVER).depends(&["nvidia"]),
+        Packing::Xz,
+    );
     let host = host_with(&overlay);
     let msg = refused(&host, exit::INVALID_OVERLAY);
     assert!(msg.contains(other) && msg.contains(KVER), "{msg}");
@@ -247,8 +334,10 @@ fn module_for_another_kernel_is_refused() {
 
 #[test]
 fn dependency_cycle_is_refused() {
-    let overlay = OverlayBuilder::nvidia(KVER)
-        .module(FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-uvm"]), Packing::Plain);
+    let overlay = OverlayBuilder::nvidia(KVER).module(
+        FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-uvm"]),
+        Packing::Plain,
+    );
     let host = host_with(&overlay);
     let msg = refused(&host, exit::INVALID_OVERLAY);
     assert!(msg.contains("cycle") && msg.contains("nvidia_uvm"), "{msg}");
@@ -256,8 +345,10 @@ fn dependency_cycle_is_refused() {
 
 #[test]
 fn missing_dependency_is_refused() {
-    let overlay = OverlayBuilder::nvidia(KVER)
-        .module(FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-missing"]), Packing::Plain);
+    let overlay = OverlayBuilder::nvidia(KVER).module(
+        FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-missing"]),
+        Packing::Plain,
+    );
     let host = host_with(&overlay);
     let msg = refused(&host, exit::INVALID_OVERLAY);
     assert!(msg.contains("nvidia_missing"), "{msg}");
@@ -285,22 +376,36 @@ fn module_claiming_another_name_is_refused() {
 #[test]
 fn config_typo_is_refused() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
-    host.write("/etc/nvdriver-agent/config.toml", "[driver]\nmodlues = [\"nvidia\"]\n");
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        "[driver]\nmodlues = [\"nvidia\"]\n",
+    );
     let before = host.snapshot();
-    let err = Context::new(host.root.clone(), &ConfigSource::Layered).err().expect("config error");
-    let err = CommandError::from(err);
+    let err = Context::new(host.root.clone(), &ConfigSource::Layered)
+        .err()
+        .expect("config error");
+
     assert_eq!(err.exit_code(), exit::CONFIG);
     let msg = err.to_string();
-    assert!(msg.contains("/etc/nvdriver-agent/config.toml:2") && msg.contains("modlues"), "{msg}");
+    assert!(
+        msg.contains("/etc/nvdriver-agent/config.toml:2") && msg.contains("modlues"),
+        "{msg}"
+    );
     assert_eq!(host.snapshot(), before);
 }
 
 #[test]
 fn driver_root_that_is_not_a_directory_is_refused() {
     let host = host_with(&OverlayBuilder::nvidia(KVER).with_userspace());
-    host.write("/run/nvidia/driver", "a file where the driver root should be");
+    host.write(
+        "/run/nvidia/driver",
+        "a file where the driver root should be",
+    );
     let msg = refused(&host, exit::FAILURE);
-    assert!(msg.contains("/run/nvidia/driver") && msg.contains("not a directory"), "{msg}");
+    assert!(
+        msg.contains("/run/nvidia/driver") && msg.contains("not a directory"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -317,7 +422,10 @@ fn nouveau_bound_is_refused() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
     fs::create_dir_all(host.path("/sys/bus/pci/drivers/nouveau/0000:01:00.0")).unwrap();
     let msg = refused(&host, exit::HOST_CONFLICT);
-    assert!(msg.contains("nouveau") && msg.contains("0000:01:00.0"), "{msg}");
+    assert!(
+        msg.contains("nouveau") && msg.contains("0000:01:00.0"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -331,10 +439,17 @@ fn unsigned_modules_refused_when_signatures_enforced() {
 #[test]
 fn signed_modules_load_when_signatures_enforced() {
     let mut overlay = OverlayBuilder::nvidia(KVER);
-    overlay.modules = overlay.modules.into_iter().map(|(m, p)| (m.signed(), p)).collect();
+    overlay.modules = overlay
+        .modules
+        .into_iter()
+        .map(|(m, p)| (m.signed(), p))
+        .collect();
     let host = host_with(&overlay);
     host.write("/sys/module/module/parameters/sig_enforce", "Y\n");
-    host.write("/sys/kernel/security/lockdown", "none [integrity] confidentiality\n");
+    host.write(
+        "/sys/kernel/security/lockdown",
+        "none [integrity] confidentiality\n",
+    );
     let (result, _) = load(&host);
     result.unwrap();
 }
@@ -353,9 +468,14 @@ fn kernel_refusal_unloads_what_this_run_loaded() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
     let mut kernel = SimulatedKernel::new(host.root.clone());
     kernel.refuse = Some(("nvidia_uvm".into(), nix::errno::Errno::ENOEXEC));
-    let err = commands::load(&ctx(&host), &mut kernel).err().expect("refused");
+    let err = commands::load(&ctx(&host), &mut kernel)
+        .err()
+        .expect("refused");
     assert_eq!(err.exit_code(), exit::KERNEL_REFUSED, "{err}");
-    assert!(err.to_string().contains("nvidia_uvm") && err.to_string().contains("another kernel"), "{err}");
+    assert!(
+        err.to_string().contains("nvidia_uvm") && err.to_string().contains("another kernel"),
+        "{err}"
+    );
     let undo: Vec<_> = kernel
         .calls
         .iter()
@@ -374,9 +494,15 @@ fn kernel_refusal_unloads_what_this_run_loaded() {
 fn no_overlay_follows_policy() {
     let host = FakeHost::new(KVER);
     let (result, calls) = load(&host);
-    assert!(matches!(result.unwrap(), LoadOutcome::NoOverlayWarned { .. }));
+    assert!(matches!(
+        result.unwrap(),
+        LoadOutcome::NoOverlayWarned { .. }
+    ));
     assert!(calls.is_empty());
-    host.write("/etc/nvdriver-agent/config.toml", "[policy]\nmissing-overlay = \"fail\"\n");
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        "[policy]\nmissing-overlay = \"fail\"\n",
+    );
     let (result, _) = load(&host);
     let err = result.err().unwrap();
     assert_eq!(err.exit_code(), exit::NO_OVERLAY);
@@ -385,8 +511,13 @@ fn no_overlay_follows_policy() {
 
 #[test]
 fn plan_error_types_are_specific() {
-    let overlay = OverlayBuilder::nvidia(KVER)
-        .module(FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-uvm"]), Packing::Plain);
+    let overlay = OverlayBuilder::nvidia(KVER).module(
+        FixtureModule::new("nvidia", KVER, DRIVER).depends(&["nvidia-uvm"]),
+        Packing::Plain,
+    );
     let host = host_with(&overlay);
-    assert!(matches!(plan(&host), Err(CommandError::Plan(PlanError::DependencyCycle { .. }))));
+    assert!(matches!(
+        plan(&host),
+        Err(CommandError::Plan(PlanError::DependencyCycle { .. }))
+    ));
 }

@@ -225,7 +225,10 @@ mod tests {
         w(SIG_ENFORCE, "Y\n");
         w(MODULE_COMPRESSION, "xz\n");
         std::fs::create_dir_all(root.join("/sys/bus/pci/drivers/nouveau/0000:01:00.0")).unwrap();
-        w("/usr/lib/modules/6.1.0-28-cloud-amd64/modules.dep", "kernel/a/i2c-core.ko:\n");
+        w(
+            "/usr/lib/modules/6.1.0-28-cloud-amd64/modules.dep",
+            "kernel/a/i2c-core.ko:\n",
+        );
         let kver = read_kernel_release(&root).unwrap();
         assert_eq!(kver, "6.1.0-28-cloud-amd64");
         let state = KernelState::read(&root, &kver).unwrap();

@@ -117,7 +117,10 @@ mod tests {
     #[test]
     fn join_clamps_at_root() {
         let root = Root::new("/tmp/fake");
-        assert_eq!(root.join("/etc/os-release"), Path::new("/tmp/fake/etc/os-release"));
+        assert_eq!(
+            root.join("/etc/os-release"),
+            Path::new("/tmp/fake/etc/os-release")
+        );
         assert_eq!(root.join("/../../etc/x"), Path::new("/tmp/fake/etc/x"));
         assert_eq!(root.join("/a/b/../../../c"), Path::new("/tmp/fake/c"));
         assert_eq!(Root::host().join("/etc"), Path::new("/etc"));

@@ -155,7 +155,9 @@ mod tests {
     use super::*;
 
     fn family(text: &str) -> OsFamily {
-        OsRelease::parse(text, "/etc/os-release".into()).unwrap().family
+        OsRelease::parse(text, "/etc/os-release".into())
+            .unwrap()
+            .family
     }
 
     #[test]
@@ -164,12 +166,18 @@ mod tests {
             family("NAME=\"Fedora Linux\"\nID=fedora\nVERSION_ID=41\nVARIANT_ID=coreos\n"),
             OsFamily::FedoraCoreos
         );
-        assert_eq!(family("ID=fedora\nVARIANT_ID=workstation\n"), OsFamily::Other);
+        assert_eq!(
+            family("ID=fedora\nVARIANT_ID=workstation\n"),
+            OsFamily::Other
+        );
         assert_eq!(
             family("NAME=\"Red Hat Enterprise Linux CoreOS\"\nID=\"rhcos\"\nID_LIKE=\"rhel fedora\"\nVERSION_ID=\"4.16\"\n"),
             OsFamily::Rhcos
         );
-        assert_eq!(family("ID=scos\nID_LIKE=\"rhel fedora\"\n"), OsFamily::CentosStreamCoreos);
+        assert_eq!(
+            family("ID=scos\nID_LIKE=\"rhel fedora\"\n"),
+            OsFamily::CentosStreamCoreos
+        );
         assert_eq!(
             family("NAME=\"Flatcar Container Linux by Kinvolk\"\nID=flatcar\nID_LIKE=coreos\nVERSION_ID=4081.2.0\n"),
             OsFamily::Flatcar

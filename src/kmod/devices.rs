@@ -35,7 +35,10 @@ impl DeviceNode {
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("{module} is loaded but /proc/devices has no {entry:?} character device; the module did not register, see dmesg")]
-    NoMajor { module: &'static str, entry: &'static str },
+    NoMajor {
+        module: &'static str,
+        entry: &'static str,
+    },
 }
 
 /// Character-device names → majors from `/proc/devices`.
@@ -103,14 +106,21 @@ pub fn nodes_for(
             nodes.push(node(format!("/dev/nvidia{minor}"), major, minor));
         }
         if loaded.contains(&"nvidia_modeset") {
-            nodes.push(node("/dev/nvidia-modeset".into(), major, NVIDIA_MODESET_MINOR));
+            nodes.push(node(
+                "/dev/nvidia-modeset".into(),
+                major,
+                NVIDIA_MODESET_MINOR,
+            ));
         }
     }
     if loaded.contains(&"nvidia_uvm") {
-        let major = majors.get("nvidia-uvm").copied().ok_or(DeviceError::NoMajor {
-            module: "nvidia_uvm",
-            entry: "nvidia-uvm",
-        })?;
+        let major = majors
+            .get("nvidia-uvm")
+            .copied()
+            .ok_or(DeviceError::NoMajor {
+                module: "nvidia_uvm",
+                entry: "nvidia-uvm",
+            })?;
         nodes.push(node("/dev/nvidia-uvm".into(), major, 0));
         nodes.push(node("/dev/nvidia-uvm-tools".into(), major, 1));
     }
@@ -140,7 +150,12 @@ mod tests {
 
     #[test]
     fn nodes_for_full_set() {
-        let nodes = nodes_for(&["nvidia", "nvidia_modeset", "nvidia_uvm"], PROC_DEVICES, &[1, 0]).unwrap();
+        let nodes = nodes_for(
+            &["nvidia", "nvidia_modeset", "nvidia_uvm"],
+            PROC_DEVICES,
+            &[1, 0],
+        )
+        .unwrap();
         let got: Vec<_> = nodes
             .iter()
             .map(|n| format!("{} {}:{}", n.path.display(), n.major, n.minor))
@@ -156,12 +171,23 @@ mod tests {
                 "/dev/nvidia-uvm-tools 507:1",
             ]
         );
-        assert_eq!(nodes[0].char_link(), (PathBuf::from("/dev/char/195:255"), PathBuf::from("../nvidiactl")));
+        assert_eq!(
+            nodes[0].char_link(),
+            (
+                PathBuf::from("/dev/char/195:255"),
+                PathBuf::from("../nvidiactl")
+            )
+        );
     }
 
     #[test]
     fn missing_uvm_major_is_an_error() {
-        let e = nodes_for(&["nvidia", "nvidia_uvm"], "Character devices:\n195 nvidia\n", &[0]).unwrap_err();
+        let e = nodes_for(
+            &["nvidia", "nvidia_uvm"],
+            "Character devices:\n195 nvidia\n",
+            &[0],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("nvidia-uvm"), "{e}");
     }
 }

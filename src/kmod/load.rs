@@ -30,12 +30,14 @@ pub struct OpenedModule {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("the kernel refused module {module} ({path}): {hint}; `journalctl -k` says why. {cause}")]
+    #[error(
+        "the kernel refused module {module} ({path}): {hint}; `journalctl -k` says why. {cause}"
+    )]
     Refused {
         module: String,
         path: PathBuf,
         hint: &'static str,
-        cause: SysError,
+        cause: Box<SysError>,
     },
     #[error("cannot load the OS module {name} that the driver needs: {cause}")]
     OsModule { name: String, cause: SysError },
@@ -111,10 +113,12 @@ pub fn execute(
 
     for step in &plan.os_modules {
         if step.action == OsModuleAction::Modprobe {
-            kernel.modprobe(&step.name).map_err(|cause| LoadError::OsModule {
-                name: step.name.clone(),
-                cause,
-            })?;
+            kernel
+                .modprobe(&step.name)
+                .map_err(|cause| LoadError::OsModule {
+                    name: step.name.clone(),
+                    cause,
+                })?;
             report.os_modules_loaded.push(step.name.clone());
         }
     }
@@ -172,7 +176,9 @@ pub fn execute(
             }
             match fs::symlink_metadata(&target) {
                 Ok(meta) if !meta.is_dir() => {
-                    return Err(fail("it exists and is not a directory; remove it or set driver.root".into()))
+                    return Err(fail(
+                        "it exists and is not a directory; remove it or set driver.root".into(),
+                    ))
                 }
                 Ok(_) => {}
                 Err(_) => fs::create_dir_all(&target).map_err(|e| fail(e.to_string()))?,
@@ -187,7 +193,15 @@ pub fn execute(
 
     match &plan.toolkit {
         ToolkitStep::NotManaged | ToolkitStep::Unchanged { .. } => {}
-        ToolkitStep::Set { config, root: value, .. } | ToolkitStep::Create { config, root: value } => {
+        ToolkitStep::Set {
+            config,
+            root: value,
+            ..
+        }
+        | ToolkitStep::Create {
+            config,
+            root: value,
+        } => {
             let change = runtime::apply_cli_root(root, config, value)?;
             report.toolkit_changed = change != runtime::RootChange::Unchanged;
         }
@@ -212,7 +226,15 @@ fn preflight(root: &Root, plan: &LoadPlan) -> Result<(), LoadError> {
         }
     }
     match &plan.toolkit {
-        ToolkitStep::Set { config, root: value, .. } | ToolkitStep::Create { config, root: value } => {
+        ToolkitStep::Set {
+            config,
+            root: value,
+            ..
+        }
+        | ToolkitStep::Create {
+            config,
+            root: value,
+        } => {
             runtime::plan_cli_root(root, config, value)?;
         }
         ToolkitStep::Unchanged { .. } | ToolkitStep::NotManaged => {}
@@ -252,7 +274,7 @@ fn load_one(
             module: step.name.clone(),
             path: step.file.clone(),
             hint: refusal_hint(cause.errno),
-            cause,
+            cause: Box::new(cause),
         }),
     }
 }
@@ -263,7 +285,9 @@ fn refusal_hint(errno: Errno) -> &'static str {
         Errno::EKEYREJECTED | Errno::EKEYEXPIRED | Errno::ENOKEY => {
             "its signature is not trusted by this kernel"
         }
-        Errno::EPERM => "the kernel forbids loading it (lockdown, signature policy, or missing CAP_SYS_MODULE)",
+        Errno::EPERM => {
+            "the kernel forbids loading it (lockdown, signature policy, or missing CAP_SYS_MODULE)"
+        }
         Errno::ENOENT => "a symbol it needs is missing: a dependency is not loaded",
         Errno::EINVAL => "a module parameter is invalid",
         Errno::EBUSY => "the module is busy initialising",
@@ -271,7 +295,11 @@ fn refusal_hint(errno: Errno) -> &'static str {
     }
 }
 
-fn decompress_to_memfd(path: &Path, file: &File, compression: Compression) -> Result<File, LoadError> {
+fn decompress_to_memfd(
+    path: &Path,
+    file: &File,
+    compression: Compression,
+) -> Result<File, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -280,13 +308,18 @@ fn decompress_to_memfd(path: &Path, file: &File, compression: Compression) -> Re
     let mut reader = file;
     reader.rewind().map_err(io)?;
     reader.read_to_end(&mut bytes).map_err(io)?;
-    let image = modinfo::decompress(&bytes, compression, modinfo::MAX_MODULE_SIZE)
-        .map_err(|cause| LoadError::Decompress {
-            path: path.to_path_buf(),
-            cause,
+    let image =
+        modinfo::decompress(&bytes, compression, modinfo::MAX_MODULE_SIZE).map_err(|cause| {
+            LoadError::Decompress {
+                path: path.to_path_buf(),
+                cause,
+            }
         })?;
-    let fd = nix::sys::memfd::memfd_create(c"nvdriver-agent-module", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .map_err(|e| io(std::io::Error::from(e)))?;
+    let fd = nix::sys::memfd::memfd_create(
+        c"nvdriver-agent-module",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )
+    .map_err(|e| io(std::io::Error::from(e)))?;
     let mut memfd = File::from(fd);
     memfd.write_all(&image).map_err(io)?;
     memfd.rewind().map_err(io)?;
@@ -321,9 +354,13 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
         cause,
     };
     let created = match kernel.node_state(&path).map_err(fail)? {
-        NodeState::CharDevice { major, minor } if major == node.major && minor == node.minor => false,
+        NodeState::CharDevice { major, minor } if major == node.major && minor == node.minor => {
+            false
+        }
         NodeState::Missing => {
-            kernel.mknod_char(&path, node.major, node.minor, node.mode).map_err(fail)?;
+            kernel
+                .mknod_char(&path, node.major, node.minor, node.mode)
+                .map_err(fail)?;
             true
         }
         NodeState::CharDevice { .. } | NodeState::Other => {
@@ -332,7 +369,9 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
                 path: path.clone(),
                 source: e,
             })?;
-            kernel.mknod_char(&path, node.major, node.minor, node.mode).map_err(fail)?;
+            kernel
+                .mknod_char(&path, node.major, node.minor, node.mode)
+                .map_err(fail)?;
             true
         }
     };

@@ -130,7 +130,10 @@ pub enum DriverRootStep {
         /// Something else is mounted there now and is unmounted first.
         replaces_other: bool,
     },
-    AlreadyMounted { source: PathBuf, path: PathBuf },
+    AlreadyMounted {
+        source: PathBuf,
+        path: PathBuf,
+    },
     /// Kernel modules only: the driver's user space is the host's own, root `/`.
     HostRoot,
 }
@@ -139,7 +142,9 @@ impl DriverRootStep {
     /// The driver root the toolkit and the GPU Operator are told about.
     pub fn root(&self) -> PathBuf {
         match self {
-            DriverRootStep::Mount { path, .. } | DriverRootStep::AlreadyMounted { path, .. } => path.clone(),
+            DriverRootStep::Mount { path, .. } | DriverRootStep::AlreadyMounted { path, .. } => {
+                path.clone()
+            }
             DriverRootStep::HostRoot => PathBuf::from("/"),
         }
     }
@@ -148,9 +153,19 @@ impl DriverRootStep {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "change")]
 pub enum ToolkitStep {
-    Unchanged { config: PathBuf, root: String },
-    Set { config: PathBuf, root: String, previous: Option<String> },
-    Create { config: PathBuf, root: String },
+    Unchanged {
+        config: PathBuf,
+        root: String,
+    },
+    Set {
+        config: PathBuf,
+        root: String,
+        previous: Option<String>,
+    },
+    Create {
+        config: PathBuf,
+        root: String,
+    },
     /// `toolkit.manage = false`.
     NotManaged,
 }
@@ -176,7 +191,9 @@ pub struct LoadPlan {
 impl LoadPlan {
     /// Nothing to do: every module loaded, firmware path set, driver root in place.
     pub fn modules_all_loaded(&self) -> bool {
-        self.modules.iter().all(|m| m.action == ModuleAction::AlreadyLoaded)
+        self.modules
+            .iter()
+            .all(|m| m.action == ModuleAction::AlreadyLoaded)
     }
 }
 
@@ -293,7 +310,11 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
     // The configured modules and, transitively, their overlay dependencies.
     let mut wanted: Vec<String> = Vec::new();
     let mut os_needed: BTreeMap<String, String> = BTreeMap::new();
-    let mut queue: Vec<String> = settings.modules.iter().map(|m| normalize_module_name(m)).collect();
+    let mut queue: Vec<String> = settings
+        .modules
+        .iter()
+        .map(|m| normalize_module_name(m))
+        .collect();
     for name in &queue {
         if !by_name.contains_key(name) {
             return Err(PlanError::NotInOverlay {
@@ -312,7 +333,9 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
             let dependency = normalize_module_name(dependency);
             if by_name.contains_key(&dependency) {
                 queue.push(dependency);
-            } else if kernel.os_modules.contains(&dependency) || kernel.loaded.contains_key(&dependency) {
+            } else if kernel.os_modules.contains(&dependency)
+                || kernel.loaded.contains_key(&dependency)
+            {
                 os_needed
                     .entry(dependency)
                     .or_insert_with(|| format!("depends= of {name}"));
@@ -344,7 +367,10 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
         let info = &module.info;
         let action = match kernel.loaded.get(name) {
             Some(loaded) => {
-                if loaded.version.is_some() && info.version.is_some() && loaded.version != info.version {
+                if loaded.version.is_some()
+                    && info.version.is_some()
+                    && loaded.version != info.version
+                {
                     return Err(PlanError::OtherVersionLoaded {
                         name: name.clone(),
                         loaded: loaded.version.clone().unwrap_or_default(),
@@ -454,9 +480,15 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
         ToolkitStep::NotManaged
     } else {
         match &inputs.toolkit {
-            ToolkitState::Absent => ToolkitStep::Create { config, root: root_text },
+            ToolkitState::Absent => ToolkitStep::Create {
+                config,
+                root: root_text,
+            },
             ToolkitState::Present { root } if root.as_deref() == Some(root_text.as_str()) => {
-                ToolkitStep::Unchanged { config, root: root_text }
+                ToolkitStep::Unchanged {
+                    config,
+                    root: root_text,
+                }
             }
             ToolkitState::Present { root } => ToolkitStep::Set {
                 config,

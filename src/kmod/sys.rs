@@ -62,7 +62,13 @@ impl SysError {
 /// The syscalls of the load path. Paths are *resolved* paths (already under the root).
 pub trait Kernel {
     fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError>;
-    fn mknod_char(&mut self, path: &Path, major: u32, minor: u32, mode: u32) -> Result<(), SysError>;
+    fn mknod_char(
+        &mut self,
+        path: &Path,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    ) -> Result<(), SysError>;
     fn node_state(&self, path: &Path) -> Result<NodeState, SysError>;
     /// Is `source` mounted at `target`?
     fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError>;
@@ -90,7 +96,12 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let value = u8::from_str_radix(&field[i + 1..i + 4], 8).unwrap_or(b'?');
             out.push(value);
             i += 4;
@@ -122,7 +133,13 @@ impl Kernel for LinuxKernel {
             .map_err(|e| SysError::new("finit_module", module.path.display(), e))
     }
 
-    fn mknod_char(&mut self, path: &Path, major: u32, minor: u32, mode: u32) -> Result<(), SysError> {
+    fn mknod_char(
+        &mut self,
+        path: &Path,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    ) -> Result<(), SysError> {
         use nix::sys::stat::{makedev, mknod, Mode, SFlag};
         mknod(
             path,
@@ -169,13 +186,23 @@ impl Kernel for LinuxKernel {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             _ => false,
         };
-        Ok(if same { MountState::Wanted } else { MountState::Other })
+        Ok(if same {
+            MountState::Wanted
+        } else {
+            MountState::Other
+        })
     }
 
     fn bind_mount_readonly(&mut self, source: &Path, target: &Path) -> Result<(), SysError> {
         use nix::mount::{mount, MsFlags};
-        mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| SysError::new("mount --bind", target.display(), e))?;
+        mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| SysError::new("mount --bind", target.display(), e))?;
         // A bind mount ignores MS_RDONLY on the first call; remount to make it read-only.
         let flags = MsFlags::MS_BIND
             | MsFlags::MS_REMOUNT
@@ -358,7 +385,10 @@ impl SimulatedKernel {
             Some(i) => (text[..i + 1].to_string(), text[i + 1..].to_string()),
             None => (text.clone(), String::new()),
         };
-        self.write("/proc/devices", &format!("{chars}{major:>3} {name}\n{blocks}"));
+        self.write(
+            "/proc/devices",
+            &format!("{chars}{major:>3} {name}\n{blocks}"),
+        );
     }
 }
 
@@ -384,10 +414,16 @@ impl Kernel for SimulatedKernel {
         }
         let running = self.read(hk::OSRELEASE).trim().to_string();
         if crate::kmod::modinfo::vermagic_release(module.vermagic) != running {
-            return Err(fail(Errno::ENOEXEC, "disagrees about version of symbol module_layout".into()));
+            return Err(fail(
+                Errno::ENOEXEC,
+                "disagrees about version of symbol module_layout".into(),
+            ));
         }
         if self.read(hk::SIG_ENFORCE).trim() == "Y" && !module.signed {
-            return Err(fail(Errno::EKEYREJECTED, "module signature required".into()));
+            return Err(fail(
+                Errno::EKEYREJECTED,
+                "module signature required".into(),
+            ));
         }
         if self.is_loaded(module.name) {
             return Err(fail(Errno::EEXIST, "already loaded".into()));
@@ -396,17 +432,28 @@ impl Kernel for SimulatedKernel {
             return Err(fail(Errno::ENOENT, format!("Unknown symbol (needs {dep})")));
         }
         let name = hk::normalize_module_name(module.name);
-        self.append(hk::PROC_MODULES, &format!("{name} 16384 0 - Live 0x0000000000000000 (OE)"));
+        self.append(
+            hk::PROC_MODULES,
+            &format!("{name} 16384 0 - Live 0x0000000000000000 (OE)"),
+        );
         if let Some(version) = module.version {
-            self.write(&format!("/sys/module/{name}/version"), &format!("{version}\n"));
+            self.write(
+                &format!("/sys/module/{name}/version"),
+                &format!("{version}\n"),
+            );
         }
         match name.as_str() {
             "nvidia" => {
                 self.add_char_device(195, "nvidia");
                 for gpu in 0..self.gpus {
                     self.write(
-                        &format!("/proc/driver/nvidia/gpus/0000:{:02x}:00.0/information", gpu + 1),
-                        &format!("Model: \t\t Simulated GPU\nIRQ:   \t\t 42\nDevice Minor: \t {gpu}\n"),
+                        &format!(
+                            "/proc/driver/nvidia/gpus/0000:{:02x}:00.0/information",
+                            gpu + 1
+                        ),
+                        &format!(
+                            "Model: \t\t Simulated GPU\nIRQ:   \t\t 42\nDevice Minor: \t {gpu}\n"
+                        ),
                     );
                 }
             }
@@ -416,7 +463,13 @@ impl Kernel for SimulatedKernel {
         Ok(())
     }
 
-    fn mknod_char(&mut self, path: &Path, major: u32, minor: u32, mode: u32) -> Result<(), SysError> {
+    fn mknod_char(
+        &mut self,
+        path: &Path,
+        major: u32,
+        minor: u32,
+        mode: u32,
+    ) -> Result<(), SysError> {
         self.record(Call::Mknod {
             path: self.host(path),
             major,
@@ -456,7 +509,9 @@ impl Kernel for SimulatedKernel {
             .find(|l| l.split_whitespace().nth(4) == Some(target_host.as_str()));
         Ok(match line {
             None => MountState::NotMounted,
-            Some(l) if l.split_whitespace().nth(3) == Some(source_host.as_str()) => MountState::Wanted,
+            Some(l) if l.split_whitespace().nth(3) == Some(source_host.as_str()) => {
+                MountState::Wanted
+            }
             Some(_) => MountState::Other,
         })
     }
@@ -468,7 +523,11 @@ impl Kernel for SimulatedKernel {
             target: target_host.clone(),
         });
         if !target.is_dir() {
-            return Err(SysError::new("mount --bind", target.display(), Errno::ENOTDIR));
+            return Err(SysError::new(
+                "mount --bind",
+                target.display(),
+                Errno::ENOTDIR,
+            ));
         }
         self.append(
             "/proc/self/mountinfo",
@@ -519,14 +578,19 @@ impl Kernel for SimulatedKernel {
             return Ok(());
         }
         if hk::parse_module_index(&dep).contains(&normalized) {
-            self.append(hk::PROC_MODULES, &format!("{normalized} 16384 0 - Live 0x0"));
+            self.append(
+                hk::PROC_MODULES,
+                &format!("{normalized} 16384 0 - Live 0x0"),
+            );
             return Ok(());
         }
         Err(SysError {
             operation: "modprobe",
             target: name.to_string(),
             errno: Errno::ENOENT,
-            detail: Some(format!("modprobe: FATAL: Module {name} not found in directory /lib/modules/{running}")),
+            detail: Some(format!(
+                "modprobe: FATAL: Module {name} not found in directory /lib/modules/{running}"
+            )),
         })
     }
 

@@ -395,7 +395,10 @@ mod tests {
 
     #[test]
     fn parses_and_round_trips() {
-        let m = parse("[[symlink]]\npath = \"usr/lib64/libcuda.so\"\ntarget = \"libcuda.so.570.124.06\"\n").unwrap();
+        let m = parse(
+            "[[symlink]]\npath = \"usr/lib64/libcuda.so\"\ntarget = \"libcuda.so.570.124.06\"\n",
+        )
+        .unwrap();
         assert_eq!(m.kernel_release, KVER);
         assert_eq!(m.flavor, Flavor::Open);
         assert_eq!(m.module_files().count(), 1);
@@ -407,13 +410,29 @@ mod tests {
 
     #[test]
     fn rejects_absolute_and_dotdot() {
-        let e = parse(&format!("[[file]]\npath = \"/etc/passwd\"\nsize = 1\nsha256 = \"{}\"\n", "b".repeat(64))).unwrap_err();
+        let e = parse(&format!(
+            "[[file]]\npath = \"/etc/passwd\"\nsize = 1\nsha256 = \"{}\"\n",
+            "b".repeat(64)
+        ))
+        .unwrap_err();
         assert!(matches!(e, ManifestError::BadPath { .. }), "{e}");
-        let e = parse(&format!("[[file]]\npath = \"usr/../../etc/x\"\nsize = 1\nsha256 = \"{}\"\n", "b".repeat(64))).unwrap_err();
+        let e = parse(&format!(
+            "[[file]]\npath = \"usr/../../etc/x\"\nsize = 1\nsha256 = \"{}\"\n",
+            "b".repeat(64)
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains(".."), "{e}");
-        let e = parse(&format!("[[file]]\npath = \"usr//x\"\nsize = 1\nsha256 = \"{}\"\n", "b".repeat(64))).unwrap_err();
+        let e = parse(&format!(
+            "[[file]]\npath = \"usr//x\"\nsize = 1\nsha256 = \"{}\"\n",
+            "b".repeat(64)
+        ))
+        .unwrap_err();
         assert!(matches!(e, ManifestError::BadPath { .. }), "{e}");
-        let e = parse(&format!("[[file]]\npath = \"usr/a\\nb\"\nsize = 1\nsha256 = \"{}\"\n", "b".repeat(64))).unwrap_err();
+        let e = parse(&format!(
+            "[[file]]\npath = \"usr/a\\nb\"\nsize = 1\nsha256 = \"{}\"\n",
+            "b".repeat(64)
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("control"), "{e}");
     }
 
@@ -432,15 +451,25 @@ mod tests {
     #[test]
     fn rejects_escaping_symlinks() {
         for target in ["/usr/lib64/libc.so", "../../../etc/shadow", "../../.."] {
-            let e = parse(&format!("[[symlink]]\npath = \"usr/lib64/x\"\ntarget = \"{target}\"\n")).unwrap_err();
-            assert!(matches!(e, ManifestError::EscapingSymlink { .. }), "{target}: {e}");
+            let e = parse(&format!(
+                "[[symlink]]\npath = \"usr/lib64/x\"\ntarget = \"{target}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                matches!(e, ManifestError::EscapingSymlink { .. }),
+                "{target}: {e}"
+            );
         }
         parse("[[symlink]]\npath = \"usr/lib64/x\"\ntarget = \"../bin/y\"\n").unwrap();
     }
 
     #[test]
     fn rejects_setuid_and_bad_digest() {
-        let e = parse(&format!("[[file]]\npath = \"usr/bin/x\"\nsize = 1\nsha256 = \"{}\"\nmode = 0o4755\n", "b".repeat(64))).unwrap_err();
+        let e = parse(&format!(
+            "[[file]]\npath = \"usr/bin/x\"\nsize = 1\nsha256 = \"{}\"\nmode = 0o4755\n",
+            "b".repeat(64)
+        ))
+        .unwrap_err();
         assert!(matches!(e, ManifestError::BadMode { .. }), "{e}");
         let e = parse("[[file]]\npath = \"usr/bin/x\"\nsize = 1\nsha256 = \"XYZ\"\n").unwrap_err();
         assert!(matches!(e, ManifestError::BadDigest { .. }), "{e}");
@@ -450,18 +479,37 @@ mod tests {
     fn rejects_module_outside_its_kernel_dir_and_module_index() {
         let e = parse(&format!("[[file]]\npath = \"usr/lib/modules/9.9.9/extra/nvidia-uvm.ko\"\nsize = 1\nsha256 = \"{}\"\n", "b".repeat(64))).unwrap_err();
         assert!(e.to_string().contains(KVER), "{e}");
-        let e = parse(&format!("[[file]]\npath = \"usr/lib/modules/{KVER}/modules.dep\"\nsize = 1\nsha256 = \"{}\"\n", "b".repeat(64))).unwrap_err();
+        let e = parse(&format!(
+            "[[file]]\npath = \"usr/lib/modules/{KVER}/modules.dep\"\nsize = 1\nsha256 = \"{}\"\n",
+            "b".repeat(64)
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("module index"), "{e}");
     }
 
     #[test]
     fn rejects_unknown_keys_and_formats() {
-        let e = Manifest::parse(&manifest_text("").replace("format = 1", "format = 2"), Path::new("m")).unwrap_err();
-        assert!(matches!(e, ManifestError::UnsupportedFormat { found: 2, .. }), "{e}");
-        let e = Manifest::parse(&format!("{}colour = \"red\"\n", manifest_text("")), Path::new("m")).unwrap_err();
+        let e = Manifest::parse(
+            &manifest_text("").replace("format = 1", "format = 2"),
+            Path::new("m"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ManifestError::UnsupportedFormat { found: 2, .. }),
+            "{e}"
+        );
+        let e = Manifest::parse(
+            &format!("{}colour = \"red\"\n", manifest_text("")),
+            Path::new("m"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
-        let e = Manifest::parse(&manifest_text("").replace("x86_64", "../x"), Path::new("m")).unwrap_err();
-        assert!(matches!(e, ManifestError::BadField { field: "arch", .. }), "{e}");
+        let e = Manifest::parse(&manifest_text("").replace("x86_64", "../x"), Path::new("m"))
+            .unwrap_err();
+        assert!(
+            matches!(e, ManifestError::BadField { field: "arch", .. }),
+            "{e}"
+        );
     }
 
     #[test]

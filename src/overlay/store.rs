@@ -155,7 +155,11 @@ impl<'a> Store<'a> {
     /// Open a stored overlay: parse its manifest and check it sits where it says it belongs.
     /// File contents are not re-hashed here; the loader hashes every module it hands to the
     /// kernel, and [`Store::verify`] checks the whole tree.
-    pub fn open(&self, kernel_release: &str, driver_version: &str) -> Result<StoredOverlay, StoreError> {
+    pub fn open(
+        &self,
+        kernel_release: &str,
+        driver_version: &str,
+    ) -> Result<StoredOverlay, StoreError> {
         let dir = self.overlay_dir(kernel_release, driver_version);
         let (manifest, _) = read_manifest(&self.root.join(&dir))?;
         if manifest.kernel_release != kernel_release || manifest.driver_version != driver_version {
@@ -172,7 +176,11 @@ impl<'a> Store<'a> {
 
     /// Fully verify a stored overlay against its manifest.
     pub fn verify(&self, overlay: &StoredOverlay) -> Result<(), StoreError> {
-        verify_tree(&self.root.join(&overlay.dir), &overlay.manifest, Generated::Allow)?;
+        verify_tree(
+            &self.root.join(&overlay.dir),
+            &overlay.manifest,
+            Generated::Allow,
+        )?;
         Ok(())
     }
 
@@ -257,7 +265,12 @@ fn create_dirs_durably(dir: &Path) -> Result<(), StoreError> {
     match fs::create_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(source) => return Err(StoreError::Io { path: dir.into(), source }),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: dir.into(),
+                source,
+            })
+        }
     }
     if let Some(parent) = dir.parent() {
         fsync_dir(parent).map_err(io_err(parent))?;
@@ -267,14 +280,22 @@ fn create_dirs_durably(dir: &Path) -> Result<(), StoreError> {
 
 /// Copy every listed entry into `staging`, hashing while copying (so what lands is what was
 /// verified, even if the source changes underneath), then fsync everything.
-fn build_copy(source: &Path, staging: &Path, manifest: &Manifest, manifest_text: &str) -> Result<(), StoreError> {
+fn build_copy(
+    source: &Path,
+    staging: &Path,
+    manifest: &Manifest,
+    manifest_text: &str,
+) -> Result<(), StoreError> {
     fs::create_dir(staging).map_err(io_err(staging))?;
     let mut directories = vec![staging.to_path_buf()];
     let ensure_parent = |path: &Path, directories: &mut Vec<PathBuf>| -> Result<(), StoreError> {
         let parent = path.parent().expect("entry has a parent");
         if !parent.is_dir() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
-            for dir in parent.ancestors().take_while(|d| d.starts_with(staging) && *d != staging) {
+            for dir in parent
+                .ancestors()
+                .take_while(|d| d.starts_with(staging) && *d != staging)
+            {
                 directories.push(dir.to_path_buf());
             }
         }
@@ -328,18 +349,29 @@ fn copy_hashing(input: File, output: &mut File, limit: u64) -> io::Result<(u64, 
             Ok(n)
         }
     }
-    verify::sha256_reader(Tee { inner: input, out: output }, limit)
+    verify::sha256_reader(
+        Tee {
+            inner: input,
+            out: output,
+        },
+        limit,
+    )
 }
 
 /// The container toolkit finds libraries through `<driver root>/etc/ld.so.cache`; make one for
 /// an overlay that carries libraries. Best effort: without `ldconfig` the overlay still works
 /// for everything but library injection, and the warning says so.
 fn make_ld_cache(staging: &Path) {
-    let lib_dirs: Vec<String> = ["usr/lib64", "usr/lib", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu"]
-        .iter()
-        .filter(|d| staging.join(d).is_dir())
-        .map(|d| format!("/{d}"))
-        .collect();
+    let lib_dirs: Vec<String> = [
+        "usr/lib64",
+        "usr/lib",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib/aarch64-linux-gnu",
+    ]
+    .iter()
+    .filter(|d| staging.join(d).is_dir())
+    .map(|d| format!("/{d}"))
+    .collect();
     if lib_dirs.is_empty() {
         return;
     }
@@ -357,8 +389,12 @@ fn make_ld_cache(staging: &Path) {
         .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => warn!(status = %s, "ldconfig failed; the overlay has no ld.so.cache, so the container toolkit may not find its libraries"),
-        Err(e) => warn!(error = %e, "ldconfig not found; the overlay has no ld.so.cache, so the container toolkit may not find its libraries"),
+        Ok(s) => {
+            warn!(status = %s, "ldconfig failed; the overlay has no ld.so.cache, so the container toolkit may not find its libraries")
+        }
+        Err(e) => {
+            warn!(error = %e, "ldconfig not found; the overlay has no ld.so.cache, so the container toolkit may not find its libraries")
+        }
     }
 }
 
@@ -437,17 +473,34 @@ mod tests {
         let store = Store::new(&root, "/var/lib/nvdriver-agent/overlays");
         let src = source("570.1", b"one");
         let dir = PathBuf::from(format!("/var/lib/nvdriver-agent/overlays/{KVER}/570.1"));
-        assert_eq!(store.import(src.path()).unwrap(), ImportOutcome::Imported { dir: dir.clone() });
-        assert_eq!(store.import(src.path()).unwrap(), ImportOutcome::AlreadyPresent { dir: dir.clone() });
+        assert_eq!(
+            store.import(src.path()).unwrap(),
+            ImportOutcome::Imported { dir: dir.clone() }
+        );
+        assert_eq!(
+            store.import(src.path()).unwrap(),
+            ImportOutcome::AlreadyPresent { dir: dir.clone() }
+        );
         let changed = source("570.1", b"two");
-        assert_eq!(store.import(changed.path()).unwrap(), ImportOutcome::Replaced { dir: dir.clone() });
+        assert_eq!(
+            store.import(changed.path()).unwrap(),
+            ImportOutcome::Replaced { dir: dir.clone() }
+        );
         let opened = store.open(KVER, "570.1").unwrap();
         store.verify(&opened).unwrap();
         assert_eq!(
-            fs::read(root.join(&dir).join(format!("usr/lib/modules/{KVER}/extra/nvidia.ko"))).unwrap(),
+            fs::read(
+                root.join(&dir)
+                    .join(format!("usr/lib/modules/{KVER}/extra/nvidia.ko"))
+            )
+            .unwrap(),
             b"two"
         );
-        assert_eq!(names(&root.join(dir.parent().unwrap())), ["570.1"], "no temporary left");
+        assert_eq!(
+            names(&root.join(dir.parent().unwrap())),
+            ["570.1"],
+            "no temporary left"
+        );
     }
 
     #[test]
@@ -456,9 +509,17 @@ mod tests {
         let root = Root::new(host.path());
         let store = Store::new(&root, "/store");
         let src = source("570.1", b"one");
-        fs::write(src.path().join(format!("usr/lib/modules/{KVER}/extra/nvidia.ko")), b"two").unwrap();
+        fs::write(
+            src.path()
+                .join(format!("usr/lib/modules/{KVER}/extra/nvidia.ko")),
+            b"two",
+        )
+        .unwrap();
         let e = store.import(src.path()).unwrap_err();
-        assert!(matches!(e, StoreError::Verify(VerifyError::Digest { .. })), "{e}");
+        assert!(
+            matches!(e, StoreError::Verify(VerifyError::Digest { .. })),
+            "{e}"
+        );
         assert!(!root.join("/store").exists(), "nothing written");
     }
 
@@ -471,9 +532,28 @@ mod tests {
             store.import(source(v, v.as_bytes()).path()).unwrap();
         }
         fs::create_dir_all(root.join(format!("/store/{KVER}/.nvdriver-agent-tmp.999"))).unwrap();
-        assert_eq!(store.driver_versions(KVER).unwrap(), ["565.57.01", "570.9", "570.10"]);
-        assert_eq!(store.select(KVER, None).unwrap().unwrap().manifest.driver_version, "570.10");
-        assert_eq!(store.select(KVER, Some("570.9")).unwrap().unwrap().manifest.driver_version, "570.9");
+        assert_eq!(
+            store.driver_versions(KVER).unwrap(),
+            ["565.57.01", "570.9", "570.10"]
+        );
+        assert_eq!(
+            store
+                .select(KVER, None)
+                .unwrap()
+                .unwrap()
+                .manifest
+                .driver_version,
+            "570.10"
+        );
+        assert_eq!(
+            store
+                .select(KVER, Some("570.9"))
+                .unwrap()
+                .unwrap()
+                .manifest
+                .driver_version,
+            "570.9"
+        );
         let e = store.select(KVER, Some("580.1")).unwrap_err();
         assert!(e.to_string().contains("570.10"), "{e}");
         assert!(store.select("9.9.9", None).unwrap().is_none());
@@ -485,7 +565,11 @@ mod tests {
         let root = Root::new(host.path());
         let store = Store::new(&root, "/store");
         store.import(source("570.1", b"x").path()).unwrap();
-        fs::rename(root.join(format!("/store/{KVER}/570.1")), root.join(format!("/store/{KVER}/580.1"))).unwrap();
+        fs::rename(
+            root.join(format!("/store/{KVER}/570.1")),
+            root.join(format!("/store/{KVER}/580.1")),
+        )
+        .unwrap();
         let e = store.select(KVER, None).unwrap_err();
         assert!(matches!(e, StoreError::Misplaced { .. }), "{e}");
     }

@@ -19,7 +19,9 @@ const MAX_DIRECTORIES: usize = 100_000;
 pub enum VerifyError {
     #[error("{path}: listed in the manifest but missing from the overlay")]
     Missing { path: PathBuf },
-    #[error("{path}: not listed in the manifest; an overlay holds exactly the files its manifest lists")]
+    #[error(
+        "{path}: not listed in the manifest; an overlay holds exactly the files its manifest lists"
+    )]
     Unlisted { path: PathBuf },
     #[error("{path}: size is {found} bytes, the manifest says {expected}: the file is truncated or altered")]
     Size {
@@ -27,7 +29,9 @@ pub enum VerifyError {
         expected: u64,
         found: u64,
     },
-    #[error("{path}: sha256 is {found}, the manifest says {expected}: the file is corrupt or altered")]
+    #[error(
+        "{path}: sha256 is {found}, the manifest says {expected}: the file is corrupt or altered"
+    )]
     Digest {
         path: PathBuf,
         expected: String,
@@ -69,9 +73,16 @@ pub enum Generated {
 }
 
 /// Verify the tree at `dir` (a real path) against `manifest`.
-pub fn verify_tree(dir: &Path, manifest: &Manifest, generated: Generated) -> Result<(), VerifyError> {
-    let mut expected_files: BTreeMap<&Path, &FileEntry> =
-        manifest.files.iter().map(|f| (f.path.as_path(), f)).collect();
+pub fn verify_tree(
+    dir: &Path,
+    manifest: &Manifest,
+    generated: Generated,
+) -> Result<(), VerifyError> {
+    let mut expected_files: BTreeMap<&Path, &FileEntry> = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.as_path(), f))
+        .collect();
     let mut expected_links: BTreeMap<&Path, &Path> = manifest
         .symlinks
         .iter()
@@ -114,7 +125,12 @@ pub fn verify_tree(dir: &Path, manifest: &Manifest, generated: Generated) -> Res
                 pending.push(relative);
             } else if file_type.is_symlink() {
                 let Some(expected) = expected_links.remove(relative.as_path()) else {
-                    return Err(unlisted_or_wrong(absolute, &relative, &expected_files, "a symlink"));
+                    return Err(unlisted_or_wrong(
+                        absolute,
+                        &relative,
+                        &expected_files,
+                        "a symlink",
+                    ));
                 };
                 let found = fs::read_link(&absolute).map_err(io_err(&absolute))?;
                 if found != expected {
@@ -127,7 +143,10 @@ pub fn verify_tree(dir: &Path, manifest: &Manifest, generated: Generated) -> Res
             } else if file_type.is_file() {
                 let mode = meta.permissions().mode() & 0o7777;
                 if mode & 0o7002 != 0 {
-                    return Err(VerifyError::Mode { path: absolute, mode });
+                    return Err(VerifyError::Mode {
+                        path: absolute,
+                        mode,
+                    });
                 }
                 if generated == Generated::Allow
                     && GENERATED_FILES.iter().any(|g| relative == Path::new(g))
@@ -198,7 +217,12 @@ fn check_file(path: &Path, entry: &FileEntry, size_on_disk: u64) -> Result<(), V
 }
 
 /// Compare a computed (size, digest) with the manifest entry.
-pub fn check_digest(path: &Path, entry: &FileEntry, size: u64, digest: &str) -> Result<(), VerifyError> {
+pub fn check_digest(
+    path: &Path,
+    entry: &FileEntry,
+    size: u64,
+    digest: &str,
+) -> Result<(), VerifyError> {
     if size != entry.size {
         return Err(VerifyError::Size {
             path: path.to_path_buf(),
@@ -251,7 +275,10 @@ mod tests {
         let module = format!("usr/lib/modules/{KVER}/extra/nvidia.ko");
         let fw = "usr/lib/firmware/nvidia/570.1/gsp.bin".to_string();
         let mut files = Vec::new();
-        for (path, body) in [(&module, b"module".as_slice()), (&fw, b"firmware".as_slice())] {
+        for (path, body) in [
+            (&module, b"module".as_slice()),
+            (&fw, b"firmware".as_slice()),
+        ] {
             let abs = dir.path().join(path);
             fs::create_dir_all(abs.parent().unwrap()).unwrap();
             fs::write(&abs, body).unwrap();
@@ -299,7 +326,17 @@ mod tests {
         let (dir, manifest) = tree();
         fs::write(dir.path().join(&manifest.files[0].path), b"mod").unwrap();
         let e = verify_tree(dir.path(), &manifest, Generated::Refuse).unwrap_err();
-        assert!(matches!(e, VerifyError::Size { expected: 6, found: 3, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                VerifyError::Size {
+                    expected: 6,
+                    found: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,8 +26,14 @@ impl FakeHost {
         host.write("/etc/os-release", FCOS_OS_RELEASE);
         host.write("/proc/sys/kernel/osrelease", &format!("{kernel_release}\n"));
         host.write("/proc/modules", "");
-        host.write("/proc/devices", "Character devices:\n  1 mem\n  4 tty\n\nBlock devices:\n  8 sd\n");
-        host.write("/proc/self/mountinfo", "1 0 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n");
+        host.write(
+            "/proc/devices",
+            "Character devices:\n  1 mem\n  4 tty\n\nBlock devices:\n  8 sd\n",
+        );
+        host.write(
+            "/proc/self/mountinfo",
+            "1 0 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n",
+        );
         host.write("/sys/module/compression", "zstd\n");
         host.write("/sys/module/firmware_class/parameters/path", "\n");
         host.write("/sys/module/module/parameters/sig_enforce", "N\n");
@@ -35,7 +41,10 @@ impl FakeHost {
             &format!("/usr/lib/modules/{kernel_release}/modules.dep"),
             "kernel/drivers/i2c/i2c-core.ko.xz:\nkernel/drivers/char/ipmi/ipmi_msghandler.ko.xz:\nkernel/drivers/gpu/drm/drm.ko.xz:\nkernel/drivers/gpu/drm/drm_kms_helper.ko.xz: kernel/drivers/gpu/drm/drm.ko.xz\n",
         );
-        host.write(&format!("/usr/lib/modules/{kernel_release}/modules.builtin"), "kernel/drivers/video/backlight.ko\n");
+        host.write(
+            &format!("/usr/lib/modules/{kernel_release}/modules.builtin"),
+            "kernel/drivers/video/backlight.ko\n",
+        );
         fs::create_dir_all(host.path("/dev/char")).unwrap();
         host
     }
@@ -80,7 +89,10 @@ pub fn snapshot_dir(top: &Path) -> Vec<(PathBuf, String)> {
                 out.push((rel, "dir".into()));
                 pending.push(path);
             } else if meta.file_type().is_symlink() {
-                out.push((rel, format!("-> {}", fs::read_link(&path).unwrap().display())));
+                out.push((
+                    rel,
+                    format!("-> {}", fs::read_link(&path).unwrap().display()),
+                ));
             } else {
                 out.push((rel, hex::encode(Sha256::digest(fs::read(&path).unwrap()))));
             }

@@ -3,6 +3,6 @@
 
 pub use nvdriver_agent::kmod::modinfo::Compression;
 
-pub mod modules;
 pub mod host;
+pub mod modules;
 pub mod overlay;

@@ -3,7 +3,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nvdriver_agent::overlay::manifest::{FileEntry, Flavor, Manifest, SymlinkEntry, FORMAT_VERSION};
+use nvdriver_agent::overlay::manifest::{
+    FileEntry, Flavor, Manifest, SymlinkEntry, FORMAT_VERSION,
+};
 use nvdriver_agent::overlay::verify::sha256_bytes;
 
 use super::modules::FixtureModule;
@@ -36,7 +38,10 @@ impl OverlayBuilder {
             driver_version: DRIVER.into(),
             arch: std::env::consts::ARCH.into(),
             modules: vec![
-                (m("nvidia-drm").depends(&["nvidia-modeset", "drm", "drm_kms_helper"]), Packing::Zstd),
+                (
+                    m("nvidia-drm").depends(&["nvidia-modeset", "drm", "drm_kms_helper"]),
+                    Packing::Zstd,
+                ),
                 (m("nvidia-uvm").depends(&["nvidia"]), Packing::Xz),
                 (m("nvidia-modeset").depends(&["nvidia"]), Packing::Plain),
                 (m("nvidia").depends(&[]), Packing::Zstd),
@@ -79,20 +84,30 @@ impl OverlayBuilder {
                 Packing::Zstd => ("ko.zst", module.bytes_zstd()),
             };
             add(
-                format!("usr/lib/modules/{}/extra/nvidia/{}.{suffix}", self.kernel_release, module.name),
+                format!(
+                    "usr/lib/modules/{}/extra/nvidia/{}.{suffix}",
+                    self.kernel_release, module.name
+                ),
                 body,
                 0o644,
             );
         }
         if self.firmware {
             add(
-                format!("usr/lib/firmware/nvidia/{}/gsp_ga10x.bin", self.driver_version),
+                format!(
+                    "usr/lib/firmware/nvidia/{}/gsp_ga10x.bin",
+                    self.driver_version
+                ),
                 b"GSP firmware fixture".to_vec(),
                 0o644,
             );
         }
         if self.userspace {
-            add("usr/bin/nvidia-smi".into(), b"#!/bin/sh\necho fixture\n".to_vec(), 0o755);
+            add(
+                "usr/bin/nvidia-smi".into(),
+                b"#!/bin/sh\necho fixture\n".to_vec(),
+                0o755,
+            );
             add(
                 format!("usr/lib64/libnvidia-ml.so.{}", self.driver_version),
                 b"not really a library".to_vec(),
