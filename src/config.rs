@@ -1,6 +1,6 @@
 //! Configuration: the shipped defaults (`/usr/lib/nvdriver-agent/config.toml`), then
 //! `/etc/nvdriver-agent/config.toml`, then `/etc/nvdriver-agent/config.d/*.toml` in lexical
-//! order; later keys win. Each file is a [`Fragment`] of all-optional fields with
+//! order; later keys win. Each file is a `Fragment` of all-optional fields with
 //! `deny_unknown_fields`, so a typo is an error naming the file, line and key; the merged
 //! fragments become one validated [`Settings`].
 

@@ -39,6 +39,13 @@ impl Root {
 
     /// Resolve a host path under the root. `..` is clamped at the root (as `chroot` would), so
     /// no host path can name anything outside it.
+    ///
+    /// ```
+    /// use nvdriver_agent::host::Root;
+    /// let root = Root::new("/tmp/fake-host");
+    /// assert_eq!(root.join("/etc/os-release"), std::path::Path::new("/tmp/fake-host/etc/os-release"));
+    /// assert_eq!(root.join("/../../etc/shadow"), std::path::Path::new("/tmp/fake-host/etc/shadow"));
+    /// ```
     pub fn join(&self, host_path: impl AsRef<Path>) -> PathBuf {
         let mut out = self.path.clone();
         let base_len = out.components().count();

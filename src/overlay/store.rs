@@ -235,6 +235,13 @@ impl<'a> Store<'a> {
 }
 
 /// Compare version strings numerically where both parts are numbers (`570.9` < `570.10`).
+///
+/// ```
+/// use nvdriver_agent::overlay::store::compare_versions;
+/// use std::cmp::Ordering;
+/// assert_eq!(compare_versions("570.9", "570.10"), Ordering::Less);
+/// assert_eq!(compare_versions("580.159.04", "565.57.01"), Ordering::Greater);
+/// ```
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     let split = |s: &str| -> Vec<String> {
         s.split(['.', '-', '_', '+', '~'])
