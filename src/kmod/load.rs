@@ -134,7 +134,7 @@ pub fn execute(
         let result = load_one(step, module, kernel);
         match result {
             Ok(true) => {
-                info!(MODULE = %step.name, DRIVER_VERSION = ?step.version, "module loaded");
+                info!(MODULE = %step.name, DRIVER_VERSION = step.version.as_deref().unwrap_or(""), "module loaded");
                 report.loaded.push(step.name.clone());
             }
             Ok(false) => report.already_loaded.push(step.name.clone()),
