@@ -198,7 +198,7 @@ fn inspect_modules(
 fn toolkit_state(root: &Root, config: &Path) -> Result<ToolkitState, CommandError> {
     match fs::read_to_string(root.join(config)) {
         Ok(text) => Ok(ToolkitState::Present {
-            root: runtime::current_cli_root(&text)?,
+            root: runtime::current_cli_root_in(config, &text)?,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ToolkitState::Absent),
         Err(source) => Err(CommandError::Io {

@@ -299,7 +299,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-fn current_cli_root_in(path: &Path, text: &str) -> Result<Option<String>, RuntimeError> {
+pub fn current_cli_root_in(path: &Path, text: &str) -> Result<Option<String>, RuntimeError> {
     let doc = parse(path, text)?;
     let Some(item) = doc.get(CLI_TABLE) else {
         return Ok(None);

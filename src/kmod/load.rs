@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::devices::{self, nodes_for, DeviceNode};
 use super::modinfo::{self, Compression};
-use super::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction, ToolkitStep};
+use super::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction};
 use super::sys::{Kernel, ModuleLoad, NodeState, SysError};
 use crate::host::kernel::FIRMWARE_PATH;
 use crate::host::Root;
@@ -191,20 +191,9 @@ pub fn execute(
         DriverRootStep::AlreadyMounted { .. } | DriverRootStep::HostRoot => {}
     }
 
-    match &plan.toolkit {
-        ToolkitStep::NotManaged | ToolkitStep::Unchanged { .. } => {}
-        ToolkitStep::Set {
-            config,
-            root: value,
-            ..
-        }
-        | ToolkitStep::Create {
-            config,
-            root: value,
-        } => {
-            let change = runtime::apply_cli_root(root, config, value)?;
-            report.toolkit_changed = change != runtime::RootChange::Unchanged;
-        }
+    if let Some((config, value)) = plan.toolkit.write() {
+        let change = runtime::apply_cli_root(root, config, value)?;
+        report.toolkit_changed = change != runtime::RootChange::Unchanged;
     }
 
     let ready = DriverReady::for_driver_root(&report.driver_root.to_string_lossy());
@@ -225,19 +214,8 @@ fn preflight(root: &Root, plan: &LoadPlan) -> Result<(), LoadError> {
             }
         }
     }
-    match &plan.toolkit {
-        ToolkitStep::Set {
-            config,
-            root: value,
-            ..
-        }
-        | ToolkitStep::Create {
-            config,
-            root: value,
-        } => {
-            runtime::plan_cli_root(root, config, value)?;
-        }
-        ToolkitStep::Unchanged { .. } | ToolkitStep::NotManaged => {}
+    if let Some((config, value)) = plan.toolkit.write() {
+        runtime::plan_cli_root(root, config, value)?;
     }
     Ok(())
 }

@@ -844,23 +844,7 @@ mod pkcs7 {
     mod tests {
         use super::*;
 
-        fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
-            let mut out = vec![tag];
-            let len = contents.len();
-            if len < 0x80 {
-                out.push(len as u8);
-            } else {
-                let bytes: Vec<u8> = len
-                    .to_be_bytes()
-                    .into_iter()
-                    .skip_while(|&b| b == 0)
-                    .collect();
-                out.push(0x80 | bytes.len() as u8);
-                out.extend(bytes);
-            }
-            out.extend_from_slice(contents);
-            out
-        }
+        use crate::kmod::modinfo::fixture_modules::tlv;
 
         fn message(sid: Vec<u8>, digest_oid: &[u8]) -> Vec<u8> {
             let alg = tlv(SEQUENCE, &tlv(OID, digest_oid));

@@ -170,6 +170,18 @@ pub enum ToolkitStep {
     NotManaged,
 }
 
+impl ToolkitStep {
+    /// The config file and the root value to write, when this step writes.
+    pub fn write(&self) -> Option<(&Path, &str)> {
+        match self {
+            ToolkitStep::Set { config, root, .. } | ToolkitStep::Create { config, root } => {
+                Some((config, root))
+            }
+            ToolkitStep::Unchanged { .. } | ToolkitStep::NotManaged => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LoadPlan {
     pub kernel_release: String,

@@ -212,7 +212,7 @@ fn append_signature(bytes: &mut Vec<u8>) {
 }
 
 /// A DER TLV with a definite length.
-fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+pub fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];
     let len = contents.len();
     if len < 0x80 {
