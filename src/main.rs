@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing::error;
 
@@ -213,21 +212,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Overlay(OverlayCommand::List) => {
             let ctx = Context::new(root, &source)?;
-            let store_dir = ctx.root.join(&ctx.settings.store_dir);
-            let mut kernels: Vec<String> = match std::fs::read_dir(&store_dir) {
-                Ok(entries) => entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| !n.starts_with('.'))
-                    .collect(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading {}", store_dir.display()))
-                }
-            };
-            kernels.sort();
-            for kernel_release in kernels {
-                for driver in ctx.store().driver_versions(&kernel_release)? {
+            let store = ctx.store();
+            for kernel_release in store.kernel_releases()? {
+                for driver in store.driver_versions(&kernel_release)? {
                     println!("{kernel_release}\t{driver}");
                 }
             }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 use super::verify::{self, check_digest, verify_tree, Generated, VerifyError};
-use crate::fsutil::{fsync_dir, TEMP_PREFIX};
+use crate::fsutil::{fsync_dir, temp_sibling};
 use crate::host::Root;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,22 +110,35 @@ impl<'a> Store<'a> {
         self.dir.join(kernel_release).join(driver_version)
     }
 
+    /// Kernel releases the store has overlays for, sorted (temporary siblings skipped).
+    pub fn kernel_releases(&self) -> Result<Vec<String>, StoreError> {
+        let mut releases = self.subdirectories(&self.dir)?;
+        releases.sort();
+        Ok(releases)
+    }
+
     /// Driver versions stored for a kernel, oldest first (temporary siblings skipped).
     pub fn driver_versions(&self, kernel_release: &str) -> Result<Vec<String>, StoreError> {
-        let dir = self.root.join(self.dir.join(kernel_release));
+        let mut versions = self.subdirectories(&self.dir.join(kernel_release))?;
+        versions.sort_by(|a, b| compare_versions(a, b));
+        Ok(versions)
+    }
+
+    /// Names of the directories in a store directory (host path), temporary siblings skipped;
+    /// none when it does not exist.
+    fn subdirectories(&self, host_dir: &Path) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join(host_dir);
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => return Err(StoreError::Io { path: dir, source }),
         };
-        let mut versions: Vec<String> = entries
+        Ok(entries
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|name| !name.starts_with('.'))
-            .collect();
-        versions.sort_by(|a, b| compare_versions(a, b));
-        Ok(versions)
+            .collect())
     }
 
     /// The overlay to use for a kernel: the pinned driver version, else the newest stored.
@@ -202,14 +215,7 @@ impl<'a> Store<'a> {
 
         let kernel_dir = self.root.join(self.dir.join(kernel));
         create_dirs_durably(&kernel_dir)?;
-        let staging = kernel_dir.join(format!(
-            "{TEMP_PREFIX}{driver}.{}.{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+        let staging = temp_sibling(&target);
         let result = build_copy(source, &staging, &manifest, &manifest_text)
             .and_then(|()| publish(&staging, &target, &kernel_dir));
         match result {
