@@ -235,7 +235,7 @@ pub fn merge_layers(layers: &[(PathBuf, String)]) -> Result<Settings, ConfigErro
 fn parse_error(file: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
     let line = error
         .span()
-        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+        .map(|span| crate::text::line_column(text, span.start).0)
         .unwrap_or(0);
     ConfigError::Parse {
         file: file.to_path_buf(),

@@ -15,3 +15,4 @@ pub mod kmod;
 pub mod overlay;
 pub mod readiness;
 pub mod runtime;
+pub mod text;

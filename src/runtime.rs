@@ -277,7 +277,7 @@ fn check_driver_root(root: &str) -> Result<(), RuntimeError> {
 fn parse(path: &Path, text: &str) -> Result<DocumentMut, RuntimeError> {
     text.parse::<DocumentMut>().map_err(|err| {
         let offset = err.span().map(|span| span.start).unwrap_or(0);
-        let (line, column) = line_column(text, offset);
+        let (line, column) = crate::text::line_column(text, offset);
         RuntimeError::InvalidToml {
             path: path.to_path_buf(),
             line,
@@ -285,18 +285,6 @@ fn parse(path: &Path, text: &str) -> Result<DocumentMut, RuntimeError> {
             message: err.message().trim().to_string(),
         }
     })
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    (line, before[line_start..].chars().count() + 1)
 }
 
 pub fn current_cli_root_in(path: &Path, text: &str) -> Result<Option<String>, RuntimeError> {

@@ -124,7 +124,7 @@ impl Manifest {
         let manifest: Manifest = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .map(|s| crate::text::line_column(text, s.start).0)
                 .unwrap_or(0);
             ManifestError::Syntax {
                 file: origin.to_path_buf(),

@@ -264,14 +264,6 @@ fn invalid_toml_names_the_line() {
 }
 
 #[test]
-fn line_column_counts_characters() {
-    assert_eq!(line_column("", 0), (1, 1));
-    assert_eq!(line_column("ab\ncd", 4), (2, 2));
-    assert_eq!(line_column("é = x", 3), (1, 3));
-    assert_eq!(line_column("abc", 99), (1, 4));
-}
-
-#[test]
 fn apply_then_reapply_leaves_bytes_and_mtime_alone() {
     let original = shipped(FLATCAR);
     let (_dir, root, path) = host_with_config(Some(&original));
