@@ -69,6 +69,44 @@ pub enum MissingOverlayPolicy {
     Fail,
 }
 
+/// What the daemon does when no source has an overlay for the kernel the host boots next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingNextOverlayPolicy {
+    /// Log it and show it in status; the update goes ahead.
+    Warn,
+    /// Keep the update from taking effect until the overlay is staged: on ostree the staged
+    /// deployment is locked, on Flatcar a logind shutdown inhibitor is held.
+    Hold,
+}
+
+/// Which next-kernel detector the daemon runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Detector {
+    /// Chosen from the host: ostree when `/run/ostree-booted` exists or os-release names an
+    /// rpm-ostree OS, Flatcar by os-release, otherwise the generic one.
+    Auto,
+    Ostree,
+    Flatcar,
+    Generic,
+    /// Load at boot only; never watch for updates.
+    Off,
+}
+
+/// Where overlays for the next kernel come from, and the limits on fetching them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StageSettings {
+    /// Source templates over `{kernel}`, `{driver}` and `{arch}`, tried in order.
+    pub sources: Vec<String>,
+    pub max_download_bytes: u64,
+    pub download_timeout: std::time::Duration,
+    /// Allow `http://` sources (verification against the manifest happens either way).
+    pub allow_http: bool,
+    /// Overlays kept beyond the running and the pending kernels'.
+    pub keep_extra: u32,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Fragment {
@@ -78,6 +116,24 @@ struct Fragment {
     toolkit: Option<ToolkitFragment>,
     readiness: Option<ReadinessFragment>,
     policy: Option<PolicyFragment>,
+    stage: Option<StageFragment>,
+    watch: Option<WatchFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct StageFragment {
+    sources: Option<Vec<String>>,
+    max_download_bytes: Option<u64>,
+    download_timeout_secs: Option<u64>,
+    allow_http: Option<bool>,
+    keep_extra: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchFragment {
+    detector: Option<Detector>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +168,7 @@ struct ReadinessFragment {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct PolicyFragment {
     missing_overlay: Option<MissingOverlayPolicy>,
+    missing_next_overlay: Option<MissingNextOverlayPolicy>,
 }
 
 /// The validated, merged configuration. Paths are host paths (absolute); resolve them under a
@@ -131,6 +188,9 @@ pub struct Settings {
     pub manage_toolkit: bool,
     pub driver_ready: PathBuf,
     pub missing_overlay: MissingOverlayPolicy,
+    pub missing_next_overlay: MissingNextOverlayPolicy,
+    pub stage: StageSettings,
+    pub detector: Detector,
     /// The files that were read, in order (host paths, or the `--config` path as given).
     pub sources: Vec<PathBuf>,
 }
@@ -259,6 +319,13 @@ struct Merged {
     manage_toolkit: Sourced<bool>,
     driver_ready: Sourced<PathBuf>,
     missing_overlay: Sourced<MissingOverlayPolicy>,
+    missing_next_overlay: Sourced<MissingNextOverlayPolicy>,
+    sources: Sourced<Vec<String>>,
+    max_download_bytes: Sourced<u64>,
+    download_timeout_secs: Sourced<u64>,
+    allow_http: Sourced<bool>,
+    keep_extra: Sourced<u32>,
+    detector: Sourced<Detector>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, file: &Path) {
@@ -294,10 +361,29 @@ impl Merged {
         }
         if let Some(policy) = fragment.policy {
             set(&mut self.missing_overlay, policy.missing_overlay, file);
+            set(
+                &mut self.missing_next_overlay,
+                policy.missing_next_overlay,
+                file,
+            );
+        }
+        if let Some(stage) = fragment.stage {
+            set(&mut self.sources, stage.sources, file);
+            set(&mut self.max_download_bytes, stage.max_download_bytes, file);
+            set(
+                &mut self.download_timeout_secs,
+                stage.download_timeout_secs,
+                file,
+            );
+            set(&mut self.allow_http, stage.allow_http, file);
+            set(&mut self.keep_extra, stage.keep_extra, file);
+        }
+        if let Some(watch) = fragment.watch {
+            set(&mut self.detector, watch.detector, file);
         }
     }
 
-    fn finish(self, sources: Vec<PathBuf>) -> Result<Settings, ConfigError> {
+    fn finish(self, files: Vec<PathBuf>) -> Result<Settings, ConfigError> {
         let store_dir = required_path("store.dir", self.store_dir)?;
         let driver_root = required_path("driver.root", self.driver_root)?;
         let toolkit_config = required_path("toolkit.config", self.toolkit_config)?;
@@ -314,6 +400,26 @@ impl Merged {
         check_module_names("driver.modules", &modules, &modules_file)?;
         let (os_modules, os_file) = required("driver.os-modules", self.os_modules)?;
         check_module_names("driver.os-modules", &os_modules, &os_file)?;
+        let (sources, sources_file) = required("stage.sources", self.sources)?;
+        check_sources(&sources, &sources_file)?;
+        let (max_download_bytes, _) =
+            required("stage.max-download-bytes", self.max_download_bytes)?;
+        let (timeout_secs, timeout_file) =
+            required("stage.download-timeout-secs", self.download_timeout_secs)?;
+        if timeout_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "stage.download-timeout-secs".into(),
+                file: timeout_file,
+                message: "expected a number of seconds above 0, found 0".into(),
+            });
+        }
+        let stage = StageSettings {
+            sources,
+            max_download_bytes,
+            download_timeout: std::time::Duration::from_secs(timeout_secs),
+            allow_http: self.allow_http.map(|(v, _)| v).unwrap_or(false),
+            keep_extra: self.keep_extra.map(|(v, _)| v).unwrap_or(1),
+        };
         let driver_version = self
             .driver_version
             .map(|(v, _)| v)
@@ -332,9 +438,47 @@ impl Merged {
                 .missing_overlay
                 .map(|(v, _)| v)
                 .unwrap_or(MissingOverlayPolicy::Warn),
-            sources,
+            missing_next_overlay: self
+                .missing_next_overlay
+                .map(|(v, _)| v)
+                .unwrap_or(MissingNextOverlayPolicy::Warn),
+            stage,
+            detector: self.detector.map(|(v, _)| v).unwrap_or(Detector::Auto),
+            sources: files,
         })
     }
+}
+
+/// The placeholders a source template may use.
+pub const SOURCE_PLACEHOLDERS: [&str; 3] = ["{kernel}", "{driver}", "{arch}"];
+
+/// A source is an absolute directory or archive path, or an `http(s)://` URL; its only braces
+/// are the known placeholders.
+fn check_sources(sources: &[String], file: &Path) -> Result<(), ConfigError> {
+    for source in sources {
+        let mut rest = source.clone();
+        for placeholder in SOURCE_PLACEHOLDERS {
+            rest = rest.replace(placeholder, "");
+        }
+        let shape_ok = source.starts_with('/')
+            || source.starts_with("https://")
+            || source.starts_with("http://");
+        let message = if !shape_ok {
+            format!("expected an absolute path or an http(s):// URL, found {source:?}")
+        } else if rest.contains('{') || rest.contains('}') {
+            format!("{source:?} has an unknown placeholder; the known ones are {{kernel}}, {{driver}} and {{arch}}")
+        } else if source.starts_with('/') && source.split('/').any(|part| part == "..") {
+            format!("expected a path without \"..\", found {source:?}")
+        } else {
+            continue;
+        };
+        return Err(ConfigError::Invalid {
+            key: "stage.sources".into(),
+            file: file.to_path_buf(),
+            message,
+        });
+    }
+    Ok(())
 }
 
 fn check_module_names(key: &str, names: &[String], file: &Path) -> Result<(), ConfigError> {

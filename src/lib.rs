@@ -16,3 +16,4 @@ pub mod overlay;
 pub mod readiness;
 pub mod runtime;
 pub mod text;
+pub mod watch;
