@@ -10,10 +10,12 @@
 pub mod commands;
 pub mod config;
 pub mod fsutil;
+pub mod hold;
 pub mod host;
 pub mod kmod;
 pub mod overlay;
 pub mod readiness;
 pub mod runtime;
+pub mod state;
 pub mod text;
 pub mod watch;

@@ -6,10 +6,11 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The kernel the host will boot next, as read from disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct NextBoot {
     /// `uname -r` of the kernel the next boot runs.
     pub kernel_release: String,
@@ -24,3 +25,5 @@ pub struct NextBoot {
     /// policy can keep it from finalizing with `/run/ostree/staged-deployment-locked`.
     pub staged_deployment: bool,
 }
+pub mod dbus;
+pub mod fswatch;

@@ -1,0 +1,153 @@
+//! The `hold` policy's edges: keep an OS update from taking effect while no overlay exists for
+//! its kernel, and let it go the moment one is staged.
+//!
+//! - ostree: `/run/ostree/staged-deployment-locked` makes `ostree admin finalize-staged` (run at
+//!   shutdown) leave the staged deployment unfinalized, so the next boot is the current
+//!   deployment again. The same file is what `rpm-ostree deploy --lock-finalization` creates, so
+//!   the agent marks the locks it made (`/run/nvdriver-agent/ostree-hold`) and never removes a
+//!   lock an administrator took.
+//! - Flatcar: a logind `shutdown` block inhibitor, held by the daemon process (closing its fd
+//!   releases it). See [`crate::watch::dbus::inhibit_shutdown`].
+
+use std::io;
+use std::path::PathBuf;
+
+use tracing::info;
+
+use crate::fsutil;
+use crate::host::Root;
+
+pub const OSTREE_FINALIZATION_LOCK: &str = "/run/ostree/staged-deployment-locked";
+/// Our mark that the lock above is ours; holds the kernel release it was taken for.
+pub const OSTREE_HOLD_MARK: &str = "/run/nvdriver-agent/ostree-hold";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// How a pending update can be held on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HoldMechanism {
+    OstreeFinalizationLock,
+    LogindShutdownInhibitor,
+}
+
+impl HoldMechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            HoldMechanism::OstreeFinalizationLock => "ostree-finalization-lock",
+            HoldMechanism::LogindShutdownInhibitor => "logind-shutdown-inhibitor",
+        }
+    }
+}
+
+/// What taking the ostree lock found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OstreeLockOutcome {
+    /// We created the lock.
+    Taken,
+    /// Ours was already there.
+    AlreadyOurs,
+    /// Someone else (an administrator, `--lock-finalization`) holds it; we leave it alone.
+    HeldByOther,
+}
+
+fn io_err(action: &'static str, path: &'static str) -> impl FnOnce(io::Error) -> HoldError {
+    move |source| HoldError::Io {
+        action,
+        path: PathBuf::from(path),
+        source,
+    }
+}
+
+/// Keep the staged ostree deployment from being finalized.
+pub fn take_ostree_lock(root: &Root, kernel_release: &str) -> Result<OstreeLockOutcome, HoldError> {
+    let lock = root.join(OSTREE_FINALIZATION_LOCK);
+    let mark = root.join(OSTREE_HOLD_MARK);
+    if mark.exists() && lock.exists() {
+        return Ok(OstreeLockOutcome::AlreadyOurs);
+    }
+    if lock.exists() {
+        return Ok(OstreeLockOutcome::HeldByOther);
+    }
+    // Mark first: a crash between the two writes leaves a mark without a lock, which the next
+    // release cleans up; the reverse order could leave a lock nobody knows is ours.
+    if let Some(dir) = mark.parent() {
+        fsutil::create_dir_all_mode(dir, 0o755).map_err(io_err("create", "/run/nvdriver-agent"))?;
+    }
+    fsutil::write_atomic(&mark, format!("{kernel_release}\n").as_bytes(), 0o644)
+        .map_err(io_err("write", OSTREE_HOLD_MARK))?;
+    if let Some(dir) = lock.parent() {
+        fsutil::create_dir_all_mode(dir, 0o755).map_err(io_err("create", "/run/ostree"))?;
+    }
+    fsutil::write_atomic(&lock, b"", 0o644).map_err(io_err("create", OSTREE_FINALIZATION_LOCK))?;
+    info!(KERNEL_RELEASE = %kernel_release, "holding the staged deployment: created {OSTREE_FINALIZATION_LOCK}");
+    Ok(OstreeLockOutcome::Taken)
+}
+
+/// Release our ostree lock, if we hold one. Returns whether a lock was released.
+pub fn release_ostree_lock(root: &Root) -> Result<bool, HoldError> {
+    let lock = root.join(OSTREE_FINALIZATION_LOCK);
+    let mark = root.join(OSTREE_HOLD_MARK);
+    if !mark.exists() {
+        return Ok(false);
+    }
+    let released = match std::fs::remove_file(&lock) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io_err("remove", OSTREE_FINALIZATION_LOCK)(e)),
+    };
+    match std::fs::remove_file(&mark) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove", OSTREE_HOLD_MARK)(e)),
+    }
+    if released {
+        info!("released the staged deployment: removed {OSTREE_FINALIZATION_LOCK}");
+    }
+    Ok(released)
+}
+
+/// Whether we hold the ostree lock now.
+pub fn holds_ostree_lock(root: &Root) -> bool {
+    root.join(OSTREE_HOLD_MARK).exists() && root.join(OSTREE_FINALIZATION_LOCK).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_and_releases_only_its_own_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        assert_eq!(
+            take_ostree_lock(&root, "6.1.0-29").unwrap(),
+            OstreeLockOutcome::Taken
+        );
+        assert!(holds_ostree_lock(&root));
+        assert_eq!(
+            take_ostree_lock(&root, "6.1.0-29").unwrap(),
+            OstreeLockOutcome::AlreadyOurs
+        );
+        assert!(release_ostree_lock(&root).unwrap());
+        assert!(!root.join(OSTREE_FINALIZATION_LOCK).exists());
+        assert!(!release_ostree_lock(&root).unwrap());
+
+        // An administrator's lock (rpm-ostree --lock-finalization) is never ours to remove.
+        std::fs::write(root.join(OSTREE_FINALIZATION_LOCK), "").unwrap();
+        assert_eq!(
+            take_ostree_lock(&root, "6.1.0-29").unwrap(),
+            OstreeLockOutcome::HeldByOther
+        );
+        assert!(!release_ostree_lock(&root).unwrap());
+        assert!(root.join(OSTREE_FINALIZATION_LOCK).exists());
+    }
+}

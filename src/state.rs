@@ -1,0 +1,166 @@
+//! What the agent last saw and did, kept in `/run/nvdriver-agent/state.json` so that `status`,
+//! the next daemon start and the shutdown-time `stage --now` all see the same facts.
+//!
+//! The file is rewritten atomically on every change and is versioned (`format`); a file this
+//! version cannot read is treated as absent (it lives in `/run`: a reboot clears it anyway).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::fsutil;
+use crate::host::Root;
+use crate::watch::NextBoot;
+
+pub const STATE_FILE: &str = "/run/nvdriver-agent/state.json";
+pub const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot write the agent state {path}: {source}; is /run mounted and writable?")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// Seconds since the epoch, for records (the journal has the precise times).
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentState {
+    pub format: u32,
+    /// The boot path's result in this boot.
+    pub load: Option<LoadRecord>,
+    /// The kernel the host boots next, when it differs from the running one.
+    pub pending: Option<NextBoot>,
+    /// The last decision or stage for the pending kernel.
+    pub last_stage: Option<StageRecord>,
+    /// An update the agent is holding back (policy `hold`).
+    pub hold: Option<HoldRecord>,
+    /// Flatcar: update_engine's last reported `current_operation`, as the daemon heard it
+    /// (so the shutdown-time `stage --now` knows whether an update waits for the reboot).
+    #[serde(default)]
+    pub update_engine_operation: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LoadRecord {
+    pub at: u64,
+    pub kernel_release: String,
+    /// `loaded`, `no-overlay` or `failed`.
+    pub result: String,
+    pub driver_version: Option<String>,
+    pub overlay: Option<PathBuf>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StageRecord {
+    pub at: u64,
+    pub kernel_release: String,
+    pub driver_version: Option<String>,
+    /// `staged`, `already-staged`, `stood-down`, `missing` or `failed`.
+    pub result: String,
+    /// The store directory of the overlay, when there is one.
+    pub overlay: Option<PathBuf>,
+    /// The source it came from, when it was fetched.
+    pub source: Option<String>,
+    /// Every source tried, with why it did not give the overlay.
+    pub tried: Vec<String>,
+    pub detail: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HoldRecord {
+    /// `ostree-finalization-lock` or `logind-shutdown-inhibitor`.
+    pub mechanism: String,
+    pub kernel_release: String,
+    pub since: u64,
+}
+
+impl AgentState {
+    /// Read the state under `root`; absent or unreadable means a fresh start.
+    pub fn read(root: &Root) -> AgentState {
+        let path = root.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<AgentState>(&bytes) {
+                Ok(state) if state.format == STATE_FORMAT => state,
+                Ok(state) => {
+                    warn!(
+                        "{} has format {}, this agent writes {}; starting afresh",
+                        path.display(),
+                        state.format,
+                        STATE_FORMAT
+                    );
+                    AgentState::fresh()
+                }
+                Err(e) => {
+                    warn!("{} is not valid ({e}); starting afresh", path.display());
+                    AgentState::fresh()
+                }
+            },
+            Err(_) => AgentState::fresh(),
+        }
+    }
+
+    pub fn fresh() -> AgentState {
+        AgentState {
+            format: STATE_FORMAT,
+            ..AgentState::default()
+        }
+    }
+
+    pub fn write(&self, root: &Root) -> Result<(), StateError> {
+        let path = root.join(STATE_FILE);
+        let write = |source| StateError::Write {
+            path: PathBuf::from(STATE_FILE),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fsutil::create_dir_all_mode(dir, 0o755).map_err(write)?;
+        }
+        let mut json = serde_json::to_vec_pretty(self).expect("state serializes");
+        json.push(b'\n');
+        fsutil::write_atomic(&path, &json, 0o644).map_err(write)
+    }
+}
+
+/// Where the state file is, under a root (for tests and messages).
+pub fn state_path(root: &Root) -> PathBuf {
+    root.join(Path::new(STATE_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_ignores_foreign_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        assert_eq!(AgentState::read(&root), AgentState::fresh());
+        let mut state = AgentState::fresh();
+        state.hold = Some(HoldRecord {
+            mechanism: "ostree-finalization-lock".into(),
+            kernel_release: "6.1.0-29-cloud-amd64".into(),
+            since: 7,
+        });
+        state.write(&root).unwrap();
+        assert_eq!(AgentState::read(&root), state);
+
+        std::fs::write(state_path(&root), r#"{"format": 99}"#).unwrap();
+        assert_eq!(AgentState::read(&root), AgentState::fresh());
+        std::fs::write(state_path(&root), "{not json").unwrap();
+        assert_eq!(AgentState::read(&root), AgentState::fresh());
+    }
+}

@@ -1,0 +1,231 @@
+//! D-Bus edges: the OS update services' signals as hints, update_engine's status, and logind's
+//! shutdown inhibitor for the Flatcar `hold` policy.
+//!
+//! Every listener runs on its own thread over a blocking zbus connection to the system bus
+//! (`DBUS_SYSTEM_BUS_ADDRESS` is honoured, which is how tests point it at their own bus). A
+//! signal is only ever a hint: the handler that receives it re-reads the truth from disk.
+
+use std::os::fd::OwnedFd;
+use std::thread::JoinHandle;
+
+use tracing::{debug, warn};
+use zbus::blocking::{Connection, MessageIterator};
+use zbus::message::Type as MessageType;
+use zbus::MatchRule;
+
+pub const RPM_OSTREE_NAME: &str = "org.projectatomic.rpmostree1";
+pub const RPM_OSTREE_PATH_NAMESPACE: &str = "/org/projectatomic/rpmostree1";
+pub const UPDATE_ENGINE_NAME: &str = "com.coreos.update1";
+/// The object update_engine exports (its XML says `/com/coreos/update1/Manager`, but
+/// `dbus_constants.h` and the running service use this path).
+pub const UPDATE_ENGINE_PATH: &str = "/com/coreos/update1";
+pub const UPDATE_ENGINE_INTERFACE: &str = "com.coreos.update1.Manager";
+pub const LOGIND_NAME: &str = "org.freedesktop.login1";
+pub const LOGIND_PATH: &str = "/org/freedesktop/login1";
+pub const LOGIND_INTERFACE: &str = "org.freedesktop.login1.Manager";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbusError {
+    #[error("cannot connect to the system bus: {0}; the agent goes on without D-Bus hints (file-system events still work)")]
+    Connect(#[source] Box<zbus::Error>),
+    #[error("cannot subscribe to {what} signals: {source}")]
+    Subscribe {
+        what: &'static str,
+        source: Box<zbus::Error>,
+    },
+    #[error("{service}.{method} failed: {source}")]
+    Call {
+        service: &'static str,
+        method: &'static str,
+        source: Box<zbus::Error>,
+    },
+}
+
+/// What a D-Bus listener tells the daemon.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Hint {
+    /// rpm-ostree changed something (a deployment, a transaction): look at the sysroot again.
+    RpmOstree,
+    /// update_engine's status, from `GetStatus` or a `StatusUpdate` signal.
+    UpdateEngine { current_operation: String },
+    /// update_engine left or joined the bus; its last status is no longer known.
+    UpdateEngineGone,
+}
+
+/// update_engine's `GetStatus`/`StatusUpdate` payload, as its XML declares it (`xdssx`).
+pub type UpdateEngineStatus = (i64, f64, String, String, i64);
+
+pub fn system_bus() -> Result<Connection, DbusError> {
+    Connection::system().map_err(|e| DbusError::Connect(Box::new(e)))
+}
+
+fn signal_iterator(
+    conn: &Connection,
+    what: &'static str,
+    rule: zbus::Result<MatchRule<'static>>,
+) -> Result<MessageIterator, DbusError> {
+    let subscribe = |source| DbusError::Subscribe {
+        what,
+        source: Box::new(source),
+    };
+    let rule = rule.map_err(subscribe)?;
+    // A bounded queue: a signal storm costs at most this many messages of memory, and a dropped
+    // hint loses nothing because every hint leads to the same full re-read.
+    MessageIterator::for_match_rule(rule, conn, Some(64)).map_err(subscribe)
+}
+
+/// `PropertiesChanged` from any rpm-ostree object. Matched by path namespace, not by sender:
+/// the bus matches a rule's sender against unique names, and rpm-ostreed gets a new one each
+/// time it is activated. A stray match only costs a re-read.
+pub fn rpm_ostree_rule() -> zbus::Result<MatchRule<'static>> {
+    Ok(MatchRule::builder()
+        .msg_type(MessageType::Signal)
+        .interface("org.freedesktop.DBus.Properties")?
+        .member("PropertiesChanged")?
+        .path_namespace(RPM_OSTREE_PATH_NAMESPACE)?
+        .build())
+}
+
+pub fn update_engine_rule() -> zbus::Result<MatchRule<'static>> {
+    Ok(MatchRule::builder()
+        .msg_type(MessageType::Signal)
+        .interface(UPDATE_ENGINE_INTERFACE)?
+        .member("StatusUpdate")?
+        .path(UPDATE_ENGINE_PATH)?
+        .build())
+}
+
+fn name_owner_rule(name: &'static str) -> zbus::Result<MatchRule<'static>> {
+    Ok(MatchRule::builder()
+        .msg_type(MessageType::Signal)
+        .sender("org.freedesktop.DBus")?
+        .interface("org.freedesktop.DBus")?
+        .member("NameOwnerChanged")?
+        .add_arg(name)?
+        .build())
+}
+
+/// Listen for rpm-ostree's signals; `on_hint` runs on the listener thread.
+pub fn spawn_rpm_ostree_listener(
+    conn: &Connection,
+    on_hint: impl Fn(Hint) + Send + 'static,
+) -> Result<JoinHandle<()>, DbusError> {
+    let signals = signal_iterator(conn, "rpm-ostree", rpm_ostree_rule())?;
+    Ok(std::thread::Builder::new()
+        .name("rpm-ostree-hints".into())
+        .spawn(move || {
+            for message in signals {
+                match message {
+                    Ok(_) => on_hint(Hint::RpmOstree),
+                    Err(e) => debug!(error = %e, "rpm-ostree signal stream"),
+                }
+            }
+        })
+        .expect("spawning a thread"))
+}
+
+/// Ask update_engine for its status now.
+pub fn update_engine_status(conn: &Connection) -> Result<UpdateEngineStatus, DbusError> {
+    let call = |source| DbusError::Call {
+        service: UPDATE_ENGINE_NAME,
+        method: "GetStatus",
+        source: Box::new(source),
+    };
+    let reply = conn
+        .call_method(
+            Some(UPDATE_ENGINE_NAME),
+            UPDATE_ENGINE_PATH,
+            Some(UPDATE_ENGINE_INTERFACE),
+            "GetStatus",
+            &(),
+        )
+        .map_err(call)?;
+    reply.body().deserialize().map_err(call)
+}
+
+/// Listen for update_engine's `StatusUpdate`, and ask `GetStatus` at start and whenever
+/// update_engine (re)joins the bus, so a restart of update_engine is not a blind spot.
+pub fn spawn_update_engine_listener(
+    conn: &Connection,
+    on_hint: impl Fn(Hint) + Send + Sync + 'static,
+) -> Result<Vec<JoinHandle<()>>, DbusError> {
+    let on_hint = std::sync::Arc::new(on_hint);
+    let statuses = signal_iterator(conn, "update_engine", update_engine_rule())?;
+    let owners = signal_iterator(
+        conn,
+        "update_engine NameOwnerChanged",
+        name_owner_rule(UPDATE_ENGINE_NAME),
+    )?;
+    ask_update_engine(conn, on_hint.as_ref());
+
+    let status_hint = on_hint.clone();
+    let status_thread = std::thread::Builder::new()
+        .name("update-engine-status".into())
+        .spawn(move || {
+            for message in statuses {
+                let status: Result<UpdateEngineStatus, _> =
+                    message.and_then(|m| m.body().deserialize());
+                match status {
+                    Ok((_, _, current_operation, _, _)) => {
+                        status_hint(Hint::UpdateEngine { current_operation })
+                    }
+                    Err(e) => warn!(error = %e, "malformed update_engine StatusUpdate; ignored"),
+                }
+            }
+        })
+        .expect("spawning a thread");
+
+    let owner_conn = conn.clone();
+    let owner_thread = std::thread::Builder::new()
+        .name("update-engine-owner".into())
+        .spawn(move || {
+            for message in owners {
+                let new_owner: Option<String> = message.ok().and_then(|m| {
+                    m.body()
+                        .deserialize::<(String, String, String)>()
+                        .ok()
+                        .map(|(_, _, new)| new)
+                });
+                on_hint(Hint::UpdateEngineGone);
+                if new_owner.is_some_and(|owner| !owner.is_empty()) {
+                    ask_update_engine(&owner_conn, on_hint.as_ref());
+                }
+            }
+        })
+        .expect("spawning a thread");
+    Ok(vec![status_thread, owner_thread])
+}
+
+fn ask_update_engine(conn: &Connection, on_hint: &(dyn Fn(Hint) + Send + Sync)) {
+    match update_engine_status(conn) {
+        Ok((_, _, current_operation, _, _)) => on_hint(Hint::UpdateEngine { current_operation }),
+        Err(e) => debug!(error = %e, "update_engine not reachable now"),
+    }
+}
+
+/// A held logind inhibitor lock; dropping it (closing the fd) releases it.
+#[derive(Debug)]
+pub struct Inhibitor {
+    _fd: OwnedFd,
+}
+
+/// Take a logind `shutdown` block inhibitor: `systemctl reboot` and reboot coordinators that ask
+/// logind (FLUO, kured, locksmith) wait until it is released.
+pub fn inhibit_shutdown(conn: &Connection, why: &str) -> Result<Inhibitor, DbusError> {
+    let call = |source| DbusError::Call {
+        service: LOGIND_NAME,
+        method: "Inhibit",
+        source: Box::new(source),
+    };
+    let reply = conn
+        .call_method(
+            Some(LOGIND_NAME),
+            LOGIND_PATH,
+            Some(LOGIND_INTERFACE),
+            "Inhibit",
+            &("shutdown", "nvdriver-agent", why, "block"),
+        )
+        .map_err(call)?;
+    let fd: zbus::zvariant::OwnedFd = reply.body().deserialize().map_err(call)?;
+    Ok(Inhibitor { _fd: fd.into() })
+}
