@@ -395,9 +395,10 @@ pub fn is_ostree_host(root: &Root) -> bool {
 ///   a deployment is staged and removed when it is finalized or undeployed, and
 ///   [`STAGED_DEPLOYMENT_LOCKED`] comes and goes there.
 /// - `/boot`: a deploy or undeploy writes the entries into the *other* `loader.N` directory,
-///   then swaps the `/boot/loader` symlink by renaming a new link over it. A watch on
-///   `/boot/loader` would follow the link to the old directory, which ostree never touches
-///   again (it deletes it later), and miss the swap; the rename happens in `/boot`.
+///   then swaps the `/boot/loader` symlink by renaming a new link over it (`IN_MOVED_TO`
+///   `loader` in `/boot`). A watch on `/boot/loader` would follow the link to the old
+///   directory, which ostree deletes right after the swap: that watch sees the deletion,
+///   then nothing ever again.
 ///
 /// A directory that does not exist yet is replaced by its nearest existing ancestor, where it
 /// will appear (`/run/ostree` before anything was staged since boot). Paths are host paths,

@@ -5,4 +5,5 @@ pub use nvdriver_agent::kmod::modinfo::Compression;
 
 pub mod host;
 pub mod modules;
+pub mod ostree;
 pub mod overlay;

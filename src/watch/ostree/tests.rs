@@ -138,8 +138,13 @@ fn kernel_release_is_the_one_directory_with_a_vmlinuz() {
 }
 
 /// `{'target': <{'name': <'abc.1'>, 'osname': <'fcos'>, 'bootcsum': <'ff'>}>, 'locked': <true>}`
-/// exactly as glib 2.74 serialises it (`g_variant_get_data`, little-endian).
-const STAGED_RECORD: &[u8] = include_bytes!("staged-deployment.le.bin");
+/// exactly as glib 2.74 serialises it (`g_variant_get_data`, little-endian), 16 bytes a line.
+const STAGED_RECORD: &[u8] = b"target\x00\x00name\x00\x00\x00\x00\
+    abc.1\x00\x00s\x05\x00\x00\x00\x00\x00\x00\x00\
+    osname\x00\x00fcos\x00\x00s\x07\
+    bootcsum\x00\x00\x00\x00\x00\x00\x00\x00\
+    ff\x00\x00s\x09\x11(>\x00a{sv}\x07\
+    locked\x00\x00\x01\x00b\x07P\x5c";
 
 #[test]
 fn staged_record_as_glib_writes_it() {
