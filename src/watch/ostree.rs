@@ -48,16 +48,18 @@ pub const STAGED_DEPLOYMENT: &str = "/run/ostree/staged-deployment";
 /// returns without writing the staged deployment into the bootloader, so the reboot comes back
 /// up in the current deployment and the staged one is dropped with `/run`.
 ///
-/// What ostree does with it, from its sources (`ostree-sysroot-deploy.c`):
+/// What ostree does with it, from its sources (`ostree-sysroot-deploy.c`,
+/// `_ostree_sysroot_finalize_staged_inner`; rpm-ostree's `rpmostree-sysroot-upgrader.cxx`):
 /// - it only checks that the file exists (`fstatat`), at finalize time, not at staging time:
 ///   creating it any time before the agent's `ExecStop=` returns (ordered before ostree's)
-///   holds the update; ostree ≥ 2023.8 also honours `locked: true` in [`STAGED_DEPLOYMENT`],
-///   which the agent never writes;
-/// - `ostree admin deploy --stage --lock-finalization` and `rpm-ostree deploy
-///   --lock-finalization` create it (mode 0640, empty) *before* staging, to avoid a race;
-/// - staging a new deployment over a staged one deletes it (ostree ≥ 2023.7, ostree#3025),
-///   and so do `ostree_sysroot_change_finalization` when unlocking and `rpm-ostree
-///   finalize-deployment`: a hold must be re-asserted after each new staging.
+///   holds the update. Since ostree 2023.8 (`ostree_sysroot_change_finalization`) a
+///   `locked: true` in [`STAGED_DEPLOYMENT`] holds it too; the agent never writes that record;
+/// - `rpm-ostree deploy --lock-finalization` (and, in newer ostree, `ostree admin deploy
+///   --stage --lock-finalization`) create it, empty, mode 0640, *before* staging, to avoid a
+///   race with shutdown;
+/// - it is deleted by staging a new deployment over a staged one (newer ostree, ostree#3025),
+///   by unlocking through `ostree_sysroot_change_finalization`, and by `rpm-ostree
+///   finalize-deployment`: a hold must be asserted again after each new staging.
 ///
 /// The `hold` policy creates it; releasing the hold is deleting it.
 pub const STAGED_DEPLOYMENT_LOCKED: &str = "/run/ostree/staged-deployment-locked";
@@ -134,8 +136,8 @@ pub enum OstreeError {
     },
     #[error(
         "the {which} deployment {deployment} has no usr/lib/modules directory: expected \
-         usr/lib/modules/<kernel release>/vmlinuz in every bootable deployment (ostree \
-         ≥ 2017.13 layout); its kernel release cannot be known"
+         usr/lib/modules/<kernel release>/vmlinuz, where Fedora CoreOS and RHCOS ship the \
+         kernel; its kernel release cannot be known"
     )]
     NoModuleTree {
         which: &'static str,
