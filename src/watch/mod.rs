@@ -4,6 +4,8 @@
 //! runs the kernel that runs now). Events (inotify, D-Bus signals) only say "look again": every
 //! detector re-reads the state from disk, so a missed or repeated event changes nothing.
 
+pub mod ostree;
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};

@@ -6,4 +6,5 @@ pub use nvdriver_agent::kmod::modinfo::Compression;
 pub mod bus;
 pub mod host;
 pub mod modules;
+pub mod ostree;
 pub mod overlay;
