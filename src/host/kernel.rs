@@ -26,6 +26,17 @@ pub fn read_kernel_release(root: &Root) -> Result<String, HostError> {
         .map_err(|source| HostError::KernelRelease { path, source })
 }
 
+/// Whether `text` can be a kernel release (`uname -r`) as read from a kernel image or a boot
+/// entry: 1 to 64 bytes (utsname keeps 65 with the NUL) of printable ASCII, no whitespace and no
+/// `/`, so it is also safe as a path component (the store keeps overlays under it).
+pub fn is_kernel_release(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text != "."
+        && text != ".."
+        && text.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
 /// A module the kernel has loaded, as `/proc/modules` and `/sys/module/<name>/version` say.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LoadedModule {

@@ -4,6 +4,9 @@
 //! runs the kernel that runs now). Events (inotify, D-Bus signals) only say "look again": every
 //! detector re-reads the state from disk, so a missed or repeated event changes nothing.
 
+pub mod flatcar;
+pub mod generic;
+
 use std::path::PathBuf;
 
 use serde::Serialize;
