@@ -189,6 +189,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kernel_release_shapes() {
+        for ok in [
+            "6.1.0-28-cloud-amd64",
+            "6.12.117+deb12-cloud-amd64",
+            "6.6.60-flatcar",
+        ] {
+            assert!(is_kernel_release(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "6.1/../x",
+            "6.1 x",
+            "6.1\u{e9}",
+            &"9".repeat(65),
+        ] {
+            assert!(!is_kernel_release(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn proc_modules_names() {
         let text = "nvidia_uvm 1990656 0 - Live 0x0000000000000000 (OE)\nnvidia 11223344 2 nvidia_uvm,nvidia_modeset, Live 0x0 (OE)\n";
         assert_eq!(parse_proc_modules(text), vec!["nvidia_uvm", "nvidia"]);

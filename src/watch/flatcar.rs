@@ -15,6 +15,8 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use tracing::debug;
+
 use super::NextBoot;
 use crate::host::kernel::is_kernel_release;
 use crate::host::Root;
@@ -47,7 +49,9 @@ const VERSION_STRING_MAX: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlatcarError {
-    #[error("not an x86 bzImage: expected the boot protocol magic \"HdrS\" at 0x202, found {found}")]
+    #[error(
+        "not an x86 bzImage: expected the boot protocol magic \"HdrS\" at 0x202, found {found}"
+    )]
     NotBzImage { found: String },
     #[error("the kernel image is cut short: its header needs {needed} bytes, found {len}")]
     Truncated { needed: usize, len: usize },
@@ -181,13 +185,12 @@ pub fn bzimage_release(header: &[u8]) -> Result<String, FlatcarError> {
         return Err(FlatcarError::NoVersionString);
     }
     let offset = usize::from(kernel_version) + 0x200;
-    let rest = header
-        .get(offset..)
-        .filter(|rest| !rest.is_empty())
-        .ok_or(FlatcarError::VersionOutOfRange {
+    let rest = header.get(offset..).filter(|rest| !rest.is_empty()).ok_or(
+        FlatcarError::VersionOutOfRange {
             offset,
             len: header.len(),
-        })?;
+        },
+    )?;
     let window = &rest[..rest.len().min(VERSION_STRING_MAX)];
     let end = window
         .iter()
@@ -350,6 +353,7 @@ pub fn next_boot(
         };
     }
     let release = read_bzimage_release(&path)?;
+    debug!(KERNEL_RELEASE = %release, "{} holds {release}", host_path.display());
     if release == running_kernel {
         return Ok(None);
     }
@@ -414,7 +418,8 @@ pub fn os_nvidia_sysext(root: &Root) -> Option<PathBuf> {
         .into_iter()
         .find(|(name, _)| name.starts_with("nvidia-drivers"))?;
     let link = PathBuf::from(format!("/etc/extensions/flatcar-{name}.raw"));
-    if root.join(&link).exists() {
+    // The link itself: its absolute target names a host path, not one under `root`.
+    if fs::symlink_metadata(root.join(&link)).is_ok() {
         Some(link)
     } else {
         Some(PathBuf::from(config))
@@ -482,7 +487,10 @@ mod tests {
         ));
         let err = active_usr_slot("BOOT_IMAGE=/flatcar/vmlinuz-a verity.usr=PARTLABEL=USR-B")
             .unwrap_err();
-        assert!(matches!(err, FlatcarError::ConflictingUsrSlot { .. }), "{err}");
+        assert!(
+            matches!(err, FlatcarError::ConflictingUsrSlot { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -514,7 +522,10 @@ mod tests {
         ));
         assert!(matches!(
             bzimage_release(&header(0x01ff, 0x100, b"6.1\0")),
-            Err(FlatcarError::OldProtocol { major: 1, minor: 0xff })
+            Err(FlatcarError::OldProtocol {
+                major: 1,
+                minor: 0xff
+            })
         ));
         assert!(matches!(
             bzimage_release(&header(0x020f, 0x100, b"6.1 no terminator")),

@@ -23,6 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use object::read::pe::{PeFile32, PeFile64};
+use tracing::debug;
 
 use super::flatcar::{bzimage_release, read_bzimage_release, BZIMAGE_HEADER_MAX};
 use super::NextBoot;
@@ -58,7 +59,9 @@ const ENTRY_MAX: u64 = 64 * 1024;
 pub enum GenericError {
     #[error("not a PE image (a UKI is an EFI PE executable): {detail}")]
     NotPe { detail: String },
-    #[error("the PE section {section} lies at bytes {offset}..{end}, past the {len} bytes of the image")]
+    #[error(
+        "the PE section {section} lies at bytes {offset}..{end}, past the {len} bytes of the image"
+    )]
     SectionOutOfRange {
         section: &'static str,
         offset: u64,
@@ -81,7 +84,9 @@ pub enum GenericError {
     },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("the default boot entry {entry} boots {kernel}, whose release cannot be read: {reason}")]
+    #[error(
+        "the default boot entry {entry} boots {kernel}, whose release cannot be read: {reason}"
+    )]
     DefaultUnreadable {
         entry: PathBuf,
         kernel: PathBuf,
@@ -229,12 +234,13 @@ pub fn default_entry<'a>(
 /// `loader.conf`'s `default` pattern; `@saved` and friends need EFI variables and are not
 /// followed (`None`: menu order decides).
 pub fn loader_conf_default(text: &str) -> Option<String> {
+    // A later line overrides an earlier one.
     text.lines()
-        .filter_map(|line| {
+        .rev()
+        .find_map(|line| {
             let (key, value) = split_key_value(line)?;
             (key == "default").then(|| value.to_string())
         })
-        .last()
         .filter(|pattern| !pattern.starts_with('@'))
 }
 
@@ -594,9 +600,7 @@ pub fn read_boot_entries(root: &Root) -> Result<Vec<BootEntry>, GenericError> {
                         .version
                         .clone()
                         .filter(|v| is_kernel_release(v))
-                        .ok_or_else(|| {
-                            format!("{e}; and the entry has no usable `version` line")
-                        }),
+                        .ok_or_else(|| format!("{e}; and the entry has no usable `version` line")),
                 }
             };
             let (id, tries_left, tries_done) = strip_boot_counter(&name);
@@ -684,6 +688,7 @@ pub fn next_boot(root: &Root, running_kernel: &str) -> Result<Option<NextBoot>, 
         };
         (release, format!("{kind} {} ({how})", entry.path.display()))
     };
+    debug!(KERNEL_RELEASE = %release, "default boot entry: {origin}");
     if release == running_kernel {
         return Ok(None);
     }

@@ -3,6 +3,7 @@
 
 pub use nvdriver_agent::kmod::modinfo::Compression;
 
+pub mod boot;
 pub mod host;
 pub mod modules;
 pub mod overlay;
