@@ -26,6 +26,17 @@ pub fn read_kernel_release(root: &Root) -> Result<String, HostError> {
         .map_err(|source| HostError::KernelRelease { path, source })
 }
 
+/// Whether `text` can be a kernel release (`uname -r`) as read from a kernel image or a boot
+/// entry: 1 to 64 bytes (utsname keeps 65 with the NUL) of printable ASCII, no whitespace and no
+/// `/`, so it is also safe as a path component (the store keeps overlays under it).
+pub fn is_kernel_release(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text != "."
+        && text != ".."
+        && text.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
 /// A module the kernel has loaded, as `/proc/modules` and `/sys/module/<name>/version` say.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LoadedModule {
@@ -176,6 +187,28 @@ pub fn parse_module_index(text: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_release_shapes() {
+        for ok in [
+            "6.1.0-28-cloud-amd64",
+            "6.12.117+deb12-cloud-amd64",
+            "6.6.60-flatcar",
+        ] {
+            assert!(is_kernel_release(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "6.1/../x",
+            "6.1 x",
+            "6.1\u{e9}",
+            &"9".repeat(65),
+        ] {
+            assert!(!is_kernel_release(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn proc_modules_names() {

@@ -4,6 +4,10 @@
 //! runs the kernel that runs now). Events (inotify, D-Bus signals) only say "look again": every
 //! detector re-reads the state from disk, so a missed or repeated event changes nothing.
 
+pub mod dbus;
+pub mod flatcar;
+pub mod fswatch;
+pub mod generic;
 pub mod ostree;
 
 use std::path::PathBuf;
@@ -27,5 +31,3 @@ pub struct NextBoot {
     /// policy can keep it from finalizing with `/run/ostree/staged-deployment-locked`.
     pub staged_deployment: bool,
 }
-pub mod dbus;
-pub mod fswatch;

@@ -60,6 +60,16 @@ impl FakeHost {
         fs::write(path, contents).unwrap();
     }
 
+    pub fn write_bytes(&self, host_path: &str, contents: &[u8]) {
+        let path = self.path(host_path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, contents).unwrap();
+    }
+
+    pub fn mkdir(&self, host_path: &str) {
+        fs::create_dir_all(self.path(host_path)).unwrap();
+    }
+
     pub fn read(&self, host_path: &str) -> String {
         fs::read_to_string(self.path(host_path)).unwrap_or_default()
     }

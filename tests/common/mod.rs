@@ -4,6 +4,7 @@
 pub use nvdriver_agent::kmod::modinfo::Compression;
 
 pub mod bus;
+pub mod boot;
 pub mod host;
 pub mod modules;
 pub mod ostree;
