@@ -3,6 +3,8 @@
 
 pub use nvdriver_agent::kmod::modinfo::Compression;
 
+pub mod archive;
 pub mod host;
+pub mod http;
 pub mod modules;
 pub mod overlay;
