@@ -15,9 +15,9 @@ use crate::kmod::load::{self, LoadError, LoadReport, OpenedModule};
 use crate::kmod::modinfo::{self, ModinfoError};
 use crate::kmod::plan::{self, InspectedModule, LoadPlan, PlanError, PlanInputs, ToolkitState};
 use crate::kmod::sys::Kernel;
+use crate::overlay::source::{self, OverlayKey, SourceError, StageReport};
 use crate::overlay::store::{self, ImportOutcome};
 use crate::overlay::verify::{check_digest, sha256_bytes, VerifyError};
-use crate::overlay::source::{self, OverlayKey, SourceError, StageReport};
 use crate::overlay::{Manifest, Store, StoreError, StoredOverlay};
 use crate::runtime::{self, RuntimeError};
 
@@ -56,7 +56,7 @@ pub enum CommandError {
         store: PathBuf,
     },
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(Box<SourceError>),
     #[error("no driver version to stage for kernel {kernel_release}: pass --driver VERSION or set driver.version in /etc/nvdriver-agent/config.toml")]
     NoDriverVersion { kernel_release: String },
     #[error("{path}: {source}")]
@@ -64,6 +64,12 @@ pub enum CommandError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<SourceError> for CommandError {
+    fn from(e: SourceError) -> Self {
+        CommandError::Source(Box::new(e))
+    }
 }
 
 impl From<LoadError> for CommandError {
@@ -77,7 +83,7 @@ impl CommandError {
         use CommandError as E;
         match self {
             E::Config(_) | E::NoDriverVersion { .. } => exit::CONFIG,
-            E::Source(e) => match e {
+            E::Source(e) => match &**e {
                 SourceError::NoSources => exit::CONFIG,
                 _ if e.any_invalid() => exit::INVALID_OVERLAY,
                 SourceError::NotFound { .. } => exit::NO_OVERLAY,

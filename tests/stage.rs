@@ -80,7 +80,11 @@ impl Host {
                     path.display()
                 );
                 if !parts_allowed {
-                    assert!(!name.ends_with(".part"), "partial download {} left", path.display());
+                    assert!(
+                        !name.ends_with(".part"),
+                        "partial download {} left",
+                        path.display()
+                    );
                 }
             }
         }
@@ -148,9 +152,15 @@ fn directory_source_with_template() {
         .stage(&settings(&["/srv/overlays/{kernel}/{driver}"]))
         .unwrap();
     assert_eq!(report.source, format!("/srv/overlays/{KVER}/{DRIVER}"));
-    assert_eq!(report.outcome, ImportOutcome::Imported { dir: staged_dir() });
+    assert_eq!(
+        report.outcome,
+        ImportOutcome::Imported { dir: staged_dir() }
+    );
     assert!(report.tried.is_empty());
-    assert_eq!(host.assert_store_clean(false), [(KVER.into(), DRIVER.into())]);
+    assert_eq!(
+        host.assert_store_clean(false),
+        [(KVER.into(), DRIVER.into())]
+    );
 }
 
 #[test]
@@ -170,7 +180,10 @@ fn local_archives_in_every_compression_either_manifest_order() {
         let report = host
             .stage(&settings(&[&format!("/srv/{name}")]))
             .unwrap_or_else(|e| panic!("{compression:?} {at:?} {name}: {e}"));
-        assert_eq!(report.outcome, ImportOutcome::Imported { dir: staged_dir() });
+        assert_eq!(
+            report.outcome,
+            ImportOutcome::Imported { dir: staged_dir() }
+        );
         assert_eq!(host.assert_store_clean(false).len(), 1);
         // The copy is byte-identical to what was packed.
         let overlay = host.store().open(KVER, DRIVER).unwrap();
@@ -221,8 +234,14 @@ fn sources_are_tried_in_order_and_each_failure_is_recorded() {
     )
     .0;
     host.put("/srv/bad-vermagic.tar.zst", &bad_module);
-    host.put("/srv/not-an-archive.tar", b"hello, this is not a tar archive at all");
-    host.put("/srv/good.tar.xz", &good_archive(Compression::Xz, ManifestAt::Last));
+    host.put(
+        "/srv/not-an-archive.tar",
+        b"hello, this is not a tar archive at all",
+    );
+    host.put(
+        "/srv/good.tar.xz",
+        &good_archive(Compression::Xz, ManifestAt::Last),
+    );
     let sources = [
         "/srv/missing/{kernel}",
         "/srv/wrong-kernel.tar.zst",
@@ -250,17 +269,34 @@ fn sources_are_tried_in_order_and_each_failure_is_recorded() {
     let errors: Vec<_> = report.tried.iter().map(|a| &a.error).collect();
     assert!(errors[0].is_not_found(), "{}", errors[0]);
     assert!(
-        matches!(errors[1], AttemptError::Archive(ArchiveError::WrongOverlay { field: "kernel-release", .. })),
+        matches!(
+            errors[1],
+            AttemptError::Archive(ArchiveError::WrongOverlay {
+                field: "kernel-release",
+                ..
+            })
+        ),
         "{}",
         errors[1]
     );
-    assert!(matches!(errors[2], AttemptError::Module(_)), "{}", errors[2]);
     assert!(
-        matches!(errors[3], AttemptError::Archive(ArchiveError::NotAnArchive { .. })),
+        matches!(errors[2], AttemptError::Module(_)),
+        "{}",
+        errors[2]
+    );
+    assert!(
+        matches!(
+            errors[3],
+            AttemptError::Archive(ArchiveError::NotAnArchive { .. })
+        ),
         "{}",
         errors[3]
     );
-    assert!(matches!(errors[4], AttemptError::Unsupported), "{}", errors[4]);
+    assert!(
+        matches!(errors[4], AttemptError::Unsupported),
+        "{}",
+        errors[4]
+    );
     assert!(errors[5].to_string().contains("{kver}"), "{}", errors[5]);
     for e in &errors[1..3] {
         assert!(e.is_invalid(), "{e}");
@@ -281,7 +317,10 @@ fn nothing_anywhere_is_not_found_and_lists_every_source() {
     assert!(!err.any_invalid());
     assert!(text.contains(&format!("/srv/{KVER}/{DRIVER}")), "{text}");
     assert!(text.contains("HTTP 404"), "{text}");
-    assert!(text.contains(&format!("nvidia-{DRIVER}-{KVER}.tar.zst")), "{text}");
+    assert!(
+        text.contains(&format!("nvidia-{DRIVER}-{KVER}.tar.zst")),
+        "{text}"
+    );
     assert!(host.store().kernel_releases().unwrap().is_empty());
     host.assert_store_clean(false);
 }
@@ -290,14 +329,20 @@ fn nothing_anywhere_is_not_found_and_lists_every_source() {
 fn already_staged_returns_without_fetching() {
     let host = Host::new();
     let server = HttpServer::start();
-    server.route("/o.tar.zst", Route::file(good_archive(Compression::Zstd, ManifestAt::First)));
+    server.route(
+        "/o.tar.zst",
+        Route::file(good_archive(Compression::Zstd, ManifestAt::First)),
+    );
     let sources = settings(&[&server.url("/o.tar.zst")]);
     assert!(matches!(
         host.stage(&sources).unwrap().outcome,
         ImportOutcome::Imported { .. }
     ));
     let again = host.stage(&sources).unwrap();
-    assert_eq!(again.outcome, ImportOutcome::AlreadyPresent { dir: staged_dir() });
+    assert_eq!(
+        again.outcome,
+        ImportOutcome::AlreadyPresent { dir: staged_dir() }
+    );
     assert_eq!(server.requests("/o.tar.zst").len(), 1, "fetched once");
 
     // A damaged copy is not "present": it is fetched and replaced.
@@ -306,7 +351,10 @@ fn already_staged_returns_without_fetching() {
     ));
     fs::write(&module, b"damaged").unwrap();
     let repaired = host.stage(&sources).unwrap();
-    assert_eq!(repaired.outcome, ImportOutcome::Replaced { dir: staged_dir() });
+    assert_eq!(
+        repaired.outcome,
+        ImportOutcome::Replaced { dir: staged_dir() }
+    );
     assert_eq!(server.requests("/o.tar.zst").len(), 2);
     host.assert_store_clean(false);
 }
@@ -322,7 +370,9 @@ fn refused(entries: &[Raw]) -> AttemptError {
     tar.extend_from_slice(&good_archive(Compression::None, ManifestAt::Last));
     host.put("/srv/hostile.tar.zst", &compress(&tar, Compression::Zstd));
     let before = snapshot_dir(host.outer.path());
-    let err = host.stage(&settings(&["/srv/hostile.tar.zst"])).unwrap_err();
+    let err = host
+        .stage(&settings(&["/srv/hostile.tar.zst"]))
+        .unwrap_err();
     host.assert_store_clean(false);
     assert!(host.store().kernel_releases().unwrap().is_empty());
     // The store itself (and its parents) may now exist; nothing else may have changed.
@@ -379,22 +429,29 @@ fn archive_without_manifest_or_with_a_missing_file_is_refused() {
     );
     let dir = tempfile::tempdir().unwrap();
     OverlayBuilder::nvidia(KVER).build(dir.path());
-    fs::remove_file(dir.path().join(format!(
-        "usr/lib/firmware/nvidia/{DRIVER}/gsp_ga10x.bin"
-    )))
+    fs::remove_file(
+        dir.path()
+            .join(format!("usr/lib/firmware/nvidia/{DRIVER}/gsp_ga10x.bin")),
+    )
     .unwrap();
     host.put(
         "/srv/missing-file.tar",
         &common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     let err = host
-        .stage(&settings(&["/srv/no-manifest.tar", "/srv/missing-file.tar"]))
+        .stage(&settings(&[
+            "/srv/no-manifest.tar",
+            "/srv/missing-file.tar",
+        ]))
         .unwrap_err();
     let SourceError::Failed { tried, .. } = &err else {
         panic!("{err}")
     };
     assert!(
-        matches!(tried[0].error, AttemptError::Archive(ArchiveError::NoManifest { .. })),
+        matches!(
+            tried[0].error,
+            AttemptError::Archive(ArchiveError::NoManifest { .. })
+        ),
         "{err}"
     );
     assert!(tried[1].error.to_string().contains("missing"), "{err}");
@@ -405,20 +462,35 @@ fn archive_without_manifest_or_with_a_missing_file_is_refused() {
 fn http_good_and_not_found_and_plain_http_refused() {
     let host = Host::new();
     let server = HttpServer::start();
-    server.route("/good.tar.gz", Route::file(good_archive(Compression::Gzip, ManifestAt::Last)));
+    server.route(
+        "/good.tar.gz",
+        Route::file(good_archive(Compression::Gzip, ManifestAt::Last)),
+    );
     let mut no_http = settings(&[&server.url("/good.tar.gz")]);
     no_http.allow_http = false;
     let err = host.stage(&no_http).unwrap_err();
     assert!(
-        matches!(only_attempt(&err), AttemptError::Fetch(FetchError::HttpRefused { .. })),
+        matches!(
+            only_attempt(&err),
+            AttemptError::Fetch(FetchError::HttpRefused { .. })
+        ),
         "{err}"
     );
-    assert!(server.requests("/good.tar.gz").is_empty(), "refused before connecting");
+    assert!(
+        server.requests("/good.tar.gz").is_empty(),
+        "refused before connecting"
+    );
 
     let report = host
-        .stage(&settings(&[&server.url("/none.tar.gz"), &server.url("/good.tar.gz")]))
+        .stage(&settings(&[
+            &server.url("/none.tar.gz"),
+            &server.url("/good.tar.gz"),
+        ]))
         .unwrap();
-    assert_eq!(report.outcome, ImportOutcome::Imported { dir: staged_dir() });
+    assert_eq!(
+        report.outcome,
+        ImportOutcome::Imported { dir: staged_dir() }
+    );
     assert!(report.tried[0].error.is_not_found());
     host.assert_store_clean(false);
 }
@@ -430,7 +502,9 @@ fn http_corrupt_and_truncated_are_refused() {
     // Digest mismatch: a file altered after the manifest was written.
     let dir = tempfile::tempdir().unwrap();
     OverlayBuilder::nvidia(KVER).build(dir.path());
-    let fw = dir.path().join(format!("usr/lib/firmware/nvidia/{DRIVER}/gsp_ga10x.bin"));
+    let fw = dir
+        .path()
+        .join(format!("usr/lib/firmware/nvidia/{DRIVER}/gsp_ga10x.bin"));
     fs::write(&fw, b"GSP firmware fixturX").unwrap();
     let corrupt = compress(
         &common::archive::pack_dir(dir.path(), ManifestAt::First),
@@ -439,7 +513,10 @@ fn http_corrupt_and_truncated_are_refused() {
     server.route("/corrupt.tar.zst", Route::file(corrupt));
     // Served completely, but the archive itself is cut short.
     let whole = big_archive();
-    server.route("/truncated.tar.zst", Route::file(whole[..whole.len() / 2].to_vec()));
+    server.route(
+        "/truncated.tar.zst",
+        Route::file(whole[..whole.len() / 2].to_vec()),
+    );
     let err = host
         .stage(&settings(&[
             &server.url("/corrupt.tar.zst"),
@@ -494,14 +571,19 @@ fn http_oversize_with_and_without_content_length() {
     assert!(
         matches!(
             tried[1].error,
-            AttemptError::Fetch(FetchError::TooLarge { announced: None, .. })
+            AttemptError::Fetch(FetchError::TooLarge {
+                announced: None,
+                ..
+            })
         ),
         "{err}"
     );
     host.assert_store_clean(false);
 
     // Without Content-Length the whole body is read (close-delimited) when it fits.
-    let report = host.stage(&settings(&[&server.url("/unannounced.tar.zst")])).unwrap();
+    let report = host
+        .stage(&settings(&[&server.url("/unannounced.tar.zst")]))
+        .unwrap();
     assert!(matches!(report.outcome, ImportOutcome::Imported { .. }));
     host.assert_store_clean(false);
 }
@@ -523,7 +605,11 @@ fn http_too_slow_times_out_and_the_next_source_is_tried() {
     quick.download_timeout = Duration::from_millis(700);
     let started = std::time::Instant::now();
     let report = host.stage(&quick).unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(report.source, server.url("/fast.tar.zst"));
     assert!(
         matches!(
@@ -551,10 +637,15 @@ fn http_dropped_connection_resumes_with_range() {
             ..Route::file(archive)
         },
     );
-    let report = host.stage(&settings(&[&server.url("/flaky.tar.zst")])).unwrap();
+    let report = host
+        .stage(&settings(&[&server.url("/flaky.tar.zst")]))
+        .unwrap();
     assert!(matches!(report.outcome, ImportOutcome::Imported { .. }));
     let requests = server.requests("/flaky.tar.zst");
-    let statuses: Vec<_> = requests.iter().map(|r| (r.status, r.range.clone())).collect();
+    let statuses: Vec<_> = requests
+        .iter()
+        .map(|r| (r.status, r.range.clone()))
+        .collect();
     assert_eq!(
         statuses,
         [
@@ -583,7 +674,8 @@ fn http_server_ignoring_range_restarts_cleanly() {
             ..Route::file(archive)
         },
     );
-    host.stage(&settings(&[&server.url("/norange.tar.zst")])).unwrap();
+    host.stage(&settings(&[&server.url("/norange.tar.zst")]))
+        .unwrap();
     let requests = server.requests("/norange.tar.zst");
     assert_eq!(requests.len(), 2);
     assert!(requests[1].range.is_some(), "asked to resume");
@@ -611,7 +703,10 @@ fn http_part_is_resumed_by_the_next_stage_or_restarted_when_the_file_changed() {
     let host = Host::new();
     let err = host.stage(&sources).unwrap_err();
     assert!(
-        matches!(only_attempt(&err), AttemptError::Fetch(FetchError::Interrupted { .. })),
+        matches!(
+            only_attempt(&err),
+            AttemptError::Fetch(FetchError::Interrupted { .. })
+        ),
         "{err}"
     );
     host.assert_store_clean(true);
@@ -661,22 +756,47 @@ fn gc_keeps_the_listed_kernels_and_the_newest_others() {
         store.import(src.path()).unwrap();
     }
     // Leftovers of a crashed stage and of a crashed GC, and a part for a doomed kernel.
-    fs::create_dir_all(host.root.join(format!("{STORE}/6.1.0-10-cloud-amd64/{TEMP_PREFIX}x.1.2/usr"))).unwrap();
-    fs::create_dir_all(host.root.join(format!("{STORE}/{TEMP_PREFIX}6.1.0-8-cloud-amd64.1.2/a"))).unwrap();
-    host.put(&format!("{STORE}/.downloads/6.1.0-9-cloud-amd64_{DRIVER}_0123.part"), b"x");
-    host.put(&format!("{STORE}/.downloads/6.1.0-30-cloud-amd64_{DRIVER}_0123.part"), b"x");
+    fs::create_dir_all(host.root.join(format!(
+        "{STORE}/6.1.0-10-cloud-amd64/{TEMP_PREFIX}x.1.2/usr"
+    )))
+    .unwrap();
+    fs::create_dir_all(
+        host.root
+            .join(format!("{STORE}/{TEMP_PREFIX}6.1.0-8-cloud-amd64.1.2/a")),
+    )
+    .unwrap();
+    host.put(
+        &format!("{STORE}/.downloads/6.1.0-9-cloud-amd64_{DRIVER}_0123.part"),
+        b"x",
+    );
+    host.put(
+        &format!("{STORE}/.downloads/6.1.0-30-cloud-amd64_{DRIVER}_0123.part"),
+        b"x",
+    );
 
     let removed = store
-        .gc(&["6.1.0-10-cloud-amd64".into(), "6.1.0-28-cloud-amd64".into()], 1)
+        .gc(
+            &["6.1.0-10-cloud-amd64".into(), "6.1.0-28-cloud-amd64".into()],
+            1,
+        )
         .unwrap();
     let kept = store.kernel_releases().unwrap();
     assert_eq!(
         kept,
-        ["6.1.0-10-cloud-amd64", "6.1.0-28-cloud-amd64", "6.1.0-31-cloud-amd64"]
+        [
+            "6.1.0-10-cloud-amd64",
+            "6.1.0-28-cloud-amd64",
+            "6.1.0-31-cloud-amd64"
+        ]
     );
     assert!(removed.contains(&PathBuf::from(format!("{STORE}/6.1.0-9-cloud-amd64"))));
     assert!(removed.contains(&PathBuf::from(format!("{STORE}/6.1.0-30-cloud-amd64"))));
-    assert!(!host.root.join(format!("{STORE}/.downloads/6.1.0-30-cloud-amd64_{DRIVER}_0123.part")).exists());
+    assert!(!host
+        .root
+        .join(format!(
+            "{STORE}/.downloads/6.1.0-30-cloud-amd64_{DRIVER}_0123.part"
+        ))
+        .exists());
     host.assert_store_clean(false);
 
     // keep-extra 0 and nothing listed: everything goes.

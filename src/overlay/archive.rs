@@ -163,27 +163,7 @@ pub fn extract(
         archive: archive.to_string(),
         source,
     };
-    let mut entries = tar.entries().map_err(read_err)?;
-    let mut count = 0u64;
-    let result = loop {
-        let entry = match entries.next() {
-            None => break Ok(()),
-            Some(Ok(entry)) => entry,
-            Some(Err(e)) => break Err(read_err(e)),
-        };
-        count += 1;
-        if count > limits.max_entries {
-            break Err(ArchiveError::TooLarge {
-                archive: archive.to_string(),
-                limit: limits.max_entries,
-                what: "entries",
-            });
-        }
-        if let Err(e) = state.unpack(entry) {
-            break Err(e);
-        }
-    };
-    drop(entries);
+    let result = unpack_all(&mut tar, &mut state, limits, read_err);
     if tar.into_inner().exceeded {
         return Err(ArchiveError::TooLarge {
             archive: archive.to_string(),
@@ -195,8 +175,34 @@ pub fn extract(
     state.finish()
 }
 
+/// Unpack every entry (the entry iterator borrows the archive, so it lives here).
+fn unpack_all<R: Read>(
+    tar: &mut tar::Archive<R>,
+    state: &mut Unpacking<'_>,
+    limits: Limits,
+    read_err: impl Fn(io::Error) -> ArchiveError,
+) -> Result<(), ArchiveError> {
+    let mut count = 0u64;
+    for entry in tar.entries().map_err(&read_err)? {
+        let entry = entry.map_err(&read_err)?;
+        count += 1;
+        if count > limits.max_entries {
+            return Err(ArchiveError::TooLarge {
+                archive: state.archive.to_string(),
+                limit: limits.max_entries,
+                what: "entries",
+            });
+        }
+        state.unpack(entry)?;
+    }
+    Ok(())
+}
+
 /// The tar stream inside `input`, by its magic bytes.
-fn decompress<'a>(mut input: impl Read + 'a, archive: &str) -> Result<Box<dyn Read + 'a>, ArchiveError> {
+fn decompress<'a>(
+    mut input: impl Read + 'a,
+    archive: &str,
+) -> Result<Box<dyn Read + 'a>, ArchiveError> {
     let mut head = Vec::with_capacity(512);
     (&mut input)
         .take(512)
@@ -216,12 +222,14 @@ fn decompress<'a>(mut input: impl Read + 'a, archive: &str) -> Result<Box<dyn Re
         Compression::None => Box::new(stream),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(stream)),
         Compression::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(stream)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(stream).map_err(|source| ArchiveError::Read {
-                archive: archive.to_string(),
-                source,
-            })?,
-        ),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(stream).map_err(|source| {
+                ArchiveError::Read {
+                    archive: archive.to_string(),
+                    source,
+                }
+            })?)
+        }
     })
 }
 
@@ -243,7 +251,9 @@ impl<R: Read> Read for Bounded<R> {
             self.exceeded = true;
             return Err(io::Error::other("size limit exceeded"));
         }
-        let max = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let max = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..max])?;
         self.remaining -= n as u64;
         Ok(n)
@@ -323,7 +333,10 @@ impl Unpacking<'_> {
             return if entry_type.is_dir() {
                 Ok(())
             } else {
-                Err(self.refuse(&raw_path, "names the archive's top directory but is not a directory"))
+                Err(self.refuse(
+                    &raw_path,
+                    "names the archive's top directory but is not a directory",
+                ))
             };
         };
         if path == Path::new(MANIFEST_NAME) {
@@ -438,7 +451,11 @@ impl Unpacking<'_> {
         Ok(())
     }
 
-    fn write_file<R: Read>(&mut self, path: &Path, entry: &mut tar::Entry<'_, R>) -> Result<(), ArchiveError> {
+    fn write_file<R: Read>(
+        &mut self,
+        path: &Path,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ArchiveError> {
         if let Some(kind) = self.kind_of(path) {
             return Err(self.refuse(path, format!("is listed twice (already {kind})")));
         }
@@ -521,7 +538,10 @@ impl Unpacking<'_> {
         Ok(())
     }
 
-    fn read_manifest<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ArchiveError> {
+    fn read_manifest<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ArchiveError> {
         let origin = PathBuf::from(format!("{}: {MANIFEST_NAME}", self.archive));
         if self.manifest.is_some() {
             return Err(self.refuse(Path::new(MANIFEST_NAME), "is listed twice"));
@@ -677,7 +697,10 @@ mod tests {
 
     #[test]
     fn detects_by_magic() {
-        assert_eq!(Compression::detect(&[0x1f, 0x8b, 8]), Some(Compression::Gzip));
+        assert_eq!(
+            Compression::detect(&[0x1f, 0x8b, 8]),
+            Some(Compression::Gzip)
+        );
         assert_eq!(
             Compression::detect(&[0xfd, b'7', b'z', b'X', b'Z', 0, 0]),
             Some(Compression::Xz)

@@ -315,9 +315,15 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
         };
         let progressed = position > start;
         match outcome {
-            Ok(()) if announced.is_none_or(|n| n == position) => {
+            Ok(()) if announced.map_or(true, |n| n == position) => {
                 file.flush().map_err(io_err(part))?;
-                info!(url, size = position, resumed_from, restarts, "download complete");
+                info!(
+                    url,
+                    size = position,
+                    resumed_from,
+                    restarts,
+                    "download complete"
+                );
                 return Ok(Downloaded {
                     size: position,
                     resumed_from,
@@ -396,11 +402,13 @@ fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
     if end < start {
         return None;
     }
-    let total = match total.trim() {
-        "*" => None,
-        n => Some(n.parse::<u64>().ok()?).filter(|&t| t > end),
-    };
-    Some((start, total))
+    match total.trim() {
+        "*" => Some((start, None)),
+        n => {
+            let total: u64 = n.parse().ok()?;
+            (total > end).then_some((start, Some(total)))
+        }
+    }
 }
 
 #[cfg(test)]

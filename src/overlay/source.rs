@@ -51,8 +51,16 @@ impl OverlayKey {
     /// The first field where `manifest` is not for this key: (field, expected, found).
     pub fn mismatch(&self, manifest: &Manifest) -> Option<(&'static str, String, String)> {
         [
-            ("kernel-release", &self.kernel_release, &manifest.kernel_release),
-            ("driver-version", &self.driver_version, &manifest.driver_version),
+            (
+                "kernel-release",
+                &self.kernel_release,
+                &manifest.kernel_release,
+            ),
+            (
+                "driver-version",
+                &self.driver_version,
+                &manifest.driver_version,
+            ),
             ("arch", &self.arch, &manifest.arch),
         ]
         .into_iter()
@@ -95,7 +103,9 @@ pub fn unknown_placeholders(template: &str) -> Vec<String> {
         let candidate = &after[..=close];
         let word = &candidate[1..candidate.len() - 1];
         if !word.is_empty()
-            && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             && !PLACEHOLDERS.contains(&candidate)
         {
             unknown.push(candidate.to_string());
@@ -114,7 +124,9 @@ pub enum AttemptError {
     NotAFileOrDirectory { path: PathBuf },
     #[error("unknown placeholder {placeholders}; templates may use {{kernel}}, {{driver}} and {{arch}}", placeholders = .0.join(", "))]
     UnknownPlaceholder(Vec<String>),
-    #[error("not a source: expected an absolute path (directory or tar archive) or an https:// URL")]
+    #[error(
+        "not a source: expected an absolute path (directory or tar archive) or an https:// URL"
+    )]
     Unsupported,
     #[error("{path}: {MANIFEST} is for {field} {found:?}, but {expected:?} was asked for; the source template points at the wrong overlay", MANIFEST = super::MANIFEST_NAME)]
     WrongOverlay {
@@ -124,7 +136,11 @@ pub enum AttemptError {
         found: String,
     },
     #[error("{path}: the archive is {size} bytes, larger than stage.max-download-bytes ({limit})")]
-    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error(transparent)]
     Fetch(#[from] FetchError),
     #[error(transparent)]

@@ -274,7 +274,10 @@ impl<'a> Store<'a> {
             make_ld_cache(staging);
             sync_generated(staging)?;
         }
-        let kernel_dir = target.parent().expect("overlay dir has a parent").to_path_buf();
+        let kernel_dir = target
+            .parent()
+            .expect("overlay dir has a parent")
+            .to_path_buf();
         let replaced = publish(staging, &target, &kernel_dir)?;
         info!(
             OVERLAY = %target_host.display(),

@@ -61,7 +61,8 @@ pub fn compress(tar: &[u8], compression: Compression) -> Vec<u8> {
     match compression {
         Compression::None => tar.to_vec(),
         Compression::Gzip => {
-            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             encoder.write_all(tar).unwrap();
             encoder.finish().unwrap()
         }
@@ -117,7 +118,11 @@ pub fn raw_tar(entries: &[Raw]) -> Vec<u8> {
             old.linkname[..link.len()].copy_from_slice(link.as_bytes());
         }
         header.set_entry_type(kind);
-        header.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        header.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         header.set_size(data.len() as u64);
         if kind == tar::EntryType::Char {
             header.set_device_major(1).unwrap();

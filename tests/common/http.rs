@@ -26,7 +26,11 @@ pub struct Route {
 impl Route {
     /// A file served well: Content-Length, Range honoured, a strong ETag.
     pub fn file(body: Vec<u8>) -> Self {
-        let etag = format!("\"{:x}-{}\"", body.len(), body.iter().map(|&b| b as u64).sum::<u64>());
+        let etag = format!(
+            "\"{:x}-{}\"",
+            body.len(),
+            body.iter().map(|&b| b as u64).sum::<u64>()
+        );
         Route {
             status: 200,
             body,
@@ -96,7 +100,12 @@ impl HttpServer {
 
     pub fn requests(&self, path: &str) -> Vec<Served> {
         let state = self.state.lock().unwrap();
-        state.log.iter().filter(|s| s.path == path).cloned().collect()
+        state
+            .log
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
     }
 }
 
@@ -106,7 +115,11 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
     let mut headers = HashMap::new();
     loop {
         let mut line = String::new();
@@ -121,7 +134,11 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
     let if_range = headers.get("if-range").cloned();
     let (route, drop_now) = {
         let mut state = state.lock().unwrap();
-        let route = state.routes.get(&path).cloned().unwrap_or_else(Route::not_found);
+        let route = state
+            .routes
+            .get(&path)
+            .cloned()
+            .unwrap_or_else(Route::not_found);
         let served = state.served.entry(path.clone()).or_insert(0);
         let drop_now = *served < route.drops;
         *served += 1;
@@ -137,7 +154,10 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
         .filter(|_| if_range.is_none() || if_range == route.etag);
     let mut head = String::new();
     let (status, body) = if route.status != 200 {
-        head.push_str(&format!("HTTP/1.1 {} Not Found\r\nContent-Length: 0\r\n", route.status));
+        head.push_str(&format!(
+            "HTTP/1.1 {} Not Found\r\nContent-Length: 0\r\n",
+            route.status
+        ));
         (route.status, &route.body[..0])
     } else if let Some(start) = start {
         if start >= len {
