@@ -823,3 +823,82 @@ fn two_stagers_at_once_take_turns() {
     assert_eq!(imported, 1, "{outcomes:?}");
     assert_eq!(host.assert_store_clean(false).len(), 1);
 }
+
+/// The CLI: `overlay fetch` and `overlay gc` as a user runs them, with their exit codes.
+mod cli {
+    use super::*;
+    use std::process::{Command, Output};
+
+    fn agent(host: &Host, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nvdriver-agent"))
+            .arg("--root")
+            .arg(host.root.path())
+            .args(args)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .output()
+            .unwrap()
+    }
+
+    fn configure(host: &Host, extra: &str) {
+        host.put(
+            "/etc/nvdriver-agent/config.toml",
+            format!("[stage]\nsources = [\"/srv/missing/{{kernel}}\", \"/srv/{{kernel}}-{{driver}}.tar.zst\"]\n{extra}")
+                .as_bytes(),
+        );
+    }
+
+    #[test]
+    fn fetch_reports_the_source_and_what_was_tried() {
+        let host = Host::new();
+        configure(&host, "[driver]\nversion = \"570.124.06\"\n");
+        host.put(
+            &format!("/srv/{KVER}-{DRIVER}.tar.zst"),
+            &good_archive(Compression::Zstd, ManifestAt::First),
+        );
+        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(&format!("tried /srv/missing/{KVER}: not there")), "{stdout}");
+        assert!(
+            stdout.contains(&format!("staged: {STORE}/{KVER}/{DRIVER} from /srv/{KVER}-{DRIVER}.tar.zst")),
+            "{stdout}"
+        );
+        let again = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
+        assert!(String::from_utf8_lossy(&again.stdout).contains("already in the store"));
+
+        let gc = agent(&host, &["overlay", "gc", "--keep", KVER]);
+        assert_eq!(gc.status.code(), Some(0));
+        assert_eq!(host.assert_store_clean(false).len(), 1, "kept");
+    }
+
+    #[test]
+    fn exit_codes() {
+        let host = Host::new();
+        configure(&host, "");
+        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
+        assert_eq!(out.status.code(), Some(2), "no driver version is a config error");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--driver"));
+
+        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER]);
+        assert_eq!(out.status.code(), Some(3), "no source has it");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("/srv/{KVER}-{DRIVER}.tar.zst does not exist")), "{stderr}");
+
+        host.put(&format!("/srv/{KVER}-{DRIVER}.tar.zst"), b"not an archive, not at all");
+        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER]);
+        assert_eq!(out.status.code(), Some(4), "invalid overlay");
+        host.assert_store_clean(false);
+    }
+
+    #[test]
+    fn help_names_the_commands() {
+        let host = Host::new();
+        let out = agent(&host, &["overlay", "--help"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("fetch") && text.contains("gc"), "{text}");
+        let out = agent(&host, &["overlay", "fetch", "--help"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("--kernel") && text.contains("--driver"), "{text}");
+    }
+}
