@@ -15,6 +15,7 @@ use crate::kmod::load::{self, LoadError, LoadReport, OpenedModule};
 use crate::kmod::modinfo::{self, ModinfoError};
 use crate::kmod::plan::{self, InspectedModule, LoadPlan, PlanError, PlanInputs, ToolkitState};
 use crate::kmod::sys::Kernel;
+use crate::overlay::source::{self, OverlayKey, SourceError, StageReport};
 use crate::overlay::store::{self, ImportOutcome};
 use crate::overlay::verify::{check_digest, sha256_bytes, VerifyError};
 use crate::overlay::{Manifest, Store, StoreError, StoredOverlay};
@@ -54,11 +55,21 @@ pub enum CommandError {
         kernel_release: String,
         store: PathBuf,
     },
+    #[error(transparent)]
+    Source(Box<SourceError>),
+    #[error("no driver version to stage for kernel {kernel_release}: pass --driver VERSION or set driver.version in /etc/nvdriver-agent/config.toml")]
+    NoDriverVersion { kernel_release: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<SourceError> for CommandError {
+    fn from(e: SourceError) -> Self {
+        CommandError::Source(Box::new(e))
+    }
 }
 
 impl From<LoadError> for CommandError {
@@ -71,7 +82,13 @@ impl CommandError {
     pub fn exit_code(&self) -> u8 {
         use CommandError as E;
         match self {
-            E::Config(_) => exit::CONFIG,
+            E::Config(_) | E::NoDriverVersion { .. } => exit::CONFIG,
+            E::Source(e) => match &**e {
+                SourceError::NoSources => exit::CONFIG,
+                _ if e.any_invalid() => exit::INVALID_OVERLAY,
+                SourceError::NotFound { .. } => exit::NO_OVERLAY,
+                _ => exit::FAILURE,
+            },
             E::NoOverlay { .. } => exit::NO_OVERLAY,
             E::Store(StoreError::Io { .. }) | E::Io { .. } | E::Host(_) => exit::FAILURE,
             E::Store(_) | E::Verify(_) | E::Module(_) => exit::INVALID_OVERLAY,
@@ -264,21 +281,46 @@ pub fn overlay_verify_modules(
     dir: &Path,
     manifest: &Manifest,
 ) -> Result<Vec<modinfo::ModInfo>, CommandError> {
-    let mut infos = Vec::new();
-    for entry in manifest.module_files() {
-        let path = dir.join(&entry.path);
-        let info = modinfo::read_module_file(&path)?;
-        modinfo::check_vermagic(&info, &path, &manifest.kernel_release)?;
-        infos.push(info);
-    }
-    Ok(infos)
+    Ok(source::check_modules(dir, manifest)?)
 }
 
 /// Import an overlay directory into the store, after checking its modules.
 pub fn overlay_import(ctx: &Context, dir: &Path) -> Result<ImportOutcome, CommandError> {
     let manifest = overlay_verify(dir)?;
     overlay_verify_modules(dir, &manifest)?;
-    Ok(ctx.store().import(dir)?)
+    let store = ctx.store();
+    let _lock = store.lock()?;
+    Ok(store.import(dir)?)
+}
+
+/// Stage the overlay for a kernel from the configured sources (`overlay fetch`). The driver
+/// version is `driver`, else the pinned `driver.version`; the architecture is the machine's.
+pub fn overlay_fetch(
+    ctx: &Context,
+    kernel_release: &str,
+    driver: Option<&str>,
+) -> Result<StageReport, CommandError> {
+    let Some(driver_version) = driver.or(ctx.settings.driver_version.as_deref()) else {
+        return Err(CommandError::NoDriverVersion {
+            kernel_release: kernel_release.to_string(),
+        });
+    };
+    let key = OverlayKey {
+        kernel_release: kernel_release.to_string(),
+        driver_version: driver_version.to_string(),
+        arch: crate::host::machine_arch(),
+    };
+    Ok(source::stage(
+        &ctx.root,
+        &ctx.store(),
+        &ctx.settings.stage,
+        &key,
+    )?)
+}
+
+/// Remove the overlays of kernels not in `keep` beyond `stage.keep-extra` newest (`overlay gc`).
+pub fn overlay_gc(ctx: &Context, keep: &[String]) -> Result<Vec<PathBuf>, CommandError> {
+    Ok(ctx.store().gc(keep, ctx.settings.stage.keep_extra)?)
 }
 
 /// Tell systemd how things stand (a no-op outside a unit).

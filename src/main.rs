@@ -11,6 +11,7 @@ use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::host::Root;
 use nvdriver_agent::kmod::modinfo;
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
+use nvdriver_agent::overlay::store::ImportOutcome;
 
 /// Keeps precompiled NVIDIA driver overlays loaded across kernel updates.
 #[derive(Debug, Parser)]
@@ -76,6 +77,23 @@ enum OverlayCommand {
     },
     /// List the overlays in the store.
     List,
+    /// Stage the overlay for a kernel from the configured [stage] sources into the store
+    /// (tried in order; verified before it is published).
+    Fetch {
+        /// Kernel release (`uname -r` of the kernel the overlay is for).
+        #[arg(long, value_name = "KVER")]
+        kernel: String,
+        /// Driver version; defaults to driver.version from the config.
+        #[arg(long, value_name = "VER")]
+        driver: Option<String>,
+    },
+    /// Remove overlays of kernels no longer needed: all but the --keep kernels and the
+    /// stage.keep-extra newest others; also removes leftovers of interrupted stages.
+    Gc {
+        /// Kernel release whose overlays are kept (repeatable).
+        #[arg(long, value_name = "KVER")]
+        keep: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -217,6 +235,27 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 for driver in store.driver_versions(&kernel_release)? {
                     println!("{kernel_release}\t{driver}");
                 }
+            }
+            Ok(exit::OK)
+        }
+        Command::Overlay(OverlayCommand::Fetch { kernel, driver }) => {
+            let ctx = Context::new(root, &source)?;
+            let report = commands::overlay_fetch(&ctx, &kernel, driver.as_deref())?;
+            for attempt in &report.tried {
+                println!("tried {attempt}");
+            }
+            let (what, dir) = match &report.outcome {
+                ImportOutcome::Imported { dir } => ("staged", dir),
+                ImportOutcome::Replaced { dir } => ("staged (replacing a different copy)", dir),
+                ImportOutcome::AlreadyPresent { dir } => ("already in the store", dir),
+            };
+            println!("{what}: {} from {}", dir.display(), report.source);
+            Ok(exit::OK)
+        }
+        Command::Overlay(OverlayCommand::Gc { keep }) => {
+            let ctx = Context::new(root, &source)?;
+            for removed in commands::overlay_gc(&ctx, &keep)? {
+                println!("removed {}", removed.display());
             }
             Ok(exit::OK)
         }

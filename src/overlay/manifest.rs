@@ -354,7 +354,7 @@ fn check_relative(origin: &Path, path: &Path) -> Result<(), ManifestError> {
 
 /// Resolve `target` lexically from the link's directory; it must stay at or below the root.
 /// (Targets that pass through other links are checked when those links are checked.)
-fn symlink_stays_inside(link: &Path, target: &Path) -> bool {
+pub(crate) fn symlink_stays_inside(link: &Path, target: &Path) -> bool {
     if target.is_absolute() || target.as_os_str().is_empty() {
         return false;
     }

@@ -1,10 +1,15 @@
 //! Overlays: a root-shaped tree for one (kernel release, driver version, arch) plus its
-//! manifest `overlay.toml`; verification of a tree against its manifest; the local store.
+//! manifest `overlay.toml`; verification of a tree against its manifest; the local store;
+//! the sources overlays are staged from (directories, tar archives, HTTP(S)).
 
+pub mod archive;
+pub mod fetch;
 pub mod manifest;
+pub mod source;
 pub mod store;
 pub mod verify;
 
 pub use manifest::{Flavor, Manifest, ManifestError, MANIFEST_NAME};
-pub use store::{Store, StoreError, StoredOverlay};
+pub use source::{stage, OverlayKey, SourceError, StageReport};
+pub use store::{Store, StoreError, StoreLock, StoredOverlay};
 pub use verify::{verify_tree, VerifyError};

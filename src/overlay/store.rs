@@ -1,12 +1,15 @@
 //! The local store of verified overlays: `<store>/<kernel release>/<driver version>/`.
 //!
-//! A reader never sees half an overlay: [`Store::import`] builds the copy in a temporary
-//! sibling, verifies it, fsyncs files and directories, then renames it into place (an atomic
-//! exchange when an older copy is there).
+//! A reader never sees half an overlay: [`Store::import`] (and [`super::source::stage`] for
+//! archives) builds the copy in a temporary sibling, verifies it, fsyncs files and directories,
+//! then renames it into place (an atomic exchange when an older copy is there). Whatever changes
+//! the store holds [`Store::lock`], so two stagers (or a stager and GC) take turns, and the
+//! leftovers of a stage that was killed are recognisable by [`TEMP_PREFIX`] and removed by the
+//! next one.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,7 +17,7 @@ use tracing::{info, warn};
 
 use super::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 use super::verify::{self, check_digest, verify_tree, Generated, VerifyError};
-use crate::fsutil::{fsync_dir, temp_sibling};
+use crate::fsutil::{fsync_dir, temp_sibling, TEMP_PREFIX};
 use crate::host::Root;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,8 @@ pub enum StoreError {
         kernel_release: String,
         available: String,
     },
+    #[error("{path}: cannot lock the store: {source}")]
+    Lock { path: PathBuf, source: io::Error },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -69,6 +74,17 @@ pub enum ImportOutcome {
     /// A different overlay for the same kernel and driver was replaced atomically.
     Replaced { dir: PathBuf },
 }
+
+/// Proof that this process holds the store's exclusive lock (`<store>/.lock`); released on drop.
+#[derive(Debug)]
+pub struct StoreLock {
+    _flock: nix::fcntl::Flock<File>,
+}
+
+/// Name of the lock file at the top of the store.
+pub const LOCK_NAME: &str = ".lock";
+/// Directory under the store where partial downloads are kept for resuming.
+pub const DOWNLOADS_DIR: &str = ".downloads";
 
 pub struct Store<'a> {
     root: &'a Root,
@@ -104,6 +120,192 @@ impl<'a> Store<'a> {
             root,
             dir: dir.into(),
         }
+    }
+
+    /// Host path of the store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Real path of the directory holding partial downloads (`<store>/.downloads`).
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.root.join(self.dir.join(DOWNLOADS_DIR))
+    }
+
+    /// Take the store's exclusive lock, waiting for whoever holds it (another stage, GC or
+    /// import). The store directory is created when missing.
+    pub fn lock(&self) -> Result<StoreLock, StoreError> {
+        let dir = self.root.join(&self.dir);
+        create_dirs_durably(&dir)?;
+        let path = dir.join(LOCK_NAME);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, errno)| StoreError::Lock {
+                path: path.clone(),
+                source: io::Error::from(errno),
+            },
+        )?;
+        Ok(StoreLock { _flock: flock })
+    }
+
+    /// Remove what an interrupted stage, import or GC left behind: [`TEMP_PREFIX`] entries at the
+    /// top of the store, in each kernel directory and in the downloads directory, then kernel
+    /// directories left empty. Needs the lock, so nobody's work in progress is taken for a
+    /// leftover. Returns the host paths removed.
+    pub fn clean_leftovers(&self, _lock: &StoreLock) -> Result<Vec<PathBuf>, StoreError> {
+        let mut removed = Vec::new();
+        let mut dirs = vec![self.dir.clone(), self.dir.join(DOWNLOADS_DIR)];
+        dirs.extend(self.kernel_releases()?.iter().map(|k| self.dir.join(k)));
+        for host_dir in &dirs {
+            let real_dir = self.root.join(host_dir);
+            let mut removed_here = false;
+            for name in entry_names(&real_dir)? {
+                if !name.starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let path = real_dir.join(&name);
+                remove_any(&path)?;
+                removed.push(host_dir.join(&name));
+                removed_here = true;
+            }
+            if removed_here {
+                fsync_dir(&real_dir).map_err(io_err(&real_dir))?;
+            }
+        }
+        for kernel in self.kernel_releases()? {
+            let real = self.root.join(self.dir.join(&kernel));
+            if entry_names(&real)?.is_empty() && fs::remove_dir(&real).is_ok() {
+                removed.push(self.dir.join(&kernel));
+            }
+        }
+        if !removed.is_empty() {
+            let top = self.root.join(&self.dir);
+            fsync_dir(&top).map_err(io_err(&top))?;
+            info!(removed = ?removed, "removed leftovers of an interrupted stage");
+        }
+        Ok(removed)
+    }
+
+    /// Remove the overlays of every kernel except `keep_kernels` and the `keep_extra` newest
+    /// others (by [`compare_versions`]), plus their partial downloads and any leftovers. Each
+    /// kernel directory is first renamed to a temporary name, so a crash mid-delete never leaves
+    /// half an overlay under its real name. Returns the host paths removed.
+    pub fn gc(&self, keep_kernels: &[String], keep_extra: u32) -> Result<Vec<PathBuf>, StoreError> {
+        let lock = self.lock()?;
+        self.clean_leftovers(&lock)?;
+        let doomed = gc_victims(&self.kernel_releases()?, keep_kernels, keep_extra);
+        let top = self.root.join(&self.dir);
+        let mut removed = Vec::new();
+        for kernel in &doomed {
+            let host = self.dir.join(kernel);
+            let real = self.root.join(&host);
+            let doomed_name = temp_sibling(&real);
+            fs::rename(&real, &doomed_name).map_err(io_err(&real))?;
+            fsync_dir(&top).map_err(io_err(&top))?;
+            remove_any(&doomed_name)?;
+            info!(KERNEL_RELEASE = %kernel, OVERLAY = %host.display(), "removed overlays of a kernel no longer needed");
+            removed.push(host);
+        }
+        let downloads = self.downloads_dir();
+        for name in entry_names(&downloads)? {
+            if doomed.iter().any(|k| name.starts_with(&format!("{k}_"))) {
+                remove_any(&downloads.join(&name))?;
+                removed.push(self.dir.join(DOWNLOADS_DIR).join(name));
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Real path of a new, empty temporary directory for building the overlay of
+    /// (`kernel_release`, `driver_version`) in place: a sibling of its final directory, so
+    /// [`Store::publish_staged`] is a rename.
+    pub fn begin_staging(
+        &self,
+        _lock: &StoreLock,
+        kernel_release: &str,
+        driver_version: &str,
+    ) -> Result<PathBuf, StoreError> {
+        let kernel_dir = self.root.join(self.dir.join(kernel_release));
+        create_dirs_durably(&kernel_dir)?;
+        let staging = temp_sibling(&kernel_dir.join(driver_version));
+        fs::create_dir(&staging).map_err(io_err(&staging))?;
+        Ok(staging)
+    }
+
+    /// Give up a staging directory from [`Store::begin_staging`]: remove it, and its kernel
+    /// directory when that is left empty.
+    pub fn abandon_staging(&self, staging: &Path) {
+        if let Err(e) = remove_any(staging) {
+            warn!(error = %e, "cannot remove a staging directory; the next stage removes it");
+        }
+        if let Some(kernel_dir) = staging.parent() {
+            // Fails (as it should) when the kernel has other overlays.
+            let _ = fs::remove_dir(kernel_dir);
+        }
+    }
+
+    /// Put a staging directory whose files and directories are complete, verified against
+    /// `manifest` and fsynced into place atomically; generated files (the ld.so cache) are made
+    /// first. On error the staging directory is left for the caller to abandon.
+    pub fn publish_staged(
+        &self,
+        _lock: &StoreLock,
+        staging: &Path,
+        manifest: &Manifest,
+    ) -> Result<ImportOutcome, StoreError> {
+        let target_host = self.overlay_dir(&manifest.kernel_release, &manifest.driver_version);
+        let target = self.root.join(&target_host);
+        if staging.parent() != target.parent() {
+            return Err(StoreError::Io {
+                path: staging.to_path_buf(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("not a staging directory of {}", target.display()),
+                ),
+            });
+        }
+        if manifest.has_userspace() {
+            make_ld_cache(staging);
+            sync_generated(staging)?;
+        }
+        let kernel_dir = target
+            .parent()
+            .expect("overlay dir has a parent")
+            .to_path_buf();
+        let replaced = publish(staging, &target, &kernel_dir)?;
+        info!(
+            OVERLAY = %target_host.display(),
+            KERNEL_RELEASE = %manifest.kernel_release,
+            DRIVER_VERSION = %manifest.driver_version,
+            "overlay staged into the store"
+        );
+        Ok(if replaced {
+            ImportOutcome::Replaced { dir: target_host }
+        } else {
+            ImportOutcome::Imported { dir: target_host }
+        })
+    }
+
+    /// The stored overlay for a kernel and driver, when it is there, sits where it belongs,
+    /// is for `arch`, and verifies completely.
+    pub fn verified(
+        &self,
+        kernel_release: &str,
+        driver_version: &str,
+        arch: &str,
+    ) -> Option<StoredOverlay> {
+        let overlay = self.open(kernel_release, driver_version).ok()?;
+        if overlay.manifest.arch != arch {
+            return None;
+        }
+        self.verify(&overlay).ok()?;
+        Some(overlay)
     }
 
     pub fn overlay_dir(&self, kernel_release: &str, driver_version: &str) -> PathBuf {
@@ -265,6 +467,67 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
         }
     }
     pa.len().cmp(&pb.len()).then_with(|| a.cmp(b))
+}
+
+/// Kernels GC removes: all but `keep` and the `keep_extra` newest of the others.
+fn gc_victims(kernels: &[String], keep: &[String], keep_extra: u32) -> Vec<String> {
+    let mut others: Vec<&String> = kernels.iter().filter(|k| !keep.contains(k)).collect();
+    others.sort_by(|a, b| compare_versions(b, a));
+    others
+        .into_iter()
+        .skip(keep_extra as usize)
+        .cloned()
+        .collect()
+}
+
+/// Names in a directory (none when it does not exist).
+fn entry_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: dir.into(),
+                source,
+            })
+        }
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Remove a file, link or whole directory tree (never following links).
+fn remove_any(path: &Path) -> Result<(), StoreError> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.map_err(io_err(path))
+}
+
+/// fsync what [`make_ld_cache`] wrote, so it is as durable as the verified content.
+fn sync_generated(staging: &Path) -> Result<(), StoreError> {
+    let etc = staging.join("etc");
+    if !etc.is_dir() {
+        return Ok(());
+    }
+    for name in entry_names(&etc)? {
+        let path = etc.join(name);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&path))?;
+        }
+    }
+    fsync_dir(&etc).map_err(io_err(&etc))?;
+    fsync_dir(staging).map_err(io_err(staging))
 }
 
 /// `mkdir -p` that fsyncs each parent it created into.

@@ -3,9 +3,11 @@
 
 pub use nvdriver_agent::kmod::modinfo::Compression;
 
-pub mod bus;
+pub mod archive;
 pub mod boot;
+pub mod bus;
 pub mod host;
+pub mod http;
 pub mod modules;
 pub mod ostree;
 pub mod overlay;

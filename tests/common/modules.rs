@@ -37,6 +37,9 @@ pub struct FixtureModule {
     pub omitted_keys: Vec<String>,
     /// Raw `key=value` entries appended to `.modinfo` after the usual ones.
     pub extra_entries: Vec<String>,
+    /// Bytes of a large read-only section, to give the module a real module's size (nvidia.ko
+    /// is tens of MB); empty for none.
+    pub payload: Vec<u8>,
 }
 
 impl FixtureModule {
@@ -50,6 +53,7 @@ impl FixtureModule {
             signed: false,
             omitted_keys: Vec::new(),
             extra_entries: Vec::new(),
+            payload: Vec::new(),
         }
     }
 
@@ -70,6 +74,25 @@ impl FixtureModule {
 
     pub fn without_key(mut self, key: &str) -> Self {
         self.omitted_keys.push(key.to_string());
+        self
+    }
+
+    /// Pad the module with a `.rodata.fixture` section of `random` pseudo-random
+    /// (incompressible) bytes followed by `zeros` zero bytes.
+    pub fn padded(mut self, random: usize, zeros: usize, seed: u64) -> Self {
+        let mut state = seed | 1;
+        let mut payload = Vec::with_capacity(random + zeros);
+        while payload.len() < random {
+            // xorshift64*: fast, deterministic, and zstd/xz cannot shrink it.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            let n = word.len().min(random - payload.len());
+            payload.extend_from_slice(&word[..n]);
+        }
+        payload.resize(random + zeros, 0);
+        self.payload = payload;
         self
     }
 
@@ -166,6 +189,15 @@ impl FixtureModule {
             SectionKind::Data,
         );
         obj.append_section_data(section, &this_module, 64);
+
+        if !self.payload.is_empty() {
+            let section = obj.add_section(
+                Vec::new(),
+                b".rodata.fixture".to_vec(),
+                SectionKind::ReadOnlyData,
+            );
+            obj.append_section_data(section, &self.payload, 64);
+        }
 
         let mut bytes = obj.write().expect("writing fixture ELF");
         if self.signed {
