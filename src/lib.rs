@@ -9,6 +9,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod fsutil;
 pub mod hold;
 pub mod host;
@@ -16,6 +17,8 @@ pub mod kmod;
 pub mod overlay;
 pub mod readiness;
 pub mod runtime;
+pub mod stage;
 pub mod state;
+pub mod status;
 pub mod text;
 pub mod watch;

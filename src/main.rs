@@ -8,10 +8,13 @@ use tracing::error;
 
 use nvdriver_agent::commands::{self, exit, CommandError, Context, LoadOutcome, Prepared};
 use nvdriver_agent::config::ConfigSource;
-use nvdriver_agent::host::Root;
+use nvdriver_agent::daemon::{self, DaemonError};
+use nvdriver_agent::host::{HostFacts, Root};
 use nvdriver_agent::kmod::modinfo;
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
 use nvdriver_agent::overlay::store::ImportOutcome;
+use nvdriver_agent::stage::{self, NextBootReadiness, StageError, Target};
+use nvdriver_agent::{status, watch};
 
 /// Keeps precompiled NVIDIA driver overlays loaded across kernel updates.
 #[derive(Debug, Parser)]
@@ -49,6 +52,29 @@ enum Command {
     },
     /// Load the driver for the running kernel from the store and hand it to containers.
     Load,
+    /// The daemon: load the driver for the running kernel, then watch for the kernel the host
+    /// boots next and stage its overlay before the reboot (run by nvdriver-agent.service).
+    Run,
+    /// Stage the overlay for the kernel the host boots next. With a daemon running, this asks
+    /// it to look again and returns at once; with --now (or no daemon) it does the whole stage
+    /// in this process and returns when done (the unit's ExecStop uses this at shutdown).
+    Stage {
+        /// Stage in this process and wait for the result, even when the daemon runs.
+        #[arg(long)]
+        now: bool,
+        /// Stage for this kernel release instead of the detected next one (implies --now).
+        #[arg(long, value_name = "KVER")]
+        kernel: Option<String>,
+        /// Stage this driver version instead of the pinned, loaded or stored one (implies --now).
+        #[arg(long, value_name = "VERSION")]
+        driver: Option<String>,
+    },
+    /// Show the running and the next kernel, the store, the last stage and any held update.
+    Status {
+        /// Machine-readable output (format documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with overlays and the store.
     #[command(subcommand)]
     Overlay(OverlayCommand),
@@ -104,8 +130,21 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = e
                 .chain()
-                .find_map(|cause| cause.downcast_ref::<CommandError>())
-                .map(CommandError::exit_code)
+                .find_map(|cause| {
+                    cause
+                        .downcast_ref::<CommandError>()
+                        .map(CommandError::exit_code)
+                        .or_else(|| {
+                            cause
+                                .downcast_ref::<StageError>()
+                                .map(StageError::exit_code)
+                        })
+                        .or_else(|| {
+                            cause
+                                .downcast_ref::<DaemonError>()
+                                .map(DaemonError::exit_code)
+                        })
+                })
                 .unwrap_or(exit::FAILURE);
             error!("{e:#}");
             eprintln!("nvdriver-agent: error: {e:#}");
@@ -205,6 +244,71 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     Ok(exit::OK)
                 }
             }
+        }
+        Command::Run => {
+            let ctx = Context::new(root, &source)?;
+            daemon::run(&ctx, kernel.as_mut())?;
+            Ok(exit::OK)
+        }
+        Command::Stage {
+            now,
+            kernel: kernel_release,
+            driver,
+        } => {
+            let ctx = Context::new(root, &source)?;
+            let in_process = now || kernel_release.is_some() || driver.is_some();
+            if !in_process {
+                if let Some(pid) = daemon::running_pid(&ctx.root) {
+                    daemon::poke(pid).map_err(|e| {
+                        anyhow::anyhow!("cannot signal the daemon (pid {pid}): {e}")
+                    })?;
+                    println!("asked the running daemon (pid {pid}) to look again; `nvdriver-agent status` shows the result");
+                    return Ok(exit::OK);
+                }
+            }
+            let target = match kernel_release {
+                Some(kernel_release) => Target::Kernel(kernel_release),
+                None => {
+                    let host = HostFacts::read(&ctx.root).map_err(CommandError::from)?;
+                    let family = watch::choose(ctx.settings.detector, &ctx.root, &host.os)
+                        .ok_or(StageError::DetectorOff)?;
+                    Target::Detect {
+                        family,
+                        update_engine: daemon::last_update_engine_state(&ctx.root),
+                    }
+                }
+            };
+            let run = stage::stage_next(&ctx, &target, driver.as_deref())?;
+            match (&run.pending, &run.record) {
+                (None, _) => println!("no kernel update pending: nothing to stage"),
+                (Some(next), Some(record)) => println!(
+                    "next kernel {} ({}): {}{}",
+                    next.kernel_release,
+                    next.origin,
+                    record.result,
+                    record
+                        .detail
+                        .as_deref()
+                        .or(record.source.as_deref())
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ),
+                (Some(next), None) => println!("next kernel {}", next.kernel_release),
+            }
+            Ok(match run.readiness {
+                NextBootReadiness::Covered => exit::OK,
+                NextBootReadiness::Missing => exit::NO_OVERLAY,
+            })
+        }
+        Command::Status { json } => {
+            let ctx = Context::new(root, &source)?;
+            let report = status::gather(&ctx)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", status::render(&report));
+            }
+            Ok(exit::OK)
         }
         Command::Overlay(OverlayCommand::Verify { dir }) => {
             let manifest = commands::overlay_verify(&dir)?;

@@ -858,10 +858,20 @@ mod cli {
         );
         let out = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains(&format!("tried /srv/missing/{KVER}: not there")), "{stdout}");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
-            stdout.contains(&format!("staged: {STORE}/{KVER}/{DRIVER} from /srv/{KVER}-{DRIVER}.tar.zst")),
+            stdout.contains(&format!("tried /srv/missing/{KVER}: not there")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!(
+                "staged: {STORE}/{KVER}/{DRIVER} from /srv/{KVER}-{DRIVER}.tar.zst"
+            )),
             "{stdout}"
         );
         let again = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
@@ -877,16 +887,32 @@ mod cli {
         let host = Host::new();
         configure(&host, "");
         let out = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
-        assert_eq!(out.status.code(), Some(2), "no driver version is a config error");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "no driver version is a config error"
+        );
         assert!(String::from_utf8_lossy(&out.stderr).contains("--driver"));
 
-        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER]);
+        let out = agent(
+            &host,
+            &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER],
+        );
         assert_eq!(out.status.code(), Some(3), "no source has it");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(&format!("/srv/{KVER}-{DRIVER}.tar.zst does not exist")), "{stderr}");
+        assert!(
+            stderr.contains(&format!("/srv/{KVER}-{DRIVER}.tar.zst does not exist")),
+            "{stderr}"
+        );
 
-        host.put(&format!("/srv/{KVER}-{DRIVER}.tar.zst"), b"not an archive, not at all");
-        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER]);
+        host.put(
+            &format!("/srv/{KVER}-{DRIVER}.tar.zst"),
+            b"not an archive, not at all",
+        );
+        let out = agent(
+            &host,
+            &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER],
+        );
         assert_eq!(out.status.code(), Some(4), "invalid overlay");
         host.assert_store_clean(false);
     }
@@ -899,6 +925,9 @@ mod cli {
         assert!(text.contains("fetch") && text.contains("gc"), "{text}");
         let out = agent(&host, &["overlay", "fetch", "--help"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("--kernel") && text.contains("--driver"), "{text}");
+        assert!(
+            text.contains("--kernel") && text.contains("--driver"),
+            "{text}"
+        );
     }
 }

@@ -175,7 +175,7 @@ fn verify_harness_catches_a_broken_unit() {
     let text = fs::read_to_string(repo_path("units").join(UNIT)).unwrap();
     let broken = text
         .replace("NoNewPrivileges=yes", "NoNewPrivilege=yes")
-        .replace("Type=oneshot", "Type=one-shot");
+        .replace("Type=notify", "Type=notifyy");
     assert_ne!(
         broken, text,
         "the unit no longer has the lines this test breaks"
@@ -187,7 +187,7 @@ fn verify_harness_catches_a_broken_unit() {
         "unknown key not reported: {complaints:#?}"
     );
     assert!(
-        complaints.iter().any(|l| l.contains("one-shot")),
+        complaints.iter().any(|l| l.contains("notifyy")),
         "bad Type= not reported: {complaints:#?}"
     );
 
@@ -334,20 +334,50 @@ fn unit_loads_the_driver_before_the_container_runtimes() {
         ["/var/lib/nvdriver-agent"]
     );
 
-    // Units ordered after us wait for the load to finish, and it cannot hold boot forever.
-    assert_eq!(values(&unit, "Service", "Type"), ["oneshot"]);
-    assert_eq!(values(&unit, "Service", "RemainAfterExit"), ["yes"]);
-    let timeout = values(&unit, "Service", "TimeoutStartSec");
-    assert!(
-        timeout.len() == 1 && !["infinity", "0"].contains(&timeout[0].as_str()),
-        "TimeoutStartSec= must bound the start: {timeout:?}"
+    // Units ordered after us wait for READY=1, which comes after the load; neither the start nor
+    // the shutdown-time stage can hold the machine forever.
+    assert_eq!(values(&unit, "Service", "Type"), ["notify"]);
+    assert_eq!(
+        values(&unit, "Service", "ExecStart"),
+        ["/usr/bin/nvdriver-agent", "run"]
     );
+    assert!(values(&unit, "Service", "RemainAfterExit").is_empty());
+    for key in ["TimeoutStartSec", "TimeoutStopSec"] {
+        let timeout = values(&unit, "Service", key);
+        assert!(
+            timeout.len() == 1 && !["infinity", "0"].contains(&timeout[0].as_str()),
+            "{key}= must bound it: {timeout:?}"
+        );
+    }
+    // An idle daemon makes no wakeups: no watchdog unless an administrator asks for one.
+    assert!(values(&unit, "Service", "WatchdogSec").is_empty());
     // We order runtimes; nothing may come to depend on us through our own file.
     for key in ["Requires", "RequiredBy", "BindsTo", "Requisite"] {
         let found: Vec<_> = unit.iter().filter(|(_, k, _)| k == key).collect();
         assert!(found.is_empty(), "{key}= in {UNIT}: {found:?}");
     }
     assert_eq!(values(&unit, "Install", "WantedBy"), ["multi-user.target"]);
+}
+
+/// systemd stops units in the reverse order of starting them, so `After=` ostree's finalize unit
+/// makes our ExecStop (the last stage) run before ostree finalizes the staged deployment.
+#[test]
+fn shutdown_stage_runs_before_ostree_finalizes() {
+    let unit = agent_unit();
+    assert!(
+        values(&unit, "Unit", "After").contains(&"ostree-finalize-staged.service".to_owned()),
+        "After= lacks ostree-finalize-staged.service"
+    );
+    assert_eq!(
+        values(&unit, "Service", "ExecStop"),
+        ["/usr/bin/nvdriver-agent", "stage", "--now"]
+    );
+    // The downloads need the network families.
+    let families = values(&unit, "Service", "RestrictAddressFamilies").join(" ");
+    for family in ["AF_UNIX", "AF_INET", "AF_INET6"] {
+        assert!(families.contains(family), "{family} missing: {families}");
+    }
+    assert!(values(&unit, "Service", "IPAddressDeny").is_empty());
 }
 
 #[test]

@@ -31,3 +31,114 @@ pub struct NextBoot {
     /// policy can keep it from finalizing with `/run/ostree/staged-deployment-locked`.
     pub staged_deployment: bool,
 }
+
+use std::path::Path;
+
+use crate::config::Detector;
+use crate::host::{OsFamily, OsRelease, Root};
+
+/// The detector families, one module each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    Ostree,
+    Flatcar,
+    Generic,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Ostree(#[from] ostree::OstreeError),
+    #[error(transparent)]
+    Flatcar(#[from] flatcar::FlatcarError),
+    #[error(transparent)]
+    Generic(#[from] generic::GenericError),
+}
+
+/// Pick the detector for this host; `None` when watching is switched off.
+pub fn choose(detector: Detector, root: &Root, os: &OsRelease) -> Option<Family> {
+    match detector {
+        Detector::Off => None,
+        Detector::Ostree => Some(Family::Ostree),
+        Detector::Flatcar => Some(Family::Flatcar),
+        Detector::Generic => Some(Family::Generic),
+        Detector::Auto if os.family.is_rpm_ostree() || ostree::is_ostree_host(root) => {
+            Some(Family::Ostree)
+        }
+        Detector::Auto if os.family == OsFamily::Flatcar => Some(Family::Flatcar),
+        Detector::Auto => Some(Family::Generic),
+    }
+}
+
+/// The kernel the host boots next, or `None` when that is the running one.
+pub fn next_boot(
+    root: &Root,
+    family: Family,
+    running_kernel: &str,
+    update_engine: flatcar::UpdateEngineState,
+) -> Result<Option<NextBoot>, WatchError> {
+    Ok(match family {
+        Family::Ostree => ostree::next_boot(root, running_kernel)?,
+        Family::Flatcar => flatcar::next_boot(root, running_kernel, update_engine)?,
+        Family::Generic => generic::next_boot(root, running_kernel)?,
+    })
+}
+
+/// Host paths whose changes mean "look again".
+pub fn watch_paths(root: &Root, family: Family) -> Vec<PathBuf> {
+    match family {
+        Family::Ostree => ostree::watch_paths(root),
+        Family::Flatcar => flatcar::watch_paths(),
+        Family::Generic => generic::watch_paths(),
+    }
+}
+
+/// Module file names that mean "the NVIDIA driver itself".
+const NVIDIA_MODULE_FILES: [&str; 4] =
+    ["nvidia.ko", "nvidia.ko.xz", "nvidia.ko.zst", "nvidia.ko.gz"];
+
+/// Why the agent should stand down for `next` (the OS ships the driver itself), if it should.
+pub fn os_ships_driver(root: &Root, family: Family, next: &NextBoot) -> Option<String> {
+    if family == Family::Flatcar {
+        if let Some(sysext) = flatcar::os_nvidia_sysext(root) {
+            return Some(format!(
+                "Flatcar's own NVIDIA driver sysext is configured ({})",
+                sysext.display()
+            ));
+        }
+    }
+    let tree = next.module_tree.as_ref()?;
+    find_nvidia_module(&root.join(tree), 8).map(|found| {
+        let shown = root.host_path_of(&found).unwrap_or(found);
+        format!(
+            "the OS ships an NVIDIA module for {} ({})",
+            next.kernel_release,
+            shown.display()
+        )
+    })
+}
+
+/// A bounded walk (depth, and no symlinks followed) for an NVIDIA module file.
+fn find_nvidia_module(dir: &Path, depth: u32) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut subdirs = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_file() && NVIDIA_MODULE_FILES.iter().any(|n| name == *n) {
+            return Some(entry.path());
+        }
+        if kind.is_dir() {
+            subdirs.push(entry.path());
+        }
+    }
+    if depth == 0 {
+        return None;
+    }
+    subdirs
+        .iter()
+        .find_map(|sub| find_nvidia_module(sub, depth - 1))
+}

@@ -3,6 +3,7 @@
 
 pub use nvdriver_agent::kmod::modinfo::Compression;
 
+pub mod agent;
 pub mod archive;
 pub mod boot;
 pub mod bus;

@@ -1,0 +1,493 @@
+//! `nvdriver-agent run`: load the driver for the running kernel, then watch for the next one.
+//!
+//! One thread per event source (inotify, each D-Bus listener, signals) feeds a channel; the
+//! main thread sleeps in `recv()` until something happens. The only timed wakeups are the
+//! systemd watchdog, when `WatchdogSec=` asks for it, and retries while an overlay for a pending
+//! kernel is missing. Idle with nothing pending, the process makes no wakeups at all.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{debug, error, info, warn};
+
+use crate::commands::{self, CommandError, Context, LoadOutcome};
+use crate::fsutil;
+use crate::hold::HoldMechanism;
+use crate::host::{HostFacts, Root};
+use crate::kmod::sys::Kernel;
+use crate::stage::{self, HoldAction, NextBootReadiness, Target};
+use crate::state::{now_unix, AgentState, HoldRecord, LoadRecord};
+use crate::watch::dbus::{self, Hint, Inhibitor};
+use crate::watch::flatcar::{self, UpdateEngineState};
+use crate::watch::{self, fswatch, Family};
+
+pub const INSTANCE_LOCK: &str = "/run/nvdriver-agent/run.lock";
+/// Events closer together than this are handled as one (a package install writes many files).
+const SETTLE: Duration = Duration::from_millis(50);
+/// ... but a steady stream of events does not postpone the work longer than this.
+const SETTLE_MAX: Duration = Duration::from_secs(1);
+/// Retry delays while the overlay for a pending kernel is missing: doubling, up to an hour.
+const RETRY_FIRST: Duration = Duration::from_secs(60);
+const RETRY_MAX: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another `nvdriver-agent run` is already running on this host{}; stop it first (`systemctl stop nvdriver-agent`), or use `nvdriver-agent stage` to ask it to look again", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    AlreadyRunning { pid: Option<u32> },
+    #[error("cannot take the instance lock {path}: {source}; is /run writable?")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(nix::Error),
+}
+
+impl DaemonError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Command(e) => e.exit_code(),
+            _ => crate::commands::exit::FAILURE,
+        }
+    }
+}
+
+/// Held for the daemon's lifetime; records its pid.
+pub struct InstanceLock {
+    _lock: Flock<File>,
+}
+
+impl InstanceLock {
+    pub fn acquire(root: &Root) -> Result<InstanceLock, DaemonError> {
+        let path = root.join(INSTANCE_LOCK);
+        let lock_err = |source| DaemonError::Lock {
+            path: PathBuf::from(INSTANCE_LOCK),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fsutil::create_dir_all_mode(dir, 0o755).map_err(lock_err)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(DaemonError::AlreadyRunning {
+                    pid: running_pid(root),
+                })
+            }
+            Err((_, errno)) => return Err(lock_err(std::io::Error::from(errno))),
+        };
+        lock.set_len(0).map_err(lock_err)?;
+        lock.rewind().map_err(lock_err)?;
+        writeln!(lock, "{}", std::process::id()).map_err(lock_err)?;
+        Ok(InstanceLock { _lock: lock })
+    }
+}
+
+/// The pid of the running daemon, if one holds the instance lock.
+pub fn running_pid(root: &Root) -> Option<u32> {
+    let path = root.join(INSTANCE_LOCK);
+    let mut file = File::open(&path).ok()?;
+    // If we can take the lock, nobody holds it: the pid in the file is stale.
+    let probe = OpenOptions::new().read(true).open(&path).ok()?;
+    if Flock::lock(probe, FlockArg::LockSharedNonblock).is_ok() {
+        return None;
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// update_engine's state as the daemon last heard it (`Unknown` without a daemon).
+pub fn last_update_engine_state(root: &Root) -> UpdateEngineState {
+    AgentState::read(root)
+        .update_engine_operation
+        .as_deref()
+        .map(flatcar::update_engine_state)
+        .unwrap_or(UpdateEngineState::Unknown)
+}
+
+/// Ask the running daemon to look again now (`stage` without `--now`).
+pub fn poke(pid: u32) -> Result<(), nix::Error> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        Some(Signal::SIGUSR1),
+    )
+}
+
+#[derive(Debug)]
+enum Event {
+    /// Something on disk or on the bus changed: look again.
+    Changed(String),
+    /// update_engine's `current_operation`; `None` when it left the bus.
+    UpdateEngine(Option<String>),
+    /// SIGUSR1 (`nvdriver-agent stage`) or SIGHUP.
+    Rescan,
+    /// SIGTERM or SIGINT.
+    Shutdown,
+}
+
+fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Signals are blocked in every thread (threads inherit the mask, so this runs first) and
+/// taken synchronously by one thread: no handler runs in signal context.
+fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
+    let set = handled_signals();
+    set.thread_block().map_err(DaemonError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let event = match set.wait() {
+                Ok(Signal::SIGTERM | Signal::SIGINT) => Event::Shutdown,
+                Ok(_) => Event::Rescan,
+                Err(_) => continue,
+            };
+            let last = matches!(event, Event::Shutdown);
+            if tx.send(event).is_err() || last {
+                return;
+            }
+        })
+        .expect("spawning a thread");
+    Ok(())
+}
+
+/// Run the daemon until SIGTERM.
+pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
+    let (tx, rx) = mpsc::channel();
+    spawn_signal_thread(tx.clone())?;
+    let _instance = InstanceLock::acquire(&ctx.root)?;
+
+    let mut state = AgentState::read(&ctx.root);
+    state.load = Some(boot_path(ctx, kernel));
+    if let Err(e) = state.write(&ctx.root) {
+        warn!("{e}");
+    }
+    let store = ctx.store();
+    if let Err(e) = store.lock().and_then(|lock| store.clean_leftovers(&lock)) {
+        warn!("cannot clean up after an interrupted stage: {e}");
+    }
+
+    let host = HostFacts::read(&ctx.root).map_err(CommandError::from)?;
+    let family = watch::choose(ctx.settings.detector, &ctx.root, &host.os);
+    let mut daemon = Daemon {
+        ctx,
+        family,
+        update_engine: UpdateEngineState::Unknown,
+        bus: None,
+        inhibitor: None,
+        retry_at: None,
+        retry_delay: RETRY_FIRST,
+    };
+    match family {
+        None => info!("watching for kernel updates is off (watch.detector = \"off\")"),
+        Some(family) => daemon.start_watchers(family, &tx),
+    }
+    let load_status = state
+        .load
+        .as_ref()
+        .map(|l| l.result.clone())
+        .unwrap_or_default();
+    commands::notify_status(
+        &format!(
+            "driver {load_status}; {}",
+            match family {
+                Some(f) => format!("watching for kernel updates ({f:?})"),
+                None => "not watching".into(),
+            }
+        ),
+        true,
+    );
+    if family.is_some() {
+        daemon.evaluate();
+    }
+    daemon.event_loop(&rx);
+    info!("stopping");
+    notify(&[libsystemd::daemon::NotifyState::Stopping]);
+    Ok(())
+}
+
+/// The boot path, as `nvdriver-agent load` runs it; a failure is recorded, not fatal: the daemon
+/// stays up to stage for the next kernel, and status says what went wrong.
+fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
+    let kernel_release = crate::host::kernel::read_kernel_release(&ctx.root).unwrap_or_default();
+    let mut record = LoadRecord {
+        at: now_unix(),
+        kernel_release,
+        result: "loaded".into(),
+        driver_version: None,
+        overlay: None,
+        error: None,
+    };
+    match commands::load(ctx, kernel) {
+        Ok(LoadOutcome::Loaded { plan, .. }) => {
+            record.driver_version = Some(plan.driver_version.clone());
+            record.overlay = Some(plan.overlay.clone());
+        }
+        Ok(LoadOutcome::NoOverlayWarned { .. }) => record.result = "no-overlay".into(),
+        Err(e) => {
+            error!(KERNEL_RELEASE = %record.kernel_release, "loading the driver failed: {e}");
+            record.result = "failed".into();
+            record.error = Some(e.to_string());
+        }
+    }
+    record
+}
+
+fn notify(states: &[libsystemd::daemon::NotifyState]) {
+    if let Err(e) = libsystemd::daemon::notify(false, states) {
+        debug!(error = %e, "sd_notify failed");
+    }
+}
+
+struct Daemon<'a> {
+    ctx: &'a Context,
+    family: Option<Family>,
+    update_engine: UpdateEngineState,
+    bus: Option<zbus::blocking::Connection>,
+    inhibitor: Option<Inhibitor>,
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+}
+
+impl Daemon<'_> {
+    fn start_watchers(&mut self, family: Family, tx: &Sender<Event>) {
+        let root = self.ctx.root.clone();
+        let paths_root = root.clone();
+        let fs_tx = tx.clone();
+        if let Err(e) = fswatch::spawn(
+            root,
+            move || watch::watch_paths(&paths_root, family),
+            move |changed| {
+                let what = changed
+                    .first()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let _ = fs_tx.send(Event::Changed(format!("file-system change ({what})")));
+            },
+        ) {
+            warn!("{e}");
+        }
+
+        if !matches!(family, Family::Ostree | Family::Flatcar) {
+            return;
+        }
+        let bus = match dbus::system_bus() {
+            Ok(bus) => bus,
+            Err(e) => {
+                warn!("{e}");
+                return;
+            }
+        };
+        let hint_tx = tx.clone();
+        let on_hint = move |hint: Hint| {
+            let event = match hint {
+                Hint::RpmOstree => Event::Changed("rpm-ostree signal".into()),
+                Hint::UpdateEngine { current_operation } => {
+                    Event::UpdateEngine(Some(current_operation))
+                }
+                Hint::UpdateEngineGone => Event::UpdateEngine(None),
+            };
+            let _ = hint_tx.send(event);
+        };
+        let started = match family {
+            Family::Ostree => dbus::spawn_rpm_ostree_listener(&bus, on_hint).map(drop),
+            _ => dbus::spawn_update_engine_listener(&bus, on_hint).map(drop),
+        };
+        if let Err(e) = started {
+            warn!("{e}");
+        }
+        self.bus = Some(bus);
+    }
+
+    fn event_loop(&mut self, rx: &Receiver<Event>) {
+        let watchdog = libsystemd::daemon::watchdog_enabled(false).map(|t| t / 2);
+        let mut watchdog_due = watchdog.map(|w| Instant::now() + w);
+        loop {
+            let wake_at = [watchdog_due, self.retry_at].into_iter().flatten().min();
+            let event = match wake_at {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            };
+            let now = Instant::now();
+            if let (Some(due), Some(interval)) = (watchdog_due, watchdog) {
+                if now >= due {
+                    notify(&[libsystemd::daemon::NotifyState::Watchdog]);
+                    watchdog_due = Some(now + interval);
+                }
+            }
+            let mut look_again = false;
+            match event {
+                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(event) => {
+                    look_again |= self.absorb(event);
+                    // Let a burst of events settle, then handle it once.
+                    let settle_until = now + SETTLE_MAX;
+                    loop {
+                        let wait =
+                            SETTLE.min(settle_until.saturating_duration_since(Instant::now()));
+                        match rx.recv_timeout(wait) {
+                            Ok(Event::Shutdown) => return,
+                            Ok(event) => look_again |= self.absorb(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.retry_at.is_some_and(|at| now >= at) {
+                        info!("retrying the stage for the pending kernel");
+                        look_again = true;
+                    }
+                }
+            }
+            if look_again && self.family.is_some() {
+                self.evaluate();
+            }
+        }
+    }
+
+    /// Take in one event; true when it calls for a new look.
+    fn absorb(&mut self, event: Event) -> bool {
+        match event {
+            Event::Changed(why) => {
+                debug!("{why}");
+                true
+            }
+            Event::UpdateEngine(operation) => {
+                let state = operation
+                    .as_deref()
+                    .map(flatcar::update_engine_state)
+                    .unwrap_or(UpdateEngineState::Unknown);
+                let mut saved = AgentState::read(&self.ctx.root);
+                if saved.update_engine_operation != operation {
+                    saved.update_engine_operation = operation;
+                    if let Err(e) = saved.write(&self.ctx.root) {
+                        warn!("{e}");
+                    }
+                }
+                let changed = state != self.update_engine;
+                if changed {
+                    info!("update_engine: {state:?}");
+                }
+                self.update_engine = state;
+                changed
+            }
+            Event::Rescan => {
+                info!("asked to look again");
+                true
+            }
+            Event::Shutdown => false,
+        }
+    }
+
+    /// Look at what boots next and act on it.
+    fn evaluate(&mut self) {
+        let Some(family) = self.family else { return };
+        let target = Target::Detect {
+            family,
+            update_engine: self.update_engine,
+        };
+        let run = match stage::stage_next(self.ctx, &target, None) {
+            Ok(run) => run,
+            Err(e) => {
+                warn!("{e}");
+                self.schedule_retry();
+                return;
+            }
+        };
+        self.apply_logind_hold(
+            run.hold,
+            run.pending.as_ref().map(|n| n.kernel_release.as_str()),
+        );
+        match (run.readiness, &run.pending) {
+            (NextBootReadiness::Missing, Some(_)) => self.schedule_retry(),
+            _ => {
+                self.retry_at = None;
+                self.retry_delay = RETRY_FIRST;
+            }
+        }
+        commands::notify_status(&status_line(&run), false);
+    }
+
+    fn schedule_retry(&mut self) {
+        self.retry_at = Some(Instant::now() + self.retry_delay);
+        info!("will try again in {} s", self.retry_delay.as_secs());
+        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+    }
+
+    fn apply_logind_hold(&mut self, action: HoldAction, kernel_release: Option<&str>) {
+        match action {
+            HoldAction::Take(HoldMechanism::LogindShutdownInhibitor)
+                if self.inhibitor.is_none() =>
+            {
+                let kernel_release = kernel_release.unwrap_or_default();
+                let Some(bus) = &self.bus else {
+                    warn!(KERNEL_RELEASE = %kernel_release, "policy.missing-next-overlay = hold, but the system bus is not reachable: cannot block the reboot");
+                    return;
+                };
+                let why = format!("no NVIDIA driver overlay for kernel {kernel_release} yet");
+                match dbus::inhibit_shutdown(bus, &why) {
+                    Ok(inhibitor) => {
+                        warn!(KERNEL_RELEASE = %kernel_release, "holding the reboot into {kernel_release}: {why} (policy.missing-next-overlay = hold); released when one is staged");
+                        self.inhibitor = Some(inhibitor);
+                        self.record_hold(Some(kernel_release));
+                    }
+                    Err(e) => {
+                        warn!(KERNEL_RELEASE = %kernel_release, "cannot block the reboot: {e}")
+                    }
+                }
+            }
+            HoldAction::Release if self.inhibitor.is_some() => {
+                self.inhibitor = None;
+                info!("the reboot is no longer blocked");
+                self.record_hold(None);
+            }
+            _ => {}
+        }
+    }
+
+    fn record_hold(&self, kernel_release: Option<&str>) {
+        let mut state = AgentState::read(&self.ctx.root);
+        state.hold = kernel_release.map(|k| HoldRecord {
+            mechanism: HoldMechanism::LogindShutdownInhibitor.name().into(),
+            kernel_release: k.to_string(),
+            since: now_unix(),
+        });
+        if let Err(e) = state.write(&self.ctx.root) {
+            warn!("{e}");
+        }
+    }
+}
+
+fn status_line(run: &stage::StageRun) -> String {
+    match (&run.pending, &run.record) {
+        (None, _) => "no kernel update pending".into(),
+        (Some(next), Some(record)) => {
+            format!("next kernel {}: {}", next.kernel_release, record.result)
+        }
+        (Some(next), None) => format!("next kernel {}", next.kernel_release),
+    }
+}

@@ -1,0 +1,556 @@
+//! Stage for the next kernel: detect it, decide, fetch, hold or release the update.
+//!
+//! [`plan_stage`] and [`plan_hold`] are pure; [`stage_next`] is the one edge that runs them,
+//! shared by the daemon and by `nvdriver-agent stage --now` at shutdown.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use crate::commands::Context;
+use crate::config::MissingNextOverlayPolicy;
+use crate::hold::{self, HoldError, HoldMechanism, OstreeLockOutcome};
+use crate::host::{HostError, HostFacts, KernelState};
+use crate::overlay::source::{self, OverlayKey, SourceError};
+use crate::overlay::store::compare_versions;
+use crate::overlay::StoreError;
+use crate::state::{now_unix, AgentState, HoldRecord, StageRecord, StateError};
+use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot, WatchError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("cannot tell which kernel boots next: {0}")]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Hold(#[from] HoldError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "watching is off (watch.detector = \"off\"); pass --kernel to stage for a given kernel"
+    )]
+    DetectorOff,
+}
+
+impl StageError {
+    pub fn exit_code(&self) -> u8 {
+        use crate::commands::exit;
+        match self {
+            StageError::Source(SourceError::NotFound { .. } | SourceError::NoSources) => {
+                exit::NO_OVERLAY
+            }
+            StageError::Source(_) | StageError::Store(_) => exit::INVALID_OVERLAY,
+            StageError::DetectorOff => exit::CONFIG,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+/// What to do for the next boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StagePlan {
+    /// The next boot runs the running kernel: nothing to stage.
+    NothingPending,
+    /// The OS ships the driver for that kernel itself; the agent stays out of its way.
+    StandDown {
+        kernel_release: String,
+        reason: String,
+    },
+    /// No driver version is pinned, loaded or staged, so the overlay to fetch is unknown.
+    NoDriverVersion {
+        kernel_release: String,
+    },
+    Fetch(OverlayKey),
+}
+
+/// The facts [`plan_stage`] needs.
+pub struct StageInputs<'a> {
+    pub next: Option<&'a NextBoot>,
+    /// Why the OS's own driver covers the next kernel, if it does.
+    pub os_driver: Option<String>,
+    pub driver_version: Option<String>,
+    pub arch: &'a str,
+}
+
+pub fn plan_stage(inputs: &StageInputs) -> StagePlan {
+    let Some(next) = inputs.next else {
+        return StagePlan::NothingPending;
+    };
+    if let Some(reason) = &inputs.os_driver {
+        return StagePlan::StandDown {
+            kernel_release: next.kernel_release.clone(),
+            reason: reason.clone(),
+        };
+    }
+    match &inputs.driver_version {
+        Some(driver_version) => StagePlan::Fetch(OverlayKey {
+            kernel_release: next.kernel_release.clone(),
+            driver_version: driver_version.clone(),
+            arch: inputs.arch.to_string(),
+        }),
+        None => StagePlan::NoDriverVersion {
+            kernel_release: next.kernel_release.clone(),
+        },
+    }
+}
+
+/// The driver version to stage for the next kernel: the pinned one, else the one loaded now,
+/// else the newest staged for the running kernel, else the newest in the store at all.
+pub fn choose_driver_version(
+    pinned: Option<&str>,
+    loaded: Option<&str>,
+    for_running_kernel: &[String],
+    in_store: &[String],
+) -> Option<String> {
+    let newest = |versions: &[String]| {
+        versions
+            .iter()
+            .max_by(|a, b| compare_versions(a, b))
+            .cloned()
+    };
+    pinned
+        .or(loaded)
+        .map(str::to_string)
+        .or_else(|| newest(for_running_kernel))
+        .or_else(|| newest(in_store))
+}
+
+/// Whether the next boot will have its driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextBootReadiness {
+    /// Staged, nothing pending, or the OS covers it.
+    Covered,
+    /// No overlay for the pending kernel (missing, failed, or unknown driver version).
+    Missing,
+}
+
+/// What to do about a hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldAction {
+    Take(HoldMechanism),
+    Release,
+    /// Hold wanted, but this host has no way to hold this update.
+    Unsupported,
+}
+
+pub fn plan_hold(
+    policy: MissingNextOverlayPolicy,
+    mechanism: Option<HoldMechanism>,
+    readiness: NextBootReadiness,
+) -> HoldAction {
+    match (readiness, policy, mechanism) {
+        (NextBootReadiness::Missing, MissingNextOverlayPolicy::Hold, Some(m)) => {
+            HoldAction::Take(m)
+        }
+        (NextBootReadiness::Missing, MissingNextOverlayPolicy::Hold, None) => {
+            HoldAction::Unsupported
+        }
+        // Covered, or the policy no longer says hold: let any hold of ours go.
+        _ => HoldAction::Release,
+    }
+}
+
+/// How the update to `next` could be held on this host.
+pub fn hold_mechanism(family: Family, next: &NextBoot) -> Option<HoldMechanism> {
+    match family {
+        Family::Ostree if next.staged_deployment => Some(HoldMechanism::OstreeFinalizationLock),
+        Family::Flatcar => Some(HoldMechanism::LogindShutdownInhibitor),
+        _ => None,
+    }
+}
+
+/// What one stage pass found and did.
+#[derive(Clone, Debug)]
+pub struct StageRun {
+    pub pending: Option<NextBoot>,
+    pub record: Option<StageRecord>,
+    pub readiness: NextBootReadiness,
+    pub hold: HoldAction,
+}
+
+/// What to stage for: the detected next boot, or a kernel the user named.
+pub enum Target {
+    Detect {
+        family: Family,
+        update_engine: UpdateEngineState,
+    },
+    Kernel(String),
+}
+
+/// Detect, decide, fetch, and settle the ostree hold (the logind one belongs to the daemon,
+/// which holds its fd: the caller acts on `StageRun::hold` for it). Writes the state file.
+pub fn stage_next(
+    ctx: &Context,
+    target: &Target,
+    driver_override: Option<&str>,
+) -> Result<StageRun, StageError> {
+    let started = Instant::now();
+    let host = HostFacts::read(&ctx.root)?;
+    let (pending, family) = match target {
+        Target::Detect {
+            family,
+            update_engine,
+        } => (
+            watch::next_boot(&ctx.root, *family, &host.kernel_release, *update_engine)?,
+            Some(*family),
+        ),
+        Target::Kernel(kernel_release) => (
+            (kernel_release != &host.kernel_release).then(|| NextBoot {
+                kernel_release: kernel_release.clone(),
+                origin: "named on the command line".into(),
+                module_tree: None,
+                staged_deployment: false,
+            }),
+            None,
+        ),
+    };
+    let mut state = AgentState::read(&ctx.root);
+    if state.pending != pending {
+        match &pending {
+            Some(next) => info!(
+                KERNEL_RELEASE = %next.kernel_release,
+                "next kernel: {} (from {})", next.kernel_release, next.origin
+            ),
+            None => info!("no kernel update pending"),
+        }
+        state.pending = pending.clone();
+        // Written before staging so status shows the next kernel as soon as it is known.
+        state.write(&ctx.root)?;
+    }
+
+    let store = ctx.store();
+    let os_driver = match (&pending, family) {
+        (Some(next), Some(family)) => watch::os_ships_driver(&ctx.root, family, next),
+        _ => None,
+    };
+    let driver_version = match driver_override {
+        Some(v) => Some(v.to_string()),
+        None => {
+            let kernel_state = KernelState::read(&ctx.root, &host.kernel_release)?;
+            let loaded = kernel_state
+                .is_loaded("nvidia")
+                .and_then(|m| m.version.clone());
+            let for_running = store.driver_versions(&host.kernel_release)?;
+            let mut all = Vec::new();
+            for kernel in store.kernel_releases()? {
+                all.extend(store.driver_versions(&kernel)?);
+            }
+            choose_driver_version(
+                ctx.settings.driver_version.as_deref(),
+                loaded.as_deref(),
+                &for_running,
+                &all,
+            )
+        }
+    };
+    let plan = plan_stage(&StageInputs {
+        next: pending.as_ref(),
+        os_driver,
+        driver_version,
+        arch: &host.arch,
+    });
+
+    let record = |result: &str| StageRecord {
+        at: now_unix(),
+        kernel_release: pending
+            .as_ref()
+            .map(|n| n.kernel_release.clone())
+            .unwrap_or_default(),
+        driver_version: None,
+        result: result.to_string(),
+        overlay: None,
+        source: None,
+        tried: Vec::new(),
+        detail: None,
+        duration_ms: 0,
+    };
+    let (record, readiness) = match plan {
+        StagePlan::NothingPending => (None, NextBootReadiness::Covered),
+        StagePlan::StandDown {
+            kernel_release,
+            reason,
+        } => {
+            info!(KERNEL_RELEASE = %kernel_release, "standing down for the next kernel: {reason}; nothing staged");
+            let mut r = record("stood-down");
+            r.detail = Some(reason);
+            (Some(r), NextBootReadiness::Covered)
+        }
+        StagePlan::NoDriverVersion { kernel_release } => {
+            let detail = format!(
+                "no driver version to stage for {kernel_release}: none is pinned (driver.version), loaded or in the store; set driver.version in /etc/nvdriver-agent/config.toml"
+            );
+            warn!(KERNEL_RELEASE = %kernel_release, "{detail}");
+            let mut r = record("missing");
+            r.detail = Some(detail);
+            (Some(r), NextBootReadiness::Missing)
+        }
+        StagePlan::Fetch(key) => {
+            let mut r = record("staged");
+            r.driver_version = Some(key.driver_version.clone());
+            let readiness = match source::stage(&ctx.root, &store, &ctx.settings.stage, &key) {
+                Ok(report) => {
+                    r.result = match report.outcome {
+                        crate::overlay::store::ImportOutcome::AlreadyPresent { .. } => {
+                            "already-staged".into()
+                        }
+                        _ => "staged".into(),
+                    };
+                    r.overlay = Some(outcome_dir(&report.outcome));
+                    r.source = Some(report.source.clone());
+                    r.tried = report.tried.iter().map(|t| t.to_string()).collect();
+                    info!(
+                        KERNEL_RELEASE = %key.kernel_release,
+                        DRIVER_VERSION = %key.driver_version,
+                        OVERLAY = %outcome_dir(&report.outcome).display(),
+                        "overlay for the next kernel is in the store (from {})", report.source
+                    );
+                    gc(ctx, &host.kernel_release, &key.kernel_release);
+                    NextBootReadiness::Covered
+                }
+                Err(e) => {
+                    r.result = if matches!(e, SourceError::NotFound { .. } | SourceError::NoSources)
+                    {
+                        "missing".into()
+                    } else {
+                        "failed".into()
+                    };
+                    r.tried = tried_of(&e);
+                    r.detail = Some(e.to_string());
+                    warn!(
+                        KERNEL_RELEASE = %key.kernel_release,
+                        DRIVER_VERSION = %key.driver_version,
+                        "no overlay staged for the next kernel: {e}"
+                    );
+                    NextBootReadiness::Missing
+                }
+            };
+            (Some(r), readiness)
+        }
+    };
+    let record = record.map(|mut r| {
+        r.duration_ms = started.elapsed().as_millis() as u64;
+        r
+    });
+
+    let mechanism = pending
+        .as_ref()
+        .zip(family)
+        .and_then(|(next, family)| hold_mechanism(family, next));
+    let hold_action = plan_hold(ctx.settings.missing_next_overlay, mechanism, readiness);
+    apply_ostree_hold(ctx, hold_action, pending.as_ref(), &mut state)?;
+
+    state.pending = pending.clone();
+    if record.is_some() {
+        state.last_stage = record.clone();
+    }
+    state.write(&ctx.root)?;
+    Ok(StageRun {
+        pending,
+        record,
+        readiness,
+        hold: hold_action,
+    })
+}
+
+fn outcome_dir(outcome: &crate::overlay::store::ImportOutcome) -> PathBuf {
+    use crate::overlay::store::ImportOutcome as O;
+    match outcome {
+        O::Imported { dir } | O::AlreadyPresent { dir } | O::Replaced { dir } => dir.clone(),
+    }
+}
+
+fn tried_of(error: &SourceError) -> Vec<String> {
+    match error {
+        SourceError::NotFound { tried, .. } | SourceError::Failed { tried, .. } => {
+            tried.iter().map(|t| t.to_string()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Keep the running and the pending kernels' overlays (and `keep-extra` more); a failure to
+/// collect garbage never fails the stage.
+fn gc(ctx: &Context, running: &str, pending: &str) {
+    let keep = [running.to_string(), pending.to_string()];
+    match ctx.store().gc(&keep, ctx.settings.stage.keep_extra) {
+        Ok(removed) => {
+            for dir in removed {
+                info!(OVERLAY = %dir.display(), "removed an overlay no kernel needs");
+            }
+        }
+        Err(e) => warn!("store garbage collection failed: {e}"),
+    }
+}
+
+/// The ostree side of the hold; the state file records it either way.
+fn apply_ostree_hold(
+    ctx: &Context,
+    action: HoldAction,
+    pending: Option<&NextBoot>,
+    state: &mut AgentState,
+) -> Result<(), StageError> {
+    match action {
+        HoldAction::Take(HoldMechanism::OstreeFinalizationLock) => {
+            let next = pending.expect("a hold is only planned for a pending kernel");
+            match hold::take_ostree_lock(&ctx.root, &next.kernel_release)? {
+                OstreeLockOutcome::Taken | OstreeLockOutcome::AlreadyOurs => {
+                    if state.hold.is_none() {
+                        warn!(
+                            KERNEL_RELEASE = %next.kernel_release,
+                            "holding the update to {}: no overlay for it yet (policy.missing-next-overlay = hold); it is released when one is staged",
+                            next.kernel_release
+                        );
+                    }
+                    state.hold.get_or_insert(HoldRecord {
+                        mechanism: HoldMechanism::OstreeFinalizationLock.name().into(),
+                        kernel_release: next.kernel_release.clone(),
+                        since: now_unix(),
+                    });
+                }
+                OstreeLockOutcome::HeldByOther => info!(
+                    "{} already exists and is not ours: the update is held by someone else",
+                    hold::OSTREE_FINALIZATION_LOCK
+                ),
+            }
+        }
+        HoldAction::Take(HoldMechanism::LogindShutdownInhibitor) => {}
+        HoldAction::Release => {
+            if hold::release_ostree_lock(&ctx.root)? {
+                info!("the update is no longer held");
+            }
+            if state
+                .hold
+                .as_ref()
+                .is_some_and(|h| h.mechanism == HoldMechanism::OstreeFinalizationLock.name())
+            {
+                state.hold = None;
+            }
+        }
+        HoldAction::Unsupported => {
+            if let Some(next) = pending {
+                warn!(
+                    KERNEL_RELEASE = %next.kernel_release,
+                    "policy.missing-next-overlay = hold, but this update cannot be held on this host (only a staged ostree deployment or Flatcar's reboot can be); warning only"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn next(kver: &str) -> NextBoot {
+        NextBoot {
+            kernel_release: kver.into(),
+            origin: "test".into(),
+            module_tree: None,
+            staged_deployment: true,
+        }
+    }
+
+    #[test]
+    fn plans_by_what_is_pending() {
+        let n = next("6.2.0");
+        let inputs = |next, os_driver, driver: Option<&str>| StageInputs {
+            next,
+            os_driver,
+            driver_version: driver.map(str::to_string),
+            arch: "x86_64",
+        };
+        assert_eq!(
+            plan_stage(&inputs(None, None, Some("570.1"))),
+            StagePlan::NothingPending
+        );
+        assert_eq!(
+            plan_stage(&inputs(Some(&n), Some("distro kmod".into()), Some("570.1"))),
+            StagePlan::StandDown {
+                kernel_release: "6.2.0".into(),
+                reason: "distro kmod".into()
+            }
+        );
+        assert_eq!(
+            plan_stage(&inputs(Some(&n), None, None)),
+            StagePlan::NoDriverVersion {
+                kernel_release: "6.2.0".into()
+            }
+        );
+        assert_eq!(
+            plan_stage(&inputs(Some(&n), None, Some("570.1"))),
+            StagePlan::Fetch(OverlayKey {
+                kernel_release: "6.2.0".into(),
+                driver_version: "570.1".into(),
+                arch: "x86_64".into()
+            })
+        );
+    }
+
+    #[test]
+    fn driver_version_prefers_pinned_then_loaded_then_store() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            choose_driver_version(Some("550.1"), Some("570.1"), &v(&["580.1"]), &[]),
+            Some("550.1".into())
+        );
+        assert_eq!(
+            choose_driver_version(None, Some("570.1"), &v(&["580.1"]), &[]),
+            Some("570.1".into())
+        );
+        assert_eq!(
+            choose_driver_version(None, None, &v(&["570.9", "570.10"]), &v(&["999.1"])),
+            Some("570.10".into())
+        );
+        assert_eq!(
+            choose_driver_version(None, None, &[], &v(&["550.1", "570.1"])),
+            Some("570.1".into())
+        );
+        assert_eq!(choose_driver_version(None, None, &[], &[]), None);
+    }
+
+    #[test]
+    fn holds_only_when_missing_and_asked_to() {
+        use HoldMechanism::*;
+        use MissingNextOverlayPolicy::*;
+        use NextBootReadiness::*;
+        assert_eq!(
+            plan_hold(Hold, Some(OstreeFinalizationLock), Missing),
+            HoldAction::Take(OstreeFinalizationLock)
+        );
+        assert_eq!(plan_hold(Hold, None, Missing), HoldAction::Unsupported);
+        assert_eq!(
+            plan_hold(Hold, Some(OstreeFinalizationLock), Covered),
+            HoldAction::Release
+        );
+        assert_eq!(
+            plan_hold(Warn, Some(LogindShutdownInhibitor), Missing),
+            HoldAction::Release
+        );
+    }
+
+    #[test]
+    fn hold_mechanism_by_family() {
+        let staged = next("6.2.0");
+        let unstaged = NextBoot {
+            staged_deployment: false,
+            ..next("6.2.0")
+        };
+        assert_eq!(
+            hold_mechanism(Family::Ostree, &staged),
+            Some(HoldMechanism::OstreeFinalizationLock)
+        );
+        assert_eq!(hold_mechanism(Family::Ostree, &unstaged), None);
+        assert_eq!(
+            hold_mechanism(Family::Flatcar, &unstaged),
+            Some(HoldMechanism::LogindShutdownInhibitor)
+        );
+        assert_eq!(hold_mechanism(Family::Generic, &staged), None);
+    }
+}

@@ -1,0 +1,168 @@
+//! The scenario the product exists for, on a real ostree sysroot (made by the `ostree` CLI) with
+//! the daemon running: an update is staged → the agent learns its kernel → the overlay is in the
+//! store before any reboot → `status --json` shows it. And with `hold`: no overlay → the staged
+//! deployment is locked until the overlay is published, then released.
+//!
+//! `cargo test --test timeline -- --nocapture` prints the timeline.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::agent::{self, state, status, wait_for, Daemon};
+use common::ostree::OstreeSysroot;
+use common::overlay::{OverlayBuilder, DRIVER};
+
+const RUNNING: &str = "6.11.4-301.fc41.x86_64";
+const NEXT: &str = "6.11.7-300.fc41.x86_64";
+const WAIT: Duration = Duration::from_secs(20);
+const LOCK: &str = "run/ostree/staged-deployment-locked";
+
+struct Timeline(Instant);
+
+impl Timeline {
+    fn mark(&self, what: &str) {
+        println!("{:>6} ms  {what}", self.0.elapsed().as_millis());
+    }
+}
+
+/// A Fedora CoreOS host booted into a deployment of RUNNING, with the agent configured to stage
+/// from a local directory of overlays.
+fn fcos_host(policy: &str) -> OstreeSysroot {
+    let sysroot = OstreeSysroot::booted_layout("fedora-coreos");
+    let commit = sysroot.commit_kernel(RUNNING);
+    sysroot.deploy(&commit);
+    let write = |host_path: &str, text: &str| {
+        let path = sysroot.path(host_path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write("/run/ostree-booted", "");
+    write("/etc/os-release", common::host::FCOS_OS_RELEASE);
+    write("/proc/sys/kernel/osrelease", &format!("{RUNNING}\n"));
+    write("/proc/modules", "");
+    write(
+        "/etc/nvdriver-agent/config.toml",
+        &format!(
+            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/var/srv/overlays/{{kernel}}/{{driver}}\"]\n[policy]\nmissing-next-overlay = \"{policy}\"\n"
+        ),
+    );
+    sysroot
+}
+
+fn publish_overlay(root: &Path, kver: &str) {
+    let dir = root.join(format!("var/srv/overlays/{kver}/{DRIVER}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    OverlayBuilder::nvidia(kver).build(&dir);
+}
+
+#[test]
+fn staged_update_gets_its_overlay_before_the_reboot() {
+    let host = fcos_host("warn");
+    let root = host.dir.path();
+    publish_overlay(root, NEXT);
+    let t = Timeline(Instant::now());
+    let _daemon = Daemon::start(root, |_| {});
+    t.mark("daemon up; no update pending");
+    assert!(state(root)["pending"].is_null());
+    assert_eq!(status(root)["detector"], "ostree");
+
+    let next = host.commit_kernel(NEXT);
+    let staged = host.stage(&next);
+    t.mark(&format!("rpm-ostree staged deployment {}", staged.name()));
+
+    let seen = wait_for(
+        "the next kernel to be known",
+        WAIT,
+        || state(root),
+        |s| s["pending"]["kernel-release"] == NEXT,
+    );
+    t.mark(&format!(
+        "agent: next kernel {NEXT} (from {})",
+        seen["pending"]["origin"]
+    ));
+    assert_eq!(seen["pending"]["staged-deployment"], true);
+    assert!(seen["pending"]["origin"]
+        .as_str()
+        .unwrap()
+        .contains(&staged.name()));
+
+    wait_for(
+        "the overlay to be staged",
+        WAIT,
+        || state(root),
+        |s| s["last-stage"]["result"] == "staged",
+    );
+    t.mark("agent: overlay staged in the store");
+    let report = status(root);
+    t.mark("status --json: next kernel staged");
+    assert_eq!(report["running-kernel"], RUNNING);
+    assert_eq!(report["pending"]["kernel-release"], NEXT);
+    assert_eq!(report["pending-staged"], true);
+    assert!(root
+        .join(format!(
+            "var/lib/nvdriver-agent/overlays/{NEXT}/{DRIVER}/overlay.toml"
+        ))
+        .exists());
+    assert!(report["hold"].is_null());
+    assert!(!root.join(LOCK).exists());
+}
+
+#[test]
+fn hold_locks_the_staged_deployment_until_the_overlay_lands() {
+    let host = fcos_host("hold");
+    let root = host.dir.path();
+    let t = Timeline(Instant::now());
+    let daemon = Daemon::start(root, |_| {});
+    t.mark("daemon up (policy: hold); no overlay for the next kernel anywhere");
+
+    let next = host.commit_kernel(NEXT);
+    host.stage(&next);
+    t.mark("rpm-ostree staged an update");
+    let seen = wait_for(
+        "the hold",
+        WAIT,
+        || (state(root), root.join(LOCK).exists()),
+        |(s, locked)| *locked && !s["hold"].is_null(),
+    );
+    t.mark("agent: overlay missing → staged deployment locked");
+    assert_eq!(seen.0["last-stage"]["result"], "missing");
+    assert_eq!(seen.0["hold"]["kernel-release"], NEXT);
+    assert_eq!(seen.0["hold"]["mechanism"], "ostree-finalization-lock");
+    assert_eq!(status(root)["hold"]["kernel-release"], NEXT);
+
+    publish_overlay(root, NEXT);
+    t.mark("overlay published at the source");
+    let out = agent::run(root, &["stage"]);
+    assert!(out.status.success(), "{}", agent::text(&out));
+    t.mark("`nvdriver-agent stage` asked the daemon to look again");
+    let seen = wait_for(
+        "the release",
+        WAIT,
+        || (state(root), root.join(LOCK).exists()),
+        |(s, locked)| !*locked && s["hold"].is_null(),
+    );
+    t.mark("agent: overlay staged → lock removed, update released");
+    assert_eq!(seen.0["last-stage"]["result"], "staged", "{}", daemon.log());
+}
+
+/// An administrator's own finalization lock (`rpm-ostree deploy --lock-finalization`) is never
+/// the agent's to remove.
+#[test]
+fn an_administrators_lock_is_left_alone() {
+    let host = fcos_host("hold");
+    let root = host.dir.path();
+    publish_overlay(root, NEXT);
+    std::fs::create_dir_all(root.join("run/ostree")).unwrap();
+    std::fs::write(root.join(LOCK), "").unwrap();
+    let next = host.commit_kernel(NEXT);
+    host.stage(&next);
+    let out = agent::run(root, &["stage", "--now"]);
+    assert!(out.status.success(), "{}", agent::text(&out));
+    assert_eq!(state(root)["last-stage"]["result"], "staged");
+    assert!(
+        root.join(LOCK).exists(),
+        "the administrator's lock was removed"
+    );
+}
