@@ -222,6 +222,14 @@ pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
         true,
     );
     if family.is_some() {
+        // What the listeners learned while starting (update_engine's GetStatus answer) counts
+        // for the first look.
+        while let Ok(event) = rx.try_recv() {
+            if matches!(event, Event::Shutdown) {
+                return Ok(());
+            }
+            daemon.absorb(event);
+        }
         daemon.evaluate();
     }
     daemon.event_loop(&rx);

@@ -171,8 +171,10 @@ fn init_logging(verbose: u8) {
             return;
         }
     }
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_max_level(level)
         .with_target(false)
         .init();

@@ -166,3 +166,37 @@ fn an_administrators_lock_is_left_alone() {
         "the administrator's lock was removed"
     );
 }
+
+/// rpm-ostree's D-Bus signals are hints that make the daemon look again: an overlay that shows
+/// up at a source (no file-system event the daemon watches) is staged on the next
+/// `PropertiesChanged` from rpm-ostree, without waiting for the retry timer.
+#[test]
+fn rpm_ostree_signals_make_the_daemon_look_again() {
+    use common::bus::{RpmOstreePeer, TestBus};
+    let bus = TestBus::start();
+    let rpm_ostree = RpmOstreePeer::start(&bus);
+    let host = fcos_host("warn");
+    let root = host.dir.path();
+    let daemon = Daemon::start(root, |c| bus.env(c));
+    let next = host.commit_kernel(NEXT);
+    let staged = host.stage(&next);
+    wait_for(
+        "the overlay to be reported missing",
+        WAIT,
+        || state(root),
+        |s| s["last-stage"]["result"] == "missing",
+    );
+    publish_overlay(root, NEXT);
+    rpm_ostree.emit_deployments_changed(&[&staged.name()]);
+    wait_for(
+        "the daemon to stage after the signal",
+        WAIT,
+        || state(root),
+        |s| s["last-stage"]["result"] == "staged",
+    );
+    assert!(
+        daemon.log().contains("rpm-ostree signal"),
+        "{}",
+        daemon.log()
+    );
+}
