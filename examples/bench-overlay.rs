@@ -35,5 +35,9 @@ fn main() {
         .module(nvidia, Packing::Plain)
         .build(&dir);
     let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
-    println!("{} {} {bytes}", manifest.driver_version, manifest.files.len());
+    println!(
+        "{} {} {bytes}",
+        manifest.driver_version,
+        manifest.files.len()
+    );
 }

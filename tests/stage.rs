@@ -858,10 +858,20 @@ mod cli {
         );
         let out = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains(&format!("tried /srv/missing/{KVER}: not there")), "{stdout}");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
-            stdout.contains(&format!("staged: {STORE}/{KVER}/{DRIVER} from /srv/{KVER}-{DRIVER}.tar.zst")),
+            stdout.contains(&format!("tried /srv/missing/{KVER}: not there")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!(
+                "staged: {STORE}/{KVER}/{DRIVER} from /srv/{KVER}-{DRIVER}.tar.zst"
+            )),
             "{stdout}"
         );
         let again = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
@@ -877,16 +887,32 @@ mod cli {
         let host = Host::new();
         configure(&host, "");
         let out = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
-        assert_eq!(out.status.code(), Some(2), "no driver version is a config error");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "no driver version is a config error"
+        );
         assert!(String::from_utf8_lossy(&out.stderr).contains("--driver"));
 
-        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER]);
+        let out = agent(
+            &host,
+            &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER],
+        );
         assert_eq!(out.status.code(), Some(3), "no source has it");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(&format!("/srv/{KVER}-{DRIVER}.tar.zst does not exist")), "{stderr}");
+        assert!(
+            stderr.contains(&format!("/srv/{KVER}-{DRIVER}.tar.zst does not exist")),
+            "{stderr}"
+        );
 
-        host.put(&format!("/srv/{KVER}-{DRIVER}.tar.zst"), b"not an archive, not at all");
-        let out = agent(&host, &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER]);
+        host.put(
+            &format!("/srv/{KVER}-{DRIVER}.tar.zst"),
+            b"not an archive, not at all",
+        );
+        let out = agent(
+            &host,
+            &["overlay", "fetch", "--kernel", KVER, "--driver", DRIVER],
+        );
         assert_eq!(out.status.code(), Some(4), "invalid overlay");
         host.assert_store_clean(false);
     }
@@ -899,6 +925,37 @@ mod cli {
         assert!(text.contains("fetch") && text.contains("gc"), "{text}");
         let out = agent(&host, &["overlay", "fetch", "--help"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("--kernel") && text.contains("--driver"), "{text}");
+        assert!(
+            text.contains("--kernel") && text.contains("--driver"),
+            "{text}"
+        );
     }
+}
+
+#[test]
+fn decompression_bomb_is_refused_at_the_unpacked_limit() {
+    let host = Host::new();
+    let zeros = vec![0u8; 8 << 20];
+    let tar = raw_tar(&[Raw::File("usr/lib/firmware/nvidia/zeros.bin", &zeros)]);
+    let bomb = compress(&tar, Compression::Xz);
+    assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+    host.put("/srv/bomb.tar.xz", &bomb);
+    let mut small = settings(&["/srv/bomb.tar.xz"]);
+    small.max_download_bytes = 64 << 10;
+    let err = host.stage(&small).unwrap_err();
+    assert!(
+        matches!(
+            only_attempt(&err),
+            AttemptError::Archive(ArchiveError::TooLarge { what: "bytes", .. })
+        ),
+        "{err}"
+    );
+    host.assert_store_clean(false);
+    // The archive file itself over the limit is refused before it is opened.
+    small.max_download_bytes = 1024;
+    let err = host.stage(&small).unwrap_err();
+    assert!(
+        matches!(only_attempt(&err), AttemptError::TooLarge { .. }),
+        "{err}"
+    );
 }
