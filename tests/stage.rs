@@ -883,6 +883,29 @@ mod cli {
     }
 
     #[test]
+    fn gc_never_removes_the_running_kernels_overlay() {
+        let host = Host::new();
+        configure(&host, "keep-extra = 0\n");
+        host.put("/proc/sys/kernel/osrelease", format!("{KVER}\n").as_bytes());
+        let src = tempfile::tempdir().unwrap();
+        OverlayBuilder::nvidia(KVER).build(src.path());
+        host.store().import(src.path()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        OverlayBuilder::nvidia("6.1.0-99-cloud-amd64").build(other.path());
+        host.store().import(other.path()).unwrap();
+        let out = agent(&host, &["overlay", "gc"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("removed {STORE}/6.1.0-99-cloud-amd64")
+        );
+        assert_eq!(
+            host.assert_store_clean(false),
+            [(KVER.into(), DRIVER.into())]
+        );
+    }
+
+    #[test]
     fn exit_codes() {
         let host = Host::new();
         configure(&host, "");
