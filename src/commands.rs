@@ -318,9 +318,15 @@ pub fn overlay_fetch(
     )?)
 }
 
-/// Remove the overlays of kernels not in `keep` beyond `stage.keep-extra` newest (`overlay gc`).
+/// Remove the overlays of kernels other than `keep`, the running kernel's and the
+/// `stage.keep-extra` newest others (`overlay gc`).
 pub fn overlay_gc(ctx: &Context, keep: &[String]) -> Result<Vec<PathBuf>, CommandError> {
-    Ok(ctx.store().gc(keep, ctx.settings.stage.keep_extra)?)
+    let mut keep = keep.to_vec();
+    // The next boot may well run this kernel again. A fake root without /proc has none.
+    if let Ok(running) = crate::host::kernel::read_kernel_release(&ctx.root) {
+        keep.push(running);
+    }
+    Ok(ctx.store().gc(&keep, ctx.settings.stage.keep_extra)?)
 }
 
 /// Tell systemd how things stand (a no-op outside a unit).

@@ -113,8 +113,9 @@ enum OverlayCommand {
         #[arg(long, value_name = "VER")]
         driver: Option<String>,
     },
-    /// Remove overlays of kernels no longer needed: all but the --keep kernels and the
-    /// stage.keep-extra newest others; also removes leftovers of interrupted stages.
+    /// Remove overlays of kernels no longer needed: all but the running kernel's, the --keep
+    /// kernels' and the stage.keep-extra newest others; also removes leftovers of interrupted
+    /// stages.
     Gc {
         /// Kernel release whose overlays are kept (repeatable).
         #[arg(long, value_name = "KVER")]
@@ -297,8 +298,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 ),
                 (Some(next), None) => println!("next kernel {}", next.kernel_release),
             }
+            let failed = run.record.as_ref().is_some_and(|r| r.result == "failed");
             Ok(match run.readiness {
                 NextBootReadiness::Covered => exit::OK,
+                // Some source had an overlay, but only an invalid one.
+                NextBootReadiness::Missing if failed => exit::INVALID_OVERLAY,
                 NextBootReadiness::Missing => exit::NO_OVERLAY,
             })
         }

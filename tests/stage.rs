@@ -883,6 +883,29 @@ mod cli {
     }
 
     #[test]
+    fn gc_never_removes_the_running_kernels_overlay() {
+        let host = Host::new();
+        configure(&host, "keep-extra = 0\n");
+        host.put("/proc/sys/kernel/osrelease", format!("{KVER}\n").as_bytes());
+        let src = tempfile::tempdir().unwrap();
+        OverlayBuilder::nvidia(KVER).build(src.path());
+        host.store().import(src.path()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        OverlayBuilder::nvidia("6.1.0-99-cloud-amd64").build(other.path());
+        host.store().import(other.path()).unwrap();
+        let out = agent(&host, &["overlay", "gc"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("removed {STORE}/6.1.0-99-cloud-amd64")
+        );
+        assert_eq!(
+            host.assert_store_clean(false),
+            [(KVER.into(), DRIVER.into())]
+        );
+    }
+
+    #[test]
     fn exit_codes() {
         let host = Host::new();
         configure(&host, "");
@@ -930,4 +953,32 @@ mod cli {
             "{text}"
         );
     }
+}
+
+#[test]
+fn decompression_bomb_is_refused_at_the_unpacked_limit() {
+    let host = Host::new();
+    let zeros = vec![0u8; 8 << 20];
+    let tar = raw_tar(&[Raw::File("usr/lib/firmware/nvidia/zeros.bin", &zeros)]);
+    let bomb = compress(&tar, Compression::Xz);
+    assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+    host.put("/srv/bomb.tar.xz", &bomb);
+    let mut small = settings(&["/srv/bomb.tar.xz"]);
+    small.max_download_bytes = 64 << 10;
+    let err = host.stage(&small).unwrap_err();
+    assert!(
+        matches!(
+            only_attempt(&err),
+            AttemptError::Archive(ArchiveError::TooLarge { what: "bytes", .. })
+        ),
+        "{err}"
+    );
+    host.assert_store_clean(false);
+    // The archive file itself over the limit is refused before it is opened.
+    small.max_download_bytes = 1024;
+    let err = host.stage(&small).unwrap_err();
+    assert!(
+        matches!(only_attempt(&err), AttemptError::TooLarge { .. }),
+        "{err}"
+    );
 }

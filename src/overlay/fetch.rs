@@ -157,6 +157,17 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
         if remaining.is_zero() {
             return Err(timed_out());
         }
+        if offset > 0 && meta.as_ref().and_then(|m| m.total) == Some(offset) {
+            // Complete already (the run that fetched it stopped before using it); the caller
+            // verifies it like any download.
+            info!(url, size = offset, "download already complete");
+            return Ok(Downloaded {
+                size: offset,
+                resumed_from,
+                fetched,
+                restarts,
+            });
+        }
         let mut request = agent.get(url);
         if offset > 0 {
             request = request.header("Range", format!("bytes={offset}-"));

@@ -836,6 +836,47 @@ mod tests {
     }
 
     #[test]
+    fn gc_victims_keep_listed_and_newest_others() {
+        let kernels: Vec<String> = ["6.1.0-9", "6.1.0-10", "6.1.0-28", "6.12.0-1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            gc_victims(&kernels, &["6.1.0-9".into()], 1),
+            ["6.1.0-28", "6.1.0-10"]
+        );
+        assert_eq!(gc_victims(&kernels, &[], 4), Vec::<String>::new());
+        assert_eq!(gc_victims(&kernels, &[], 0).len(), 4);
+        // A kept kernel the store does not have changes nothing.
+        assert_eq!(gc_victims(&kernels, &["7.0".into()], 3), ["6.1.0-9"]);
+    }
+
+    #[test]
+    fn leftovers_are_removed_under_the_lock_and_real_overlays_kept() {
+        let host = tempfile::tempdir().unwrap();
+        let root = Root::new(host.path());
+        let store = Store::new(&root, "/store");
+        store.import(source("570.1", b"x").path()).unwrap();
+        let top = root.join("/store");
+        fs::create_dir_all(top.join(format!("{KVER}/{TEMP_PREFIX}570.2.1.2/usr"))).unwrap();
+        fs::create_dir_all(top.join(format!("6.9.9/{TEMP_PREFIX}570.2.1.2"))).unwrap();
+        fs::create_dir_all(top.join(DOWNLOADS_DIR)).unwrap();
+        fs::write(
+            top.join(DOWNLOADS_DIR).join(format!("{TEMP_PREFIX}m.1")),
+            "",
+        )
+        .unwrap();
+        fs::write(top.join(DOWNLOADS_DIR).join("k_d_0.part"), "").unwrap();
+        let lock = store.lock().unwrap();
+        let removed = store.clean_leftovers(&lock).unwrap();
+        assert_eq!(removed.len(), 4, "{removed:?}");
+        assert_eq!(store.kernel_releases().unwrap(), [KVER]);
+        assert_eq!(names(&top.join(KVER)), ["570.1"]);
+        assert_eq!(names(&top.join(DOWNLOADS_DIR)), ["k_d_0.part"]);
+        store.verify(&store.open(KVER, "570.1").unwrap()).unwrap();
+    }
+
+    #[test]
     fn misplaced_overlay_is_refused() {
         let host = tempfile::tempdir().unwrap();
         let root = Root::new(host.path());
