@@ -550,7 +550,7 @@ struct NextHeader<'doc> {
 impl<'doc> Visit<'doc> for NextHeader<'doc> {
     fn visit_table(&mut self, node: &'doc Table) {
         if let Some(position) = header_position(node) {
-            let closer = self.found.map_or(true, |(best, _)| position < best);
+            let closer = self.found.is_none_or(|(best, _)| position < best);
             if position > self.after && closer {
                 let prefix = node.decor().prefix().map(raw_str).unwrap_or("");
                 self.found = Some((position, prefix));

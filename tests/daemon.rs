@@ -185,3 +185,50 @@ fn the_os_driver_makes_the_agent_stand_down() {
         .path(format!("/var/lib/nvdriver-agent/overlays/{NEW}"))
         .exists());
 }
+
+/// READY=1 reaches systemd's notify socket after the boot path; with `WatchdogSec=` the daemon
+/// pings at half the interval; without it, an idle daemon sends nothing at all.
+#[test]
+fn notifies_ready_and_pings_the_watchdog_only_when_asked() {
+    use std::os::unix::net::UnixDatagram;
+    let messages = |socket: &UnixDatagram, for_how_long: Duration| {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let deadline = std::time::Instant::now() + for_how_long;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        seen
+    };
+
+    for watchdog in [Some("200000"), None] {
+        let host = garden_host(&[]);
+        let socket_path = host.path("/run/systemd/notify-test");
+        std::fs::create_dir_all(socket_path.parent().unwrap()).unwrap();
+        let socket = UnixDatagram::bind(&socket_path).unwrap();
+        let daemon = Daemon::start(host.dir.path(), |c| {
+            c.env("NOTIFY_SOCKET", &socket_path);
+            if let Some(usec) = watchdog {
+                c.env("WATCHDOG_USEC", usec);
+            }
+        });
+        let first = messages(&socket, Duration::from_millis(300));
+        assert!(
+            first.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+            "{first:?}\n{}",
+            daemon.log()
+        );
+        let idle = messages(&socket, Duration::from_secs(1));
+        let pings = idle.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+        match watchdog {
+            // 100 ms apart over a second, with slack for a loaded machine.
+            Some(_) => assert!(pings >= 5, "{pings} pings: {idle:?}"),
+            None => assert!(idle.is_empty(), "an idle daemon sent {idle:?}"),
+        }
+    }
+}

@@ -781,7 +781,7 @@ mod pkcs7 {
             // TeletexString: in practice Latin-1
             0x14 => Some(value.iter().map(|&b| char::from(b)).collect()),
             // BMPString: UCS-2 big-endian
-            0x1E if value.len() % 2 == 0 => {
+            0x1E if value.len().is_multiple_of(2) => {
                 let units = value
                     .chunks_exact(2)
                     .map(|p| u16::from_be_bytes([p[0], p[1]]));

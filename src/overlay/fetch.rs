@@ -326,7 +326,7 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
         };
         let progressed = position > start;
         match outcome {
-            Ok(()) if announced.map_or(true, |n| n == position) => {
+            Ok(()) if announced.is_none_or(|n| n == position) => {
                 file.flush().map_err(io_err(part))?;
                 info!(
                     url,

@@ -383,7 +383,7 @@ mod gvariant {
     }
 
     fn pad_to(buf: &mut Vec<u8>, alignment: usize) {
-        while buf.len() % alignment != 0 {
+        while !buf.len().is_multiple_of(alignment) {
             buf.push(0);
         }
     }

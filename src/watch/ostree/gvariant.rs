@@ -131,7 +131,7 @@ fn variable_array(data: &[u8], alignment: usize) -> Result<Vec<&[u8]>, GVariantE
     }
     let width = offset_width(data.len());
     let table_start = read_offset(&data[data.len() - width.min(data.len())..])?;
-    if table_start > data.len() || (data.len() - table_start) % width != 0 {
+    if table_start > data.len() || !(data.len() - table_start).is_multiple_of(width) {
         return Err(malformed("array framing offsets do not fit the array"));
     }
     let mut elements = Vec::with_capacity((data.len() - table_start) / width);
