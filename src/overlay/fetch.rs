@@ -211,8 +211,14 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
         let content_length = response.body().content_length();
         let (start, total) = match status {
             200 => (0, content_length),
-            206 => {
-                let range = header("content-range").and_then(|v| parse_content_range(&v));
+            // 206 with the range asked for, from the same file: resume. A 206 for another
+            // range or file, or a 416 (the part is no prefix of what is served now): start over.
+            206 | 416 => {
+                let range = if status == 206 {
+                    header("content-range").and_then(|v| parse_content_range(&v))
+                } else {
+                    None
+                };
                 let known = meta.as_ref().and_then(|m| m.total);
                 let same_file = meta.as_ref().is_some_and(|m| m.same_file(&served));
                 match range {
@@ -222,7 +228,12 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
                         (start, total.or(known))
                     }
                     _ => {
-                        debug!(url, ?range, "unusable partial response; starting over");
+                        debug!(
+                            url,
+                            status,
+                            ?range,
+                            "unusable partial response; starting over"
+                        );
                         discard_part(part);
                         meta = None;
                         restarts += 1;
@@ -235,19 +246,6 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
                         continue;
                     }
                 }
-            }
-            416 => {
-                // The part is no prefix of what is served now.
-                discard_part(part);
-                meta = None;
-                restarts += 1;
-                if restarts > MAX_ATTEMPTS {
-                    return Err(FetchError::Status {
-                        url: url.into(),
-                        status,
-                    });
-                }
-                continue;
             }
             404 | 410 => {
                 discard_part(part);
