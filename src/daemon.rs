@@ -202,15 +202,13 @@ pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
         retry_at: None,
         retry_delay: RETRY_FIRST,
     };
-    match family {
-        None => info!("watching for kernel updates is off (watch.detector = \"off\")"),
-        Some(family) => daemon.start_watchers(family, &tx),
-    }
     let load_status = state
         .load
         .as_ref()
         .map(|l| l.result.clone())
         .unwrap_or_default();
+    // READY=1 as soon as the boot path is done: units ordered after us wait for the driver,
+    // not for the D-Bus listeners (a hung update_engine must not delay containerd).
     commands::notify_status(
         &format!(
             "driver {load_status}; {}",
@@ -221,6 +219,10 @@ pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
         ),
         true,
     );
+    match family {
+        None => info!("watching for kernel updates is off (watch.detector = \"off\")"),
+        Some(family) => daemon.start_watchers(family, &tx),
+    }
     if family.is_some() {
         // What the listeners learned while starting (update_engine's GetStatus answer) counts
         // for the first look.
