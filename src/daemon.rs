@@ -267,6 +267,21 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
     record
 }
 
+/// When to retry a failed stage, and the delay after that one; `None` keeps the retry already
+/// pending. Only a due retry that fails again backs off: failures of looks triggered by events
+/// (a kernel install writes /boot many times) must not push the retry later, or one install
+/// would put it a quarter of an hour away (seen in tests/vm/run's late-update scenario).
+fn next_retry(
+    now: Instant,
+    pending: Option<Instant>,
+    delay: Duration,
+) -> Option<(Instant, Duration)> {
+    if pending.is_some_and(|at| at > now) {
+        return None;
+    }
+    Some((now + delay, (delay * 2).min(RETRY_MAX)))
+}
+
 fn notify(states: &[libsystemd::daemon::NotifyState]) {
     if let Err(e) = libsystemd::daemon::notify(false, states) {
         debug!(error = %e, "sd_notify failed");
@@ -443,9 +458,15 @@ impl Daemon<'_> {
     }
 
     fn schedule_retry(&mut self) {
-        self.retry_at = Some(Instant::now() + self.retry_delay);
-        info!("will try again in {} s", self.retry_delay.as_secs());
-        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+        let now = Instant::now();
+        match next_retry(now, self.retry_at, self.retry_delay) {
+            Some((at, delay)) => {
+                info!("will try again in {} s", (at - now).as_secs());
+                self.retry_at = Some(at);
+                self.retry_delay = delay;
+            }
+            None => debug!("a retry is already scheduled"),
+        }
     }
 
     fn apply_logind_hold(&mut self, action: HoldAction, kernel_release: Option<&str>) {
@@ -499,5 +520,33 @@ fn status_line(run: &stage::StageRun) -> String {
             format!("next kernel {}: {}", next.kernel_release, record.result)
         }
         (Some(next), None) => format!("next kernel {}", next.kernel_release),
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn event_failures_keep_the_pending_retry_and_due_ones_back_off() {
+        let t0 = Instant::now();
+        // The first failure schedules a retry and doubles the next delay.
+        let (at, delay) = next_retry(t0, None, RETRY_FIRST).unwrap();
+        assert_eq!((at, delay), (t0 + RETRY_FIRST, RETRY_FIRST * 2));
+        // Failures of event-triggered looks before it is due change nothing.
+        for secs in [1, 10, 59] {
+            assert_eq!(
+                next_retry(t0 + Duration::from_secs(secs), Some(at), delay),
+                None
+            );
+        }
+        // The due retry fails: the next one waits twice as long.
+        let t1 = t0 + RETRY_FIRST;
+        assert_eq!(
+            next_retry(t1, Some(at), delay),
+            Some((t1 + RETRY_FIRST * 2, RETRY_FIRST * 4))
+        );
+        // Bounded.
+        assert_eq!(next_retry(t1, None, RETRY_MAX).unwrap().1, RETRY_MAX);
     }
 }
