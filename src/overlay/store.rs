@@ -678,12 +678,13 @@ fn make_ld_cache(staging: &Path) {
 /// removal of the old copy) when there is. Returns whether something was replaced.
 fn publish(staging: &Path, target: &Path, parent: &Path) -> Result<bool, StoreError> {
     let replaced = if target.exists() {
-        nix::fcntl::renameat2(
-            nix::fcntl::AT_FDCWD,
+        // rustix, not nix: nix offers renameat2 on glibc only, and the static build is musl.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
             staging,
-            nix::fcntl::AT_FDCWD,
+            rustix::fs::CWD,
             target,
-            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+            rustix::fs::RenameFlags::EXCHANGE,
         )
         .map_err(|errno| StoreError::Io {
             path: target.to_path_buf(),
