@@ -99,13 +99,12 @@ impl InstanceLock {
 
 /// The pid of the running daemon, if one holds the instance lock.
 pub fn running_pid(root: &Root) -> Option<u32> {
-    let path = root.join(INSTANCE_LOCK);
-    let mut file = File::open(&path).ok()?;
+    let file = File::open(root.join(INSTANCE_LOCK)).ok()?;
     // If we can take the lock, nobody holds it: the pid in the file is stale.
-    let probe = OpenOptions::new().read(true).open(&path).ok()?;
-    if Flock::lock(probe, FlockArg::LockSharedNonblock).is_ok() {
-        return None;
-    }
+    let mut file = match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_) => return None,
+        Err((file, _)) => file,
+    };
     let mut text = String::new();
     file.read_to_string(&mut text).ok()?;
     text.trim().parse().ok()

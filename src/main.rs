@@ -341,8 +341,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Overlay(OverlayCommand::List) => {
             let ctx = Context::new(root, &source)?;
             let store = ctx.store();
-            for kernel_release in store.kernel_releases()? {
-                for driver in store.driver_versions(&kernel_release)? {
+            for (kernel_release, drivers) in store.inventory()? {
+                for driver in drivers {
                     println!("{kernel_release}\t{driver}");
                 }
             }

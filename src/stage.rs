@@ -236,11 +236,13 @@ pub fn stage_next(
             let loaded = kernel_state
                 .is_loaded("nvidia")
                 .and_then(|m| m.version.clone());
-            let for_running = store.driver_versions(&host.kernel_release)?;
-            let mut all = Vec::new();
-            for kernel in store.kernel_releases()? {
-                all.extend(store.driver_versions(&kernel)?);
-            }
+            let inventory = store.inventory()?;
+            let for_running = inventory
+                .iter()
+                .find(|(kernel, _)| *kernel == host.kernel_release)
+                .map(|(_, drivers)| drivers.clone())
+                .unwrap_or_default();
+            let all: Vec<String> = inventory.into_iter().flat_map(|(_, d)| d).collect();
             choose_driver_version(
                 ctx.settings.driver_version.as_deref(),
                 loaded.as_deref(),

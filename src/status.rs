@@ -76,14 +76,14 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         None => (None, None),
     };
     let store = ctx.store();
-    let mut stored = Vec::new();
-    for kernel_release in store.kernel_releases()? {
-        let driver_versions = store.driver_versions(&kernel_release)?;
-        stored.push(StoredKernel {
+    let stored: Vec<StoredKernel> = store
+        .inventory()?
+        .into_iter()
+        .map(|(kernel_release, driver_versions)| StoredKernel {
             kernel_release,
             driver_versions,
-        });
-    }
+        })
+        .collect();
     let pending_staged = pending.as_ref().map(|next| {
         stored
             .iter()

@@ -320,6 +320,17 @@ impl<'a> Store<'a> {
     }
 
     /// Driver versions stored for a kernel, oldest first (temporary siblings skipped).
+    /// Every kernel release in the store with its driver versions (each list sorted as above).
+    pub fn inventory(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        self.kernel_releases()?
+            .into_iter()
+            .map(|kernel| {
+                let drivers = self.driver_versions(&kernel)?;
+                Ok((kernel, drivers))
+            })
+            .collect()
+    }
+
     pub fn driver_versions(&self, kernel_release: &str) -> Result<Vec<String>, StoreError> {
         let mut versions = self.subdirectories(&self.dir.join(kernel_release))?;
         versions.sort_by(|a, b| compare_versions(a, b));
