@@ -3,32 +3,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
+use common::agent::text;
 use common::host::FakeHost;
 use common::overlay::{OverlayBuilder, DRIVER};
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
 
-fn agent(host: &FakeHost, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nvdriver-agent"))
-        .arg("--root")
-        .arg(host.dir.path())
-        .arg("--simulate-kernel")
-        .args(args)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .output()
-        .unwrap()
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+fn agent(host: &FakeHost, args: &[&str]) -> std::process::Output {
+    common::agent::run(host.dir.path(), args)
 }
 
 fn imported_host() -> FakeHost {

@@ -24,14 +24,8 @@ const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 const TRIALS: u32 = 100;
 
 fn agent(root: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_nvdriver-agent"));
-    command
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null());
+    let mut command = common::agent::command(root, args);
+    command.stdin(Stdio::null());
     command
 }
 

@@ -827,17 +827,10 @@ fn two_stagers_at_once_take_turns() {
 /// The CLI: `overlay fetch` and `overlay gc` as a user runs them, with their exit codes.
 mod cli {
     use super::*;
-    use std::process::{Command, Output};
+    use std::process::Output;
 
     fn agent(host: &Host, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_nvdriver-agent"))
-            .arg("--root")
-            .arg(host.root.path())
-            .args(args)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .output()
-            .unwrap()
+        common::agent::run(host.root.path(), args)
     }
 
     fn configure(host: &Host, extra: &str) {
