@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use tracing::{info, warn};
 
@@ -237,6 +238,7 @@ pub enum LoadOutcome {
 
 /// Plan and execute the load for the running kernel.
 pub fn load(ctx: &Context, kernel: &mut dyn Kernel) -> Result<LoadOutcome, CommandError> {
+    let started = Instant::now();
     let prepared = match prepare_load(ctx, kernel)? {
         Prepared::Ready(prepared) => prepared,
         Prepared::NoOverlay { kernel_release } => {
@@ -263,6 +265,10 @@ pub fn load(ctx: &Context, kernel: &mut dyn Kernel) -> Result<LoadOutcome, Comma
         DRIVER_VERSION = %plan.driver_version,
         OVERLAY = %plan.overlay.display(),
         loaded = ?report.loaded,
+        // Whole `load` (inspection, verification, syscalls, files) against the part the kernel
+        // spent in finit_module: the difference is what the agent adds (bench/load-overhead).
+        duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        module_init_us = report.module_init_micros,
         "NVIDIA driver ready"
     );
     Ok(LoadOutcome::Loaded {

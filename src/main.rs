@@ -166,6 +166,9 @@ fn init_logging(verbose: u8) {
     // Under systemd, stderr is the journal: send structured entries instead.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
+            // Fields under their own names (KERNEL_RELEASE, DRIVER_VERSION, OVERLAY), not
+            // F_KERNEL_RELEASE: `journalctl KERNEL_RELEASE=…` is how operators filter.
+            let journald = journald.with_field_prefix(None);
             tracing_subscriber::registry()
                 .with(journald.with_filter(filter))
                 .init();
