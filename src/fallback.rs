@@ -162,7 +162,7 @@ pub fn after_boot_load(
         rpm_ostree,
         record: &record,
     });
-    execute(root, &action, &mut record)?;
+    execute(root, &action, &mut record, &load.kernel_release)?;
     Ok(action)
 }
 
@@ -179,11 +179,12 @@ fn execute(
     root: &Root,
     action: &FallbackAction,
     record: &mut FallbackRecord,
+    running_kernel: &str,
 ) -> Result<(), FallbackError> {
     match action {
         FallbackAction::Nothing => Ok(()),
         FallbackAction::MarkNotReady { why, fix } => {
-            error!("the node is not ready for GPU work: {why}. To fix: {fix}");
+            error!(KERNEL_RELEASE = %running_kernel, "the node is not ready for GPU work: {why}. To fix: {fix}");
             let mut state = AgentState::read(root);
             state.not_ready = Some(format!("{why}; to fix: {fix}"));
             state.write(root)?;

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::Duration;
 
 use common::agent::{self, state, wait_for, Daemon};
@@ -330,10 +331,8 @@ fn the_dbus_object_tells_how_things_stand_and_takes_stage_and_reload() {
 #[test]
 fn without_a_bus_the_daemon_goes_on_and_status_reads_the_disk() {
     let host = host(true, "");
-    // A bus address where no bus listens.
-    let daemon = Daemon::start(host.dir.path(), |c| {
-        c.env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus");
-    });
+    // common::agent points the system bus where no bus listens.
+    let daemon = Daemon::start(host.dir.path(), |_| {});
     wait_for(
         "the metrics file",
         WAIT,
@@ -549,4 +548,77 @@ fn doctor_fails_without_an_overlay_for_the_running_kernel() {
     );
     assert!(line(&report, "driver").starts_with("warn"), "{report}");
     assert!(line(&report, "source").starts_with("warn"), "{report}");
+}
+
+/// `busctl` as user `nobody` against `bus`.
+fn busctl_as_nobody(bus: &TestBus, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"])
+        .arg(format!("--address={}", bus.address))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The shipped policy file on a bus with the system bus's default policy: root's daemon owns
+/// the name; any user reads the properties and introspects, but only root calls the methods.
+#[test]
+fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap();
+    let tools = ["setpriv", "busctl"].iter().all(|t| {
+        std::process::Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok()
+    });
+    if !euid || !tools {
+        assert!(
+            std::env::var_os("CI").is_none() || !tools,
+            "setpriv and busctl are required under CI"
+        );
+        eprintln!("skipping: needs root (to be root and nobody on the bus), setpriv and busctl");
+        return;
+    }
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("units/org.nvdriveragent.Agent1.conf");
+    let bus = TestBus::system_like(&policy);
+    let host = host(true, "");
+    let daemon = Daemon::start(host.dir.path(), |c| bus.env(c));
+    let conn = bus.connect();
+    wait_for(
+        "the agent's D-Bus object",
+        WAIT,
+        || properties(&conn),
+        |p| p.get("RunningKernel").is_some_and(|k| k == OLD),
+    );
+    assert!(!daemon.log().contains("cannot serve"), "{}", daemon.log());
+
+    let read = busctl_as_nobody(
+        &bus,
+        &["get-property", NAME, PATH, NAME, "LoadedDriverVersion"],
+    );
+    assert!(read.status.success(), "{}", agent::text(&read));
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout).trim(),
+        format!("s \"{DRIVER}\"")
+    );
+    let introspect = busctl_as_nobody(&bus, &["introspect", NAME, PATH]);
+    assert!(introspect.status.success(), "{}", agent::text(&introspect));
+    for method in ["Stage", "Reload"] {
+        let call = busctl_as_nobody(&bus, &["call", NAME, PATH, NAME, method]);
+        assert!(!call.status.success(), "{}", agent::text(&call));
+        assert!(
+            String::from_utf8_lossy(&call.stderr).contains("denied"),
+            "{}",
+            agent::text(&call)
+        );
+    }
+    // Root may.
+    call(&conn, "Stage").unwrap();
 }

@@ -9,7 +9,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::devices::{self, nodes_for, DeviceNode};
 use super::modinfo::{self, Compression};
@@ -134,7 +134,7 @@ pub fn execute(
         let result = load_one(step, module, kernel);
         match result {
             Ok(true) => {
-                info!(MODULE = %step.name, DRIVER_VERSION = step.version.as_deref().unwrap_or(""), "module loaded");
+                debug!(MODULE = %step.name, DRIVER_VERSION = step.version.as_deref().unwrap_or(""), "module loaded");
                 report.loaded.push(step.name.clone());
             }
             Ok(false) => report.already_loaded.push(step.name.clone()),
