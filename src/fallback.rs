@@ -1,10 +1,10 @@
 //! What the daemon does when loading the driver at boot failed (`[fallback] on-load-failure`).
 //!
-//! [`plan_fallback`] decides from data; [`execute`] is the thin edge. A rollback is remembered
-//! in `/var/lib/nvdriver-agent/fallback.json` (it must survive the reboot it causes) so the
-//! agent never rolls back twice away from the same kernel, and never twice in a row without a
-//! successful load in between: a host whose old deployment fails too stays put, marked not
-//! ready, instead of bouncing between deployments.
+//! [`plan_fallback`] decides from data; [`after_boot_load`] is the thin edge. A rollback is
+//! remembered in `/var/lib/nvdriver-agent/fallback.json` (it must survive the reboot it
+//! causes) so the agent never rolls back twice away from the same kernel, and never twice in a
+//! row without a successful load in between: a host whose old deployment fails too stays put,
+//! marked not ready, instead of bouncing between deployments.
 
 use std::path::PathBuf;
 use std::process::Command;
