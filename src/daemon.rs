@@ -244,6 +244,7 @@ pub fn run(
         true,
     );
     daemon.start_agent_object(&tx);
+    // Published before the first look, which may download for minutes.
     daemon.refresh();
     match family {
         None => info!("watching for kernel updates is off (watch.detector = \"off\")"),
@@ -259,6 +260,7 @@ pub fn run(
             daemon.absorb(event);
         }
         daemon.evaluate();
+        daemon.refresh();
     }
     daemon.event_loop(&rx);
     info!("stopping");
