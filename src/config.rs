@@ -720,6 +720,36 @@ mod tests {
     }
 
     #[test]
+    fn outputs_default_on_turn_off_with_empty_and_refuse_relative_paths() {
+        let defaults = layered(&[]).unwrap();
+        assert_eq!(
+            defaults.outputs.metrics.as_deref(),
+            Some(Path::new(
+                "/var/lib/node_exporter/textfile_collector/nvdriver_agent.prom"
+            ))
+        );
+        assert_eq!(defaults.on_load_failure, LoadFailureFallback::Off);
+        let off = layered(&[(
+            "/etc/nvdriver-agent/config.toml",
+            "[outputs]\nmetrics = \"\"\n[fallback]\non-load-failure = \"mark-not-ready\"\n",
+        )])
+        .unwrap();
+        assert_eq!(off.outputs.metrics, None);
+        assert!(off.outputs.nfd_features.is_some());
+        assert_eq!(off.on_load_failure, LoadFailureFallback::MarkNotReady);
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.d/10-cdi.toml",
+            "[outputs]\ncdi-spec = \"cdi/nvidia.json\"\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("outputs.cdi-spec") && err.contains("10-cdi.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_policy_value() {
         let err = layered(&[(
             "/etc/nvdriver-agent/config.toml",

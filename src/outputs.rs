@@ -230,3 +230,17 @@ pub(crate) fn write_if_dir_exists(
     })?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_and_kubernetes_labels_cleaned() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(label_value("570.133.20"), "570.133.20");
+        assert_eq!(label_value("570.1+custom"), "570.1_custom");
+        assert_eq!(label_value("-x-"), "x");
+        assert_eq!(label_value(&"9".repeat(80)).len(), 63);
+    }
+}

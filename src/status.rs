@@ -369,3 +369,79 @@ pub fn render(report: &StatusReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(kernel: &str, result: &str) -> StageRecord {
+        StageRecord {
+            at: 1,
+            kernel_release: kernel.into(),
+            driver_version: None,
+            result: result.into(),
+            overlay: None,
+            source: None,
+            tried: Vec::new(),
+            detail: None,
+            duration_ms: 0,
+        }
+    }
+
+    #[test]
+    fn readiness_now_and_after_the_reboot() {
+        let loaded = ReadinessFacts {
+            loaded_driver: Some("570.1"),
+            ..Default::default()
+        };
+        assert_eq!(assess(&loaded), (Readiness::Ready, None));
+        let pending_missing = ReadinessFacts {
+            pending_kernel: Some("6.2"),
+            ..loaded.clone()
+        };
+        let (readiness, why) = assess(&pending_missing);
+        assert_eq!(readiness, Readiness::NotReadyAfterReboot);
+        assert!(why.unwrap().contains("6.2"));
+        assert_eq!(Readiness::NotReadyAfterReboot.exit_code(), 7);
+        // Staged, or the OS ships the driver for that kernel.
+        let staged = ReadinessFacts {
+            pending_staged: true,
+            ..pending_missing.clone()
+        };
+        assert_eq!(assess(&staged).0, Readiness::Ready);
+        let os_covers = stage("6.2", "stood-down");
+        let stood_down = ReadinessFacts {
+            last_stage: Some(&os_covers),
+            ..pending_missing.clone()
+        };
+        assert_eq!(assess(&stood_down).0, Readiness::Ready);
+        // Not loaded, or marked by the fallback: not ready, whatever comes next.
+        let (readiness, why) = assess(&ReadinessFacts::default());
+        assert_eq!(readiness, Readiness::NotReady);
+        assert!(why.unwrap().contains("not loaded"));
+        let marked = ReadinessFacts {
+            marked_not_ready: Some("load failed; to fix: …"),
+            ..staged
+        };
+        assert_eq!(assess(&marked).0, Readiness::NotReady);
+        assert_eq!(Readiness::NotReady.exit_code(), 8);
+    }
+
+    #[test]
+    fn policy_state_names_the_hold() {
+        let hold = HoldRecord {
+            mechanism: "ostree-finalization-lock".into(),
+            kernel_release: "6.2".into(),
+            since: 1,
+        };
+        assert_eq!(policy_state(Readiness::Ready, None, None), "ok");
+        assert!(
+            policy_state(Readiness::NotReadyAfterReboot, Some("x"), Some(&hold))
+                .starts_with("held: the update to 6.2")
+        );
+        assert_eq!(
+            policy_state(Readiness::NotReady, Some("why"), Some(&hold)),
+            "not-ready: why"
+        );
+    }
+}
