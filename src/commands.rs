@@ -8,7 +8,7 @@ use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{self, ConfigError, MissingOverlayPolicy, Settings};
 use crate::host::{HostError, HostFacts, KernelState, Root};
@@ -31,6 +31,10 @@ pub mod exit {
     pub const INVALID_OVERLAY: u8 = 4;
     pub const HOST_CONFLICT: u8 = 5;
     pub const KERNEL_REFUSED: u8 = 6;
+    /// `status`: the driver is loaded, but the kernel booted next has no overlay staged.
+    pub const NOT_READY_AFTER_REBOOT: u8 = 7;
+    /// `status`: the driver is not loaded (or the fallback policy marked the node not ready).
+    pub const NOT_READY: u8 = 8;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +275,16 @@ pub fn load(ctx: &Context, kernel: &mut dyn Kernel) -> Result<LoadOutcome, Comma
         module_init_us = report.module_init_micros,
         "NVIDIA driver ready"
     );
+    if let Some(spec) = &ctx.settings.outputs.cdi_spec {
+        // Containers are served without CDI too (the toolkit's legacy mode): a failure is said,
+        // not fatal.
+        match crate::cdi::regenerate(&ctx.root, spec, &plan.overlay, &plan.driver_root.root()) {
+            Ok(outcome) => {
+                debug!(OVERLAY = %plan.overlay.display(), "CDI spec {}: {outcome:?}", spec.display())
+            }
+            Err(e) => warn!(OVERLAY = %plan.overlay.display(), "{e}"),
+        }
+    }
     Ok(LoadOutcome::Loaded {
         plan: Box::new(plan),
         report,

@@ -80,6 +80,33 @@ pub enum MissingNextOverlayPolicy {
     Hold,
 }
 
+/// What the daemon does when the boot-time load of the driver fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadFailureFallback {
+    /// Record the failure (status, metrics, NFD labels say not ready); nothing more.
+    Off,
+    /// Also log, once, why and the command that fixes it, and mark the node not ready in
+    /// every output until the next successful load.
+    MarkNotReady,
+    /// On rpm-ostree hosts: `rpm-ostree rollback --reboot` into the previous deployment, once
+    /// per failing kernel; elsewhere, or when that was tried already, `mark-not-ready`.
+    Rollback,
+}
+
+/// Files the agent keeps up to date for others; `None` turns one off. Each is written only
+/// when its directory exists (the consumer creates it), so a host without that consumer is
+/// not littered.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OutputSettings {
+    /// Prometheus text file for node_exporter's textfile collector.
+    pub metrics: Option<PathBuf>,
+    /// Node Feature Discovery local feature file.
+    pub nfd_features: Option<PathBuf>,
+    /// Container Device Interface spec for the loaded driver.
+    pub cdi_spec: Option<PathBuf>,
+}
+
 /// Which next-kernel detector the daemon runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -118,6 +145,22 @@ struct Fragment {
     policy: Option<PolicyFragment>,
     stage: Option<StageFragment>,
     watch: Option<WatchFragment>,
+    outputs: Option<OutputsFragment>,
+    fallback: Option<FallbackFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct OutputsFragment {
+    metrics: Option<PathBuf>,
+    nfd_features: Option<PathBuf>,
+    cdi_spec: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FallbackFragment {
+    on_load_failure: Option<LoadFailureFallback>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +234,8 @@ pub struct Settings {
     pub missing_next_overlay: MissingNextOverlayPolicy,
     pub stage: StageSettings,
     pub detector: Detector,
+    pub outputs: OutputSettings,
+    pub on_load_failure: LoadFailureFallback,
     /// The files that were read, in order (host paths, or the `--config` path as given).
     pub sources: Vec<PathBuf>,
 }
@@ -326,6 +371,10 @@ struct Merged {
     allow_http: Sourced<bool>,
     keep_extra: Sourced<u32>,
     detector: Sourced<Detector>,
+    metrics: Sourced<PathBuf>,
+    nfd_features: Sourced<PathBuf>,
+    cdi_spec: Sourced<PathBuf>,
+    on_load_failure: Sourced<LoadFailureFallback>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, file: &Path) {
@@ -380,6 +429,14 @@ impl Merged {
         }
         if let Some(watch) = fragment.watch {
             set(&mut self.detector, watch.detector, file);
+        }
+        if let Some(outputs) = fragment.outputs {
+            set(&mut self.metrics, outputs.metrics, file);
+            set(&mut self.nfd_features, outputs.nfd_features, file);
+            set(&mut self.cdi_spec, outputs.cdi_spec, file);
+        }
+        if let Some(fallback) = fragment.fallback {
+            set(&mut self.on_load_failure, fallback.on_load_failure, file);
         }
     }
 
@@ -444,6 +501,15 @@ impl Merged {
                 .unwrap_or(MissingNextOverlayPolicy::Warn),
             stage,
             detector: self.detector.map(|(v, _)| v).unwrap_or(Detector::Auto),
+            outputs: OutputSettings {
+                metrics: optional_path("outputs.metrics", self.metrics)?,
+                nfd_features: optional_path("outputs.nfd-features", self.nfd_features)?,
+                cdi_spec: optional_path("outputs.cdi-spec", self.cdi_spec)?,
+            },
+            on_load_failure: self
+                .on_load_failure
+                .map(|(v, _)| v)
+                .unwrap_or(LoadFailureFallback::Off),
             sources: files,
         })
     }
@@ -522,6 +588,15 @@ fn required_path(key: &str, value: Sourced<PathBuf>) -> Result<PathBuf, ConfigEr
         });
     }
     Ok(path)
+}
+
+/// An optional host path: unset or `""` means off.
+fn optional_path(key: &str, value: Sourced<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some((path, _)) if path.as_os_str().is_empty() => Ok(None),
+        value => required_path(key, value).map(Some),
+    }
 }
 
 #[cfg(test)]
@@ -642,6 +717,36 @@ mod tests {
         .to_string();
         assert!(err.contains("/etc/nvdriver-agent/config.toml:2"), "{err}");
         assert!(err.contains("manage") || err.contains("bool"), "{err}");
+    }
+
+    #[test]
+    fn outputs_default_on_turn_off_with_empty_and_refuse_relative_paths() {
+        let defaults = layered(&[]).unwrap();
+        assert_eq!(
+            defaults.outputs.metrics.as_deref(),
+            Some(Path::new(
+                "/var/lib/node_exporter/textfile_collector/nvdriver_agent.prom"
+            ))
+        );
+        assert_eq!(defaults.on_load_failure, LoadFailureFallback::Off);
+        let off = layered(&[(
+            "/etc/nvdriver-agent/config.toml",
+            "[outputs]\nmetrics = \"\"\n[fallback]\non-load-failure = \"mark-not-ready\"\n",
+        )])
+        .unwrap();
+        assert_eq!(off.outputs.metrics, None);
+        assert!(off.outputs.nfd_features.is_some());
+        assert_eq!(off.on_load_failure, LoadFailureFallback::MarkNotReady);
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.d/10-cdi.toml",
+            "[outputs]\ncdi-spec = \"cdi/nvidia.json\"\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("outputs.cdi-spec") && err.contains("10-cdi.toml"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
 
+use crate::agent_bus::{AgentProperties, AgentService};
 use crate::commands::{self, CommandError, Context, LoadOutcome};
+use crate::config::{self, ConfigSource, Settings};
+use crate::fallback;
 use crate::fsutil;
 use crate::hold::HoldMechanism;
 use crate::host::{HostFacts, Root};
@@ -133,8 +136,11 @@ enum Event {
     Changed(String),
     /// update_engine's `current_operation`; `None` when it left the bus.
     UpdateEngine(Option<String>),
-    /// SIGUSR1 (`nvdriver-agent stage`) or SIGHUP.
+    /// SIGUSR1 (`nvdriver-agent stage`) or the D-Bus `Stage()` method.
     Rescan,
+    /// SIGHUP (`None`: read the configuration here) or D-Bus `Reload()` (the settings it
+    /// already read and checked, so the caller could be told when they were invalid).
+    Reload(Option<Box<Settings>>),
     /// SIGTERM or SIGINT.
     Shutdown,
 }
@@ -162,6 +168,7 @@ fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
         .spawn(move || loop {
             let event = match set.wait() {
                 Ok(Signal::SIGTERM | Signal::SIGINT) => Event::Shutdown,
+                Ok(Signal::SIGHUP) => Event::Reload(None),
                 Ok(_) => Event::Rescan,
                 Err(_) => continue,
             };
@@ -174,8 +181,13 @@ fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Run the daemon until SIGTERM.
-pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
+/// Run the daemon until SIGTERM. `source` is where the configuration is read again from on
+/// SIGHUP or D-Bus `Reload()`.
+pub fn run(
+    ctx: &Context,
+    source: &ConfigSource,
+    kernel: &mut dyn Kernel,
+) -> Result<(), DaemonError> {
     let (tx, rx) = mpsc::channel();
     spawn_signal_thread(tx.clone())?;
     let _instance = InstanceLock::acquire(&ctx.root)?;
@@ -192,8 +204,21 @@ pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
 
     let host = HostFacts::read(&ctx.root).map_err(CommandError::from)?;
     let family = watch::choose(ctx.settings.detector, &ctx.root, &host.os);
+    if let Some(load) = &state.load {
+        let rpm_ostree = family == Some(Family::Ostree);
+        if let Err(e) =
+            fallback::after_boot_load(&ctx.root, ctx.settings.on_load_failure, load, rpm_ostree)
+        {
+            error!("{e}");
+        }
+    }
     let mut daemon = Daemon {
-        ctx,
+        ctx: Context {
+            root: ctx.root.clone(),
+            settings: ctx.settings.clone(),
+        },
+        source: source.clone(),
+        agent: None,
         family,
         update_engine: UpdateEngineState::Unknown,
         bus: None,
@@ -218,6 +243,9 @@ pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
         ),
         true,
     );
+    daemon.start_agent_object(&tx);
+    // Published before the first look, which may download for minutes.
+    daemon.refresh();
     match family {
         None => info!("watching for kernel updates is off (watch.detector = \"off\")"),
         Some(family) => daemon.start_watchers(family, &tx),
@@ -232,6 +260,7 @@ pub fn run(ctx: &Context, kernel: &mut dyn Kernel) -> Result<(), DaemonError> {
             daemon.absorb(event);
         }
         daemon.evaluate();
+        daemon.refresh();
     }
     daemon.event_loop(&rx);
     info!("stopping");
@@ -287,8 +316,11 @@ fn notify(states: &[libsystemd::daemon::NotifyState]) {
     }
 }
 
-struct Daemon<'a> {
-    ctx: &'a Context,
+struct Daemon {
+    ctx: Context,
+    source: ConfigSource,
+    /// Our D-Bus object, when the system bus let us serve it.
+    agent: Option<AgentService>,
     family: Option<Family>,
     update_engine: UpdateEngineState,
     bus: Option<zbus::blocking::Connection>,
@@ -297,7 +329,84 @@ struct Daemon<'a> {
     retry_delay: Duration,
 }
 
-impl Daemon<'_> {
+impl Daemon {
+    /// Serve `org.nvdriveragent.Agent1`; without a system bus the daemon goes on (said once).
+    fn start_agent_object(&mut self, tx: &Sender<Event>) {
+        let stage_tx = tx.clone();
+        let reload_tx = tx.clone();
+        let (root, source) = (self.ctx.root.clone(), self.source.clone());
+        let started = AgentService::start(
+            AgentProperties::default(),
+            move || {
+                let _ = stage_tx.send(Event::Rescan);
+            },
+            move || {
+                let settings = config::load(&root, &source).map_err(|e| e.to_string())?;
+                reload_tx
+                    .send(Event::Reload(Some(Box::new(settings))))
+                    .map_err(|_| "the daemon is stopping".to_string())
+            },
+        );
+        match started {
+            Ok(service) => {
+                debug!("serving {} on the system bus", crate::agent_bus::AGENT_NAME);
+                self.agent = Some(service);
+            }
+            Err(e) => warn!("{e}"),
+        }
+    }
+
+    /// Re-read how things stand and bring every output up to date: the metrics and NFD files
+    /// and the D-Bus properties (each only changes when its content does).
+    fn refresh(&self) {
+        let report = match crate::status::gather(&self.ctx) {
+            Ok(report) => report,
+            Err(e) => {
+                warn!("cannot gather the status for the outputs: {e}");
+                return;
+            }
+        };
+        match crate::outputs::publish(&self.ctx.root, &self.ctx.settings.outputs, &report) {
+            Ok(written) => {
+                for path in written {
+                    debug!("updated {}", path.display());
+                }
+            }
+            Err(e) => warn!("{e}"),
+        }
+        if let Some(agent) = &self.agent {
+            if let Err(e) = agent.update(AgentProperties::from_report(&report)) {
+                debug!("{e}");
+            }
+        }
+    }
+
+    fn reload(&mut self, settings: Option<Box<Settings>>) {
+        let settings = match settings {
+            Some(settings) => *settings,
+            None => match config::load(&self.ctx.root, &self.source) {
+                Ok(settings) => settings,
+                Err(e) => {
+                    error!("the configuration was not read again, the old one stays in force: {e}");
+                    return;
+                }
+            },
+        };
+        if settings.detector != self.ctx.settings.detector {
+            warn!("watch.detector changed; it takes effect when the daemon restarts (`systemctl restart nvdriver-agent`)");
+        }
+        info!(
+            "configuration read again from {}",
+            settings
+                .sources
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.ctx.settings = settings;
+    }
+
     fn start_watchers(&mut self, family: Family, tx: &Sender<Event>) {
         let root = self.ctx.root.clone();
         let paths_root = root.clone();
@@ -387,8 +496,11 @@ impl Daemon<'_> {
                     }
                 }
             }
-            if look_again && self.family.is_some() {
-                self.evaluate();
+            if look_again {
+                if self.family.is_some() {
+                    self.evaluate();
+                }
+                self.refresh();
             }
         }
     }
@@ -423,6 +535,10 @@ impl Daemon<'_> {
                 info!("asked to look again");
                 true
             }
+            Event::Reload(settings) => {
+                self.reload(settings);
+                true
+            }
             Event::Shutdown => false,
         }
     }
@@ -434,7 +550,7 @@ impl Daemon<'_> {
             family,
             update_engine: self.update_engine,
         };
-        let run = match stage::stage_next(self.ctx, &target, None) {
+        let run = match stage::stage_next(&self.ctx, &target, None) {
             Ok(run) => run,
             Err(e) => {
                 warn!("{e}");

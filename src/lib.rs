@@ -7,13 +7,18 @@
 //! [`runtime`] and [`readiness`] hand the driver to the container toolkit and the GPU Operator.
 #![deny(unsafe_code)]
 
+pub mod agent_bus;
+pub mod cdi;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
+pub mod fallback;
 pub mod fsutil;
 pub mod hold;
 pub mod host;
 pub mod kmod;
+pub mod outputs;
 pub mod overlay;
 pub mod readiness;
 pub mod runtime;

@@ -14,7 +14,7 @@ use nvdriver_agent::kmod::modinfo;
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
 use nvdriver_agent::overlay::store::ImportOutcome;
 use nvdriver_agent::stage::{self, NextBootReadiness, StageError, Target};
-use nvdriver_agent::{status, watch};
+use nvdriver_agent::{agent_bus, doctor, status, watch};
 
 /// Keeps precompiled NVIDIA driver overlays loaded across kernel updates.
 #[derive(Debug, Parser)]
@@ -69,9 +69,22 @@ enum Command {
         #[arg(long, value_name = "VERSION")]
         driver: Option<String>,
     },
-    /// Show the running and the next kernel, the store, the last stage and any held update.
+    /// Show the running and the next kernel, the store, the last stage and any held update
+    /// (from the running daemon over D-Bus where it answers, from disk otherwise).
+    ///
+    /// Exit status: 0 ready now and after the next reboot; 7 ready now, but the kernel booted
+    /// next has no overlay staged; 8 not ready now (driver not loaded, or marked not ready by
+    /// the [fallback] policy); 1 or 2 when status itself failed.
     Status {
         /// Machine-readable output (format documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check, read-only, everything the driver needs: OS, kernel, pending kernel, module
+    /// signing, nouveau, IOMMU, firmware path, device nodes, toolkit config, the store and the
+    /// sources. One `ok`/`warn`/`fail` line each; exit status 1 when any check fails.
+    Doctor {
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -253,7 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Run => {
             let ctx = Context::new(root, &source)?;
-            daemon::run(&ctx, kernel.as_mut())?;
+            daemon::run(&ctx, &source, kernel.as_mut())?;
             Ok(exit::OK)
         }
         Command::Stage {
@@ -311,13 +324,30 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Status { json } => {
             let ctx = Context::new(root, &source)?;
-            let report = status::gather(&ctx)?;
+            let mut report = status::gather(&ctx)?;
+            if report.daemon_pid.is_some() {
+                match agent_bus::read_daemon_properties() {
+                    Ok(daemon) => status::merge_daemon_view(&mut report, &daemon),
+                    Err(e) => tracing::debug!("{e}; status read from disk"),
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", status::render(&report));
             }
-            Ok(exit::OK)
+            Ok(report.readiness.exit_code())
+        }
+        Command::Doctor { json } => {
+            let ctx = Context::new(root, &source)?;
+            let checks = doctor::diagnose(&doctor::gather(&ctx)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", doctor::render(&checks));
+            }
+            let failed = checks.iter().any(|c| c.verdict == doctor::Verdict::Fail);
+            Ok(if failed { exit::FAILURE } else { exit::OK })
         }
         Command::Overlay(OverlayCommand::Verify { dir }) => {
             let manifest = commands::overlay_verify(&dir)?;

@@ -348,8 +348,11 @@ pub fn stage_next(
     apply_ostree_hold(ctx, hold_action, pending.as_ref(), &mut state)?;
 
     state.pending = pending.clone();
-    if record.is_some() {
-        state.last_stage = record.clone();
+    if let Some(record) = &record {
+        if record.result == "failed" {
+            state.stage_failures += 1;
+        }
+        state.last_stage = Some(record.clone());
     }
     state.write(&ctx.root)?;
     Ok(StageRun {

@@ -47,6 +47,14 @@ pub struct AgentState {
     /// (so the shutdown-time `stage --now` knows whether an update waits for the reboot).
     #[serde(default)]
     pub update_engine_operation: Option<String>,
+    /// Stages that failed (an overlay found but unusable, or a fetch error) in this boot; a
+    /// Prometheus counter, so it only grows.
+    #[serde(default)]
+    pub stage_failures: u64,
+    /// Set by the `[fallback]` policy after a failed boot load: why the node is not ready and
+    /// what fixes it. Every output says "not ready" while it is set.
+    #[serde(default)]
+    pub not_ready: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,6 +39,126 @@ pub struct StatusReport {
     pub policy: Policy,
     /// Why the pending kernel could not be read, if it could not.
     pub watch_error: Option<String>,
+    /// Ready now and after the next reboot, now only, or not now (the exit code of `status`).
+    pub readiness: Readiness,
+    /// Why the node is less than ready, when it is.
+    pub readiness_detail: Option<String>,
+    /// `ok`, `held: …`, `not-ready-after-reboot: …` or `not-ready: …` (the D-Bus PolicyState).
+    pub policy_state: String,
+    /// The most recent error: a failed boot load, then a failed or missing stage, then the
+    /// watcher's.
+    pub last_error: Option<String>,
+    /// Stages that failed in this boot (counted by the daemon and `stage`).
+    pub stage_failures: u64,
+    /// `daemon` when the running daemon answered over D-Bus, `disk` otherwise.
+    pub read_from: String,
+}
+
+/// How ready the node is, now and after the next reboot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Readiness {
+    /// The driver is loaded, and the kernel booted next has its overlay (or is this one).
+    Ready,
+    /// The driver is loaded, but the pending kernel has no overlay staged.
+    NotReadyAfterReboot,
+    /// The driver is not loaded now (or the fallback policy marked the node not ready).
+    NotReady,
+}
+
+impl Readiness {
+    /// `status`'s exit code for it (documented in the README and `status --help`).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Readiness::Ready => crate::commands::exit::OK,
+            Readiness::NotReadyAfterReboot => crate::commands::exit::NOT_READY_AFTER_REBOOT,
+            Readiness::NotReady => crate::commands::exit::NOT_READY,
+        }
+    }
+}
+
+/// The facts readiness is judged on.
+#[derive(Clone, Debug, Default)]
+pub struct ReadinessFacts<'a> {
+    pub loaded_driver: Option<&'a str>,
+    pub load: Option<&'a LoadRecord>,
+    /// Set by the fallback policy.
+    pub marked_not_ready: Option<&'a str>,
+    pub pending_kernel: Option<&'a str>,
+    pub pending_staged: bool,
+    /// The last stage decision, to see whether the OS covers the pending kernel itself.
+    pub last_stage: Option<&'a StageRecord>,
+}
+
+/// Judge readiness; pure.
+pub fn assess(facts: &ReadinessFacts) -> (Readiness, Option<String>) {
+    if let Some(why) = facts.marked_not_ready {
+        return (Readiness::NotReady, Some(why.to_string()));
+    }
+    if facts.loaded_driver.is_none() {
+        let why = match facts.load {
+            Some(load) if load.result == "failed" => format!(
+                "loading the driver failed: {}",
+                load.error.as_deref().unwrap_or("no detail")
+            ),
+            Some(load) if load.result == "no-overlay" => format!(
+                "no overlay for the running kernel {} in the store",
+                load.kernel_release
+            ),
+            _ => "the NVIDIA driver is not loaded".to_string(),
+        };
+        return (Readiness::NotReady, Some(why));
+    }
+    match facts.pending_kernel {
+        Some(kernel) if !facts.pending_staged => {
+            let stood_down = facts
+                .last_stage
+                .is_some_and(|s| s.kernel_release == kernel && s.result == "stood-down");
+            if stood_down {
+                (Readiness::Ready, None)
+            } else {
+                (
+                    Readiness::NotReadyAfterReboot,
+                    Some(format!(
+                        "no overlay staged for the next kernel {kernel}; `nvdriver-agent stage --now` tries the sources again"
+                    )),
+                )
+            }
+        }
+        _ => (Readiness::Ready, None),
+    }
+}
+
+/// The D-Bus `PolicyState` for a readiness and hold.
+pub fn policy_state(
+    readiness: Readiness,
+    detail: Option<&str>,
+    hold: Option<&HoldRecord>,
+) -> String {
+    let detail = detail.unwrap_or_default();
+    match (readiness, hold) {
+        (Readiness::NotReady, _) => format!("not-ready: {detail}"),
+        (_, Some(hold)) => format!(
+            "held: the update to {} waits for its overlay ({})",
+            hold.kernel_release, hold.mechanism
+        ),
+        (Readiness::NotReadyAfterReboot, None) => format!("not-ready-after-reboot: {detail}"),
+        (Readiness::Ready, None) => "ok".into(),
+    }
+}
+
+fn last_error(
+    load: Option<&LoadRecord>,
+    stage: Option<&StageRecord>,
+    watch_error: Option<&str>,
+) -> Option<String> {
+    load.and_then(|l| l.error.clone())
+        .or_else(|| {
+            stage
+                .filter(|s| s.result == "failed" || s.result == "missing")
+                .and_then(|s| s.detail.clone())
+        })
+        .or_else(|| watch_error.map(str::to_string))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -89,12 +209,31 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
             .iter()
             .any(|k| k.kernel_release == next.kernel_release && !k.driver_versions.is_empty())
     });
+    let loaded_driver = kernel_state
+        .is_loaded("nvidia")
+        .and_then(|m| m.version.clone());
+    let (readiness, readiness_detail) = assess(&ReadinessFacts {
+        loaded_driver: loaded_driver.as_deref(),
+        load: state.load.as_ref(),
+        marked_not_ready: state.not_ready.as_deref(),
+        pending_kernel: pending.as_ref().map(|n| n.kernel_release.as_str()),
+        pending_staged: pending_staged == Some(true),
+        last_stage: state.last_stage.as_ref(),
+    });
     Ok(StatusReport {
         format: STATUS_FORMAT,
         running_kernel: host.kernel_release,
-        loaded_driver: kernel_state
-            .is_loaded("nvidia")
-            .and_then(|m| m.version.clone()),
+        policy_state: policy_state(readiness, readiness_detail.as_deref(), state.hold.as_ref()),
+        last_error: last_error(
+            state.load.as_ref(),
+            state.last_stage.as_ref(),
+            watch_error.as_deref(),
+        ),
+        readiness,
+        readiness_detail,
+        stage_failures: state.stage_failures,
+        read_from: "disk".into(),
+        loaded_driver,
         daemon_pid: daemon::running_pid(&ctx.root),
         detector: family,
         pending,
@@ -111,8 +250,30 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
     })
 }
 
+/// Take the running daemon's word, read over D-Bus, for what it decides (its policy state and
+/// last error); the rest is read from disk either way and agrees with it.
+pub fn merge_daemon_view(report: &mut StatusReport, daemon: &crate::agent_bus::AgentProperties) {
+    report.read_from = "daemon".into();
+    report.policy_state = daemon.policy_state.clone();
+    report.last_error = Some(daemon.last_error.clone()).filter(|e| !e.is_empty());
+}
+
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "readiness:       {}{}",
+        match report.readiness {
+            Readiness::Ready => "ready now and after the next reboot",
+            Readiness::NotReadyAfterReboot => "ready now, NOT after the next reboot",
+            Readiness::NotReady => "NOT ready",
+        },
+        report
+            .readiness_detail
+            .as_deref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default()
+    );
     let _ = writeln!(out, "running kernel:  {}", report.running_kernel);
     let _ = writeln!(
         out,
@@ -207,4 +368,80 @@ pub fn render(report: &StatusReport) -> String {
         let _ = writeln!(out, "warning:         {e}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(kernel: &str, result: &str) -> StageRecord {
+        StageRecord {
+            at: 1,
+            kernel_release: kernel.into(),
+            driver_version: None,
+            result: result.into(),
+            overlay: None,
+            source: None,
+            tried: Vec::new(),
+            detail: None,
+            duration_ms: 0,
+        }
+    }
+
+    #[test]
+    fn readiness_now_and_after_the_reboot() {
+        let loaded = ReadinessFacts {
+            loaded_driver: Some("570.1"),
+            ..Default::default()
+        };
+        assert_eq!(assess(&loaded), (Readiness::Ready, None));
+        let pending_missing = ReadinessFacts {
+            pending_kernel: Some("6.2"),
+            ..loaded.clone()
+        };
+        let (readiness, why) = assess(&pending_missing);
+        assert_eq!(readiness, Readiness::NotReadyAfterReboot);
+        assert!(why.unwrap().contains("6.2"));
+        assert_eq!(Readiness::NotReadyAfterReboot.exit_code(), 7);
+        // Staged, or the OS ships the driver for that kernel.
+        let staged = ReadinessFacts {
+            pending_staged: true,
+            ..pending_missing.clone()
+        };
+        assert_eq!(assess(&staged).0, Readiness::Ready);
+        let os_covers = stage("6.2", "stood-down");
+        let stood_down = ReadinessFacts {
+            last_stage: Some(&os_covers),
+            ..pending_missing.clone()
+        };
+        assert_eq!(assess(&stood_down).0, Readiness::Ready);
+        // Not loaded, or marked by the fallback: not ready, whatever comes next.
+        let (readiness, why) = assess(&ReadinessFacts::default());
+        assert_eq!(readiness, Readiness::NotReady);
+        assert!(why.unwrap().contains("not loaded"));
+        let marked = ReadinessFacts {
+            marked_not_ready: Some("load failed; to fix: …"),
+            ..staged
+        };
+        assert_eq!(assess(&marked).0, Readiness::NotReady);
+        assert_eq!(Readiness::NotReady.exit_code(), 8);
+    }
+
+    #[test]
+    fn policy_state_names_the_hold() {
+        let hold = HoldRecord {
+            mechanism: "ostree-finalization-lock".into(),
+            kernel_release: "6.2".into(),
+            since: 1,
+        };
+        assert_eq!(policy_state(Readiness::Ready, None, None), "ok");
+        assert!(
+            policy_state(Readiness::NotReadyAfterReboot, Some("x"), Some(&hold))
+                .starts_with("held: the update to 6.2")
+        );
+        assert_eq!(
+            policy_state(Readiness::NotReady, Some("why"), Some(&hold)),
+            "not-ready: why"
+        );
+    }
 }

@@ -108,15 +108,21 @@ fn verify_root(unit_files: &[(&str, &str)]) -> tempfile::TempDir {
     root
 }
 
-/// The files in `units/`, by name.
+/// The systemd units in `units/`, by name (the D-Bus policy beside them is checked in
+/// tests/operate.rs, on a bus).
 fn our_units() -> Vec<(String, String)> {
+    const UNIT_SUFFIXES: [&str; 6] = [
+        ".service", ".socket", ".timer", ".path", ".target", ".mount",
+    ];
     let mut units: Vec<_> = fs::read_dir(repo_path("units"))
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
             let name = e.file_name().into_string().unwrap();
-            (name, fs::read_to_string(e.path()).unwrap())
+            (name, e.path())
         })
+        .filter(|(name, _)| UNIT_SUFFIXES.iter().any(|s| name.ends_with(s)))
+        .map(|(name, path)| (name, fs::read_to_string(path).unwrap()))
         .collect();
     units.sort();
     units

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::errno::Errno;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::devices::{self, nodes_for, DeviceNode};
 use super::modinfo::{self, Compression};
@@ -138,7 +138,7 @@ pub fn execute(
         let result = load_one(step, module, kernel, &mut report.module_init_micros);
         match result {
             Ok(true) => {
-                info!(MODULE = %step.name, DRIVER_VERSION = step.version.as_deref().unwrap_or(""), "module loaded");
+                debug!(MODULE = %step.name, DRIVER_VERSION = step.version.as_deref().unwrap_or(""), "module loaded");
                 report.loaded.push(step.name.clone());
             }
             Ok(false) => report.already_loaded.push(step.name.clone()),

@@ -13,7 +13,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::archive::{self, ArchiveError, Limits};
 use super::fetch::{self, FetchError, FetchLimits};
@@ -272,7 +272,8 @@ pub fn stage(
         let source = expand(template, key);
         match stage_from(root, store, &lock, settings, key, template, &source) {
             Ok(outcome) => {
-                info!(
+                // stage.rs says it once for the journal, with the store directory.
+                debug!(
                     KERNEL_RELEASE = %key.kernel_release,
                     DRIVER_VERSION = %key.driver_version,
                     source = %source,

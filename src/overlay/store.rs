@@ -13,7 +13,7 @@ use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 use super::verify::{self, check_digest, verify_tree, Generated, VerifyError};
@@ -279,7 +279,7 @@ impl<'a> Store<'a> {
             .expect("overlay dir has a parent")
             .to_path_buf();
         let replaced = publish(staging, &target, &kernel_dir)?;
-        info!(
+        debug!(
             OVERLAY = %target_host.display(),
             KERNEL_RELEASE = %manifest.kernel_release,
             DRIVER_VERSION = %manifest.driver_version,

@@ -27,9 +27,49 @@ pub struct TestBus {
     _dir: tempfile::TempDir,
 }
 
+/// The system bus's default policy (dbus's `system.conf`): nobody owns names or calls methods
+/// unless a policy file in system.d allows it.
+const SYSTEM_DEFAULT_POLICY: &str = r#"<policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>"#;
+
 impl TestBus {
     pub fn start() -> TestBus {
+        TestBus::start_with(
+            r#"<policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>"#,
+        )
+    }
+
+    /// A bus with the system bus's default policy plus `policy_file` (as from system.d), on a
+    /// socket every user can reach.
+    pub fn system_like(policy_file: &Path) -> TestBus {
+        TestBus::start_with(&format!(
+            "{SYSTEM_DEFAULT_POLICY}\n  <include>{}</include>",
+            policy_file.display()
+        ))
+    }
+
+    fn start_with(policy: &str) -> TestBus {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.path().join("bus");
         let config = dir.path().join("bus.conf");
         std::fs::write(
@@ -41,12 +81,7 @@ impl TestBus {
   <type>custom</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
+  {policy}
 </busconfig>
 "#,
                 socket.display()

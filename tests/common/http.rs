@@ -54,6 +54,8 @@ impl Route {
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
 pub struct Served {
+    /// `GET` or `HEAD`.
+    pub method: String,
     pub path: String,
     pub range: Option<String>,
     pub if_range: Option<String>,
@@ -115,6 +117,11 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
+    let method = request_line
+        .split_whitespace()
+        .next()
+        .unwrap_or("GET")
+        .to_string();
     let path = request_line
         .split_whitespace()
         .nth(1)
@@ -186,7 +193,10 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
         }
     }
     head.push_str("Connection: close\r\n\r\n");
+    // A HEAD response carries the headers of a GET and no body.
+    let body = if method == "HEAD" { &body[..0] } else { body };
     state.lock().unwrap().log.push(Served {
+        method,
         path,
         range,
         if_range,

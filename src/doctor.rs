@@ -1,0 +1,366 @@
+//! `nvdriver-agent doctor`: read-only checks of everything the driver needs, one verdict per
+//! line with what to do. [`gather`] reads the host (and asks each HTTP source for its head);
+//! [`diagnose`] judges, purely. Nothing is ever written.
+
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::commands::{CommandError, Context};
+use crate::config::Settings;
+use crate::host::{HostFacts, KernelState, Root};
+use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
+
+const LOCKDOWN: &str = "/sys/kernel/security/lockdown";
+const SECURE_BOOT_VAR: &str =
+    "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
+const IOMMU_CLASS: &str = "/sys/class/iommu";
+const FIRMWARE_PATH: &str = "/sys/module/firmware_class/parameters/path";
+const MODPROBE_DIRS: [&str; 3] = ["/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d"];
+/// How long one source may take to answer a HEAD request.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub verdict: Verdict,
+    /// What was checked (`os`, `kernel`, `nouveau`, …).
+    pub what: &'static str,
+    /// What was found and, unless ok, what to do.
+    pub detail: String,
+}
+
+/// What a source answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceProbe {
+    /// A directory or file that exists.
+    Present,
+    Absent,
+    /// An HTTP status code.
+    Http(u16),
+    Unreachable(String),
+}
+
+/// Everything the checks judge.
+#[derive(Clone, Debug, Default)]
+pub struct DoctorFacts {
+    pub os_pretty: String,
+    pub family: Option<Family>,
+    pub kernel_release: String,
+    pub module_tree: bool,
+    pub pending: Option<NextBoot>,
+    pub pending_error: Option<String>,
+    /// `[none] integrity confidentiality` style, when the file exists.
+    pub lockdown: Option<String>,
+    pub sig_enforce: bool,
+    pub secure_boot: Option<bool>,
+    pub nouveau_loaded: bool,
+    /// The modprobe.d file that blacklists nouveau, if any.
+    pub nouveau_blacklisted_in: Option<PathBuf>,
+    pub iommu_units: usize,
+    pub firmware_path: String,
+    pub loaded_driver: Option<String>,
+    pub dev_nodes: Vec<String>,
+    /// `[nvidia-container-cli] root` in the toolkit config; `None` when absent, `Some(None)`
+    /// when the file has no such key.
+    pub toolkit_root: Option<Option<String>>,
+    pub manage_toolkit: bool,
+    pub expected_driver_root: PathBuf,
+    pub toolkit_config: PathBuf,
+    pub store: Vec<(String, Vec<String>)>,
+    pub store_error: Option<String>,
+    /// (source as configured, as expanded, probe).
+    pub sources: Vec<(String, String, SourceProbe)>,
+}
+
+/// Read everything; writes nothing.
+pub fn gather(ctx: &Context) -> Result<DoctorFacts, CommandError> {
+    let root = &ctx.root;
+    let settings = &ctx.settings;
+    let host = HostFacts::read(root)?;
+    let kernel = KernelState::read(root, &host.kernel_release)?;
+    let family = watch::choose(settings.detector, root, &host.os);
+    let (pending, pending_error) = match family {
+        Some(Family::Flatcar) => (crate::state::AgentState::read(root).pending, None),
+        Some(family) => match watch::next_boot(
+            root,
+            family,
+            &host.kernel_release,
+            UpdateEngineState::Unknown,
+        ) {
+            Ok(next) => (next, None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        None => (None, None),
+    };
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).ok();
+    let secure_boot = std::fs::read(root.join(SECURE_BOOT_VAR))
+        .ok()
+        .and_then(|bytes| bytes.last().copied())
+        .map(|b| b == 1);
+    let nouveau_blacklisted_in = MODPROBE_DIRS.iter().find_map(|dir| {
+        let entries = std::fs::read_dir(root.join(dir)).ok()?;
+        entries.flatten().find_map(|entry| {
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            text.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["blacklist", "nouveau"])
+                .then(|| Path::new(dir).join(entry.file_name()))
+        })
+    });
+    let dev_nodes = ["nvidiactl", "nvidia-uvm", "nvidia0"]
+        .iter()
+        .filter(|n| root.join("/dev").join(n).exists())
+        .map(|n| format!("/dev/{n}"))
+        .collect();
+    let toolkit_root = read(&settings.toolkit_config.to_string_lossy()).map(|text| {
+        text.parse::<toml::Table>().ok().and_then(|t| {
+            t.get("nvidia-container-cli")?
+                .get("root")?
+                .as_str()
+                .map(String::from)
+        })
+    });
+    let (store, store_error) = match ctx.store().inventory() {
+        Ok(store) => (store, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let driver_version = settings
+        .driver_version
+        .clone()
+        .or_else(|| kernel.is_loaded("nvidia").and_then(|m| m.version.clone()))
+        .or_else(|| store.iter().flat_map(|(_, d)| d.iter()).last().cloned())
+        .unwrap_or_default();
+    let target_kernel = pending
+        .as_ref()
+        .map(|n| n.kernel_release.clone())
+        .unwrap_or_else(|| host.kernel_release.clone());
+    let sources = settings
+        .stage
+        .sources
+        .iter()
+        .map(|template| {
+            let expanded = template
+                .replace("{kernel}", &target_kernel)
+                .replace("{driver}", &driver_version)
+                .replace("{arch}", &host.arch);
+            let probe = probe_source(root, &expanded);
+            (template.clone(), expanded, probe)
+        })
+        .collect();
+    Ok(DoctorFacts {
+        os_pretty: host
+            .os
+            .pretty_name
+            .clone()
+            .unwrap_or_else(|| host.os.id.clone()),
+        family,
+        module_tree: root
+            .join(Path::new("/usr/lib/modules").join(&host.kernel_release))
+            .is_dir(),
+        kernel_release: host.kernel_release.clone(),
+        pending,
+        pending_error,
+        lockdown: read(LOCKDOWN).map(|s| s.trim().to_string()),
+        sig_enforce: kernel.sig_enforce,
+        secure_boot,
+        nouveau_loaded: kernel.is_loaded("nouveau").is_some(),
+        nouveau_blacklisted_in,
+        iommu_units: std::fs::read_dir(root.join(IOMMU_CLASS))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        firmware_path: read(FIRMWARE_PATH)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        loaded_driver: kernel.is_loaded("nvidia").and_then(|m| m.version.clone()),
+        dev_nodes,
+        toolkit_root,
+        manage_toolkit: settings.manage_toolkit,
+        expected_driver_root: expected_driver_root(settings),
+        toolkit_config: settings.toolkit_config.clone(),
+        store,
+        store_error,
+        sources,
+    })
+}
+
+fn expected_driver_root(settings: &Settings) -> PathBuf {
+    settings.driver_root.clone()
+}
+
+/// A directory or archive path under the root, or an HTTP(S) HEAD.
+fn probe_source(root: &Root, source: &str) -> SourceProbe {
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(SOURCE_TIMEOUT))
+            .http_status_as_error(false)
+            .user_agent(concat!("nvdriver-agent/", env!("CARGO_PKG_VERSION")))
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                    .build(),
+            )
+            .build()
+            .into();
+        match agent.head(source).call() {
+            Ok(response) => SourceProbe::Http(response.status().as_u16()),
+            Err(e) => SourceProbe::Unreachable(e.to_string()),
+        }
+    } else if root.join(source).exists() {
+        SourceProbe::Present
+    } else {
+        SourceProbe::Absent
+    }
+}
+
+/// Judge the facts; pure.
+pub fn diagnose(f: &DoctorFacts) -> Vec<Check> {
+    use Verdict::*;
+    let mut checks = Vec::new();
+    let mut add = |verdict, what, detail: String| {
+        checks.push(Check {
+            verdict,
+            what,
+            detail,
+        })
+    };
+
+    match f.family {
+        Some(family) => add(Ok, "os", format!("{} (watching with the {family:?} detector)", f.os_pretty)),
+        None => add(Warn, "os", format!("{}: watching for kernel updates is off (watch.detector = \"off\"); the next kernel's overlay is not staged before reboots", f.os_pretty)),
+    }
+    if f.module_tree {
+        add(Ok, "kernel", f.kernel_release.clone());
+    } else {
+        add(Warn, "kernel", format!("{}: /usr/lib/modules/{} is missing; the OS modules NVIDIA needs (i2c_core, ipmi_msghandler) cannot be loaded from it", f.kernel_release, f.kernel_release));
+    }
+    let staged_for = |kernel: &str| f.store.iter().any(|(k, d)| k == kernel && !d.is_empty());
+    match (&f.pending, &f.pending_error) {
+        (_, Some(e)) => add(
+            Warn,
+            "pending kernel",
+            format!("cannot tell which kernel boots next: {e}"),
+        ),
+        (None, None) => add(
+            Ok,
+            "pending kernel",
+            "none: the next boot runs this kernel".into(),
+        ),
+        (Some(next), None) if staged_for(&next.kernel_release) => add(
+            Ok,
+            "pending kernel",
+            format!(
+                "{} (from {}): overlay staged",
+                next.kernel_release, next.origin
+            ),
+        ),
+        (Some(next), None) => add(
+            Warn,
+            "pending kernel",
+            format!(
+                "{} (from {}): no overlay staged; run `nvdriver-agent stage --now`",
+                next.kernel_release, next.origin
+            ),
+        ),
+    }
+
+    let lockdown = f
+        .lockdown
+        .as_deref()
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with('[')))
+        .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string());
+    let enforcing = f.sig_enforce
+        || f.secure_boot == Some(true)
+        || lockdown.as_deref().is_some_and(|l| l != "none");
+    let why = format!(
+        "Secure Boot {}, lockdown {}, module.sig_enforce {}",
+        match f.secure_boot {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "unknown (no EFI variable)",
+        },
+        lockdown.as_deref().unwrap_or("unknown"),
+        if f.sig_enforce { "Y" } else { "N" }
+    );
+    if enforcing {
+        add(Warn, "module signing", format!("{why}: the kernel only loads signed modules; use overlays whose modules are signed with a key the kernel trusts (`nvdriver-agent plan` shows which are signed)"));
+    } else {
+        add(Ok, "module signing", why);
+    }
+
+    match (f.nouveau_loaded, &f.nouveau_blacklisted_in) {
+        (true, _) => add(Fail, "nouveau", "nouveau is loaded and holds the GPU; blacklist it (`echo blacklist nouveau > /etc/modprobe.d/blacklist-nouveau.conf`, or the kernel argument `modprobe.blacklist=nouveau`) and reboot".into()),
+        (false, Some(file)) => add(Ok, "nouveau", format!("not loaded, blacklisted in {}", file.display())),
+        (false, None) => add(Warn, "nouveau", "not loaded, but not blacklisted either; it may claim the GPU on a later boot: add `blacklist nouveau` to /etc/modprobe.d/".into()),
+    }
+    if f.iommu_units > 0 {
+        add(
+            Ok,
+            "iommu",
+            format!("{} IOMMU unit(s) in /sys/class/iommu", f.iommu_units),
+        );
+    } else {
+        add(Ok, "iommu", "no IOMMU active (only GPU passthrough to VMs needs one: intel_iommu=on / amd_iommu=on)".into());
+    }
+    add(
+        Ok,
+        "firmware path",
+        if f.firmware_path.is_empty() {
+            "firmware_class.path is unset: the kernel searches /lib/firmware only (load sets it to the overlay's firmware)".into()
+        } else {
+            format!("firmware_class.path = {}", f.firmware_path)
+        },
+    );
+    match (&f.loaded_driver, f.dev_nodes.iter().any(|n| n == "/dev/nvidiactl")) {
+        (Some(v), true) => add(Ok, "driver", format!("{v} loaded; device nodes {}", f.dev_nodes.join(", "))),
+        (Some(v), false) => add(Fail, "driver", format!("{v} loaded but /dev/nvidiactl is missing; run `nvdriver-agent load` to create the device nodes")),
+        (None, _) => add(Warn, "driver", "not loaded; `nvdriver-agent plan` shows what `load` would do".into()),
+    }
+    let expected = f.expected_driver_root.display().to_string();
+    match (&f.toolkit_root, f.manage_toolkit) {
+        (_, false) => add(Ok, "toolkit config", format!("not managed (toolkit.manage = false); {} is left alone", f.toolkit_config.display())),
+        (None, true) => add(Warn, "toolkit config", format!("{} does not exist; `nvdriver-agent load` creates it", f.toolkit_config.display())),
+        (Some(Some(root)), true) if *root == expected || root == "/" => add(Ok, "toolkit config", format!("{} has [nvidia-container-cli] root = {root:?}", f.toolkit_config.display())),
+        (Some(other), true) => add(Warn, "toolkit config", format!("{} has [nvidia-container-cli] root = {:?}, expected {expected:?} (or \"/\"); `nvdriver-agent load` sets it", f.toolkit_config.display(), other.as_deref().unwrap_or("unset"))),
+    }
+    match &f.store_error {
+        Some(e) => add(Fail, "store", e.clone()),
+        None if staged_for(&f.kernel_release) => add(Ok, "store", format!("overlay for the running kernel {}; {} kernel(s) in the store", f.kernel_release, f.store.len())),
+        None => add(Fail, "store", format!("no overlay for the running kernel {} in the store; `nvdriver-agent stage --now --kernel {}` or `nvdriver-agent overlay import DIR`", f.kernel_release, f.kernel_release)),
+    }
+    if f.sources.is_empty() {
+        add(Warn, "sources", "none configured ([stage] sources): overlays for new kernels can only be imported by hand".into());
+    }
+    for (template, expanded, probe) in &f.sources {
+        match probe {
+            SourceProbe::Present => add(Ok, "source", format!("{expanded} exists")),
+            SourceProbe::Http(code) if (200..300).contains(code) => add(Ok, "source", format!("{expanded} answers {code}")),
+            SourceProbe::Absent => add(Warn, "source", format!("{expanded} (from {template}) does not exist; the overlay for that kernel is not there (yet)")),
+            SourceProbe::Http(code) => add(Warn, "source", format!("{expanded} answers HTTP {code}; the overlay for that kernel is not published there (yet)")),
+            SourceProbe::Unreachable(e) => add(Fail, "source", format!("{expanded} is unreachable: {e}; check the network, proxy and the URL in [stage] sources")),
+        }
+    }
+    checks
+}
+
+/// One line per check.
+pub fn render(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for check in checks {
+        let verdict = match check.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "fail",
+        };
+        let _ = writeln!(out, "{verdict}  {}: {}", check.what, check.detail);
+    }
+    out
+}
