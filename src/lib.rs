@@ -11,6 +11,8 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hold;
 pub mod host;
 pub mod kmod;
