@@ -457,13 +457,23 @@ fn part_name(key: &OverlayKey, url: &str) -> String {
     )
 }
 
-/// Read every module of an overlay tree and check it was built for the manifest's kernel.
+/// Read every module of an overlay tree and check it was built for the manifest's kernel and
+/// is the module its file name says.
 pub fn check_modules(dir: &Path, manifest: &Manifest) -> Result<Vec<ModInfo>, ModinfoError> {
     let mut infos = Vec::new();
     for entry in manifest.module_files() {
         let path = dir.join(&entry.path);
         let info = modinfo::read_module_file(&path)?;
         modinfo::check_vermagic(&info, &path, &manifest.kernel_release)?;
+        // The loader refuses this too; refusing it here keeps such an overlay out of the store.
+        let file_name = modinfo::name_from_path(&path).unwrap_or_default();
+        if info.name.replace('-', "_") != file_name {
+            return Err(ModinfoError::NameMismatch {
+                path,
+                file_name,
+                claimed: info.name,
+            });
+        }
         infos.push(info);
     }
     Ok(infos)
