@@ -9,6 +9,8 @@
 
 pub mod commands;
 pub mod config;
+#[doc(hidden)]
+pub mod failpoints;
 pub mod daemon;
 pub mod fsutil;
 #[doc(hidden)]

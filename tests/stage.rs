@@ -907,3 +907,50 @@ fn archive_over_the_size_cap_is_refused_before_it_is_opened() {
     );
     host.assert_store_clean(false);
 }
+
+#[test]
+fn http_redirects_are_bounded_and_stay_on_http() {
+    use nvdriver_agent::overlay::fetch::MAX_REDIRECTS;
+    let host = Host::new();
+    let server = HttpServer::start();
+    server.route(
+        "/good.tar.gz",
+        Route::file(good_archive(Compression::Gzip, ManifestAt::Last)),
+    );
+    // A chain of MAX_REDIRECTS hops is followed.
+    for hop in 0..MAX_REDIRECTS {
+        let next = if hop + 1 == MAX_REDIRECTS {
+            "/good.tar.gz".to_string()
+        } else {
+            format!("/hop{}", hop + 1)
+        };
+        server.route(&format!("/hop{hop}"), Route::redirect(&next));
+    }
+    let report = host.stage(&settings(&[&server.url("/hop0")])).unwrap();
+    assert_eq!(report.outcome, ImportOutcome::Imported { dir: staged_dir() });
+    host.assert_store_clean(false);
+
+    // A loop, a file:// location and a local path outside the server are refused, and nothing
+    // is read from this machine's files.
+    let host = Host::new();
+    host.put("/etc/secret", b"not for the network");
+    server.route("/loop", Route::redirect("/loop"));
+    server.route("/file", Route::redirect("file:///etc/passwd"));
+    let secret = host.root.join("/etc/secret").display().to_string();
+    server.route("/local", Route::redirect(&format!("file://{secret}")));
+    for path in ["/loop", "/file", "/local"] {
+        let err = host.stage(&settings(&[&server.url(path)])).unwrap_err();
+        assert!(
+            matches!(only_attempt(&err), AttemptError::Fetch(_)),
+            "{path}: {err}"
+        );
+        host.assert_store_clean(false);
+    }
+    assert!(server.requests("/loop").len() <= MAX_REDIRECTS as usize + 1);
+
+    // With http not allowed, a redirect from https to http would be refused too; here the
+    // first URL is already refused before any request.
+    let mut no_http = settings(&[&server.url("/hop0")]);
+    no_http.allow_http = false;
+    assert!(host.stage(&no_http).is_err());
+}

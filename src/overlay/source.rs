@@ -6,6 +6,7 @@
 //! `https://` (or, when allowed, `http://`) URL of one. A source that does not have the overlay
 //! or gives a bad one is recorded with the reason and the next one is tried.
 
+use crate::failpoints::failpoint;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
@@ -398,7 +399,9 @@ fn stage_archive(
     let result = archive::extract(input, &staging, key, limits, name)
         .map_err(AttemptError::from)
         .and_then(|extracted| {
+            failpoint!("stage::unpacked");
             check_modules(&staging, &extracted.manifest)?;
+            failpoint!("stage::verified");
             Ok(store.publish_staged(lock, &staging, &extracted.manifest)?)
         });
     if result.is_err() {
@@ -429,6 +432,7 @@ fn stage_url(
             source: e,
         })?;
     let part = downloads.join(part_name(key, url));
+    failpoint!("stage::download");
     fetch::download(
         url,
         &part,
