@@ -11,9 +11,12 @@ use crate::overlay::archive::{self, Limits};
 use crate::overlay::manifest::Manifest;
 use crate::overlay::source::OverlayKey;
 
+/// A fuzz target's check: panics only on a broken invariant.
+pub type Check = fn(&[u8]);
+
 /// The fuzz targets, by the name of their `fuzz/fuzz_targets/<name>.rs` and
 /// `fuzz/regressions/<name>/` directory.
-pub const TARGETS: [(&str, fn(&[u8])); 7] = [
+pub const TARGETS: [(&str, Check); 7] = [
     ("modinfo", modinfo),
     ("manifest", manifest),
     ("archive", archive),

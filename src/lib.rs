@@ -9,9 +9,9 @@
 
 pub mod commands;
 pub mod config;
+pub mod daemon;
 #[doc(hidden)]
 pub mod failpoints;
-pub mod daemon;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -89,7 +89,10 @@ fn load_while_a_slow_stage_holds_the_store() {
     // Wait until the stage is downloading (it holds the store lock by then).
     let started = Instant::now();
     while server.requests(&format!("/{NEXT}.tar.zst")).is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(20), "stage never fetched");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "stage never fetched"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let load_started = Instant::now();

@@ -158,9 +158,14 @@ fn every_failpoint_crash_leaves_old_or_new_state() {
         ("load", vec!["load".into()]),
         (
             "stage",
-            ["stage", "--now", "--kernel", NEXT].map(String::from).into(),
+            ["stage", "--now", "--kernel", NEXT]
+                .map(String::from)
+                .into(),
         ),
-        ("gc", ["overlay", "gc", "--keep", KVER].map(String::from).into()),
+        (
+            "gc",
+            ["overlay", "gc", "--keep", KVER].map(String::from).into(),
+        ),
         ("import", vec!["overlay".into(), "import".into()]),
     ];
     let mut kills = 0;
@@ -185,7 +190,10 @@ fn every_failpoint_crash_leaves_old_or_new_state() {
                     let out = agent(&trial, &args, Some(&spec));
                     let crashed = out.status.code() == Some(CRASH_EXIT_CODE)
                         || String::from_utf8_lossy(&out.stderr).contains("panicked");
-                    context = format!("{name} with {spec} (x{repeat}): {}", common::agent::text(&out));
+                    context = format!(
+                        "{name} with {spec} (x{repeat}): {}",
+                        common::agent::text(&out)
+                    );
                     if !crashed {
                         assert!(out.status.success(), "{context}");
                         break;

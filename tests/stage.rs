@@ -927,7 +927,10 @@ fn http_redirects_are_bounded_and_stay_on_http() {
         server.route(&format!("/hop{hop}"), Route::redirect(&next));
     }
     let report = host.stage(&settings(&[&server.url("/hop0")])).unwrap();
-    assert_eq!(report.outcome, ImportOutcome::Imported { dir: staged_dir() });
+    assert_eq!(
+        report.outcome,
+        ImportOutcome::Imported { dir: staged_dir() }
+    );
     host.assert_store_clean(false);
 
     // A loop, a file:// location and a local path outside the server are refused, and nothing
