@@ -309,7 +309,9 @@ pub fn overlay_import(ctx: &Context, dir: &Path) -> Result<ImportOutcome, Comman
     let manifest = overlay_verify(dir)?;
     overlay_verify_modules(dir, &manifest)?;
     let store = ctx.store();
-    let _lock = store.lock()?;
+    let lock = store.lock()?;
+    // What an interrupted import or stage left goes first, as stage and gc do.
+    store.clean_leftovers(&lock)?;
     Ok(store.import(dir)?)
 }
 

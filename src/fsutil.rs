@@ -2,6 +2,7 @@
 //! (temporary sibling, fsync, rename, fsync of the directory), so a crash leaves the old file
 //! or the new one and never half of either.
 
+use crate::failpoints::failpoint;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -43,6 +44,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         Ok(meta) => meta.permissions().mode() & 0o7777,
         Err(_) => mode,
     };
+    remove_stale_temps(path);
     let tmp = temp_sibling(path);
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -50,17 +52,53 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        file.write_all(contents)?;
+        // Half the contents first, so a crash here leaves a torn temporary file behind.
+        let (first, rest) = contents.split_at(contents.len() / 2);
+        file.write_all(first)?;
+        failpoint!("write-atomic::temp-written");
+        file.write_all(rest)?;
         // create_new honours the umask; set the mode we meant explicitly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
+        failpoint!("write-atomic::fsynced");
         fs::rename(&tmp, path)?;
+        failpoint!("write-atomic::renamed");
         fsync_dir(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Remove the temporary siblings of `path` that a process which has since died left behind
+/// (a crash between writing one and renaming it). Those of live processes are theirs to
+/// finish. Best effort: a leftover that cannot be removed only costs space.
+pub fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!("{TEMP_PREFIX}{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let entry_name = entry.file_name();
+        let entry_name = entry_name.to_string_lossy();
+        let Some(pid) = entry_name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+            .filter(|pid| *pid > 0)
+        else {
+            continue;
+        };
+        let dead = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if dead && fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(path = %entry.path().display(), "removed a temporary file a crashed run left");
+        }
+    }
 }
 
 /// Create `dir` and any missing parents, each new one with exactly `mode` (whatever the umask);

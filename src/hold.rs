@@ -9,6 +9,7 @@
 //! - Flatcar: a logind `shutdown` block inhibitor, held by the daemon process (closing its fd
 //!   releases it). See [`crate::watch::dbus::inhibit_shutdown`].
 
+use crate::failpoints::failpoint;
 use std::io;
 use std::path::PathBuf;
 
@@ -87,6 +88,7 @@ pub fn take_ostree_lock(root: &Root, kernel_release: &str) -> Result<OstreeLockO
     if let Some(dir) = lock.parent() {
         fsutil::create_dir_all_mode(dir, 0o755).map_err(io_err("create", "/run/ostree"))?;
     }
+    failpoint!("hold::take");
     fsutil::write_atomic(&lock, b"", 0o644).map_err(io_err("create", OSTREE_FINALIZATION_LOCK))?;
     info!(KERNEL_RELEASE = %kernel_release, "holding the staged deployment: created {OSTREE_FINALIZATION_LOCK}");
     Ok(OstreeLockOutcome::Taken)

@@ -14,7 +14,11 @@ pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod fallback;
+#[doc(hidden)]
+pub mod failpoints;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hold;
 pub mod host;
 pub mod kmod;

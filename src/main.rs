@@ -139,6 +139,8 @@ enum OverlayCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    #[cfg(feature = "failpoints")]
+    let _failpoints = nvdriver_agent::failpoints::setup();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

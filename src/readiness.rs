@@ -7,6 +7,7 @@
 //! agent writes the same file in the same format, so those operands start as soon as the driver
 //! is loaded, and removes it when the driver is not ready.
 
+use crate::failpoints::failpoint;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -204,6 +205,7 @@ pub fn write_driver_ready(
             }
         })?;
     }
+    failpoint!("readiness::write");
     fsutil::write_atomic(&path, contents.as_bytes(), FILE_MODE).map_err(|source| {
         ReadinessError::Write {
             path: path.clone(),

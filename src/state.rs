@@ -4,6 +4,7 @@
 //! The file is rewritten atomically on every change and is versioned (`format`); a file this
 //! version cannot read is treated as absent (it lives in `/run`: a reboot clears it anyway).
 
+use crate::failpoints::failpoint;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -139,6 +140,7 @@ impl AgentState {
         }
         let mut json = serde_json::to_vec_pretty(self).expect("state serializes");
         json.push(b'\n');
+        failpoint!("state::write");
         fsutil::write_atomic(&path, &json, 0o644).map_err(write)
     }
 }

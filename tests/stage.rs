@@ -5,12 +5,10 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use common::archive::{
-    compress, overlay_archive, raw_tar, Compression, ManifestAt, Raw, END_OF_ARCHIVE,
-};
+use common::archive::{compress, overlay_archive, Compression, ManifestAt};
 use common::host::snapshot_dir;
 use common::http::{HttpServer, Route};
 use common::modules::FixtureModule;
@@ -359,63 +357,8 @@ fn already_staged_returns_without_fetching() {
     host.assert_store_clean(false);
 }
 
-/// Stage from a hostile local archive: refused, nothing written anywhere but the (removed)
-/// staging directory.
-fn refused(entries: &[Raw]) -> AttemptError {
-    let host = Host::new();
-    // The attack first (before the manifest, so only the archive rules stand in its way),
-    // then a real overlay with its manifest last.
-    let attack = raw_tar(entries);
-    let mut tar = attack[..attack.len() - END_OF_ARCHIVE].to_vec();
-    tar.extend_from_slice(&good_archive(Compression::None, ManifestAt::Last));
-    host.put("/srv/hostile.tar.zst", &compress(&tar, Compression::Zstd));
-    let before = snapshot_dir(host.outer.path());
-    let err = host
-        .stage(&settings(&["/srv/hostile.tar.zst"]))
-        .unwrap_err();
-    host.assert_store_clean(false);
-    assert!(host.store().kernel_releases().unwrap().is_empty());
-    // The store itself (and its parents) may now exist; nothing else may have changed.
-    let store = Path::new("host").join(STORE.trim_start_matches('/'));
-    let outside_store = |snapshot: Vec<(PathBuf, String)>| -> Vec<(PathBuf, String)> {
-        snapshot
-            .into_iter()
-            .filter(|(p, _)| !p.starts_with(&store) && !store.starts_with(p))
-            .collect()
-    };
-    let before = outside_store(before);
-    let after = outside_store(snapshot_dir(host.outer.path()));
-    assert_eq!(before, after, "nothing written outside the store");
-    assert!(err.any_invalid(), "{err}");
-    match err {
-        SourceError::Failed { mut tried, .. } => tried.remove(0).error,
-        other => panic!("{other}"),
-    }
-}
-
-#[test]
-fn hostile_archives_are_refused() {
-    let why = |e: AttemptError| match e {
-        AttemptError::Archive(ArchiveError::Refused { why, .. }) => why.to_string(),
-        other => panic!("expected a refusal, got {other}"),
-    };
-    assert!(why(refused(&[Raw::File("../../../../escaped", b"x")])).contains(".."));
-    assert!(why(refused(&[Raw::File("/tmp/escaped-absolute", b"x")])).contains("absolute"));
-    assert!(why(refused(&[Raw::Symlink("usr/lib/evil", "../../../..")])).contains("leaves"));
-    assert!(why(refused(&[Raw::Symlink("usr/lib/evil", "/etc")])).contains("leaves"));
-    assert!(why(refused(&[Raw::Hardlink("usr/lib/evil", "/etc/shadow")])).contains("hard link"));
-    assert!(why(refused(&[Raw::CharDevice("usr/lib/mem")])).contains("device node"));
-    assert!(why(refused(&[Raw::Fifo("usr/lib/fifo")])).contains("fifo"));
-    // A link that stays inside, then a file written "through" it.
-    assert!(why(refused(&[
-        Raw::Symlink("usr/lib/firmware/alias", "nvidia"),
-        Raw::File("usr/lib/firmware/alias/x.bin", b"x"),
-    ]))
-    .contains("beneath a symlink"));
-    // A file the manifest does not list.
-    let e = refused(&[Raw::File("usr/bin/extra", b"x")]);
-    assert!(e.to_string().contains("not listed"), "{e}");
-}
+// Hostile archives (traversal, links, device nodes, modes, bombs, entry counts) are the
+// corpus in tests/hostile.rs.
 
 #[test]
 fn archive_without_manifest_or_with_a_missing_file_is_refused() {
@@ -949,29 +892,68 @@ mod cli {
 }
 
 #[test]
-fn decompression_bomb_is_refused_at_the_unpacked_limit() {
+fn archive_over_the_size_cap_is_refused_before_it_is_opened() {
     let host = Host::new();
-    let zeros = vec![0u8; 8 << 20];
-    let tar = raw_tar(&[Raw::File("usr/lib/firmware/nvidia/zeros.bin", &zeros)]);
-    let bomb = compress(&tar, Compression::Xz);
-    assert!(bomb.len() < 64 << 10, "{}", bomb.len());
-    host.put("/srv/bomb.tar.xz", &bomb);
-    let mut small = settings(&["/srv/bomb.tar.xz"]);
-    small.max_download_bytes = 64 << 10;
-    let err = host.stage(&small).unwrap_err();
-    assert!(
-        matches!(
-            only_attempt(&err),
-            AttemptError::Archive(ArchiveError::TooLarge { what: "bytes", .. })
-        ),
-        "{err}"
+    host.put(
+        "/srv/o.tar.zst",
+        &good_archive(Compression::Zstd, ManifestAt::First),
     );
-    host.assert_store_clean(false);
-    // The archive file itself over the limit is refused before it is opened.
+    let mut small = settings(&["/srv/o.tar.zst"]);
     small.max_download_bytes = 1024;
     let err = host.stage(&small).unwrap_err();
     assert!(
         matches!(only_attempt(&err), AttemptError::TooLarge { .. }),
         "{err}"
     );
+    host.assert_store_clean(false);
+}
+
+#[test]
+fn http_redirects_are_bounded_and_stay_on_http() {
+    use nvdriver_agent::overlay::fetch::MAX_REDIRECTS;
+    let host = Host::new();
+    let server = HttpServer::start();
+    server.route(
+        "/good.tar.gz",
+        Route::file(good_archive(Compression::Gzip, ManifestAt::Last)),
+    );
+    // A chain of MAX_REDIRECTS hops is followed.
+    for hop in 0..MAX_REDIRECTS {
+        let next = if hop + 1 == MAX_REDIRECTS {
+            "/good.tar.gz".to_string()
+        } else {
+            format!("/hop{}", hop + 1)
+        };
+        server.route(&format!("/hop{hop}"), Route::redirect(&next));
+    }
+    let report = host.stage(&settings(&[&server.url("/hop0")])).unwrap();
+    assert_eq!(
+        report.outcome,
+        ImportOutcome::Imported { dir: staged_dir() }
+    );
+    host.assert_store_clean(false);
+
+    // A loop, a file:// location and a local path outside the server are refused, and nothing
+    // is read from this machine's files.
+    let host = Host::new();
+    host.put("/etc/secret", b"not for the network");
+    server.route("/loop", Route::redirect("/loop"));
+    server.route("/file", Route::redirect("file:///etc/passwd"));
+    let secret = host.root.join("/etc/secret").display().to_string();
+    server.route("/local", Route::redirect(&format!("file://{secret}")));
+    for path in ["/loop", "/file", "/local"] {
+        let err = host.stage(&settings(&[&server.url(path)])).unwrap_err();
+        assert!(
+            matches!(only_attempt(&err), AttemptError::Fetch(_)),
+            "{path}: {err}"
+        );
+        host.assert_store_clean(false);
+    }
+    assert!(server.requests("/loop").len() <= MAX_REDIRECTS as usize + 1);
+
+    // With http not allowed, a redirect from https to http would be refused too; here the
+    // first URL is already refused before any request.
+    let mut no_http = settings(&[&server.url("/hop0")]);
+    no_http.allow_http = false;
+    assert!(host.stage(&no_http).is_err());
 }

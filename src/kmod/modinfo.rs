@@ -179,6 +179,15 @@ pub enum ModinfoError {
         found: String,
         expected: String,
     },
+    #[error(
+        "{path} is named for module {file_name} but its .modinfo says it is {claimed}; \
+         the overlay is inconsistent, rebuild it"
+    )]
+    NameMismatch {
+        path: PathBuf,
+        file_name: String,
+        claimed: String,
+    },
 }
 
 /// Compression by magic bytes: xz `FD 37 7A 58 5A 00`, zstd `28 B5 2F FD`, else none.

@@ -478,11 +478,18 @@ impl Unpacking<'_> {
             }
             None => None,
         };
+        let header_mode = entry.header().mode().unwrap_or(0o644);
+        if header_mode & 0o7000 != 0 {
+            return Err(self.refuse(
+                path,
+                format!("has mode {header_mode:o} in the archive; setuid, setgid and sticky bits are not allowed"),
+            ));
+        }
         // The manifest's mode when known; else the archive's, tamed (checked once the manifest
         // comes).
         let mode = match &listed {
             Some(listed) => listed.mode,
-            None => entry.header().mode().unwrap_or(0o644) & 0o755,
+            None => header_mode & 0o755,
         };
         let real = self.staging.join(path);
         // create_new: O_EXCL, so nothing is followed or overwritten.

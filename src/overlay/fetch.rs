@@ -112,6 +112,10 @@ pub fn discard_part(part: &Path) {
     let _ = fs::remove_file(meta_path(part));
 }
 
+/// Redirects followed per request. Only http(s) ones are: ureq knows no other scheme, so a
+/// `file://` location is an error, and a path-only location is a path on the same server.
+pub const MAX_REDIRECTS: u32 = 5;
+
 /// Download `url` into `part` (a real path; its directory must exist), resuming what a kept
 /// part holds. On success `part` holds the whole file as served; on a dropped connection or a
 /// timeout it is kept for the next call; on anything else it is removed.
@@ -124,6 +128,8 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .https_only(!limits.allow_http)
+        // A few hops for a CDN or a registry's blob store; a loop or a long chain is an error.
+        .max_redirects(MAX_REDIRECTS)
         .user_agent(concat!("nvdriver-agent/", env!("CARGO_PKG_VERSION")))
         .tls_config(
             ureq::tls::TlsConfig::builder()

@@ -6,6 +6,7 @@
 //! `https://` (or, when allowed, `http://`) URL of one. A source that does not have the overlay
 //! or gives a bad one is recorded with the reason and the next one is tried.
 
+use crate::failpoints::failpoint;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
@@ -399,7 +400,9 @@ fn stage_archive(
     let result = archive::extract(input, &staging, key, limits, name)
         .map_err(AttemptError::from)
         .and_then(|extracted| {
+            failpoint!("stage::unpacked");
             check_modules(&staging, &extracted.manifest)?;
+            failpoint!("stage::verified");
             Ok(store.publish_staged(lock, &staging, &extracted.manifest)?)
         });
     if result.is_err() {
@@ -430,6 +433,7 @@ fn stage_url(
             source: e,
         })?;
     let part = downloads.join(part_name(key, url));
+    failpoint!("stage::download");
     fetch::download(
         url,
         &part,
@@ -458,13 +462,23 @@ fn part_name(key: &OverlayKey, url: &str) -> String {
     )
 }
 
-/// Read every module of an overlay tree and check it was built for the manifest's kernel.
+/// Read every module of an overlay tree and check it was built for the manifest's kernel and
+/// is the module its file name says.
 pub fn check_modules(dir: &Path, manifest: &Manifest) -> Result<Vec<ModInfo>, ModinfoError> {
     let mut infos = Vec::new();
     for entry in manifest.module_files() {
         let path = dir.join(&entry.path);
         let info = modinfo::read_module_file(&path)?;
         modinfo::check_vermagic(&info, &path, &manifest.kernel_release)?;
+        // The loader refuses this too; refusing it here keeps such an overlay out of the store.
+        let file_name = modinfo::name_from_path(&path).unwrap_or_default();
+        if info.name.replace('-', "_") != file_name {
+            return Err(ModinfoError::NameMismatch {
+                path,
+                file_name,
+                claimed: info.name,
+            });
+        }
         infos.push(info);
     }
     Ok(infos)

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 use super::verify::{self, check_digest, verify_tree, Generated, VerifyError};
+use crate::failpoints::failpoint;
 use crate::fsutil::{fsync_dir, temp_sibling, TEMP_PREFIX};
 use crate::host::Root;
 
@@ -206,8 +207,10 @@ impl<'a> Store<'a> {
             let host = self.dir.join(kernel);
             let real = self.root.join(&host);
             let doomed_name = temp_sibling(&real);
+            failpoint!("gc::rename-away");
             fs::rename(&real, &doomed_name).map_err(io_err(&real))?;
             fsync_dir(&top).map_err(io_err(&top))?;
+            failpoint!("gc::delete");
             remove_any(&doomed_name)?;
             info!(KERNEL_RELEASE = %kernel, OVERLAY = %host.display(), "removed overlays of a kernel no longer needed");
             removed.push(host);
@@ -429,8 +432,10 @@ impl<'a> Store<'a> {
         let kernel_dir = self.root.join(self.dir.join(kernel));
         create_dirs_durably(&kernel_dir)?;
         let staging = temp_sibling(&target);
-        let result = build_copy(source, &staging, &manifest, &manifest_text)
-            .and_then(|()| publish(&staging, &target, &kernel_dir));
+        let result = build_copy(source, &staging, &manifest, &manifest_text).and_then(|()| {
+            failpoint!("store::import-copied");
+            publish(&staging, &target, &kernel_dir)
+        });
         match result {
             Ok(replaced) => {
                 info!(
@@ -688,6 +693,7 @@ fn make_ld_cache(staging: &Path) {
 /// Move `staging` to `target`: a plain rename when there is none, an atomic exchange (then
 /// removal of the old copy) when there is. Returns whether something was replaced.
 fn publish(staging: &Path, target: &Path, parent: &Path) -> Result<bool, StoreError> {
+    failpoint!("store::publish-rename");
     let replaced = if target.exists() {
         // rustix, not nix: nix offers renameat2 on glibc only, and the static build is musl.
         rustix::fs::renameat_with(
@@ -707,6 +713,7 @@ fn publish(staging: &Path, target: &Path, parent: &Path) -> Result<bool, StoreEr
         false
     };
     fsync_dir(parent).map_err(io_err(parent))?;
+    failpoint!("store::published");
     if replaced {
         // `staging` now holds the old copy.
         fs::remove_dir_all(staging).map_err(io_err(staging))?;

@@ -16,7 +16,12 @@ pub struct FakeHost {
 
 impl FakeHost {
     pub fn new(kernel_release: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::new_in(&std::env::temp_dir(), kernel_release)
+    }
+
+    /// A fake host in a temp dir under `parent`.
+    pub fn new_in(parent: &Path, kernel_release: &str) -> Self {
+        let dir = tempfile::tempdir_in(parent).unwrap();
         let root = Root::new(dir.path());
         let host = FakeHost {
             dir,

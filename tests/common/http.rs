@@ -21,6 +21,8 @@ pub struct Route {
     pub drops: usize,
     /// Send the body in chunks of this many bytes with this pause before each.
     pub pace: Option<(usize, Duration)>,
+    /// A `Location:` header (for redirects).
+    pub location: Option<String>,
 }
 
 impl Route {
@@ -40,6 +42,16 @@ impl Route {
             drop_after: 0,
             drops: 0,
             pace: None,
+            location: None,
+        }
+    }
+
+    /// `302 Found` to `location`.
+    pub fn redirect(location: &str) -> Self {
+        Route {
+            status: 302,
+            location: Some(location.into()),
+            ..Route::file(Vec::new())
         }
     }
 
@@ -165,6 +177,9 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
             "HTTP/1.1 {} Not Found\r\nContent-Length: 0\r\n",
             route.status
         ));
+        if let Some(location) = &route.location {
+            head.push_str(&format!("Location: {location}\r\n"));
+        }
         (route.status, &route.body[..0])
     } else if let Some(start) = start {
         if start >= len {

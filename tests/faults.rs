@@ -1,0 +1,153 @@
+//! The host failing under the agent: the store's file system full mid-stage (a 1 MiB tmpfs),
+//! a read-only `/etc` (a tmpfs remounted read-only), no `/run` at all. Mounting needs root;
+//! without it the first two print why they are skipped.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::agent::text;
+use common::archive::{overlay_archive, Compression, ManifestAt};
+use common::host::{snapshot_dir, FakeHost};
+use common::modules::FixtureModule;
+use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use nvdriver_agent::fsutil::TEMP_PREFIX;
+use nvdriver_agent::overlay::Store;
+
+const KVER: &str = "6.1.0-28-cloud-amd64";
+const NEXT: &str = "6.1.0-29-cloud-amd64";
+const STORE: &str = "/var/lib/nvdriver-agent/overlays";
+
+/// A tmpfs mounted at `at` for the guard's life.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, options: &str) -> Option<Mount> {
+        fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: cannot mount a tmpfs ({}); run the tests as root",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Mount(at.to_path_buf()))
+    }
+
+    fn read_only(&self) {
+        let status = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn configured_host() -> FakeHost {
+    let host = FakeHost::new(KVER);
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        &format!(
+            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/srv/{{kernel}}.tar.zst\"]\n"
+        ),
+    );
+    host
+}
+
+#[test]
+fn disk_full_during_staging_leaves_the_store_as_it_was() {
+    let host = configured_host();
+    // Two MiB of module that zstd cannot shrink, for a store of one MiB.
+    let builder = OverlayBuilder::nvidia(NEXT).module(
+        FixtureModule::new("nvidia", NEXT, DRIVER).padded(2 << 20, 2 << 20, 7),
+        Packing::Plain,
+    );
+    let (archive, _) = overlay_archive(&builder, Compression::Zstd, ManifestAt::First);
+    host.write_bytes(&format!("/srv/{NEXT}.tar.zst"), &archive);
+    let Some(_store_fs) = Mount::tmpfs(&host.path("/var/lib/nvdriver-agent"), "size=1m") else {
+        return;
+    };
+    let before = snapshot_dir(host.dir.path());
+    let out = common::agent::run(host.dir.path(), &["stage", "--now", "--kernel", NEXT]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("No space left on device"), "{}", text(&out));
+    assert!(!stderr.contains("panicked"), "{}", text(&out));
+    let store = Store::new(&host.root, STORE);
+    assert!(store.kernel_releases().unwrap().is_empty());
+    // Only the store's lock and the agent's own state may be new; no partial overlay.
+    let after: Vec<_> = snapshot_dir(host.dir.path())
+        .into_iter()
+        .filter(|(p, _)| !p.ends_with(".lock") && !p.starts_with("run/nvdriver-agent"))
+        .filter(|(p, _)| p != Path::new("var/lib/nvdriver-agent/overlays"))
+        .filter(|(p, _)| p != Path::new("run"))
+        .collect();
+    for (path, _) in &after {
+        assert!(
+            !path.to_string_lossy().contains(TEMP_PREFIX),
+            "leftover {path:?}"
+        );
+    }
+    assert_eq!(before, after);
+}
+
+#[test]
+fn read_only_etc_is_a_clear_error_and_changes_nothing() {
+    let host = configured_host();
+    let src = tempfile::tempdir().unwrap();
+    OverlayBuilder::nvidia(KVER)
+        .with_userspace()
+        .build(src.path());
+    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    let toolkit_dir = host.path("/etc/nvidia-container-runtime");
+    let Some(etc) = Mount::tmpfs(&toolkit_dir, "size=1m") else {
+        return;
+    };
+    let old = "[nvidia-container-cli]\nroot = \"/\"\n";
+    fs::write(toolkit_dir.join("config.toml"), old).unwrap();
+    etc.read_only();
+    let out = common::agent::run(host.dir.path(), &["load"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("config.toml") && stderr.contains("Read-only file system"),
+        "{}",
+        text(&out)
+    );
+    assert!(!stderr.contains("panicked"), "{}", text(&out));
+    assert_eq!(
+        fs::read_to_string(toolkit_dir.join("config.toml")).unwrap(),
+        old
+    );
+}
+
+#[test]
+fn missing_run_is_created_as_needed() {
+    let host = configured_host();
+    let src = tempfile::tempdir().unwrap();
+    OverlayBuilder::nvidia(KVER).build(src.path());
+    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    let _ = fs::remove_dir_all(host.path("/run"));
+    let out = common::agent::run(host.dir.path(), &["load"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        host.read("/run/nvdriver-agent/simulated-kernel.log")
+            .contains("finit-module"),
+        "{}",
+        text(&out)
+    );
+}
