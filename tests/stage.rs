@@ -189,6 +189,46 @@ fn local_archives_in_every_compression_either_manifest_order() {
     }
 }
 
+/// A module bigger than the extractor's background-writeback chunk (16 MiB) goes through the
+/// path that flushes it to disk while it is still being written: staged byte for byte, or, with
+/// one byte altered, refused with nothing left in the store.
+#[test]
+fn a_module_larger_than_the_writeback_chunk_is_staged_whole_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    OverlayBuilder::nvidia(KVER)
+        .module(
+            FixtureModule::new("nvidia", KVER, DRIVER).padded(30 << 20, 10 << 20, 11),
+            Packing::Plain,
+        )
+        .build(dir.path());
+    let module = format!("usr/lib/modules/{KVER}/extra/nvidia/nvidia.ko");
+    let original = fs::read(dir.path().join(&module)).unwrap();
+    assert!(original.len() > 32 << 20, "{} bytes", original.len());
+
+    let host = Host::new();
+    host.put(
+        "/srv/big.tar",
+        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+    );
+    host.stage(&settings(&["/srv/big.tar"])).unwrap();
+    host.assert_store_clean(false);
+    let staged = fs::read(host.root.join(staged_dir()).join(&module)).unwrap();
+    assert!(staged == original, "the staged nvidia.ko differs");
+
+    let mut altered = original;
+    let middle = altered.len() / 2;
+    altered[middle] ^= 1;
+    fs::write(dir.path().join(&module), &altered).unwrap();
+    let host = Host::new();
+    host.put(
+        "/srv/big.tar",
+        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+    );
+    let err = host.stage(&settings(&["/srv/big.tar"])).unwrap_err();
+    assert!(err.to_string().contains("sha256"), "{err}");
+    assert!(host.assert_store_clean(false).is_empty());
+}
+
 #[test]
 fn archive_with_userspace_gets_its_links_and_modes() {
     let host = Host::new();
