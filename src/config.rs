@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::host::Root;
+use crate::overlay::signature::SignaturePolicy;
 
 /// The defaults as shipped; compiled in so a host without `/usr/lib/nvdriver-agent` still has
 /// them, and read from the same file the packages install (one source of truth).
@@ -105,6 +106,8 @@ pub struct StageSettings {
     pub allow_http: bool,
     /// Overlays kept beyond the running and the pending kernels'.
     pub keep_extra: u32,
+    /// `[trust] signatures`: whether overlays must carry a minisign signature.
+    pub signatures: SignaturePolicy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +121,13 @@ struct Fragment {
     policy: Option<PolicyFragment>,
     stage: Option<StageFragment>,
     watch: Option<WatchFragment>,
+    trust: Option<TrustFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustFragment {
+    signatures: Option<SignaturePolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -326,6 +336,7 @@ struct Merged {
     allow_http: Sourced<bool>,
     keep_extra: Sourced<u32>,
     detector: Sourced<Detector>,
+    signatures: Sourced<SignaturePolicy>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, file: &Path) {
@@ -381,6 +392,9 @@ impl Merged {
         if let Some(watch) = fragment.watch {
             set(&mut self.detector, watch.detector, file);
         }
+        if let Some(trust) = fragment.trust {
+            set(&mut self.signatures, trust.signatures, file);
+        }
     }
 
     fn finish(self, files: Vec<PathBuf>) -> Result<Settings, ConfigError> {
@@ -419,6 +433,7 @@ impl Merged {
             download_timeout: std::time::Duration::from_secs(timeout_secs),
             allow_http: self.allow_http.map(|(v, _)| v).unwrap_or(false),
             keep_extra: self.keep_extra.map(|(v, _)| v).unwrap_or(1),
+            signatures: self.signatures.map(|(v, _)| v).unwrap_or_default(),
         };
         let driver_version = self
             .driver_version

@@ -18,6 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{symlink_stays_inside, Manifest, ManifestError, MANIFEST_NAME};
+use super::signature::{MAX_SIGNATURE_BYTES, SIGNATURE_NAME};
 use super::source::OverlayKey;
 use super::verify::{check_digest, VerifyError};
 use crate::fsutil::fsync_dir;
@@ -127,6 +128,10 @@ pub struct Extracted {
     pub manifest: Manifest,
     /// Bytes of file content written.
     pub bytes: u64,
+    /// `overlay.toml` exactly as it was in the archive (what a signature covers).
+    pub manifest_text: String,
+    /// `overlay.toml.minisig`, when the archive has one; checked by the caller.
+    pub signature: Option<String>,
 }
 
 /// Unpack the overlay archive read from `input` into `staging` (an existing, empty directory),
@@ -158,6 +163,8 @@ pub fn extract(
         dirs: BTreeSet::new(),
         buffer: vec![0u8; 1 << 20],
         bytes: 0,
+        manifest_text: String::new(),
+        signature: None,
     };
     let read_err = |source: io::Error| ArchiveError::Read {
         archive: archive.to_string(),
@@ -296,6 +303,8 @@ struct Unpacking<'a> {
     dirs: BTreeSet<PathBuf>,
     buffer: Vec<u8>,
     bytes: u64,
+    manifest_text: String,
+    signature: Option<String>,
 }
 
 impl Unpacking<'_> {
@@ -344,6 +353,12 @@ impl Unpacking<'_> {
                 return Err(self.refuse(&path, "is the manifest but not a regular file"));
             }
             return self.read_manifest(&mut entry);
+        }
+        if path == Path::new(SIGNATURE_NAME) {
+            if !entry_type.is_file() {
+                return Err(self.refuse(&path, "is the signature but not a regular file"));
+            }
+            return self.read_signature(&mut entry);
         }
         if entry_type.is_dir() {
             self.make_parents(&path)?;
@@ -538,6 +553,32 @@ impl Unpacking<'_> {
         Ok(())
     }
 
+    /// Kept in memory, not written: the caller checks it before publishing.
+    fn read_signature<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ArchiveError> {
+        if self.signature.is_some() {
+            return Err(self.refuse(Path::new(SIGNATURE_NAME), "is listed twice"));
+        }
+        if entry.size() > MAX_SIGNATURE_BYTES {
+            return Err(ArchiveError::TooLarge {
+                archive: self.archive.to_string(),
+                limit: MAX_SIGNATURE_BYTES,
+                what: "bytes of signature",
+            });
+        }
+        let mut text = String::new();
+        entry
+            .read_to_string(&mut text)
+            .map_err(|source| ArchiveError::Read {
+                archive: self.archive.to_string(),
+                source,
+            })?;
+        self.signature = Some(text);
+        Ok(())
+    }
+
     fn read_manifest<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
@@ -601,6 +642,7 @@ impl Unpacking<'_> {
             .and_then(|()| file.sync_all())
             .map_err(Self::write_err(&real))?;
         self.manifest = Some(manifest);
+        self.manifest_text = text;
         Ok(())
     }
 
@@ -649,6 +691,8 @@ impl Unpacking<'_> {
         Ok(Extracted {
             manifest: self.manifest.expect("checked above"),
             bytes: self.bytes,
+            manifest_text: self.manifest_text,
+            signature: self.signature,
         })
     }
 }

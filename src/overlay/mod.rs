@@ -5,6 +5,8 @@
 pub mod archive;
 pub mod fetch;
 pub mod manifest;
+pub mod pack;
+pub mod signature;
 pub mod source;
 pub mod store;
 pub mod verify;

@@ -18,6 +18,10 @@ use tracing::{info, warn};
 use super::archive::{self, ArchiveError, Limits};
 use super::fetch::{self, FetchError, FetchLimits};
 use super::manifest::Manifest;
+use super::signature::{
+    self, SignatureError, SignaturePolicy, SignatureStatus, TrustedKey, MAX_SIGNATURE_BYTES,
+    SIGNATURE_NAME,
+};
 use super::store::{self, ImportOutcome, Store, StoreError, StoreLock};
 use super::verify::{sha256_bytes, verify_tree, Generated, VerifyError};
 use crate::config::StageSettings;
@@ -151,6 +155,8 @@ pub enum AttemptError {
     Verify(#[from] VerifyError),
     #[error(transparent)]
     Module(#[from] ModinfoError),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -175,6 +181,7 @@ impl AttemptError {
             | AttemptError::TooLarge { .. }
             | AttemptError::Verify(_)
             | AttemptError::Module(_) => true,
+            AttemptError::Signature(e) => !matches!(e, SignatureError::Io { .. }),
             AttemptError::Archive(e) => e.is_invalid(),
             AttemptError::Fetch(FetchError::TooLarge { .. }) => true,
             AttemptError::Store(e) => !matches!(e, StoreError::Io { .. } | StoreError::Lock { .. }),
@@ -228,6 +235,8 @@ pub enum SourceError {
     NoSources,
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Trust(#[from] SignatureError),
 }
 
 impl SourceError {
@@ -260,6 +269,7 @@ pub fn stage(
     }
     let lock = store.lock()?;
     store.clean_leftovers(&lock)?;
+    let trust = Trust::load(root, settings.signatures)?;
     if let Some(existing) = store.verified(&key.kernel_release, &key.driver_version, &key.arch) {
         return Ok(StageReport {
             source: existing.dir.display().to_string(),
@@ -270,7 +280,7 @@ pub fn stage(
     let mut tried = Vec::new();
     for template in &settings.sources {
         let source = expand(template, key);
-        match stage_from(root, store, &lock, settings, key, template, &source) {
+        match stage_from(root, store, &lock, settings, &trust, key, template, &source) {
             Ok(outcome) => {
                 info!(
                     KERNEL_RELEASE = %key.kernel_release,
@@ -303,11 +313,49 @@ pub fn stage(
     }
 }
 
+/// The signature policy with the trusted keys it checks against.
+pub struct Trust {
+    pub policy: SignaturePolicy,
+    pub keys: Vec<TrustedKey>,
+}
+
+impl Trust {
+    /// The policy and, unless it is `off`, the keys in `/etc/nvdriver-agent/keys.d`.
+    pub fn load(root: &Root, policy: SignaturePolicy) -> Result<Trust, SignatureError> {
+        let keys = if policy == SignaturePolicy::Off {
+            Vec::new()
+        } else {
+            signature::load_trusted_keys(root)?
+        };
+        Ok(Trust { policy, keys })
+    }
+
+    /// Check an overlay's manifest bytes and signature; logs what was found.
+    pub fn check(
+        &self,
+        key: &OverlayKey,
+        manifest: &[u8],
+        signature: Option<&str>,
+        origin: &str,
+    ) -> Result<SignatureStatus, SignatureError> {
+        let status = signature::check(self.policy, &self.keys, manifest, signature, origin)?;
+        info!(
+            KERNEL_RELEASE = %key.kernel_release,
+            DRIVER_VERSION = %key.driver_version,
+            source = %origin,
+            "overlay signature: {status}"
+        );
+        Ok(status)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn stage_from(
     root: &Root,
     store: &Store,
     lock: &StoreLock,
     settings: &StageSettings,
+    trust: &Trust,
     key: &OverlayKey,
     template: &str,
     source: &str,
@@ -317,7 +365,7 @@ fn stage_from(
         return Err(AttemptError::UnknownPlaceholder(unknown));
     }
     if source.starts_with("https://") || source.starts_with("http://") {
-        return stage_url(store, lock, settings, key, source);
+        return stage_url(store, lock, settings, trust, key, source);
     }
     if source.contains("://") || !source.starts_with('/') {
         return Err(AttemptError::Unsupported);
@@ -338,7 +386,7 @@ fn stage_from(
         }
     };
     if meta.is_dir() {
-        stage_directory(store, key, &path, Path::new(source))
+        stage_directory(store, trust, key, &path, Path::new(source))
     } else if meta.is_file() {
         if meta.len() > settings.max_download_bytes {
             return Err(AttemptError::TooLarge {
@@ -351,7 +399,15 @@ fn stage_from(
             path: PathBuf::from(source),
             source: e,
         })?;
-        stage_archive(store, lock, settings, key, BufReader::new(file), source)
+        stage_archive(
+            store,
+            lock,
+            settings,
+            trust,
+            key,
+            BufReader::new(file),
+            source,
+        )
     } else {
         Err(AttemptError::NotAFileOrDirectory {
             path: PathBuf::from(source),
@@ -362,11 +418,19 @@ fn stage_from(
 /// An overlay tree on disk: verified, then copied into the store by [`Store::import`].
 fn stage_directory(
     store: &Store,
+    trust: &Trust,
     key: &OverlayKey,
     real_dir: &Path,
     host_dir: &Path,
 ) -> Result<ImportOutcome, AttemptError> {
-    let (manifest, _) = store::read_manifest(real_dir)?;
+    let (manifest, manifest_text) = store::read_manifest(real_dir)?;
+    let signature = read_signature(real_dir)?;
+    trust.check(
+        key,
+        manifest_text.as_bytes(),
+        signature.as_deref(),
+        &host_dir.display().to_string(),
+    )?;
     if let Some((field, expected, found)) = key.mismatch(&manifest) {
         return Err(AttemptError::WrongOverlay {
             path: host_dir.to_path_buf(),
@@ -382,10 +446,11 @@ fn stage_directory(
 
 /// An archive: unpacked and verified in one pass into a staging directory of the store, the
 /// modules checked, then renamed into place.
-fn stage_archive(
+pub fn stage_archive(
     store: &Store,
     lock: &StoreLock,
     settings: &StageSettings,
+    trust: &Trust,
     key: &OverlayKey,
     input: impl Read,
     name: &str,
@@ -398,6 +463,12 @@ fn stage_archive(
     let result = archive::extract(input, &staging, key, limits, name)
         .map_err(AttemptError::from)
         .and_then(|extracted| {
+            trust.check(
+                key,
+                extracted.manifest_text.as_bytes(),
+                extracted.signature.as_deref(),
+                name,
+            )?;
             check_modules(&staging, &extracted.manifest)?;
             Ok(store.publish_staged(lock, &staging, &extracted.manifest)?)
         });
@@ -413,6 +484,7 @@ fn stage_url(
     store: &Store,
     lock: &StoreLock,
     settings: &StageSettings,
+    trust: &Trust,
     key: &OverlayKey,
     url: &str,
 ) -> Result<ImportOutcome, AttemptError> {
@@ -442,7 +514,7 @@ fn stage_url(
         path: part.clone(),
         source: e,
     })?;
-    let result = stage_archive(store, lock, settings, key, BufReader::new(file), url);
+    let result = stage_archive(store, lock, settings, trust, key, BufReader::new(file), url);
     fetch::discard_part(&part);
     result
 }
@@ -455,6 +527,25 @@ fn part_name(key: &OverlayKey, url: &str) -> String {
         key.driver_version,
         &sha256_bytes(url.as_bytes())[..16]
     )
+}
+
+/// `overlay.toml.minisig` of an overlay directory, when it has one.
+pub fn read_signature(real_dir: &Path) -> Result<Option<String>, AttemptError> {
+    let path = real_dir.join(SIGNATURE_NAME);
+    match File::open(&path) {
+        Ok(file) => {
+            let mut text = String::new();
+            file.take(MAX_SIGNATURE_BYTES)
+                .read_to_string(&mut text)
+                .map_err(|source| AttemptError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok(Some(text))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AttemptError::Io { path, source }),
+    }
 }
 
 /// Read every module of an overlay tree and check it was built for the manifest's kernel.
