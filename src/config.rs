@@ -108,6 +108,18 @@ pub struct StageSettings {
     pub keep_extra: u32,
     /// `[trust] signatures`: whether overlays must carry a minisign signature.
     pub signatures: SignaturePolicy,
+    /// `[oci]`: plain-HTTP registries and mirrors for `oci://` sources.
+    pub oci: OciSettings,
+}
+
+/// `[oci]` settings (read whether or not the `oci` feature is built, so one config file serves
+/// both builds).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OciSettings {
+    /// Registries (`host[:port]`) spoken to over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Registry → mirrors tried, in order, before it.
+    pub mirrors: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +134,14 @@ struct Fragment {
     stage: Option<StageFragment>,
     watch: Option<WatchFragment>,
     trust: Option<TrustFragment>,
+    oci: Option<OciFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct OciFragment {
+    insecure_registries: Option<Vec<String>>,
+    mirrors: Option<BTreeMap<String, Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -337,6 +357,8 @@ struct Merged {
     keep_extra: Sourced<u32>,
     detector: Sourced<Detector>,
     signatures: Sourced<SignaturePolicy>,
+    insecure_registries: Sourced<Vec<String>>,
+    mirrors: Sourced<BTreeMap<String, Vec<String>>>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, file: &Path) {
@@ -395,6 +417,10 @@ impl Merged {
         if let Some(trust) = fragment.trust {
             set(&mut self.signatures, trust.signatures, file);
         }
+        if let Some(oci) = fragment.oci {
+            set(&mut self.insecure_registries, oci.insecure_registries, file);
+            set(&mut self.mirrors, oci.mirrors, file);
+        }
     }
 
     fn finish(self, files: Vec<PathBuf>) -> Result<Settings, ConfigError> {
@@ -434,6 +460,13 @@ impl Merged {
             allow_http: self.allow_http.map(|(v, _)| v).unwrap_or(false),
             keep_extra: self.keep_extra.map(|(v, _)| v).unwrap_or(1),
             signatures: self.signatures.map(|(v, _)| v).unwrap_or_default(),
+            oci: OciSettings {
+                insecure_registries: self
+                    .insecure_registries
+                    .map(|(v, _)| v)
+                    .unwrap_or_default(),
+                mirrors: self.mirrors.map(|(v, _)| v).unwrap_or_default(),
+            },
         };
         let driver_version = self
             .driver_version
@@ -465,7 +498,7 @@ impl Merged {
 }
 
 /// The placeholders a source template may use.
-pub const SOURCE_PLACEHOLDERS: [&str; 3] = ["{kernel}", "{driver}", "{arch}"];
+pub const SOURCE_PLACEHOLDERS: [&str; 4] = ["{kernel}", "{driver}", "{arch}", "{os}"];
 
 /// A source is an absolute directory or archive path, or an `http(s)://` URL; its only braces
 /// are the known placeholders.
@@ -477,11 +510,12 @@ fn check_sources(sources: &[String], file: &Path) -> Result<(), ConfigError> {
         }
         let shape_ok = source.starts_with('/')
             || source.starts_with("https://")
-            || source.starts_with("http://");
+            || source.starts_with("http://")
+            || source.starts_with("oci://");
         let message = if !shape_ok {
-            format!("expected an absolute path or an http(s):// URL, found {source:?}")
+            format!("expected an absolute path, an http(s):// URL or an oci:// reference, found {source:?}")
         } else if rest.contains('{') || rest.contains('}') {
-            format!("{source:?} has an unknown placeholder; the known ones are {{kernel}}, {{driver}} and {{arch}}")
+            format!("{source:?} has an unknown placeholder; the known ones are {{kernel}}, {{driver}}, {{arch}} and {{os}}")
         } else if source.starts_with('/') && source.split('/').any(|part| part == "..") {
             format!("expected a path without \"..\", found {source:?}")
         } else {

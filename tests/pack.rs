@@ -235,6 +235,7 @@ impl Host {
             allow_http: false,
             keep_extra: 1,
             signatures: policy,
+            oci: Default::default(),
         };
         let key = OverlayKey {
             kernel_release: KVER.into(),

@@ -113,6 +113,7 @@ fn settings(sources: &[&str]) -> StageSettings {
         allow_http: true,
         keep_extra: 1,
         signatures: Default::default(),
+        oci: Default::default(),
     }
 }
 

@@ -206,7 +206,7 @@ fn unpack_all<R: Read>(
 }
 
 /// The tar stream inside `input`, by its magic bytes.
-fn decompress<'a>(
+pub(crate) fn decompress<'a>(
     mut input: impl Read + 'a,
     archive: &str,
 ) -> Result<Box<dyn Read + 'a>, ArchiveError> {
@@ -719,7 +719,7 @@ fn check_link(manifest: &Manifest, path: &Path, target: &Path) -> Result<(), Ver
 /// An archive path as a plain relative path: leading `./` dropped (archives made with
 /// `tar -C dir .` have it), `None` for the top directory itself; absolute paths, `..` and
 /// control characters refused.
-fn plain_relative(path: &Path) -> Result<Option<PathBuf>, &'static str> {
+pub(crate) fn plain_relative(path: &Path) -> Result<Option<PathBuf>, &'static str> {
     if path.to_string_lossy().chars().any(|c| c.is_control()) {
         return Err("contains a control character");
     }

@@ -5,6 +5,8 @@
 pub mod archive;
 pub mod fetch;
 pub mod manifest;
+#[cfg(feature = "oci")]
+pub mod oci;
 pub mod pack;
 pub mod signature;
 pub mod source;

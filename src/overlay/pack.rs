@@ -156,7 +156,9 @@ pub fn plan(input: &PackInput) -> Result<Packed, PackError> {
             .to_string();
         let is_nvidia = module_stem(&name).is_some_and(|stem| stem.starts_with("nvidia"));
         let real = input.modules.join(&relative);
-        if !is_nvidia || !real.is_file() {
+        // Links are not followed: in an image tree they may point anywhere.
+        let is_file = fs::symlink_metadata(&real).is_ok_and(|m| m.is_file());
+        if !is_nvidia || !is_file {
             continue;
         }
         let info = modinfo::read_module_file(&real)?;
@@ -214,24 +216,10 @@ pub fn plan(input: &PackInput) -> Result<Packed, PackError> {
     }
     if let Some(firmware) = &input.firmware {
         let base = Path::new("usr/lib/firmware/nvidia").join(&driver_version);
-        for relative in walk(firmware)? {
-            sources.push((base.join(&relative), firmware.join(&relative)));
-        }
+        add_tree(firmware, &base, &mut sources, &mut symlinks)?;
     }
     if let Some(userspace) = &input.userspace {
-        for relative in walk(userspace)? {
-            let real = userspace.join(&relative);
-            let meta = fs::symlink_metadata(&real).map_err(io_err(&real))?;
-            if meta.file_type().is_symlink() {
-                let target = fs::read_link(&real).map_err(io_err(&real))?;
-                symlinks.push(SymlinkEntry {
-                    path: relative,
-                    target,
-                });
-            } else {
-                sources.push((relative, real));
-            }
-        }
+        add_tree(userspace, Path::new(""), &mut sources, &mut symlinks)?;
     }
     sources.sort();
     symlinks.sort_by(|a, b| a.path.cmp(&b.path));
@@ -263,6 +251,30 @@ pub fn plan(input: &PackInput) -> Result<Packed, PackError> {
         signature: None,
         sources,
     })
+}
+
+/// Files and links of `dir`, placed under `base` in the overlay (links kept as links; the
+/// manifest's checks keep them inside the overlay).
+fn add_tree(
+    dir: &Path,
+    base: &Path,
+    sources: &mut Vec<(PathBuf, PathBuf)>,
+    symlinks: &mut Vec<SymlinkEntry>,
+) -> Result<(), PackError> {
+    for relative in walk(dir)? {
+        let real = dir.join(&relative);
+        let meta = fs::symlink_metadata(&real).map_err(io_err(&real))?;
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(&real).map_err(io_err(&real))?;
+            symlinks.push(SymlinkEntry {
+                path: base.join(relative),
+                target,
+            });
+        } else {
+            sources.push((base.join(relative), real));
+        }
+    }
+    Ok(())
 }
 
 fn modinfo_is_module(path: &Path) -> bool {

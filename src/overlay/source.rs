@@ -74,7 +74,15 @@ impl OverlayKey {
 }
 
 /// The placeholders a template may use.
-pub const PLACEHOLDERS: [&str; 3] = ["{kernel}", "{driver}", "{arch}"];
+pub const PLACEHOLDERS: [&str; 4] = ["{kernel}", "{driver}", "{arch}", "{os}"];
+
+/// `{os}` of a template: the host's os-release `ID` and `VERSION_ID` run together, as the GPU
+/// Operator's driver image tags spell it (`rhcos4.14`, `ubuntu22.04`, `fedora41`).
+pub fn os_tag(root: &Root) -> String {
+    crate::host::os_release::OsRelease::read(root)
+        .map(|os| format!("{}{}", os.id, os.version_id.unwrap_or_default()))
+        .unwrap_or_default()
+}
 
 /// Fill `{kernel}`, `{driver}` and `{arch}` into a source template.
 ///
@@ -126,12 +134,17 @@ pub enum AttemptError {
     Missing { path: PathBuf },
     #[error("{path} is neither a directory nor a regular file")]
     NotAFileOrDirectory { path: PathBuf },
-    #[error("unknown placeholder {placeholders}; templates may use {{kernel}}, {{driver}} and {{arch}}", placeholders = .0.join(", "))]
+    #[error("unknown placeholder {placeholders}; templates may use {{kernel}}, {{driver}}, {{arch}} and {{os}}", placeholders = .0.join(", "))]
     UnknownPlaceholder(Vec<String>),
     #[error(
-        "not a source: expected an absolute path (directory or tar archive) or an https:// URL"
+        "not a source: expected an absolute path (directory or tar archive), an https:// URL or an oci:// reference"
     )]
     Unsupported,
+    #[error("oci:// sources need nvdriver-agent built with the `oci` feature (the packages have it)")]
+    OciNotBuilt,
+    #[cfg(feature = "oci")]
+    #[error(transparent)]
+    Oci(#[from] super::oci::OciError),
     #[error("{path}: {MANIFEST} is for {field} {found:?}, but {expected:?} was asked for; the source template points at the wrong overlay", MANIFEST = super::MANIFEST_NAME)]
     WrongOverlay {
         path: PathBuf,
@@ -157,6 +170,8 @@ pub enum AttemptError {
     Module(#[from] ModinfoError),
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    #[error("building the overlay from the image: {0}")]
+    Pack(Box<super::pack::PackError>),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -168,10 +183,14 @@ pub enum AttemptError {
 impl AttemptError {
     /// The source simply does not have the overlay (no such file, HTTP 404).
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            AttemptError::Missing { .. } | AttemptError::Fetch(FetchError::NotFound { .. })
-        )
+        match self {
+            AttemptError::Missing { .. } | AttemptError::Fetch(FetchError::NotFound { .. }) => {
+                true
+            }
+            #[cfg(feature = "oci")]
+            AttemptError::Oci(e) => e.is_not_found(),
+            _ => false,
+        }
     }
 
     /// The source had something, and it is not a valid overlay for the key.
@@ -180,9 +199,12 @@ impl AttemptError {
             AttemptError::WrongOverlay { .. }
             | AttemptError::TooLarge { .. }
             | AttemptError::Verify(_)
-            | AttemptError::Module(_) => true,
+            | AttemptError::Module(_)
+            | AttemptError::Pack(_) => true,
             AttemptError::Signature(e) => !matches!(e, SignatureError::Io { .. }),
             AttemptError::Archive(e) => e.is_invalid(),
+            #[cfg(feature = "oci")]
+            AttemptError::Oci(e) => e.is_invalid(),
             AttemptError::Fetch(FetchError::TooLarge { .. }) => true,
             AttemptError::Store(e) => !matches!(e, StoreError::Io { .. } | StoreError::Lock { .. }),
             _ => false,
@@ -217,6 +239,8 @@ pub struct StageReport {
     pub outcome: ImportOutcome,
     /// The sources tried before it, with why each did not give the overlay.
     pub tried: Vec<SourceAttempt>,
+    /// For an `oci://` source: the digest the reference resolved to.
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -275,23 +299,27 @@ pub fn stage(
             source: existing.dir.display().to_string(),
             outcome: ImportOutcome::AlreadyPresent { dir: existing.dir },
             tried: Vec::new(),
+            digest: None,
         });
     }
     let mut tried = Vec::new();
+    let os = os_tag(root);
     for template in &settings.sources {
-        let source = expand(template, key);
+        let source = expand(template, key).replace("{os}", &os);
         match stage_from(root, store, &lock, settings, &trust, key, template, &source) {
-            Ok(outcome) => {
+            Ok((outcome, digest)) => {
                 info!(
                     KERNEL_RELEASE = %key.kernel_release,
                     DRIVER_VERSION = %key.driver_version,
                     source = %source,
+                    OCI_DIGEST = digest.as_deref().unwrap_or(""),
                     "overlay staged"
                 );
                 return Ok(StageReport {
                     source,
                     outcome,
                     tried,
+                    digest,
                 });
             }
             Err(error) => {
@@ -359,11 +387,30 @@ fn stage_from(
     key: &OverlayKey,
     template: &str,
     source: &str,
-) -> Result<ImportOutcome, AttemptError> {
+) -> Result<(ImportOutcome, Option<String>), AttemptError> {
     let unknown = unknown_placeholders(template);
     if !unknown.is_empty() {
         return Err(AttemptError::UnknownPlaceholder(unknown));
     }
+    if source.starts_with("oci://") {
+        #[cfg(feature = "oci")]
+        return stage_oci(root, store, lock, settings, trust, key, source)
+            .map(|(outcome, digest)| (outcome, Some(digest)));
+        #[cfg(not(feature = "oci"))]
+        return Err(AttemptError::OciNotBuilt);
+    }
+    stage_local_or_url(root, store, lock, settings, trust, key, source).map(|o| (o, None))
+}
+
+fn stage_local_or_url(
+    root: &Root,
+    store: &Store,
+    lock: &StoreLock,
+    settings: &StageSettings,
+    trust: &Trust,
+    key: &OverlayKey,
+    source: &str,
+) -> Result<ImportOutcome, AttemptError> {
     if source.starts_with("https://") || source.starts_with("http://") {
         return stage_url(store, lock, settings, trust, key, source);
     }
@@ -527,6 +574,154 @@ fn part_name(key: &OverlayKey, url: &str) -> String {
         key.driver_version,
         &sha256_bytes(url.as_bytes())[..16]
     )
+}
+
+/// An `oci://` reference: resolved to a digest, its layer blobs streamed (and checked) into a
+/// scratch directory of the store, then staged as shape (a) (one layer holding an overlay
+/// archive) or built as shape (b) (a plain image's modules and firmware). Returns the digest.
+#[cfg(feature = "oci")]
+fn stage_oci(
+    root: &Root,
+    store: &Store,
+    lock: &StoreLock,
+    settings: &StageSettings,
+    trust: &Trust,
+    key: &OverlayKey,
+    source: &str,
+) -> Result<(ImportOutcome, String), AttemptError> {
+    use super::oci::{self, Client, Credentials, Reference};
+    let reference = Reference::parse(source)?;
+    let credentials = Credentials::load(root)?;
+    let mut client = Client::new(
+        &settings.oci,
+        &credentials,
+        settings.download_timeout,
+        settings.max_download_bytes,
+        &reference,
+    );
+    let resolved = client.resolve(&reference, &key.arch)?;
+    info!(
+        KERNEL_RELEASE = %key.kernel_release,
+        DRIVER_VERSION = %key.driver_version,
+        OCI_DIGEST = %resolved.digest,
+        endpoint = %resolved.endpoint,
+        "resolved {reference}"
+    );
+    let downloads = store.downloads_dir();
+    crate::fsutil::create_dir_all_mode(&downloads, 0o700).map_err(|e| AttemptError::Io {
+        path: downloads.clone(),
+        source: e,
+    })?;
+    let scratch = tempfile::Builder::new()
+        .prefix(crate::fsutil::TEMP_PREFIX)
+        .tempdir_in(&downloads)
+        .map_err(|e| AttemptError::Io {
+            path: downloads.clone(),
+            source: e,
+        })?;
+    let mut blobs = Vec::new();
+    for (i, layer) in resolved.layers.iter().enumerate() {
+        let path = scratch.path().join(format!("layer-{i}"));
+        client.fetch_blob(&resolved, &reference.repository, layer, &path)?;
+        blobs.push(path);
+    }
+    let name = format!("{reference} ({})", resolved.digest);
+    let outcome = if blobs.len() == 1 && oci::layer_is_overlay(&blobs[0])? {
+        let file = File::open(&blobs[0]).map_err(|e| AttemptError::Io {
+            path: blobs[0].clone(),
+            source: e,
+        })?;
+        stage_archive(store, lock, settings, trust, key, BufReader::new(file), &name)?
+    } else {
+        stage_image(store, lock, settings, trust, key, &blobs, scratch.path(), &name)?
+    };
+    Ok((outcome, resolved.digest))
+}
+
+/// Shape (b): apply the image's layers into a scratch tree, pack the target kernel's NVIDIA
+/// modules and the driver's firmware into an overlay with a generated manifest, verify it and
+/// publish it.
+#[cfg(feature = "oci")]
+#[allow(clippy::too_many_arguments)]
+fn stage_image(
+    store: &Store,
+    lock: &StoreLock,
+    settings: &StageSettings,
+    trust: &Trust,
+    key: &OverlayKey,
+    layers: &[PathBuf],
+    scratch: &Path,
+    name: &str,
+) -> Result<ImportOutcome, AttemptError> {
+    use super::oci::{self, ApplyLimits, OciError};
+    use super::pack::{self, PackInput};
+    let tree = scratch.join("rootfs");
+    fs::create_dir(&tree).map_err(|e| AttemptError::Io {
+        path: tree.clone(),
+        source: e,
+    })?;
+    oci::apply_layers(
+        layers,
+        &tree,
+        ApplyLimits {
+            max_unpacked_bytes: settings.max_download_bytes.saturating_mul(UNPACK_RATIO),
+            max_entries: MAX_ENTRIES,
+        },
+    )?;
+    let in_tree = |path: String| -> Option<PathBuf> {
+        let resolved = oci::resolve_in(&tree, Path::new(&path)).ok()?;
+        let real = tree.join(resolved);
+        fs::symlink_metadata(&real)
+            .is_ok_and(|m| m.is_dir())
+            .then_some(real)
+    };
+    let no_modules = || OciError::NoModules {
+        reference: name.to_string(),
+        kernel: key.kernel_release.clone(),
+    };
+    let modules = in_tree(format!("lib/modules/{}", key.kernel_release)).ok_or_else(no_modules)?;
+    let firmware = in_tree(format!("lib/firmware/nvidia/{}", key.driver_version));
+    let packed = match pack::plan(&PackInput {
+        modules,
+        firmware,
+        userspace: None,
+        arch: key.arch.clone(),
+    }) {
+        Ok(packed) => packed,
+        Err(pack::PackError::NoModules { .. }) => return Err(no_modules().into()),
+        Err(e) => return Err(AttemptError::Pack(Box::new(e))),
+    };
+    if let Some((field, expected, found)) = key.mismatch(&packed.manifest) {
+        return Err(AttemptError::WrongOverlay {
+            path: PathBuf::from(name),
+            field,
+            expected,
+            found,
+        });
+    }
+    // A generated manifest carries no signature: under `require` such images are refused.
+    trust.check(key, packed.manifest_text.as_bytes(), None, name)?;
+    let staging = store.begin_staging(lock, &key.kernel_release, &key.driver_version)?;
+    let result = (|| {
+        fs::remove_dir(&staging).map_err(|e| AttemptError::Io {
+            path: staging.clone(),
+            source: e,
+        })?;
+        packed
+            .write_dir(&staging)
+            .map_err(|e| AttemptError::Pack(Box::new(e)))?;
+        crate::fsutil::sync_tree(&staging).map_err(|e| AttemptError::Io {
+            path: staging.clone(),
+            source: e,
+        })?;
+        verify_tree(&staging, &packed.manifest, Generated::Refuse)?;
+        check_modules(&staging, &packed.manifest)?;
+        Ok(store.publish_staged(lock, &staging, &packed.manifest)?)
+    })();
+    if result.is_err() {
+        store.abandon_staging(&staging);
+    }
+    result
 }
 
 /// `overlay.toml.minisig` of an overlay directory, when it has one.
