@@ -461,10 +461,7 @@ impl Merged {
             keep_extra: self.keep_extra.map(|(v, _)| v).unwrap_or(1),
             signatures: self.signatures.map(|(v, _)| v).unwrap_or_default(),
             oci: OciSettings {
-                insecure_registries: self
-                    .insecure_registries
-                    .map(|(v, _)| v)
-                    .unwrap_or_default(),
+                insecure_registries: self.insecure_registries.map(|(v, _)| v).unwrap_or_default(),
                 mirrors: self.mirrors.map(|(v, _)| v).unwrap_or_default(),
             },
         };

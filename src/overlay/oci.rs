@@ -72,7 +72,10 @@ impl std::fmt::Display for Reference {
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
     #[error("{reference:?} is not an OCI reference: {why}; expected oci://registry/repository:tag or oci://registry/repository@sha256:<64 hex digits>")]
-    BadReference { reference: String, why: &'static str },
+    BadReference {
+        reference: String,
+        why: &'static str,
+    },
     #[error("{url}: not in the registry (HTTP {status})")]
     NotFound { url: String, status: u16 },
     #[error("{url}: the registry refused access (HTTP {status}){hint}")]
@@ -96,7 +99,10 @@ pub enum OciError {
         hint: &'static str,
     },
     #[error("{reference}: not finished after {timeout:?} (stage.download-timeout-secs)")]
-    TimedOut { reference: String, timeout: Duration },
+    TimedOut {
+        reference: String,
+        timeout: Duration,
+    },
     #[error("{url}: the image index has no linux/{arch} image (it has: {found})")]
     NoPlatform {
         url: String,
@@ -167,7 +173,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
 
 fn is_digest(text: &str) -> bool {
     text.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -281,8 +290,8 @@ impl Credentials {
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(auth.trim())
                 .map_err(|e| bad(format!("{key}: auth is not base64: {e}")))?;
-            let decoded = String::from_utf8(decoded)
-                .map_err(|_| bad(format!("{key}: auth is not UTF-8")))?;
+            let decoded =
+                String::from_utf8(decoded).map_err(|_| bad(format!("{key}: auth is not UTF-8")))?;
             let (user, password) = decoded
                 .split_once(':')
                 .ok_or_else(|| bad(format!("{key}: auth is not base64(\"user:password\")")))?;
@@ -551,7 +560,9 @@ impl<'a> Client<'a> {
             return Err(OciError::Unauthorized {
                 url: token_url,
                 status,
-                hint: format!("; the token service refused (credentials for {host} come from {AUTH_FILE})"),
+                hint: format!(
+                    "; the token service refused (credentials for {host} come from {AUTH_FILE})"
+                ),
             });
         }
         #[derive(Deserialize)]
@@ -636,10 +647,11 @@ impl<'a> Client<'a> {
                 });
             }
         }
-        let doc: ManifestDoc = serde_json::from_slice(&body).map_err(|e| OciError::BadManifest {
-            url: url.clone(),
-            why: e.to_string(),
-        })?;
+        let doc: ManifestDoc =
+            serde_json::from_slice(&body).map_err(|e| OciError::BadManifest {
+                url: url.clone(),
+                why: e.to_string(),
+            })?;
         let media_type = doc.media_type.clone().unwrap_or(content_type);
         Ok((doc, digest, media_type))
     }
@@ -669,7 +681,10 @@ impl<'a> Client<'a> {
                     .collect::<Vec<_>>()
                     .join(", ");
                 return Err(OciError::NoPlatform {
-                    url: format!("{host}/v2/{repository}/manifests/{}", reference.manifest_ref()),
+                    url: format!(
+                        "{host}/v2/{repository}/manifests/{}",
+                        reference.manifest_ref()
+                    ),
                     arch: wanted.to_string(),
                     found,
                 });
@@ -826,7 +841,11 @@ pub fn parse_challenge(header: &str) -> (String, BTreeMap<String, String>) {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let after = after.trim_start();
         let (value, remainder) = if let Some(quoted) = after.strip_prefix('"') {
             match quoted.find('"') {
@@ -885,9 +904,14 @@ pub fn layer_is_overlay(layer: &Path) -> Result<bool, OciError> {
 
 /// Files of an image worth unpacking: modules and firmware (resolved paths).
 fn wanted(resolved: &Path) -> bool {
-    ["usr/lib/modules", "lib/modules", "usr/lib/firmware", "lib/firmware"]
-        .iter()
-        .any(|prefix| resolved.starts_with(prefix))
+    [
+        "usr/lib/modules",
+        "lib/modules",
+        "usr/lib/firmware",
+        "lib/firmware",
+    ]
+    .iter()
+    .any(|prefix| resolved.starts_with(prefix))
 }
 
 /// Resolve `path` (relative) inside the image tree at `scratch` the way the image's own root
@@ -1113,14 +1137,17 @@ mod tests {
     #[test]
     fn auth_json_keys_are_hosts() {
         let auth = base64::engine::general_purpose::STANDARD.encode("u:p:w");
-        let text = format!(r#"{{"auths": {{"https://r.example:5000/v1/": {{"auth": "{auth}"}}}}}}"#);
+        let text =
+            format!(r#"{{"auths": {{"https://r.example:5000/v1/": {{"auth": "{auth}"}}}}}}"#);
         let creds = Credentials::parse(&text, Path::new("auth.json")).unwrap();
         let expected = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode("u:p:w")
         );
         assert_eq!(creds.basic("r.example:5000"), Some(expected));
-        assert!(format!("{creds:?}").contains("r.example") && !format!("{creds:?}").contains("u:p"));
+        assert!(
+            format!("{creds:?}").contains("r.example") && !format!("{creds:?}").contains("u:p")
+        );
         assert!(Credentials::parse(r#"{"auths": {"h": {"auth": "!!"}}}"#, Path::new("a")).is_err());
     }
 

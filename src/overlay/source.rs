@@ -140,7 +140,9 @@ pub enum AttemptError {
         "not a source: expected an absolute path (directory or tar archive), an https:// URL or an oci:// reference"
     )]
     Unsupported,
-    #[error("oci:// sources need nvdriver-agent built with the `oci` feature (the packages have it)")]
+    #[error(
+        "oci:// sources need nvdriver-agent built with the `oci` feature (the packages have it)"
+    )]
     OciNotBuilt,
     #[cfg(feature = "oci")]
     #[error(transparent)]
@@ -184,9 +186,7 @@ impl AttemptError {
     /// The source simply does not have the overlay (no such file, HTTP 404).
     pub fn is_not_found(&self) -> bool {
         match self {
-            AttemptError::Missing { .. } | AttemptError::Fetch(FetchError::NotFound { .. }) => {
-                true
-            }
+            AttemptError::Missing { .. } | AttemptError::Fetch(FetchError::NotFound { .. }) => true,
             #[cfg(feature = "oci")]
             AttemptError::Oci(e) => e.is_not_found(),
             _ => false,
@@ -631,9 +631,26 @@ fn stage_oci(
             path: blobs[0].clone(),
             source: e,
         })?;
-        stage_archive(store, lock, settings, trust, key, BufReader::new(file), &name)?
+        stage_archive(
+            store,
+            lock,
+            settings,
+            trust,
+            key,
+            BufReader::new(file),
+            &name,
+        )?
     } else {
-        stage_image(store, lock, settings, trust, key, &blobs, scratch.path(), &name)?
+        stage_image(
+            store,
+            lock,
+            settings,
+            trust,
+            key,
+            &blobs,
+            scratch.path(),
+            &name,
+        )?
     };
     Ok((outcome, resolved.digest))
 }
