@@ -379,3 +379,38 @@ fn copy_tree(from: &Path, to: &Path) {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn unsigned_modules_are_refused_for_a_kernel_that_enforces_signatures() {
+    use common::overlay::{OverlayBuilder, Packing};
+    let host = Host::new();
+    let config = host.root.join(format!("/usr/lib/modules/{KVER}/config"));
+    fs::create_dir_all(config.parent().unwrap()).unwrap();
+    fs::write(&config, "CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n").unwrap();
+
+    OverlayBuilder::nvidia(KVER).build(&host.root.join("/srv/unsigned"));
+    let err = host
+        .stage(Path::new("/srv/unsigned"), SignaturePolicy::IfPresent)
+        .unwrap_err();
+    let SourceError::Failed { tried, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        matches!(tried[0].error, AttemptError::UnsignedModules { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("CONFIG_MODULE_SIG_FORCE=y"),
+        "{err}"
+    );
+    assert!(!host.stored());
+
+    let mut signed = OverlayBuilder::nvidia(KVER);
+    for (module, _) in OverlayBuilder::nvidia(KVER).modules {
+        signed = signed.module(module.signed(), Packing::Plain);
+    }
+    signed.build(&host.root.join("/srv/signed"));
+    host.stage(Path::new("/srv/signed"), SignaturePolicy::IfPresent)
+        .unwrap();
+    assert!(host.stored());
+}

@@ -3,6 +3,7 @@
 //! the sources overlays are staged from (directories, tar archives, HTTP(S)).
 
 pub mod archive;
+pub mod enforce;
 pub mod fetch;
 pub mod manifest;
 #[cfg(feature = "oci")]

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::archive::{self, ArchiveError, Limits};
+use super::enforce;
 use super::fetch::{self, FetchError, FetchLimits};
 use super::manifest::Manifest;
 use super::signature::{
@@ -172,6 +173,12 @@ pub enum AttemptError {
     Module(#[from] ModinfoError),
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    #[error("kernel {kernel} only loads signed modules ({reason}), but these are unsigned: {modules}; sign them with a key the kernel trusts (enrolled MOK or built-in keyring) and repack")]
+    UnsignedModules {
+        kernel: String,
+        reason: String,
+        modules: String,
+    },
     #[error("building the overlay from the image: {0}")]
     Pack(Box<super::pack::PackError>),
     #[error("{path}: {source}")]
@@ -200,7 +207,8 @@ impl AttemptError {
             | AttemptError::TooLarge { .. }
             | AttemptError::Verify(_)
             | AttemptError::Module(_)
-            | AttemptError::Pack(_) => true,
+            | AttemptError::Pack(_)
+            | AttemptError::UnsignedModules { .. } => true,
             AttemptError::Signature(e) => !matches!(e, SignatureError::Io { .. }),
             AttemptError::Archive(e) => e.is_invalid(),
             #[cfg(feature = "oci")]
@@ -293,7 +301,9 @@ pub fn stage(
     }
     let lock = store.lock()?;
     store.clean_leftovers(&lock)?;
-    let trust = Trust::load(root, settings.signatures)?;
+    let mut trust = Trust::load(root, settings.signatures)?;
+    trust.signed_modules_required =
+        enforce::enforcement_reason(&enforce::TargetFacts::read(root, &key.kernel_release));
     if let Some(existing) = store.verified(&key.kernel_release, &key.driver_version, &key.arch) {
         return Ok(StageReport {
             source: existing.dir.display().to_string(),
@@ -345,6 +355,8 @@ pub fn stage(
 pub struct Trust {
     pub policy: SignaturePolicy,
     pub keys: Vec<TrustedKey>,
+    /// Why the target kernel only loads signed modules (see [`super::enforce`]), if it does.
+    pub signed_modules_required: Option<String>,
 }
 
 impl Trust {
@@ -355,7 +367,11 @@ impl Trust {
         } else {
             signature::load_trusted_keys(root)?
         };
-        Ok(Trust { policy, keys })
+        Ok(Trust {
+            policy,
+            keys,
+            signed_modules_required: None,
+        })
     }
 
     /// Check an overlay's manifest bytes and signature; logs what was found.
@@ -487,7 +503,7 @@ fn stage_directory(
         });
     }
     verify_tree(real_dir, &manifest, Generated::Refuse)?;
-    check_modules(real_dir, &manifest)?;
+    check_target(trust, key, real_dir, &manifest)?;
     Ok(store.import(real_dir)?)
 }
 
@@ -516,7 +532,7 @@ pub fn stage_archive(
                 extracted.signature.as_deref(),
                 name,
             )?;
-            check_modules(&staging, &extracted.manifest)?;
+            check_target(trust, key, &staging, &extracted.manifest)?;
             Ok(store.publish_staged(lock, &staging, &extracted.manifest)?)
         });
     if result.is_err() {
@@ -732,7 +748,7 @@ fn stage_image(
             source: e,
         })?;
         verify_tree(&staging, &packed.manifest, Generated::Refuse)?;
-        check_modules(&staging, &packed.manifest)?;
+        check_target(trust, key, &staging, &packed.manifest)?;
         Ok(store.publish_staged(lock, &staging, &packed.manifest)?)
     })();
     if result.is_err() {
@@ -757,6 +773,35 @@ pub fn read_signature(real_dir: &Path) -> Result<Option<String>, AttemptError> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(AttemptError::Io { path, source }),
+    }
+}
+
+/// [`check_modules`], and when the target kernel only loads signed modules, that every module
+/// carries a signature.
+fn check_target(
+    trust: &Trust,
+    key: &OverlayKey,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<(), AttemptError> {
+    let infos = check_modules(dir, manifest)?;
+    let Some(reason) = &trust.signed_modules_required else {
+        return Ok(());
+    };
+    let unsigned: Vec<String> = manifest
+        .module_files()
+        .zip(&infos)
+        .filter(|(_, info)| info.signature.is_none())
+        .map(|(entry, _)| entry.path.display().to_string())
+        .collect();
+    if unsigned.is_empty() {
+        Ok(())
+    } else {
+        Err(AttemptError::UnsignedModules {
+            kernel: key.kernel_release.clone(),
+            reason: reason.clone(),
+            modules: unsigned.join(", "),
+        })
     }
 }
 
