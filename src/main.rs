@@ -105,6 +105,16 @@ enum OverlayCommand {
     },
     /// List the overlays in the store.
     List,
+    /// Show what an overlay or image holds (manifest, modules and the kernel each was built
+    /// for, signature status, digest) without staging it.
+    Inspect {
+        /// An overlay directory or archive (not resolved under --root), an http(s):// URL or
+        /// an oci:// reference.
+        reference: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build an overlay from built modules, firmware and optional user space: a directory
     /// and/or a reproducible .tar.zst, with the kernel release and driver version read from the
     /// modules. Paths are not resolved under --root.
@@ -418,6 +428,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     ""
                 }
             );
+            Ok(exit::OK)
+        }
+        Command::Overlay(OverlayCommand::Inspect { reference, json }) => {
+            let ctx = Context::new(root, &source)?;
+            let inspection = nvdriver_agent::overlay::inspect::inspect(
+                &ctx.root,
+                &ctx.settings.stage,
+                &reference,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inspection)?);
+            } else {
+                print!("{}", nvdriver_agent::overlay::inspect::render(&inspection));
+            }
             Ok(exit::OK)
         }
         Command::Overlay(OverlayCommand::List) => {

@@ -414,3 +414,52 @@ fn unsigned_modules_are_refused_for_a_kernel_that_enforces_signatures() {
         .unwrap();
     assert!(host.stored());
 }
+
+#[test]
+fn inspect_shows_modules_signature_and_digest_without_staging() {
+    let inputs = inputs();
+    let builder = keypair();
+    let out = tempfile::tempdir().unwrap();
+    let archive = out.path().join("o.tar.zst");
+    signed_archive(&inputs, &builder, &archive);
+    let host = Host::new();
+    host.trust(&builder);
+    let result = agent::run(
+        host.root.path(),
+        &["overlay", "inspect", "--json", archive.to_str().unwrap()],
+    );
+    assert!(result.status.success(), "{}", agent::text(&result));
+    let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    let digest = format!("sha256:{}", sha256_bytes(&fs::read(&archive).unwrap()));
+    assert_eq!(json["digest"], digest.as_str());
+    assert_eq!(json["contents"], "verified");
+    assert_eq!(json["manifest"]["kernel-release"], KVER);
+    assert!(
+        json["signature"]
+            .as_str()
+            .unwrap()
+            .starts_with("signed by trusted key "),
+        "{json}"
+    );
+    let modules = json["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 4);
+    assert!(modules
+        .iter()
+        .all(|m| m["kernel-release"] == KVER && m["signed"] == false));
+    assert!(!host.stored());
+    assert!(!host.root.join(STORE).exists());
+
+    // Text output, and an untrusted signer reported as refused.
+    let stranger = Host::new();
+    let result = agent::run(
+        stranger.root.path(),
+        &["overlay", "inspect", archive.to_str().unwrap()],
+    );
+    assert!(result.status.success(), "{}", agent::text(&result));
+    let text = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        text.contains("REFUSED") && text.contains("not trusted"),
+        "{text}"
+    );
+    assert!(text.contains("nvidia.ko  nvidia"), "{text}");
+}

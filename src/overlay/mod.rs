@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod enforce;
 pub mod fetch;
+pub mod inspect;
 pub mod manifest;
 #[cfg(feature = "oci")]
 pub mod oci;
