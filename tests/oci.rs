@@ -377,6 +377,38 @@ fn a_plain_image_becomes_an_overlay() {
     assert_eq!(fs::read(stored.join(&firmware)).unwrap(), b"GSP firmware");
     assert!(manifest.files.iter().all(|f| !f.path.starts_with("etc")));
 
+    // `overlay inspect` lists what the image holds, for every kernel, and stages nothing.
+    let config = host.root.join("/etc/inspect.toml");
+    fs::create_dir_all(config.parent().unwrap()).unwrap();
+    fs::write(
+        &config,
+        format!("[oci]\ninsecure-registries = [\"{}\"]\n", registry.host()),
+    )
+    .unwrap();
+    let out = common::agent::run(
+        host.root.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "overlay",
+            "inspect",
+            "--json",
+            &source,
+        ],
+    );
+    assert!(out.status.success(), "{}", common::agent::text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["kind"], "oci-image");
+    assert_eq!(json["digest"], image.manifest_digest.as_str());
+    let mut names: Vec<&str> = json["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
+
     // The same image asked for another kernel has nothing for it.
     let host = Host::new();
     let settings_key = OverlayKey {
