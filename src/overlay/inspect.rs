@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::archive::{self, ArchiveError, Limits};
 use super::fetch::{self, FetchError, FetchLimits};
-use super::manifest::{is_module_file_name, Flavor, Manifest, ManifestError, MANIFEST_NAME};
+use super::manifest::{Flavor, Manifest, ManifestError, MANIFEST_NAME};
 use super::signature::{self, SignaturePolicy, SIGNATURE_NAME};
 use super::source::{read_signature, AttemptError, OverlayKey, Trust, MAX_ENTRIES, UNPACK_RATIO};
 use super::store::{self, StoreError};
@@ -397,7 +397,10 @@ fn collect_nvidia(tree: &Path, relative: &Path, found: &mut Vec<PathBuf>) {
         let name = entry.file_name().to_string_lossy().into_owned();
         if kind.is_dir() {
             collect_nvidia(tree, &path, found);
-        } else if kind.is_file() && name.starts_with("nvidia") && is_module_file_name(&name) {
+        } else if kind.is_file()
+            && name.starts_with("nvidia")
+            && super::manifest::is_module_file_name(&name)
+        {
             found.push(path);
         }
     }
