@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::archive::{raw_tar, Raw};
 use common::modules::FixtureModule;
 use common::overlay::{OverlayBuilder, DRIVER};
-use common::registry::{write_layout, Image, Layer, Registry, Stalling};
+use common::registry::{make_index, write_layout, Image, Layer, Registry, Stalling};
 use common::Compression;
 use nvdriver_agent::config::{OciSettings, StageSettings};
 use nvdriver_agent::host::Root;
@@ -436,4 +436,22 @@ fn a_plain_image_becomes_an_overlay() {
     .unwrap_err();
     assert!(matches!(err, SourceError::NotFound { .. }), "{err}");
     host.assert_empty();
+}
+
+#[test]
+fn an_image_index_is_narrowed_to_this_arch() {
+    let registry = Registry::start(None);
+    let layout = tempfile::tempdir().unwrap();
+    let image = overlay_image(layout.path(), "multi");
+    let index_digest = make_index(layout.path(), "multi");
+    registry.push(layout.path(), "multi", "nvidia/overlay");
+    let host = Host::new();
+    let source = format!("oci://{}/nvidia/overlay:multi", registry.host());
+    let report = host
+        .stage(&source, &[registry.host()], Duration::from_secs(30))
+        .unwrap();
+    // The index's digest is what the reference names; the amd64 image is what was staged.
+    assert_eq!(report.digest.as_deref(), Some(index_digest.as_str()));
+    assert!(host.stored().is_some());
+    assert_ne!(index_digest, image.manifest_digest);
 }

@@ -91,6 +91,7 @@ impl Registry {
             "--insecure-policy",
             "copy",
             "--quiet",
+            "--multi-arch=all",
             "--preserve-digests",
             "--dest-tls-verify=false",
         ]);
@@ -218,6 +219,69 @@ pub fn write_layout(layout: &Path, tag: &str, layers: &[Layer]) -> Image {
         manifest_digest,
         layer_digests,
     }
+}
+
+/// Turn the single image of the layout at `layout` into an image index listing it as
+/// linux/amd64 beside a linux/arm64 image whose layer is junk; returns the index's digest.
+pub fn make_index(layout: &Path, tag: &str) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let amd64 = index["manifests"][0].clone();
+    let hex = amd64["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(hex)).unwrap()).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &fs::read(
+            layout.join("blobs/sha256").join(
+                manifest["config"]["digest"]
+                    .as_str()
+                    .unwrap()
+                    .strip_prefix("sha256:")
+                    .unwrap(),
+            ),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    config["architecture"] = "arm64".into();
+    let (config_digest, config_size) = put_blob(layout, config.to_string().as_bytes());
+    // The arm64 image's only layer is not a tar at all: choosing it would fail the stage.
+    let (junk_digest, junk_size) = put_blob(layout, b"not a layer for this machine");
+    let mut arm = manifest.clone();
+    arm["config"]["digest"] = config_digest.into();
+    arm["config"]["size"] = config_size.into();
+    arm["layers"] = serde_json::json!([{
+        "mediaType": "application/vnd.oci.image.layer.v1.tar",
+        "digest": junk_digest,
+        "size": junk_size,
+    }]);
+    let (arm_digest, arm_size) = put_blob(layout, arm.to_string().as_bytes());
+    let list = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": arm_digest, "size": arm_size,
+             "platform": {"architecture": "arm64", "os": "linux"}},
+            {"mediaType": OCI_MANIFEST, "digest": amd64["digest"], "size": amd64["size"],
+             "platform": {"architecture": "amd64", "os": "linux"}},
+        ],
+    });
+    let (list_digest, list_size) = put_blob(layout, list.to_string().as_bytes());
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": list_digest,
+            "size": list_size,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    fs::write(layout.join("index.json"), top.to_string()).unwrap();
+    list_digest
 }
 
 /// A "registry" that accepts connections and never answers.
