@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::host::Root;
+use crate::overlay::signature::SignaturePolicy;
 
 /// The defaults as shipped; compiled in so a host without `/usr/lib/nvdriver-agent` still has
 /// them, and read from the same file the packages install (one source of truth).
@@ -132,6 +133,20 @@ pub struct StageSettings {
     pub allow_http: bool,
     /// Overlays kept beyond the running and the pending kernels'.
     pub keep_extra: u32,
+    /// `[trust] signatures`: whether overlays must carry a minisign signature.
+    pub signatures: SignaturePolicy,
+    /// `[oci]`: plain-HTTP registries and mirrors for `oci://` sources.
+    pub oci: OciSettings,
+}
+
+/// `[oci]` settings (read whether or not the `oci` feature is built, so one config file serves
+/// both builds).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OciSettings {
+    /// Registries (`host[:port]`) spoken to over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Registry → mirrors tried, in order, before it.
+    pub mirrors: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +162,8 @@ struct Fragment {
     watch: Option<WatchFragment>,
     outputs: Option<OutputsFragment>,
     fallback: Option<FallbackFragment>,
+    trust: Option<TrustFragment>,
+    oci: Option<OciFragment>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +178,19 @@ struct OutputsFragment {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FallbackFragment {
     on_load_failure: Option<LoadFailureFallback>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct OciFragment {
+    insecure_registries: Option<Vec<String>>,
+    mirrors: Option<BTreeMap<String, Vec<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustFragment {
+    signatures: Option<SignaturePolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -375,6 +405,9 @@ struct Merged {
     nfd_features: Sourced<PathBuf>,
     cdi_spec: Sourced<PathBuf>,
     on_load_failure: Sourced<LoadFailureFallback>,
+    signatures: Sourced<SignaturePolicy>,
+    insecure_registries: Sourced<Vec<String>>,
+    mirrors: Sourced<BTreeMap<String, Vec<String>>>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, file: &Path) {
@@ -438,6 +471,13 @@ impl Merged {
         if let Some(fallback) = fragment.fallback {
             set(&mut self.on_load_failure, fallback.on_load_failure, file);
         }
+        if let Some(trust) = fragment.trust {
+            set(&mut self.signatures, trust.signatures, file);
+        }
+        if let Some(oci) = fragment.oci {
+            set(&mut self.insecure_registries, oci.insecure_registries, file);
+            set(&mut self.mirrors, oci.mirrors, file);
+        }
     }
 
     fn finish(self, files: Vec<PathBuf>) -> Result<Settings, ConfigError> {
@@ -476,6 +516,11 @@ impl Merged {
             download_timeout: std::time::Duration::from_secs(timeout_secs),
             allow_http: self.allow_http.map(|(v, _)| v).unwrap_or(false),
             keep_extra: self.keep_extra.map(|(v, _)| v).unwrap_or(1),
+            signatures: self.signatures.map(|(v, _)| v).unwrap_or_default(),
+            oci: OciSettings {
+                insecure_registries: self.insecure_registries.map(|(v, _)| v).unwrap_or_default(),
+                mirrors: self.mirrors.map(|(v, _)| v).unwrap_or_default(),
+            },
         };
         let driver_version = self
             .driver_version
@@ -516,7 +561,7 @@ impl Merged {
 }
 
 /// The placeholders a source template may use.
-pub const SOURCE_PLACEHOLDERS: [&str; 3] = ["{kernel}", "{driver}", "{arch}"];
+pub const SOURCE_PLACEHOLDERS: [&str; 4] = ["{kernel}", "{driver}", "{arch}", "{os}"];
 
 /// A source is an absolute directory or archive path, or an `http(s)://` URL; its only braces
 /// are the known placeholders.
@@ -528,11 +573,12 @@ fn check_sources(sources: &[String], file: &Path) -> Result<(), ConfigError> {
         }
         let shape_ok = source.starts_with('/')
             || source.starts_with("https://")
-            || source.starts_with("http://");
+            || source.starts_with("http://")
+            || source.starts_with("oci://");
         let message = if !shape_ok {
-            format!("expected an absolute path or an http(s):// URL, found {source:?}")
+            format!("expected an absolute path, an http(s):// URL or an oci:// reference, found {source:?}")
         } else if rest.contains('{') || rest.contains('}') {
-            format!("{source:?} has an unknown placeholder; the known ones are {{kernel}}, {{driver}} and {{arch}}")
+            format!("{source:?} has an unknown placeholder; the known ones are {{kernel}}, {{driver}}, {{arch}} and {{os}}")
         } else if source.starts_with('/') && source.split('/').any(|part| part == "..") {
             format!("expected a path without \"..\", found {source:?}")
         } else {

@@ -11,6 +11,21 @@ use std::path::{Path, PathBuf};
 /// Prefix of every temporary sibling this crate creates; the store and GC skip and clean them.
 pub const TEMP_PREFIX: &str = ".nvdriver-agent-tmp.";
 
+/// fsync every file and directory under `dir` (children before parents), so a tree written
+/// without syncing is durable before it is renamed into place.
+pub fn sync_tree(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    fsync_dir(dir)
+}
+
 /// fsync a directory so a rename inside it is durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -13,9 +13,9 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
-pub mod fallback;
 #[doc(hidden)]
 pub mod failpoints;
+pub mod fallback;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing::error;
 
@@ -12,6 +13,7 @@ use nvdriver_agent::daemon::{self, DaemonError};
 use nvdriver_agent::host::{HostFacts, Root};
 use nvdriver_agent::kmod::modinfo;
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
+use nvdriver_agent::overlay::pack;
 use nvdriver_agent::overlay::store::ImportOutcome;
 use nvdriver_agent::stage::{self, NextBootReadiness, StageError, Target};
 use nvdriver_agent::{agent_bus, doctor, status, watch};
@@ -116,6 +118,44 @@ enum OverlayCommand {
     },
     /// List the overlays in the store.
     List,
+    /// Show what an overlay or image holds (manifest, modules and the kernel each was built
+    /// for, signature status, digest) without staging it.
+    Inspect {
+        /// An overlay directory or archive (not resolved under --root), an http(s):// URL or
+        /// an oci:// reference.
+        reference: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build an overlay from built modules, firmware and optional user space: a directory
+    /// and/or a reproducible .tar.zst, with the kernel release and driver version read from the
+    /// modules. Paths are not resolved under --root.
+    #[command(arg_required_else_help = true)]
+    Pack {
+        /// Directory with the built nvidia*.ko* (kernel-open output, or /lib/modules/<kver>).
+        #[arg(long, value_name = "DIR")]
+        modules: PathBuf,
+        /// Directory with the driver's firmware files (gsp_*.bin).
+        #[arg(long, value_name = "DIR")]
+        firmware: Option<PathBuf>,
+        /// Root-shaped directory of user space to include as it is (usr/bin/…, usr/lib64/…).
+        #[arg(long, value_name = "DIR")]
+        userspace: Option<PathBuf>,
+        /// Write the overlay tree here (must not exist).
+        #[arg(long, value_name = "DIR", required_unless_present = "out_archive")]
+        out_dir: Option<PathBuf>,
+        /// Write the overlay as a .tar.zst here.
+        #[arg(long, value_name = "FILE")]
+        out_archive: Option<PathBuf>,
+        /// Target architecture (uname -m); defaults to this machine's.
+        #[arg(long, value_name = "ARCH")]
+        arch: Option<String>,
+        /// Sign the manifest with this minisign secret key (password of an encrypted key from
+        /// NVDRIVER_AGENT_SIGN_PASSWORD).
+        #[arg(long, value_name = "KEYFILE")]
+        sign: Option<PathBuf>,
+    },
     /// Stage the overlay for a kernel from the configured [stage] sources into the store
     /// (tried in order; verified before it is published).
     Fetch {
@@ -371,6 +411,72 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let ctx = Context::new(root, &source)?;
             let outcome = commands::overlay_import(&ctx, &dir)?;
             println!("{}", serde_json::to_string(&outcome)?);
+            Ok(exit::OK)
+        }
+        Command::Overlay(OverlayCommand::Pack {
+            modules,
+            firmware,
+            userspace,
+            out_dir,
+            out_archive,
+            arch,
+            sign,
+        }) => {
+            let input = pack::PackInput {
+                modules,
+                firmware,
+                userspace,
+                arch: arch.unwrap_or_else(nvdriver_agent::host::machine_arch),
+            };
+            let mut packed = pack::plan(&input)?;
+            if let Some(key_file) = &sign {
+                let secret = std::fs::read_to_string(key_file).with_context(|| {
+                    format!("{}: cannot read the secret key", key_file.display())
+                })?;
+                let password = std::env::var("NVDRIVER_AGENT_SIGN_PASSWORD").ok();
+                packed.sign(&secret, password, key_file)?;
+            }
+            if let Some(dir) = &out_dir {
+                packed.write_dir(dir)?;
+                println!("wrote {}", dir.display());
+            }
+            if let Some(file) = &out_archive {
+                packed.write_archive(file)?;
+                let digest = nvdriver_agent::overlay::verify::sha256_reader(
+                    std::fs::File::open(file)?,
+                    u64::MAX,
+                )?
+                .1;
+                println!("wrote {} (sha256 {digest})", file.display());
+            }
+            let m = &packed.manifest;
+            println!(
+                "overlay for kernel {} driver {} ({}): {} files, {} links{}",
+                m.kernel_release,
+                m.driver_version,
+                m.arch,
+                m.files.len(),
+                m.symlinks.len(),
+                if packed.signature.is_some() {
+                    ", signed"
+                } else {
+                    ""
+                }
+            );
+            Ok(exit::OK)
+        }
+        Command::Overlay(OverlayCommand::Inspect { reference, json }) => {
+            let ctx = Context::new(root, &source)?;
+            let inspection = nvdriver_agent::overlay::inspect::inspect(
+                &ctx.root,
+                &ctx.settings.stage,
+                &reference,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inspection)?);
+            } else {
+                print!("{}", nvdriver_agent::overlay::inspect::render(&inspection));
+            }
             Ok(exit::OK)
         }
         Command::Overlay(OverlayCommand::List) => {

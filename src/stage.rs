@@ -269,6 +269,7 @@ pub fn stage_next(
         overlay: None,
         source: None,
         tried: Vec::new(),
+        digest: None,
         detail: None,
         duration_ms: 0,
     };
@@ -305,6 +306,7 @@ pub fn stage_next(
                     };
                     r.overlay = Some(outcome_dir(&report.outcome));
                     r.source = Some(report.source.clone());
+                    r.digest = report.digest.clone();
                     r.tried = report.tried.iter().map(|t| t.to_string()).collect();
                     info!(
                         KERNEL_RELEASE = %key.kernel_release,

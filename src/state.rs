@@ -84,6 +84,9 @@ pub struct StageRecord {
     pub source: Option<String>,
     /// Every source tried, with why it did not give the overlay.
     pub tried: Vec<String>,
+    /// For an `oci://` source: the digest its reference resolved to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     pub detail: Option<String>,
     pub duration_ms: u64,
 }

@@ -385,6 +385,7 @@ mod tests {
             tried: Vec::new(),
             detail: None,
             duration_ms: 0,
+            digest: None,
         }
     }
 

@@ -55,6 +55,8 @@ fn settings(archive: &str, max_download_bytes: u64) -> StageSettings {
         download_timeout: Duration::from_secs(20),
         allow_http: false,
         keep_extra: 1,
+        signatures: Default::default(),
+        oci: Default::default(),
     }
 }
 

@@ -110,6 +110,8 @@ fn settings(sources: &[&str]) -> StageSettings {
         download_timeout: Duration::from_secs(20),
         allow_http: true,
         keep_extra: 1,
+        signatures: Default::default(),
+        oci: Default::default(),
     }
 }
 

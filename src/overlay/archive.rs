@@ -20,6 +20,7 @@ use std::thread;
 use sha2::{Digest, Sha256};
 
 use super::manifest::{symlink_stays_inside, Manifest, ManifestError, MANIFEST_NAME};
+use super::signature::{MAX_SIGNATURE_BYTES, SIGNATURE_NAME};
 use super::source::OverlayKey;
 use super::verify::{check_digest, VerifyError};
 use crate::fsutil::fsync_dir;
@@ -132,6 +133,10 @@ pub struct Extracted {
     pub manifest: Manifest,
     /// Bytes of file content written.
     pub bytes: u64,
+    /// `overlay.toml` exactly as it was in the archive (what a signature covers).
+    pub manifest_text: String,
+    /// `overlay.toml.minisig`, when the archive has one; checked by the caller.
+    pub signature: Option<String>,
 }
 
 /// Unpack the overlay archive read from `input` into `staging` (an existing, empty directory),
@@ -163,6 +168,8 @@ pub fn extract(
         dirs: BTreeSet::new(),
         buffer: vec![0u8; 1 << 20],
         bytes: 0,
+        manifest_text: String::new(),
+        signature: None,
     };
     let read_err = |source: io::Error| ArchiveError::Read {
         archive: archive.to_string(),
@@ -204,7 +211,7 @@ fn unpack_all<R: Read>(
 }
 
 /// The tar stream inside `input`, by its magic bytes.
-fn decompress<'a>(
+pub(crate) fn decompress<'a>(
     mut input: impl Read + 'a,
     archive: &str,
 ) -> Result<Box<dyn Read + 'a>, ArchiveError> {
@@ -301,6 +308,8 @@ struct Unpacking<'a> {
     dirs: BTreeSet<PathBuf>,
     buffer: Vec<u8>,
     bytes: u64,
+    manifest_text: String,
+    signature: Option<String>,
 }
 
 impl Unpacking<'_> {
@@ -349,6 +358,12 @@ impl Unpacking<'_> {
                 return Err(self.refuse(&path, "is the manifest but not a regular file"));
             }
             return self.read_manifest(&mut entry);
+        }
+        if path == Path::new(SIGNATURE_NAME) {
+            if !entry_type.is_file() {
+                return Err(self.refuse(&path, "is the signature but not a regular file"));
+            }
+            return self.read_signature(&mut entry);
         }
         if entry_type.is_dir() {
             self.make_parents(&path)?;
@@ -592,6 +607,32 @@ impl Unpacking<'_> {
         Ok((written, hex::encode(hasher.finalize())))
     }
 
+    /// Kept in memory, not written: the caller checks it before publishing.
+    fn read_signature<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ArchiveError> {
+        if self.signature.is_some() {
+            return Err(self.refuse(Path::new(SIGNATURE_NAME), "is listed twice"));
+        }
+        if entry.size() > MAX_SIGNATURE_BYTES {
+            return Err(ArchiveError::TooLarge {
+                archive: self.archive.to_string(),
+                limit: MAX_SIGNATURE_BYTES,
+                what: "bytes of signature",
+            });
+        }
+        let mut text = String::new();
+        entry
+            .read_to_string(&mut text)
+            .map_err(|source| ArchiveError::Read {
+                archive: self.archive.to_string(),
+                source,
+            })?;
+        self.signature = Some(text);
+        Ok(())
+    }
+
     fn read_manifest<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
@@ -655,6 +696,7 @@ impl Unpacking<'_> {
             .and_then(|()| file.sync_all())
             .map_err(Self::write_err(&real))?;
         self.manifest = Some(manifest);
+        self.manifest_text = text;
         Ok(())
     }
 
@@ -703,6 +745,8 @@ impl Unpacking<'_> {
         Ok(Extracted {
             manifest: self.manifest.expect("checked above"),
             bytes: self.bytes,
+            manifest_text: self.manifest_text,
+            signature: self.signature,
         })
     }
 }
@@ -729,7 +773,7 @@ fn check_link(manifest: &Manifest, path: &Path, target: &Path) -> Result<(), Ver
 /// An archive path as a plain relative path: leading `./` dropped (archives made with
 /// `tar -C dir .` have it), `None` for the top directory itself; absolute paths, `..` and
 /// control characters refused.
-fn plain_relative(path: &Path) -> Result<Option<PathBuf>, &'static str> {
+pub(crate) fn plain_relative(path: &Path) -> Result<Option<PathBuf>, &'static str> {
     if path.to_string_lossy().chars().any(|c| c.is_control()) {
         return Err("contains a control character");
     }

@@ -3,8 +3,14 @@
 //! the sources overlays are staged from (directories, tar archives, HTTP(S)).
 
 pub mod archive;
+pub mod enforce;
 pub mod fetch;
+pub mod inspect;
 pub mod manifest;
+#[cfg(feature = "oci")]
+pub mod oci;
+pub mod pack;
+pub mod signature;
 pub mod source;
 pub mod store;
 pub mod verify;

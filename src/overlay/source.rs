@@ -14,11 +14,16 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::archive::{self, ArchiveError, Limits};
+use super::enforce;
 use super::fetch::{self, FetchError, FetchLimits};
 use super::manifest::Manifest;
+use super::signature::{
+    self, SignatureError, SignaturePolicy, SignatureStatus, TrustedKey, MAX_SIGNATURE_BYTES,
+    SIGNATURE_NAME,
+};
 use super::store::{self, ImportOutcome, Store, StoreError, StoreLock};
 use super::verify::{sha256_bytes, verify_tree, Generated, VerifyError};
 use crate::config::StageSettings;
@@ -71,7 +76,15 @@ impl OverlayKey {
 }
 
 /// The placeholders a template may use.
-pub const PLACEHOLDERS: [&str; 3] = ["{kernel}", "{driver}", "{arch}"];
+pub const PLACEHOLDERS: [&str; 4] = ["{kernel}", "{driver}", "{arch}", "{os}"];
+
+/// `{os}` of a template: the host's os-release `ID` and `VERSION_ID` run together, as the GPU
+/// Operator's driver image tags spell it (`rhcos4.14`, `ubuntu22.04`, `fedora41`).
+pub fn os_tag(root: &Root) -> String {
+    crate::host::os_release::OsRelease::read(root)
+        .map(|os| format!("{}{}", os.id, os.version_id.unwrap_or_default()))
+        .unwrap_or_default()
+}
 
 /// Fill `{kernel}`, `{driver}` and `{arch}` into a source template.
 ///
@@ -123,12 +136,19 @@ pub enum AttemptError {
     Missing { path: PathBuf },
     #[error("{path} is neither a directory nor a regular file")]
     NotAFileOrDirectory { path: PathBuf },
-    #[error("unknown placeholder {placeholders}; templates may use {{kernel}}, {{driver}} and {{arch}}", placeholders = .0.join(", "))]
+    #[error("unknown placeholder {placeholders}; templates may use {{kernel}}, {{driver}}, {{arch}} and {{os}}", placeholders = .0.join(", "))]
     UnknownPlaceholder(Vec<String>),
     #[error(
-        "not a source: expected an absolute path (directory or tar archive) or an https:// URL"
+        "not a source: expected an absolute path (directory or tar archive), an https:// URL or an oci:// reference"
     )]
     Unsupported,
+    #[error(
+        "oci:// sources need nvdriver-agent built with the `oci` feature (the packages have it)"
+    )]
+    OciNotBuilt,
+    #[cfg(feature = "oci")]
+    #[error(transparent)]
+    Oci(#[from] super::oci::OciError),
     #[error("{path}: {MANIFEST} is for {field} {found:?}, but {expected:?} was asked for; the source template points at the wrong overlay", MANIFEST = super::MANIFEST_NAME)]
     WrongOverlay {
         path: PathBuf,
@@ -152,6 +172,16 @@ pub enum AttemptError {
     Verify(#[from] VerifyError),
     #[error(transparent)]
     Module(#[from] ModinfoError),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    #[error("kernel {kernel} only loads signed modules ({reason}), but these are unsigned: {modules}; sign them with a key the kernel trusts (enrolled MOK or built-in keyring) and repack")]
+    UnsignedModules {
+        kernel: String,
+        reason: String,
+        modules: String,
+    },
+    #[error("building the overlay from the image: {0}")]
+    Pack(Box<super::pack::PackError>),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -163,10 +193,12 @@ pub enum AttemptError {
 impl AttemptError {
     /// The source simply does not have the overlay (no such file, HTTP 404).
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            AttemptError::Missing { .. } | AttemptError::Fetch(FetchError::NotFound { .. })
-        )
+        match self {
+            AttemptError::Missing { .. } | AttemptError::Fetch(FetchError::NotFound { .. }) => true,
+            #[cfg(feature = "oci")]
+            AttemptError::Oci(e) => e.is_not_found(),
+            _ => false,
+        }
     }
 
     /// The source had something, and it is not a valid overlay for the key.
@@ -175,8 +207,13 @@ impl AttemptError {
             AttemptError::WrongOverlay { .. }
             | AttemptError::TooLarge { .. }
             | AttemptError::Verify(_)
-            | AttemptError::Module(_) => true,
+            | AttemptError::Module(_)
+            | AttemptError::Pack(_)
+            | AttemptError::UnsignedModules { .. } => true,
+            AttemptError::Signature(e) => !matches!(e, SignatureError::Io { .. }),
             AttemptError::Archive(e) => e.is_invalid(),
+            #[cfg(feature = "oci")]
+            AttemptError::Oci(e) => e.is_invalid(),
             AttemptError::Fetch(FetchError::TooLarge { .. }) => true,
             AttemptError::Store(e) => !matches!(e, StoreError::Io { .. } | StoreError::Lock { .. }),
             _ => false,
@@ -211,6 +248,8 @@ pub struct StageReport {
     pub outcome: ImportOutcome,
     /// The sources tried before it, with why each did not give the overlay.
     pub tried: Vec<SourceAttempt>,
+    /// For an `oci://` source: the digest the reference resolved to.
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +268,8 @@ pub enum SourceError {
     NoSources,
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Trust(#[from] SignatureError),
 }
 
 impl SourceError {
@@ -261,29 +302,36 @@ pub fn stage(
     }
     let lock = store.lock()?;
     store.clean_leftovers(&lock)?;
+    let mut trust = Trust::load(root, settings.signatures)?;
+    trust.signed_modules_required =
+        enforce::enforcement_reason(&enforce::TargetFacts::read(root, &key.kernel_release));
     if let Some(existing) = store.verified(&key.kernel_release, &key.driver_version, &key.arch) {
         return Ok(StageReport {
             source: existing.dir.display().to_string(),
             outcome: ImportOutcome::AlreadyPresent { dir: existing.dir },
             tried: Vec::new(),
+            digest: None,
         });
     }
     let mut tried = Vec::new();
+    let os = os_tag(root);
     for template in &settings.sources {
-        let source = expand(template, key);
-        match stage_from(root, store, &lock, settings, key, template, &source) {
-            Ok(outcome) => {
+        let source = expand(template, key).replace("{os}", &os);
+        match stage_from(root, store, &lock, settings, &trust, key, template, &source) {
+            Ok((outcome, digest)) => {
                 // stage.rs says it once for the journal, with the store directory.
                 debug!(
                     KERNEL_RELEASE = %key.kernel_release,
                     DRIVER_VERSION = %key.driver_version,
                     source = %source,
+                    OCI_DIGEST = digest.as_deref().unwrap_or(""),
                     "overlay staged"
                 );
                 return Ok(StageReport {
                     source,
                     outcome,
                     tried,
+                    digest,
                 });
             }
             Err(error) => {
@@ -305,21 +353,84 @@ pub fn stage(
     }
 }
 
+/// The signature policy with the trusted keys it checks against.
+pub struct Trust {
+    pub policy: SignaturePolicy,
+    pub keys: Vec<TrustedKey>,
+    /// Why the target kernel only loads signed modules (see [`super::enforce`]), if it does.
+    pub signed_modules_required: Option<String>,
+}
+
+impl Trust {
+    /// The policy and, unless it is `off`, the keys in `/etc/nvdriver-agent/keys.d`.
+    pub fn load(root: &Root, policy: SignaturePolicy) -> Result<Trust, SignatureError> {
+        let keys = if policy == SignaturePolicy::Off {
+            Vec::new()
+        } else {
+            signature::load_trusted_keys(root)?
+        };
+        Ok(Trust {
+            policy,
+            keys,
+            signed_modules_required: None,
+        })
+    }
+
+    /// Check an overlay's manifest bytes and signature; logs what was found.
+    pub fn check(
+        &self,
+        key: &OverlayKey,
+        manifest: &[u8],
+        signature: Option<&str>,
+        origin: &str,
+    ) -> Result<SignatureStatus, SignatureError> {
+        let status = signature::check(self.policy, &self.keys, manifest, signature, origin)?;
+        info!(
+            KERNEL_RELEASE = %key.kernel_release,
+            DRIVER_VERSION = %key.driver_version,
+            source = %origin,
+            "overlay signature: {status}"
+        );
+        Ok(status)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn stage_from(
     root: &Root,
     store: &Store,
     lock: &StoreLock,
     settings: &StageSettings,
+    trust: &Trust,
     key: &OverlayKey,
     template: &str,
     source: &str,
-) -> Result<ImportOutcome, AttemptError> {
+) -> Result<(ImportOutcome, Option<String>), AttemptError> {
     let unknown = unknown_placeholders(template);
     if !unknown.is_empty() {
         return Err(AttemptError::UnknownPlaceholder(unknown));
     }
+    if source.starts_with("oci://") {
+        #[cfg(feature = "oci")]
+        return stage_oci(root, store, lock, settings, trust, key, source)
+            .map(|(outcome, digest)| (outcome, Some(digest)));
+        #[cfg(not(feature = "oci"))]
+        return Err(AttemptError::OciNotBuilt);
+    }
+    stage_local_or_url(root, store, lock, settings, trust, key, source).map(|o| (o, None))
+}
+
+fn stage_local_or_url(
+    root: &Root,
+    store: &Store,
+    lock: &StoreLock,
+    settings: &StageSettings,
+    trust: &Trust,
+    key: &OverlayKey,
+    source: &str,
+) -> Result<ImportOutcome, AttemptError> {
     if source.starts_with("https://") || source.starts_with("http://") {
-        return stage_url(store, lock, settings, key, source);
+        return stage_url(store, lock, settings, trust, key, source);
     }
     if source.contains("://") || !source.starts_with('/') {
         return Err(AttemptError::Unsupported);
@@ -340,7 +451,7 @@ fn stage_from(
         }
     };
     if meta.is_dir() {
-        stage_directory(store, key, &path, Path::new(source))
+        stage_directory(store, trust, key, &path, Path::new(source))
     } else if meta.is_file() {
         if meta.len() > settings.max_download_bytes {
             return Err(AttemptError::TooLarge {
@@ -353,7 +464,15 @@ fn stage_from(
             path: PathBuf::from(source),
             source: e,
         })?;
-        stage_archive(store, lock, settings, key, BufReader::new(file), source)
+        stage_archive(
+            store,
+            lock,
+            settings,
+            trust,
+            key,
+            BufReader::new(file),
+            source,
+        )
     } else {
         Err(AttemptError::NotAFileOrDirectory {
             path: PathBuf::from(source),
@@ -364,11 +483,19 @@ fn stage_from(
 /// An overlay tree on disk: verified, then copied into the store by [`Store::import`].
 fn stage_directory(
     store: &Store,
+    trust: &Trust,
     key: &OverlayKey,
     real_dir: &Path,
     host_dir: &Path,
 ) -> Result<ImportOutcome, AttemptError> {
-    let (manifest, _) = store::read_manifest(real_dir)?;
+    let (manifest, manifest_text) = store::read_manifest(real_dir)?;
+    let signature = read_signature(real_dir)?;
+    trust.check(
+        key,
+        manifest_text.as_bytes(),
+        signature.as_deref(),
+        &host_dir.display().to_string(),
+    )?;
     if let Some((field, expected, found)) = key.mismatch(&manifest) {
         return Err(AttemptError::WrongOverlay {
             path: host_dir.to_path_buf(),
@@ -378,16 +505,17 @@ fn stage_directory(
         });
     }
     verify_tree(real_dir, &manifest, Generated::Refuse)?;
-    check_modules(real_dir, &manifest)?;
+    check_target(trust, key, real_dir, &manifest)?;
     Ok(store.import(real_dir)?)
 }
 
 /// An archive: unpacked and verified in one pass into a staging directory of the store, the
 /// modules checked, then renamed into place.
-fn stage_archive(
+pub fn stage_archive(
     store: &Store,
     lock: &StoreLock,
     settings: &StageSettings,
+    trust: &Trust,
     key: &OverlayKey,
     input: impl Read,
     name: &str,
@@ -401,7 +529,13 @@ fn stage_archive(
         .map_err(AttemptError::from)
         .and_then(|extracted| {
             failpoint!("stage::unpacked");
-            check_modules(&staging, &extracted.manifest)?;
+            trust.check(
+                key,
+                extracted.manifest_text.as_bytes(),
+                extracted.signature.as_deref(),
+                name,
+            )?;
+            check_target(trust, key, &staging, &extracted.manifest)?;
             failpoint!("stage::verified");
             Ok(store.publish_staged(lock, &staging, &extracted.manifest)?)
         });
@@ -417,6 +551,7 @@ fn stage_url(
     store: &Store,
     lock: &StoreLock,
     settings: &StageSettings,
+    trust: &Trust,
     key: &OverlayKey,
     url: &str,
 ) -> Result<ImportOutcome, AttemptError> {
@@ -447,7 +582,7 @@ fn stage_url(
         path: part.clone(),
         source: e,
     })?;
-    let result = stage_archive(store, lock, settings, key, BufReader::new(file), url);
+    let result = stage_archive(store, lock, settings, trust, key, BufReader::new(file), url);
     fetch::discard_part(&part);
     result
 }
@@ -460,6 +595,219 @@ fn part_name(key: &OverlayKey, url: &str) -> String {
         key.driver_version,
         &sha256_bytes(url.as_bytes())[..16]
     )
+}
+
+/// An `oci://` reference: resolved to a digest, its layer blobs streamed (and checked) into a
+/// scratch directory of the store, then staged as shape (a) (one layer holding an overlay
+/// archive) or built as shape (b) (a plain image's modules and firmware). Returns the digest.
+#[cfg(feature = "oci")]
+fn stage_oci(
+    root: &Root,
+    store: &Store,
+    lock: &StoreLock,
+    settings: &StageSettings,
+    trust: &Trust,
+    key: &OverlayKey,
+    source: &str,
+) -> Result<(ImportOutcome, String), AttemptError> {
+    use super::oci::{self, Client, Credentials, Reference};
+    let reference = Reference::parse(source)?;
+    let credentials = Credentials::load(root)?;
+    let mut client = Client::new(
+        &settings.oci,
+        &credentials,
+        settings.download_timeout,
+        settings.max_download_bytes,
+        &reference,
+    );
+    let resolved = client.resolve(&reference, &key.arch)?;
+    info!(
+        KERNEL_RELEASE = %key.kernel_release,
+        DRIVER_VERSION = %key.driver_version,
+        OCI_DIGEST = %resolved.digest,
+        endpoint = %resolved.endpoint,
+        "resolved {reference}"
+    );
+    let downloads = store.downloads_dir();
+    crate::fsutil::create_dir_all_mode(&downloads, 0o700).map_err(|e| AttemptError::Io {
+        path: downloads.clone(),
+        source: e,
+    })?;
+    let scratch = tempfile::Builder::new()
+        .prefix(crate::fsutil::TEMP_PREFIX)
+        .tempdir_in(&downloads)
+        .map_err(|e| AttemptError::Io {
+            path: downloads.clone(),
+            source: e,
+        })?;
+    let mut blobs = Vec::new();
+    for (i, layer) in resolved.layers.iter().enumerate() {
+        let path = scratch.path().join(format!("layer-{i}"));
+        client.fetch_blob(&resolved, &reference.repository, layer, &path)?;
+        blobs.push(path);
+    }
+    let name = format!("{reference} ({})", resolved.digest);
+    let outcome = if blobs.len() == 1 && oci::layer_is_overlay(&blobs[0])? {
+        let file = File::open(&blobs[0]).map_err(|e| AttemptError::Io {
+            path: blobs[0].clone(),
+            source: e,
+        })?;
+        stage_archive(
+            store,
+            lock,
+            settings,
+            trust,
+            key,
+            BufReader::new(file),
+            &name,
+        )?
+    } else {
+        stage_image(
+            store,
+            lock,
+            settings,
+            trust,
+            key,
+            &blobs,
+            scratch.path(),
+            &name,
+        )?
+    };
+    Ok((outcome, resolved.digest))
+}
+
+/// Shape (b): apply the image's layers into a scratch tree, pack the target kernel's NVIDIA
+/// modules and the driver's firmware into an overlay with a generated manifest, verify it and
+/// publish it.
+#[cfg(feature = "oci")]
+#[allow(clippy::too_many_arguments)]
+fn stage_image(
+    store: &Store,
+    lock: &StoreLock,
+    settings: &StageSettings,
+    trust: &Trust,
+    key: &OverlayKey,
+    layers: &[PathBuf],
+    scratch: &Path,
+    name: &str,
+) -> Result<ImportOutcome, AttemptError> {
+    use super::oci::{self, ApplyLimits, OciError};
+    use super::pack::{self, PackInput};
+    let tree = scratch.join("rootfs");
+    fs::create_dir(&tree).map_err(|e| AttemptError::Io {
+        path: tree.clone(),
+        source: e,
+    })?;
+    oci::apply_layers(
+        layers,
+        &tree,
+        ApplyLimits {
+            max_unpacked_bytes: settings.max_download_bytes.saturating_mul(UNPACK_RATIO),
+            max_entries: MAX_ENTRIES,
+        },
+    )?;
+    let in_tree = |path: String| -> Option<PathBuf> {
+        let resolved = oci::resolve_in(&tree, Path::new(&path)).ok()?;
+        let real = tree.join(resolved);
+        fs::symlink_metadata(&real)
+            .is_ok_and(|m| m.is_dir())
+            .then_some(real)
+    };
+    let no_modules = || OciError::NoModules {
+        reference: name.to_string(),
+        kernel: key.kernel_release.clone(),
+    };
+    let modules = in_tree(format!("lib/modules/{}", key.kernel_release)).ok_or_else(no_modules)?;
+    let firmware = in_tree(format!("lib/firmware/nvidia/{}", key.driver_version));
+    let packed = match pack::plan(&PackInput {
+        modules,
+        firmware,
+        userspace: None,
+        arch: key.arch.clone(),
+    }) {
+        Ok(packed) => packed,
+        Err(pack::PackError::NoModules { .. }) => return Err(no_modules().into()),
+        Err(e) => return Err(AttemptError::Pack(Box::new(e))),
+    };
+    if let Some((field, expected, found)) = key.mismatch(&packed.manifest) {
+        return Err(AttemptError::WrongOverlay {
+            path: PathBuf::from(name),
+            field,
+            expected,
+            found,
+        });
+    }
+    // A generated manifest carries no signature: under `require` such images are refused.
+    trust.check(key, packed.manifest_text.as_bytes(), None, name)?;
+    let staging = store.begin_staging(lock, &key.kernel_release, &key.driver_version)?;
+    let result = (|| {
+        fs::remove_dir(&staging).map_err(|e| AttemptError::Io {
+            path: staging.clone(),
+            source: e,
+        })?;
+        packed
+            .write_dir(&staging)
+            .map_err(|e| AttemptError::Pack(Box::new(e)))?;
+        crate::fsutil::sync_tree(&staging).map_err(|e| AttemptError::Io {
+            path: staging.clone(),
+            source: e,
+        })?;
+        verify_tree(&staging, &packed.manifest, Generated::Refuse)?;
+        check_target(trust, key, &staging, &packed.manifest)?;
+        Ok(store.publish_staged(lock, &staging, &packed.manifest)?)
+    })();
+    if result.is_err() {
+        store.abandon_staging(&staging);
+    }
+    result
+}
+
+/// `overlay.toml.minisig` of an overlay directory, when it has one.
+pub fn read_signature(real_dir: &Path) -> Result<Option<String>, AttemptError> {
+    let path = real_dir.join(SIGNATURE_NAME);
+    match File::open(&path) {
+        Ok(file) => {
+            let mut text = String::new();
+            file.take(MAX_SIGNATURE_BYTES)
+                .read_to_string(&mut text)
+                .map_err(|source| AttemptError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok(Some(text))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AttemptError::Io { path, source }),
+    }
+}
+
+/// [`check_modules`], and when the target kernel only loads signed modules, that every module
+/// carries a signature.
+fn check_target(
+    trust: &Trust,
+    key: &OverlayKey,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<(), AttemptError> {
+    let infos = check_modules(dir, manifest)?;
+    let Some(reason) = &trust.signed_modules_required else {
+        return Ok(());
+    };
+    let unsigned: Vec<String> = manifest
+        .module_files()
+        .zip(&infos)
+        .filter(|(_, info)| info.signature.is_none())
+        .map(|(entry, _)| entry.path.display().to_string())
+        .collect();
+    if unsigned.is_empty() {
+        Ok(())
+    } else {
+        Err(AttemptError::UnsignedModules {
+            kernel: key.kernel_release.clone(),
+            reason: reason.clone(),
+            modules: unsigned.join(", "),
+        })
+    }
 }
 
 /// Read every module of an overlay tree and check it was built for the manifest's kernel and

@@ -107,7 +107,9 @@ pub fn verify_tree(
         for entry in entries {
             let relative = relative_dir.join(entry.file_name());
             let absolute = dir.join(&relative);
-            if relative == Path::new(MANIFEST_NAME) {
+            if relative == Path::new(MANIFEST_NAME)
+                || relative == Path::new(super::signature::SIGNATURE_NAME)
+            {
                 continue;
             }
             let meta = fs::symlink_metadata(&absolute).map_err(io_err(&absolute))?;

@@ -12,3 +12,4 @@ pub mod http;
 pub mod modules;
 pub mod ostree;
 pub mod overlay;
+pub mod registry;

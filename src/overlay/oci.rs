@@ -1,0 +1,1171 @@
+//! Overlays from OCI registries (cargo feature `oci`): the registry v2 protocol over the same
+//! `ureq` client as HTTP sources.
+//!
+//! A reference `oci://registry/repo:tag` (or `@sha256:…`) is resolved to a manifest digest
+//! first (an image index is narrowed to `linux/<arch>`), then every layer blob is streamed into
+//! the store's download directory while its sha256 is checked against the manifest. Auth comes
+//! from `/etc/nvdriver-agent/auth.json` (containers' `auth.json` format): Basic credentials
+//! directly, or exchanged for a Bearer token when the registry's `WWW-Authenticate` asks for
+//! one. Plain HTTP is used only for registries listed in `[oci] insecure-registries`; mirrors
+//! from `[oci] mirrors` are tried in order before the registry itself.
+//!
+//! Two image shapes are understood: (a) a single layer holding an overlay tree with
+//! `overlay.toml` (staged like any archive), and (b) a plain container image whose layers are
+//! applied in order, whiteouts included, into a scratch tree from which the NVIDIA modules for
+//! the target kernel and their firmware are packed into an overlay (see [`apply_layers`]).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tracing::{debug, info};
+
+use super::archive::{self, plain_relative, ArchiveError};
+use super::MANIFEST_NAME;
+use crate::config::OciSettings;
+use crate::host::Root;
+
+/// Where registry credentials live (a host path).
+pub const AUTH_FILE: &str = "/etc/nvdriver-agent/auth.json";
+/// Image manifests and indexes larger than this are refused.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// A token response larger than this is refused.
+const MAX_TOKEN_BYTES: u64 = 1 << 20;
+/// Symlinks followed while resolving one path inside an image.
+const MAX_LINK_HOPS: u32 = 40;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// A parsed `oci://` reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reference {
+    /// `host[:port]`.
+    pub registry: String,
+    pub repository: String,
+    pub tag: Option<String>,
+    /// `sha256:<hex>`.
+    pub digest: Option<String>,
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "oci://{}/{}", self.registry, self.repository)?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("{reference:?} is not an OCI reference: {why}; expected oci://registry/repository:tag or oci://registry/repository@sha256:<64 hex digits>")]
+    BadReference {
+        reference: String,
+        why: &'static str,
+    },
+    #[error("{url}: not in the registry (HTTP {status})")]
+    NotFound { url: String, status: u16 },
+    #[error("{url}: the registry refused access (HTTP {status}){hint}")]
+    Unauthorized {
+        url: String,
+        status: u16,
+        hint: String,
+    },
+    #[error("{url}: the registry answered HTTP {status}; expected 200")]
+    Status { url: String, status: u16 },
+    #[error("{what}: sha256 is {found}, but {expected} was expected: the registry served different bytes than the manifest names (tampered or corrupt); nothing was staged")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        found: String,
+    },
+    #[error("{what} is larger than {limit} bytes{}", hint)]
+    TooLarge {
+        what: String,
+        limit: u64,
+        hint: &'static str,
+    },
+    #[error("{reference}: not finished after {timeout:?} (stage.download-timeout-secs)")]
+    TimedOut {
+        reference: String,
+        timeout: Duration,
+    },
+    #[error("{url}: the image index has no linux/{arch} image (it has: {found})")]
+    NoPlatform {
+        url: String,
+        arch: String,
+        found: String,
+    },
+    #[error("{url}: not a usable image manifest: {why}")]
+    BadManifest { url: String, why: String },
+    #[error("{path}: not a containers auth.json: {why}")]
+    BadAuthFile { path: PathBuf, why: String },
+    #[error("{reference}: the image has no NVIDIA modules for kernel {kernel} (looked in lib/modules/{kernel} and usr/lib/modules/{kernel})")]
+    NoModules { reference: String, kernel: String },
+    #[error("{layer}: entry {entry:?} {why}; the image is refused")]
+    Layer {
+        layer: String,
+        entry: PathBuf,
+        why: String,
+    },
+    #[error("every endpoint failed:{}", .tried.iter().map(|(host, e)| format!("\n    {host}: {e}")).collect::<String>())]
+    Endpoints { tried: Vec<(String, OciError)> },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl OciError {
+    /// The registry does not have the image (every endpoint said so).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            OciError::NotFound { .. } | OciError::NoModules { .. } => true,
+            OciError::Endpoints { tried } => tried.iter().all(|(_, e)| e.is_not_found()),
+            _ => false,
+        }
+    }
+
+    /// The registry served something wrong (as opposed to being unreachable).
+    pub fn is_invalid(&self) -> bool {
+        match self {
+            OciError::DigestMismatch { .. }
+            | OciError::TooLarge { .. }
+            | OciError::BadManifest { .. }
+            | OciError::Layer { .. }
+            | OciError::NoPlatform { .. } => true,
+            OciError::Archive(e) => e.is_invalid(),
+            OciError::Endpoints { tried } => tried.iter().any(|(_, e)| e.is_invalid()),
+            _ => false,
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
+    move |source| OciError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn is_digest(text: &str) -> bool {
+    text.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+impl Reference {
+    /// Parse `oci://registry[:port]/repo[/more]:tag` or `…@sha256:…` (both may be given; the
+    /// digest wins).
+    pub fn parse(text: &str) -> Result<Reference, OciError> {
+        let bad = |why| OciError::BadReference {
+            reference: text.to_string(),
+            why,
+        };
+        let rest = text.strip_prefix("oci://").ok_or(bad("no oci:// prefix"))?;
+        let (rest, digest) = match rest.split_once('@') {
+            Some((rest, digest)) if is_digest(digest) => (rest, Some(digest.to_string())),
+            Some(_) => return Err(bad("the digest is not sha256:<64 lowercase hex digits>")),
+            None => (rest, None),
+        };
+        let (registry, path) = rest.split_once('/').ok_or(bad("no repository"))?;
+        if registry.is_empty()
+            || !registry
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        {
+            return Err(bad("the registry is not a host[:port]"));
+        }
+        // A colon after the last slash starts the tag.
+        let (repository, tag) = match path.rfind(':') {
+            Some(i) if !path[i..].contains('/') => (&path[..i], Some(path[i + 1..].to_string())),
+            _ => (path, None),
+        };
+        let repo_ok = !repository.is_empty()
+            && repository.split('/').all(|part| {
+                !part.is_empty()
+                    && part.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+                    })
+            });
+        if !repo_ok {
+            return Err(bad(
+                "the repository must be lower-case letters, digits and . _ - separated by /",
+            ));
+        }
+        if let Some(tag) = &tag {
+            let tag_ok = !tag.is_empty()
+                && tag.len() <= 128
+                && tag
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !tag_ok {
+                return Err(bad(
+                    "the tag must be up to 128 letters, digits and . _ - (check the template's values)",
+                ));
+            }
+        }
+        if tag.is_none() && digest.is_none() {
+            return Err(bad("neither a tag nor a digest"));
+        }
+        Ok(Reference {
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            tag,
+            digest,
+        })
+    }
+
+    /// What to ask the registry for: the digest when there is one, else the tag.
+    pub fn manifest_ref(&self) -> &str {
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .expect("parse demands one")
+    }
+}
+
+/// Registry credentials from `auth.json`: host → (user, password).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    entries: BTreeMap<String, (String, String)>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets.
+        f.debug_list().entries(self.entries.keys()).finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct AuthFile {
+    #[serde(default)]
+    auths: BTreeMap<String, AuthEntry>,
+}
+
+#[derive(Deserialize)]
+struct AuthEntry {
+    auth: Option<String>,
+}
+
+impl Credentials {
+    /// Parse an `auth.json` (`{"auths": {"host": {"auth": base64("user:password")}}}`). Keys
+    /// may carry a scheme or a path (`https://host/v1/`); only the host counts.
+    pub fn parse(text: &str, path: &Path) -> Result<Credentials, OciError> {
+        let bad = |why: String| OciError::BadAuthFile {
+            path: path.to_path_buf(),
+            why,
+        };
+        let file: AuthFile = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut entries = BTreeMap::new();
+        for (key, entry) in file.auths {
+            let Some(auth) = entry.auth else { continue };
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .map_err(|e| bad(format!("{key}: auth is not base64: {e}")))?;
+            let decoded =
+                String::from_utf8(decoded).map_err(|_| bad(format!("{key}: auth is not UTF-8")))?;
+            let (user, password) = decoded
+                .split_once(':')
+                .ok_or_else(|| bad(format!("{key}: auth is not base64(\"user:password\")")))?;
+            let host = key
+                .trim_start_matches("https://")
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            entries.insert(host, (user.to_string(), password.to_string()));
+        }
+        Ok(Credentials { entries })
+    }
+
+    /// [`AUTH_FILE`] under `root`; none when it does not exist.
+    pub fn load(root: &Root) -> Result<Credentials, OciError> {
+        let path = root.join(AUTH_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => Credentials::parse(&text, Path::new(AUTH_FILE)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Credentials::default()),
+            Err(source) => Err(OciError::Io { path, source }),
+        }
+    }
+
+    fn basic(&self, host: &str) -> Option<String> {
+        self.entries.get(host).map(|(user, password)| {
+            let raw = format!("{user}:{password}");
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        })
+    }
+}
+
+/// An OCI descriptor (the fields used).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ManifestDoc {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+/// A reference resolved to the image for one platform.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// The endpoint (registry or mirror, `host[:port]`) that answered.
+    pub endpoint: String,
+    /// Digest of what the reference names (the index, for a multi-platform image).
+    pub digest: String,
+    /// Digest of the platform's image manifest.
+    pub manifest_digest: String,
+    pub layers: Vec<Descriptor>,
+}
+
+/// OCI's architecture names for `uname -m`.
+pub fn oci_arch(arch: &str) -> &str {
+    match arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// The registry client for one pull: one deadline and one byte budget for everything.
+pub struct Client<'a> {
+    agent: ureq::Agent,
+    settings: &'a OciSettings,
+    credentials: &'a Credentials,
+    started: Instant,
+    timeout: Duration,
+    max_bytes: u64,
+    received: u64,
+    /// Authorization header value per endpoint, once learnt.
+    authorization: BTreeMap<String, String>,
+    reference: String,
+}
+
+impl<'a> Client<'a> {
+    pub fn new(
+        settings: &'a OciSettings,
+        credentials: &'a Credentials,
+        timeout: Duration,
+        max_bytes: u64,
+        reference: &Reference,
+    ) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            // Redirects to blob storage are followed; plain HTTP is decided per registry below.
+            .https_only(false)
+            .user_agent(concat!("nvdriver-agent/", env!("CARGO_PKG_VERSION")))
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                    .build(),
+            )
+            .build()
+            .into();
+        Client {
+            agent,
+            settings,
+            credentials,
+            started: Instant::now(),
+            timeout,
+            max_bytes,
+            received: 0,
+            authorization: BTreeMap::new(),
+            reference: reference.to_string(),
+        }
+    }
+
+    fn scheme(&self, host: &str) -> &'static str {
+        if self.settings.insecure_registries.iter().any(|r| r == host) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    fn remaining(&self) -> Result<Duration, OciError> {
+        let left = self.timeout.saturating_sub(self.started.elapsed());
+        if left.is_zero() {
+            Err(self.timed_out())
+        } else {
+            Ok(left)
+        }
+    }
+
+    fn timed_out(&self) -> OciError {
+        OciError::TimedOut {
+            reference: self.reference.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    fn call(
+        &self,
+        url: &str,
+        accept: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
+        let mut request = self.agent.get(url);
+        if let Some(accept) = accept {
+            request = request.header("Accept", accept);
+        }
+        if let Some(authorization) = authorization {
+            request = request.header("Authorization", authorization);
+        }
+        match request
+            .config()
+            .timeout_global(Some(self.remaining()?))
+            .build()
+            .call()
+        {
+            Ok(response) => Ok(response),
+            Err(ureq::Error::Timeout(_)) => Err(self.timed_out()),
+            Err(e) => Err(OciError::Http {
+                url: url.to_string(),
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// GET `path` on `host`, answering one auth challenge (Basic or Bearer) when the registry
+    /// asks; returns a 200 response.
+    fn get(
+        &mut self,
+        host: &str,
+        repository: &str,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
+        let url = format!("{}://{host}{path}", self.scheme(host));
+        let known = self.authorization.get(host).cloned();
+        let mut response = self.call(&url, accept, known.as_deref())?;
+        if response.status().as_u16() == 401 {
+            let challenge = response
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            if let Some(authorization) = self.answer(host, repository, &challenge, &url)? {
+                response = self.call(&url, accept, Some(&authorization))?;
+                self.authorization.insert(host.to_string(), authorization);
+            }
+        }
+        let status = response.status().as_u16();
+        match status {
+            200 => Ok(response),
+            404 => Err(OciError::NotFound { url, status }),
+            401 | 403 => Err(OciError::Unauthorized {
+                url,
+                status,
+                hint: if self.credentials.basic(host).is_some() {
+                    format!("; the credentials for {host} in {AUTH_FILE} were not accepted")
+                } else {
+                    format!("; add credentials for {host} to {AUTH_FILE}")
+                },
+            }),
+            _ => Err(OciError::Status { url, status }),
+        }
+    }
+
+    /// The Authorization header for a challenge, if one can be made.
+    fn answer(
+        &mut self,
+        host: &str,
+        repository: &str,
+        challenge: &str,
+        url: &str,
+    ) -> Result<Option<String>, OciError> {
+        let basic = self.credentials.basic(host);
+        let (scheme, params) = parse_challenge(challenge);
+        if scheme.eq_ignore_ascii_case("basic") {
+            return Ok(basic);
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Ok(None);
+        }
+        let Some(realm) = params.get("realm") else {
+            return Err(OciError::BadManifest {
+                url: url.to_string(),
+                why: "the Bearer challenge names no realm".into(),
+            });
+        };
+        // The token goes where the registry says, but never over plain HTTP unless the
+        // registry itself is insecure: Basic credentials go with the request.
+        if realm.starts_with("http://") && self.scheme(host) == "https" {
+            return Err(OciError::BadManifest {
+                url: url.to_string(),
+                why: format!("the token realm {realm} is plain http"),
+            });
+        }
+        let scope = params
+            .get("scope")
+            .cloned()
+            .unwrap_or_else(|| format!("repository:{repository}:pull"));
+        let mut token_url = format!("{realm}?scope={}", encode_query(&scope));
+        if let Some(service) = params.get("service") {
+            token_url.push_str(&format!("&service={}", encode_query(service)));
+        }
+        let response = self.call(&token_url, None, basic.as_deref())?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(OciError::Unauthorized {
+                url: token_url,
+                status,
+                hint: format!(
+                    "; the token service refused (credentials for {host} come from {AUTH_FILE})"
+                ),
+            });
+        }
+        #[derive(Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let body = read_small(response, MAX_TOKEN_BYTES, &token_url)?;
+        let token: Token = serde_json::from_slice(&body).map_err(|e| OciError::BadManifest {
+            url: token_url.clone(),
+            why: format!("the token response is not JSON: {e}"),
+        })?;
+        Ok(token
+            .token
+            .or(token.access_token)
+            .map(|t| format!("Bearer {t}")))
+    }
+
+    /// Resolve `reference` on its mirrors (in order) and then its registry.
+    pub fn resolve(&mut self, reference: &Reference, arch: &str) -> Result<Resolved, OciError> {
+        let mut endpoints: Vec<String> = self
+            .settings
+            .mirrors
+            .get(&reference.registry)
+            .cloned()
+            .unwrap_or_default();
+        endpoints.push(reference.registry.clone());
+        let mut tried = Vec::new();
+        for endpoint in endpoints {
+            match self.resolve_on(&endpoint, reference, arch) {
+                Ok(resolved) => return Ok(resolved),
+                // Out of time: no other endpoint can help.
+                Err(e @ OciError::TimedOut { .. }) if tried.is_empty() => return Err(e),
+                Err(e) => {
+                    debug!(endpoint, error = %e, "registry endpoint did not give the image");
+                    tried.push((endpoint, e));
+                }
+            }
+        }
+        if tried.len() == 1 {
+            Err(tried.pop().expect("one").1)
+        } else {
+            Err(OciError::Endpoints { tried })
+        }
+    }
+
+    fn fetch_manifest(
+        &mut self,
+        host: &str,
+        repository: &str,
+        reference: &str,
+    ) -> Result<(ManifestDoc, String, String), OciError> {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let accept = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].join(", ");
+        let response = self.get(host, repository, &path, Some(&accept))?;
+        let url = format!("{host}{path}");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let announced = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = read_small(response, MAX_MANIFEST_BYTES, &url)?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        // By digest, the bytes must be exactly that; by tag, what the registry says it sent.
+        let expected = if is_digest(reference) {
+            Some(reference.to_string())
+        } else {
+            announced.filter(|d| d.starts_with("sha256:"))
+        };
+        if let Some(expected) = expected {
+            if expected != digest {
+                return Err(OciError::DigestMismatch {
+                    what: format!("manifest {url}"),
+                    expected,
+                    found: digest,
+                });
+            }
+        }
+        let doc: ManifestDoc =
+            serde_json::from_slice(&body).map_err(|e| OciError::BadManifest {
+                url: url.clone(),
+                why: e.to_string(),
+            })?;
+        let media_type = doc.media_type.clone().unwrap_or(content_type);
+        Ok((doc, digest, media_type))
+    }
+
+    fn resolve_on(
+        &mut self,
+        host: &str,
+        reference: &Reference,
+        arch: &str,
+    ) -> Result<Resolved, OciError> {
+        let repository = &reference.repository;
+        let (doc, digest, media_type) =
+            self.fetch_manifest(host, repository, reference.manifest_ref())?;
+        let is_index = media_type.contains("index") || media_type.contains("manifest.list");
+        let (image, manifest_digest) = if is_index || !doc.manifests.is_empty() {
+            let wanted = oci_arch(arch);
+            let Some(chosen) = doc.manifests.iter().find(|m| {
+                m.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == wanted)
+            }) else {
+                let found = doc
+                    .manifests
+                    .iter()
+                    .filter_map(|m| m.platform.as_ref())
+                    .map(|p| format!("{}/{}", p.os, p.architecture))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(OciError::NoPlatform {
+                    url: format!(
+                        "{host}/v2/{repository}/manifests/{}",
+                        reference.manifest_ref()
+                    ),
+                    arch: wanted.to_string(),
+                    found,
+                });
+            };
+            if !is_digest(&chosen.digest) {
+                return Err(OciError::BadManifest {
+                    url: host.to_string(),
+                    why: format!("the index names digest {:?}", chosen.digest),
+                });
+            }
+            let (image, image_digest, _) = self.fetch_manifest(host, repository, &chosen.digest)?;
+            (image, image_digest)
+        } else {
+            (doc, digest.clone())
+        };
+        if image.layers.is_empty() {
+            return Err(OciError::BadManifest {
+                url: format!("{host}/v2/{repository}/manifests/{manifest_digest}"),
+                why: "the image has no layers".into(),
+            });
+        }
+        if let Some(bad) = image.layers.iter().find(|l| !is_digest(&l.digest)) {
+            return Err(OciError::BadManifest {
+                url: format!("{host}/v2/{repository}/manifests/{manifest_digest}"),
+                why: format!(
+                    "layer digest {:?} is not sha256:<64 hex digits>",
+                    bad.digest
+                ),
+            });
+        }
+        let total: u64 = image.layers.iter().map(|l| l.size).sum();
+        if total > self.max_bytes {
+            return Err(OciError::TooLarge {
+                what: format!("{reference}: the image's layers ({total} bytes)"),
+                limit: self.max_bytes,
+                hint: "; raise stage.max-download-bytes if the image really is that large",
+            });
+        }
+        Ok(Resolved {
+            endpoint: host.to_string(),
+            digest,
+            manifest_digest,
+            layers: image.layers,
+        })
+    }
+
+    /// Stream one layer blob into `dest` (a new file), checking size and sha256 as it comes.
+    /// On error `dest` is removed.
+    pub fn fetch_blob(
+        &mut self,
+        resolved: &Resolved,
+        repository: &str,
+        layer: &Descriptor,
+        dest: &Path,
+    ) -> Result<(), OciError> {
+        let result = self.fetch_blob_inner(resolved, repository, layer, dest);
+        if result.is_err() {
+            let _ = fs::remove_file(dest);
+        }
+        result
+    }
+
+    fn fetch_blob_inner(
+        &mut self,
+        resolved: &Resolved,
+        repository: &str,
+        layer: &Descriptor,
+        dest: &Path,
+    ) -> Result<(), OciError> {
+        let path = format!("/v2/{repository}/blobs/{}", layer.digest);
+        let what = format!("blob {}{path}", resolved.endpoint);
+        let response = self.get(&resolved.endpoint, repository, &path, None)?;
+        let mut body = response.into_body();
+        let mut reader = body.with_config().limit(layer.size + 1).reader();
+        let mut file = File::create(dest).map_err(io_err(dest))?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = match reader.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if self.started.elapsed() >= self.timeout => {
+                    debug!(error = %e, "blob read failed after the deadline");
+                    return Err(self.timed_out());
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(self.timed_out()),
+                Err(source) => {
+                    return Err(OciError::Io {
+                        path: PathBuf::from(&what),
+                        source,
+                    })
+                }
+            };
+            size += n as u64;
+            self.received += n as u64;
+            if size > layer.size {
+                return Err(OciError::TooLarge {
+                    what: what.clone(),
+                    limit: layer.size,
+                    hint: " (the size its manifest gives)",
+                });
+            }
+            hasher.update(&buffer[..n]);
+            file.write_all(&buffer[..n]).map_err(io_err(dest))?;
+        }
+        let found = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if found != layer.digest {
+            return Err(OciError::DigestMismatch {
+                what,
+                expected: layer.digest.clone(),
+                found,
+            });
+        }
+        file.sync_all().map_err(io_err(dest))?;
+        info!(digest = %layer.digest, size, "layer blob fetched and verified");
+        Ok(())
+    }
+}
+
+/// Read a small response body whole, refusing more than `limit` bytes.
+fn read_small(
+    response: ureq::http::Response<ureq::Body>,
+    limit: u64,
+    url: &str,
+) -> Result<Vec<u8>, OciError> {
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    body.with_config()
+        .limit(limit + 1)
+        .reader()
+        .read_to_end(&mut bytes)
+        .map_err(|source| OciError::Io {
+            path: PathBuf::from(url),
+            source,
+        })?;
+    if bytes.len() as u64 > limit {
+        return Err(OciError::TooLarge {
+            what: url.to_string(),
+            limit,
+            hint: "",
+        });
+    }
+    Ok(bytes)
+}
+
+/// `Bearer realm="…",service="…",scope="…"` → ("Bearer", {realm, service, scope}).
+pub fn parse_challenge(header: &str) -> (String, BTreeMap<String, String>) {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    let mut params = BTreeMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, remainder) = if let Some(quoted) = after.strip_prefix('"') {
+            match quoted.find('"') {
+                Some(end) => (&quoted[..end], &quoted[end + 1..]),
+                None => (quoted, ""),
+            }
+        } else {
+            match after.find(',') {
+                Some(end) => (&after[..end], &after[end..]),
+                None => (after, ""),
+            }
+        };
+        params.insert(key, value.to_string());
+        rest = remainder.trim_start().trim_start_matches(',').trim_start();
+    }
+    (scheme.to_string(), params)
+}
+
+fn encode_query(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Does this layer (a tar, any compression) hold `overlay.toml` at its top? That makes the
+/// image shape (a): the layer is an overlay archive.
+pub fn layer_is_overlay(layer: &Path) -> Result<bool, OciError> {
+    let file = File::open(layer).map_err(io_err(layer))?;
+    let name = layer.display().to_string();
+    let stream = archive::decompress(io::BufReader::new(file), &name)?;
+    let mut tar = tar::Archive::new(stream);
+    let read_err = |source| OciError::Io {
+        path: layer.to_path_buf(),
+        source,
+    };
+    for entry in tar.entries().map_err(read_err)? {
+        let entry = entry.map_err(|source| OciError::Io {
+            path: layer.to_path_buf(),
+            source,
+        })?;
+        let path = PathBuf::from(String::from_utf8_lossy(&entry.path_bytes()).into_owned());
+        if let Ok(Some(path)) = plain_relative(&path) {
+            if path == Path::new(MANIFEST_NAME) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Files of an image worth unpacking: modules and firmware (resolved paths).
+fn wanted(resolved: &Path) -> bool {
+    [
+        "usr/lib/modules",
+        "lib/modules",
+        "usr/lib/firmware",
+        "lib/firmware",
+    ]
+    .iter()
+    .any(|prefix| resolved.starts_with(prefix))
+}
+
+/// Resolve `path` (relative) inside the image tree at `scratch` the way the image's own root
+/// would: symlinks are followed inside the tree (absolute targets from its top, `..` stops at
+/// it), so nothing outside `scratch` is ever touched. Components that do not exist yet are
+/// kept as they are. Returns the resolved relative path.
+pub fn resolve_in(scratch: &Path, path: &Path) -> Result<PathBuf, &'static str> {
+    // Owned components: a link's target is spliced in front of what is left.
+    enum Step {
+        Root,
+        Up,
+        Name(std::ffi::OsString),
+    }
+    fn steps(path: &Path) -> Vec<Step> {
+        path.components()
+            .filter_map(|c| match c {
+                Component::RootDir => Some(Step::Root),
+                Component::ParentDir => Some(Step::Up),
+                Component::Normal(n) => Some(Step::Name(n.to_os_string())),
+                Component::CurDir | Component::Prefix(_) => None,
+            })
+            .collect()
+    }
+    let mut resolved = PathBuf::new();
+    let mut pending: VecDeque<Step> = steps(path).into();
+    let mut hops = 0;
+    while let Some(step) = pending.pop_front() {
+        match step {
+            Step::Root => resolved = PathBuf::new(),
+            Step::Up => {
+                resolved.pop();
+            }
+            Step::Name(name) => {
+                let next = resolved.join(name);
+                match fs::symlink_metadata(scratch.join(&next)) {
+                    Ok(meta) if meta.file_type().is_symlink() => {
+                        hops += 1;
+                        if hops > MAX_LINK_HOPS {
+                            return Err("goes through too many symlinks");
+                        }
+                        let target = fs::read_link(scratch.join(&next))
+                            .map_err(|_| "goes through an unreadable symlink")?;
+                        if target.is_absolute() {
+                            resolved = PathBuf::new();
+                        }
+                        for step in steps(&target).into_iter().rev() {
+                            pending.push_front(step);
+                        }
+                    }
+                    _ => resolved = next,
+                }
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// Bounds on applying an image's layers.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyLimits {
+    pub max_unpacked_bytes: u64,
+    pub max_entries: u64,
+}
+
+/// Apply image layers (tar, any compression) in order into `scratch`, as a container runtime
+/// would: `.wh.<name>` deletes `<name>`, `.wh..wh..opq` empties its directory, later layers
+/// replace earlier files. Only module and firmware files are written (directories, symlinks and
+/// whiteouts everywhere, so paths resolve as in the image); hard links, devices and fifos are
+/// skipped. Every path goes through the archive code's checks and resolves inside `scratch`.
+pub fn apply_layers(
+    layers: &[PathBuf],
+    scratch: &Path,
+    limits: ApplyLimits,
+) -> Result<u64, OciError> {
+    let mut written = 0u64;
+    let mut entries = 0u64;
+    for layer in layers {
+        let name = layer
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let refuse = |entry: &Path, why: &str| OciError::Layer {
+            layer: name.clone(),
+            entry: entry.to_path_buf(),
+            why: why.to_string(),
+        };
+        let file = File::open(layer).map_err(io_err(layer))?;
+        let stream = archive::decompress(io::BufReader::new(file), &name)?;
+        let mut tar = tar::Archive::new(stream);
+        let read_err = |source| OciError::Io {
+            path: layer.clone(),
+            source,
+        };
+        for entry in tar.entries().map_err(read_err)? {
+            let mut entry = entry.map_err(read_err)?;
+            entries += 1;
+            if entries > limits.max_entries {
+                return Err(OciError::TooLarge {
+                    what: format!("{name}: the image's entries"),
+                    limit: limits.max_entries,
+                    hint: "",
+                });
+            }
+            let raw = PathBuf::from(String::from_utf8_lossy(&entry.path_bytes()).into_owned());
+            let Some(path) = plain_relative(&raw).map_err(|why| refuse(&raw, why))? else {
+                continue;
+            };
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let parent = path.parent().unwrap_or(Path::new(""));
+            let parent = resolve_in(scratch, parent).map_err(|why| refuse(&path, why))?;
+            if file_name == ".wh..wh..opq" {
+                let dir = scratch.join(&parent);
+                if let Ok(children) = fs::read_dir(&dir) {
+                    for child in children.flatten() {
+                        remove_any(&child.path()).map_err(io_err(&child.path()))?;
+                    }
+                }
+                continue;
+            }
+            if let Some(hidden) = file_name.strip_prefix(".wh.") {
+                let target = scratch.join(&parent).join(hidden);
+                remove_any(&target).map_err(io_err(&target))?;
+                continue;
+            }
+            let resolved = parent.join(&file_name);
+            let real = scratch.join(&resolved);
+            let kind = entry.header().entry_type();
+            if kind.is_dir() {
+                if fs::symlink_metadata(&real).is_ok_and(|m| !m.is_dir()) {
+                    remove_any(&real).map_err(io_err(&real))?;
+                }
+                fs::create_dir_all(&real).map_err(io_err(&real))?;
+            } else if kind.is_symlink() {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned()))
+                    .unwrap_or_default();
+                make_parent(&real)?;
+                remove_any(&real).map_err(io_err(&real))?;
+                std::os::unix::fs::symlink(&target, &real).map_err(io_err(&real))?;
+            } else if kind.is_file() {
+                if !wanted(&resolved) {
+                    continue;
+                }
+                written += entry.size();
+                if written > limits.max_unpacked_bytes {
+                    return Err(OciError::TooLarge {
+                        what: format!("{name}: the image's module and firmware files"),
+                        limit: limits.max_unpacked_bytes,
+                        hint: "",
+                    });
+                }
+                make_parent(&real)?;
+                remove_any(&real).map_err(io_err(&real))?;
+                let mut out = File::create(&real).map_err(io_err(&real))?;
+                io::copy(&mut entry, &mut out).map_err(io_err(&real))?;
+                let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
+                out.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(io_err(&real))?;
+            }
+        }
+    }
+    Ok(written)
+}
+
+fn make_parent(real: &Path) -> Result<(), OciError> {
+    let parent = real.parent().expect("entry has a parent");
+    fs::create_dir_all(parent).map_err(io_err(parent))
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse() {
+        let r = Reference::parse("oci://registry.example:5000/nvidia/driver:570.1-6.1.0-rhcos4.14")
+            .unwrap();
+        assert_eq!(r.registry, "registry.example:5000");
+        assert_eq!(r.repository, "nvidia/driver");
+        assert_eq!(r.tag.as_deref(), Some("570.1-6.1.0-rhcos4.14"));
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = Reference::parse(&format!("oci://r.example/x@{d}")).unwrap();
+        assert_eq!(r.manifest_ref(), d);
+        for bad in [
+            "oci://r.example/x",
+            "oci://r.example/X:t",
+            "oci://r.example/x@sha256:abc",
+            "oci://r.example/x:a/b",
+            "oci:///x:t",
+            "https://r/x:t",
+        ] {
+            assert!(Reference::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn challenges_parse() {
+        let (scheme, params) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(scheme, "Bearer");
+        assert_eq!(params["realm"], "https://auth.example/token");
+        assert_eq!(params["service"], "registry.example");
+        assert_eq!(params["scope"], "repository:a/b:pull");
+        let (scheme, params) = parse_challenge(r#"Basic realm="Registry Realm""#);
+        assert_eq!(scheme, "Basic");
+        assert_eq!(params["realm"], "Registry Realm");
+    }
+
+    #[test]
+    fn auth_json_keys_are_hosts() {
+        let auth = base64::engine::general_purpose::STANDARD.encode("u:p:w");
+        let text =
+            format!(r#"{{"auths": {{"https://r.example:5000/v1/": {{"auth": "{auth}"}}}}}}"#);
+        let creds = Credentials::parse(&text, Path::new("auth.json")).unwrap();
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("u:p:w")
+        );
+        assert_eq!(creds.basic("r.example:5000"), Some(expected));
+        assert!(
+            format!("{creds:?}").contains("r.example") && !format!("{creds:?}").contains("u:p")
+        );
+        assert!(Credentials::parse(r#"{"auths": {"h": {"auth": "!!"}}}"#, Path::new("a")).is_err());
+    }
+
+    #[test]
+    fn resolution_stays_inside_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", dir.path().join("lib")).unwrap();
+        std::os::unix::fs::symlink("/etc/../../..", dir.path().join("escape")).unwrap();
+        std::os::unix::fs::symlink("loop", dir.path().join("loop")).unwrap();
+        assert_eq!(
+            resolve_in(dir.path(), Path::new("lib/modules/k")).unwrap(),
+            Path::new("usr/lib/modules/k")
+        );
+        assert_eq!(
+            resolve_in(dir.path(), Path::new("escape/x")).unwrap(),
+            Path::new("x")
+        );
+        assert!(resolve_in(dir.path(), Path::new("loop/x")).is_err());
+    }
+}
