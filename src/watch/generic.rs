@@ -92,7 +92,7 @@ pub enum GenericError {
         kernel: PathBuf,
         reason: String,
     },
-    #[error("no boot entry (UKI in EFI/Linux, type #1 in loader/entries) and no kernel under {MODULES_DIR} with an image in /boot or beside its modules; cannot tell which kernel boots next")]
+    #[error("no boot entry (UKI in EFI/Linux, type #1 in loader/entries) and no kernel under {MODULES_DIR} with an image in /boot or beside its modules")]
     NothingBootable,
 }
 
