@@ -75,7 +75,7 @@ enum Command {
     /// (from the running daemon over D-Bus where it answers, from disk otherwise).
     ///
     /// Exit status: 0 ready now and after the next reboot; 7 ready now, but the kernel booted
-    /// next has no overlay staged; 8 not ready now (driver not loaded, or marked not ready by
+    /// next has no overlay staged (or which kernel boots next cannot be told); 8 not ready now (driver not loaded, or marked not ready by
     /// the [fallback] policy); 1 or 2 when status itself failed.
     Status {
         /// Machine-readable output (format documented in the README).

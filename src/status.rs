@@ -88,6 +88,8 @@ pub struct ReadinessFacts<'a> {
     pub pending_staged: bool,
     /// The last stage decision, to see whether the OS covers the pending kernel itself.
     pub last_stage: Option<&'a StageRecord>,
+    /// Why the next boot's kernel could not be read (then nothing is promised for it).
+    pub next_boot_unknown: Option<&'a str>,
 }
 
 /// Judge readiness; pure.
@@ -125,7 +127,17 @@ pub fn assess(facts: &ReadinessFacts) -> (Readiness, Option<String>) {
                 )
             }
         }
-        _ => (Readiness::Ready, None),
+        None => match facts.next_boot_unknown {
+            // Not known to be ready after the reboot: say so rather than promise it.
+            Some(why) => (
+                Readiness::NotReadyAfterReboot,
+                Some(format!(
+                    "cannot tell which kernel boots next ({why}); set watch.detector = \"off\" if this host boots kernels from outside its disk"
+                )),
+            ),
+            None => (Readiness::Ready, None),
+        },
+        Some(_) => (Readiness::Ready, None),
     }
 }
 
@@ -219,6 +231,7 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         pending_kernel: pending.as_ref().map(|n| n.kernel_release.as_str()),
         pending_staged: pending_staged == Some(true),
         last_stage: state.last_stage.as_ref(),
+        next_boot_unknown: watch_error.as_deref(),
     });
     Ok(StatusReport {
         format: STATUS_FORMAT,
@@ -426,6 +439,14 @@ mod tests {
         };
         assert_eq!(assess(&marked).0, Readiness::NotReady);
         assert_eq!(Readiness::NotReady.exit_code(), 8);
+        // The next boot cannot be read: ready now, nothing promised after the reboot.
+        let unknown = ReadinessFacts {
+            next_boot_unknown: Some("no boot entry"),
+            ..loaded.clone()
+        };
+        let (readiness, why) = assess(&unknown);
+        assert_eq!(readiness, Readiness::NotReadyAfterReboot);
+        assert!(why.unwrap().contains("no boot entry"));
     }
 
     #[test]
