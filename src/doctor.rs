@@ -199,17 +199,7 @@ fn expected_driver_root(settings: &Settings) -> PathBuf {
 /// A directory or archive path under the root, or an HTTP(S) HEAD.
 fn probe_source(root: &Root, source: &str) -> SourceProbe {
     if source.starts_with("http://") || source.starts_with("https://") {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(SOURCE_TIMEOUT))
-            .http_status_as_error(false)
-            .user_agent(concat!("nvdriver-agent/", env!("CARGO_PKG_VERSION")))
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-                    .build(),
-            )
-            .build()
-            .into();
+        let agent = crate::overlay::fetch::http_agent(false, Some(SOURCE_TIMEOUT));
         match agent.head(source).call() {
             Ok(response) => SourceProbe::Http(response.status().as_u16()),
             Err(e) => SourceProbe::Unreachable(e.to_string()),

@@ -615,11 +615,22 @@ impl Unpacking<'_> {
         if self.signature.is_some() {
             return Err(self.refuse(Path::new(SIGNATURE_NAME), "is listed twice"));
         }
-        if entry.size() > MAX_SIGNATURE_BYTES {
+        self.signature = Some(self.read_text(entry, MAX_SIGNATURE_BYTES, "bytes of signature")?);
+        Ok(())
+    }
+
+    /// A small text member (manifest, signature), refused above `limit` bytes.
+    fn read_text<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        limit: u64,
+        what: &'static str,
+    ) -> Result<String, ArchiveError> {
+        if entry.size() > limit {
             return Err(ArchiveError::TooLarge {
                 archive: self.archive.to_string(),
-                limit: MAX_SIGNATURE_BYTES,
-                what: "bytes of signature",
+                limit,
+                what,
             });
         }
         let mut text = String::new();
@@ -629,8 +640,7 @@ impl Unpacking<'_> {
                 archive: self.archive.to_string(),
                 source,
             })?;
-        self.signature = Some(text);
-        Ok(())
+        Ok(text)
     }
 
     fn read_manifest<R: Read>(
@@ -641,20 +651,7 @@ impl Unpacking<'_> {
         if self.manifest.is_some() {
             return Err(self.refuse(Path::new(MANIFEST_NAME), "is listed twice"));
         }
-        if entry.size() > MAX_MANIFEST_BYTES {
-            return Err(ArchiveError::TooLarge {
-                archive: self.archive.to_string(),
-                limit: MAX_MANIFEST_BYTES,
-                what: "bytes of manifest",
-            });
-        }
-        let mut text = String::new();
-        entry
-            .read_to_string(&mut text)
-            .map_err(|source| ArchiveError::Read {
-                archive: self.archive.to_string(),
-                source,
-            })?;
+        let text = self.read_text(entry, MAX_MANIFEST_BYTES, "bytes of manifest")?;
         let manifest = Manifest::parse(&text, &origin)?;
         if let Some((field, expected, found)) = self.key.mismatch(&manifest) {
             return Err(ArchiveError::WrongOverlay {

@@ -116,6 +116,25 @@ pub fn discard_part(part: &Path) {
 /// `file://` location is an error, and a path-only location is a path on the same server.
 pub const MAX_REDIRECTS: u32 = 5;
 
+/// The one HTTP client configuration (downloads, registries, `doctor`'s probes): the system CA
+/// store, at most [`MAX_REDIRECTS`] redirects (http(s) only: ureq refuses other schemes), HTTP
+/// statuses returned as values, plain `http://` refused when `https_only`.
+pub(crate) fn http_agent(https_only: bool, timeout: Option<Duration>) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .https_only(https_only)
+        .max_redirects(MAX_REDIRECTS)
+        .timeout_global(timeout)
+        .user_agent(concat!("nvdriver-agent/", env!("CARGO_PKG_VERSION")))
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                .build(),
+        )
+        .build()
+        .into()
+}
+
 /// Download `url` into `part` (a real path; its directory must exist), resuming what a kept
 /// part holds. On success `part` holds the whole file as served; on a dropped connection or a
 /// timeout it is kept for the next call; on anything else it is removed.
@@ -125,19 +144,7 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
     if url.starts_with("http://") && !limits.allow_http {
         return Err(FetchError::HttpRefused { url: url.into() });
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .https_only(!limits.allow_http)
-        // A few hops for a CDN or a registry's blob store; a loop or a long chain is an error.
-        .max_redirects(MAX_REDIRECTS)
-        .user_agent(concat!("nvdriver-agent/", env!("CARGO_PKG_VERSION")))
-        .tls_config(
-            ureq::tls::TlsConfig::builder()
-                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-                .build(),
-        )
-        .build()
-        .into();
+    let agent = http_agent(!limits.allow_http, None);
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| FetchError::Io { path, source }

@@ -398,18 +398,8 @@ impl<'a> Client<'a> {
         max_bytes: u64,
         reference: &Reference,
     ) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            // Redirects to blob storage are followed; plain HTTP is decided per registry below.
-            .https_only(false)
-            .user_agent(concat!("nvdriver-agent/", env!("CARGO_PKG_VERSION")))
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-                    .build(),
-            )
-            .build()
-            .into();
+        // Redirects to blob storage are followed; plain HTTP is decided per registry.
+        let agent = super::fetch::http_agent(false, None);
         Client {
             agent,
             settings,
