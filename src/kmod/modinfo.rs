@@ -15,16 +15,25 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use object::elf;
 use object::read::elf::{FileHeader, SectionHeader};
-use object::Endianness;
+use object::{Endianness, ReadCache, ReadRef};
 
 /// Largest module file, compressed or decompressed, that we accept. NVIDIA's biggest module
 /// is around 100 MiB uncompressed; this leaves room for debug info without letting a damaged
 /// or hostile file take the host's memory.
 pub const MAX_MODULE_SIZE: u64 = 1 << 30;
+
+/// Plain (uncompressed) module files larger than this are read in parts, the ELF headers, the
+/// `.modinfo` section and the signature trailer, not whole: a real `nvidia.ko` is ~100 MB and
+/// every stage and load reads each module once.
+const READ_IN_PARTS_ABOVE: u64 = 4 << 20;
+/// How much of a file's end is read for its signature trailer (a PKCS#7 signature with its
+/// signer and key id takes about a kilobyte).
+const TRAILER_READ: u64 = 64 << 10;
 
 /// The kernel's `MODULE_SIG_STRING`, the last bytes of a signed module.
 pub const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
@@ -292,6 +301,11 @@ pub fn read_module_file(path: &Path) -> Result<ModInfo, ModinfoError> {
             limit: MAX_MODULE_SIZE,
         });
     }
+    if size > READ_IN_PARTS_ABOVE {
+        if let Some(info) = read_plain_in_parts(&file, size, path)? {
+            return Ok(info);
+        }
+    }
     let mut bytes = Vec::new();
     if !read_bounded(file, MAX_MODULE_SIZE, &mut bytes).map_err(read_err)? {
         // The file grew between stat and read.
@@ -302,6 +316,45 @@ pub fn read_module_file(path: &Path) -> Result<ModInfo, ModinfoError> {
         });
     }
     parse_module(&bytes, path)
+}
+
+/// [`read_module_file`] for a large plain module without reading it whole: `None` when the
+/// file is compressed, or its signature trailer reaches further back than [`TRAILER_READ`]
+/// (then the caller reads it whole, and errors are found there as for any file).
+fn read_plain_in_parts(
+    file: &File,
+    size: u64,
+    path: &Path,
+) -> Result<Option<ModInfo>, ModinfoError> {
+    let read_err = |source| ModinfoError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = [0u8; EI_CLASS + 1];
+    file.read_exact_at(&mut head, 0).map_err(read_err)?;
+    if !head.starts_with(ELF_MAGIC) {
+        return Ok(None);
+    }
+    let tail_len = TRAILER_READ.min(size);
+    let mut tail = vec![0u8; tail_len as usize];
+    file.read_exact_at(&mut tail, size - tail_len)
+        .map_err(read_err)?;
+    let signature = match split_signature(&tail, path) {
+        Ok((_, signature)) => signature,
+        Err(ModinfoError::TruncatedSignature { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Reads (and caches) only the ranges the ELF parser asks for.
+    let cache = ReadCache::new(file);
+    let modinfo = match head[EI_CLASS] {
+        ELFCLASS64 => modinfo_section_in::<elf::FileHeader64<Endianness>, _>(&cache, path)?,
+        ELFCLASS32 => modinfo_section_in::<elf::FileHeader32<Endianness>, _>(&cache, path)?,
+        _ => return Ok(None),
+    };
+    let info = parse_modinfo_strings(modinfo, path, Compression::None, signature)?;
+    tracing::debug!(module = %path.display(), name = %info.name, vermagic = %info.vermagic,
+        signed = info.signature.is_some(), "read module info (in parts)");
+    Ok(Some(info))
 }
 
 /// Parses a module from its file contents, plain or compressed (detected by magic bytes).
@@ -508,8 +561,8 @@ fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], Modinfo
         });
     }
     match bytes.get(EI_CLASS).copied() {
-        Some(ELFCLASS64) => modinfo_section_in::<elf::FileHeader64<Endianness>>(bytes, path),
-        Some(ELFCLASS32) => modinfo_section_in::<elf::FileHeader32<Endianness>>(bytes, path),
+        Some(ELFCLASS64) => modinfo_section_in::<elf::FileHeader64<Endianness>, _>(bytes, path),
+        Some(ELFCLASS32) => modinfo_section_in::<elf::FileHeader32<Endianness>, _>(bytes, path),
         other => Err(ModinfoError::MalformedElf {
             path: path.to_path_buf(),
             reason: match other {
@@ -520,9 +573,10 @@ fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], Modinfo
     }
 }
 
-fn modinfo_section_in<'a, H>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], ModinfoError>
+fn modinfo_section_in<'a, H, R>(bytes: R, path: &Path) -> Result<&'a [u8], ModinfoError>
 where
     H: FileHeader<Endian = Endianness>,
+    R: ReadRef<'a>,
 {
     let malformed = |e: object::read::Error| ModinfoError::MalformedElf {
         path: path.to_path_buf(),
@@ -994,6 +1048,36 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<ModInfo, ModinfoError> {
         parse_module(bytes, Path::new("/overlay/nvidia-uvm.ko"))
+    }
+
+    #[test]
+    fn large_plain_modules_read_in_parts_say_what_whole_reads_say() {
+        let dir = tempfile::tempdir().unwrap();
+        // Above READ_IN_PARTS_ABOVE; signed and unsigned.
+        for module in [
+            uvm().padded(3 << 20, 3 << 20, 7),
+            uvm().padded(3 << 20, 3 << 20, 7).signed(),
+        ] {
+            let bytes = module.bytes(Compression::None);
+            assert!(bytes.len() as u64 > READ_IN_PARTS_ABOVE);
+            let path = dir.path().join("nvidia-uvm.ko");
+            std::fs::write(&path, &bytes).unwrap();
+            let file = File::open(&path).unwrap();
+            let in_parts = read_plain_in_parts(&file, bytes.len() as u64, &path)
+                .unwrap()
+                .expect("a plain module is read in parts");
+            assert_eq!(in_parts, parse_module(&bytes, &path).unwrap());
+            assert_eq!(read_module_file(&path).unwrap(), in_parts);
+        }
+        // Compressed files are read whole.
+        let zst = uvm().padded(3 << 20, 3 << 20, 7).bytes_zstd();
+        let path = dir.path().join("nvidia-uvm.ko.zst");
+        std::fs::write(&path, &zst).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(
+            read_plain_in_parts(&file, zst.len() as u64, &path).unwrap(),
+            None
+        );
     }
 
     #[test]
