@@ -476,12 +476,19 @@ impl Daemon {
             match event {
                 Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
                 Ok(event) => {
+                    // A file event may be the first of a package install's many: let the
+                    // burst settle. A D-Bus signal, a poke or a reload is complete in itself:
+                    // only what is already queued joins it.
+                    let settle = if matches!(event, Event::Changed(_)) {
+                        SETTLE
+                    } else {
+                        Duration::ZERO
+                    };
                     look_again |= self.absorb(event);
-                    // Let a burst of events settle, then handle it once.
                     let settle_until = now + SETTLE_MAX;
                     loop {
                         let wait =
-                            SETTLE.min(settle_until.saturating_duration_since(Instant::now()));
+                            settle.min(settle_until.saturating_duration_since(Instant::now()));
                         match rx.recv_timeout(wait) {
                             Ok(Event::Shutdown) => return,
                             Ok(event) => look_again |= self.absorb(event),
