@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::commands::Context;
 use crate::config::MissingNextOverlayPolicy;
@@ -308,12 +308,23 @@ pub fn stage_next(
                     r.source = Some(report.source.clone());
                     r.digest = report.digest.clone();
                     r.tried = report.tried.iter().map(|t| t.to_string()).collect();
-                    info!(
-                        KERNEL_RELEASE = %key.kernel_release,
-                        DRIVER_VERSION = %key.driver_version,
-                        OVERLAY = %outcome_dir(&report.outcome).display(),
-                        "overlay for the next kernel is in the store (from {})", report.source
-                    );
+                    let dir = outcome_dir(&report.outcome);
+                    if r.result == "staged" {
+                        info!(
+                            KERNEL_RELEASE = %key.kernel_release,
+                            DRIVER_VERSION = %key.driver_version,
+                            OVERLAY = %dir.display(),
+                            "overlay for the next kernel is in the store (from {})", report.source
+                        );
+                    } else {
+                        // Every later look finds it there: said once, when it was staged.
+                        debug!(
+                            KERNEL_RELEASE = %key.kernel_release,
+                            DRIVER_VERSION = %key.driver_version,
+                            OVERLAY = %dir.display(),
+                            "overlay for the next kernel is already in the store"
+                        );
+                    }
                     gc(ctx, &host.kernel_release, &key.kernel_release);
                     NextBootReadiness::Covered
                 }

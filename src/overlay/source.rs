@@ -385,12 +385,23 @@ impl Trust {
         origin: &str,
     ) -> Result<SignatureStatus, SignatureError> {
         let status = signature::check(self.policy, &self.keys, manifest, signature, origin)?;
-        info!(
-            KERNEL_RELEASE = %key.kernel_release,
-            DRIVER_VERSION = %key.driver_version,
-            source = %origin,
-            "overlay signature: {status}"
-        );
+        // A good signature is worth a line of its own; "unsigned, as the policy allows" is
+        // the default case and would only lengthen the story of every update.
+        if matches!(status, SignatureStatus::Verified { .. }) {
+            info!(
+                KERNEL_RELEASE = %key.kernel_release,
+                DRIVER_VERSION = %key.driver_version,
+                source = %origin,
+                "overlay signature: {status}"
+            );
+        } else {
+            debug!(
+                KERNEL_RELEASE = %key.kernel_release,
+                DRIVER_VERSION = %key.driver_version,
+                source = %origin,
+                "overlay signature: {status}"
+            );
+        }
         Ok(status)
     }
 }

@@ -438,7 +438,8 @@ impl<'a> Store<'a> {
         });
         match result {
             Ok(replaced) => {
-                info!(
+                // Staging says it once for the journal; `overlay import` prints its own line.
+                debug!(
                     OVERLAY = %target_host.display(),
                     KERNEL_RELEASE = %kernel,
                     DRIVER_VERSION = %driver,
