@@ -337,11 +337,26 @@ pub fn stage_next(
                     };
                     r.tried = tried_of(&e);
                     r.detail = Some(e.to_string());
-                    warn!(
-                        KERNEL_RELEASE = %key.kernel_release,
-                        DRIVER_VERSION = %key.driver_version,
-                        "no overlay staged for the next kernel: {e}"
-                    );
+                    // Said once; every later look that finds the same is debug (the retries
+                    // and each file event would repeat it).
+                    let repeated = state.last_stage.as_ref().is_some_and(|last| {
+                        last.kernel_release == r.kernel_release
+                            && last.result == r.result
+                            && last.detail == r.detail
+                    });
+                    if repeated {
+                        debug!(
+                            KERNEL_RELEASE = %key.kernel_release,
+                            DRIVER_VERSION = %key.driver_version,
+                            "still no overlay staged for the next kernel: {e}"
+                        );
+                    } else {
+                        warn!(
+                            KERNEL_RELEASE = %key.kernel_release,
+                            DRIVER_VERSION = %key.driver_version,
+                            "no overlay staged for the next kernel: {e}"
+                        );
+                    }
                     NextBootReadiness::Missing
                 }
             };

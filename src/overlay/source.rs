@@ -14,7 +14,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::archive::{self, ArchiveError, Limits};
 use super::enforce;
@@ -335,7 +335,8 @@ pub fn stage(
                 });
             }
             Err(error) => {
-                warn!(
+                // The caller's summary names every source tried and why.
+                debug!(
                     KERNEL_RELEASE = %key.kernel_release,
                     DRIVER_VERSION = %key.driver_version,
                     source = %source,
