@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// Prefix of every temporary sibling this crate creates; the store and GC skip and clean them.
 pub const TEMP_PREFIX: &str = ".nvdriver-agent-tmp.";
+/// Chunk size for copying and hashing files: large enough that syscalls cost nothing next to
+/// SHA-256, small enough that the idle daemon's peak memory stays low (bench/idle-cost).
+pub const IO_CHUNK: usize = 256 << 10;
 
 /// fsync every file and directory under `dir` (children before parents), so a tree written
 /// without syncing is durable before it is renamed into place.

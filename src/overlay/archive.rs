@@ -166,7 +166,7 @@ pub fn extract(
         files: BTreeMap::new(),
         links: BTreeMap::new(),
         dirs: BTreeSet::new(),
-        buffer: vec![0u8; 1 << 20],
+        buffer: vec![0u8; crate::fsutil::IO_CHUNK],
         bytes: 0,
         manifest_text: String::new(),
         signature: None,

@@ -247,7 +247,7 @@ pub fn check_digest(
 pub fn sha256_reader(reader: impl Read, limit: u64) -> io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let mut reader = reader.take(limit.saturating_add(1));
-    let mut buffer = vec![0u8; 1 << 20];
+    let mut buffer = vec![0u8; crate::fsutil::IO_CHUNK];
     let mut total = 0u64;
     loop {
         let n = reader.read(&mut buffer)?;
