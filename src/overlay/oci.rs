@@ -164,7 +164,7 @@ impl OciError {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
+fn io_err(path: &Path) -> impl Fn(io::Error) -> OciError + Copy + '_ {
     move |source| OciError::Io {
         path: path.to_path_buf(),
         source,
@@ -873,15 +873,8 @@ pub fn layer_is_overlay(layer: &Path) -> Result<bool, OciError> {
     let name = layer.display().to_string();
     let stream = archive::decompress(io::BufReader::new(file), &name)?;
     let mut tar = tar::Archive::new(stream);
-    let read_err = |source| OciError::Io {
-        path: layer.to_path_buf(),
-        source,
-    };
-    for entry in tar.entries().map_err(read_err)? {
-        let entry = entry.map_err(|source| OciError::Io {
-            path: layer.to_path_buf(),
-            source,
-        })?;
+    for entry in tar.entries().map_err(io_err(layer))? {
+        let entry = entry.map_err(io_err(layer))?;
         let path = PathBuf::from(String::from_utf8_lossy(&entry.path_bytes()).into_owned());
         if let Ok(Some(path)) = plain_relative(&path) {
             if path == Path::new(MANIFEST_NAME) {
@@ -991,10 +984,7 @@ pub fn apply_layers(
         let file = File::open(layer).map_err(io_err(layer))?;
         let stream = archive::decompress(io::BufReader::new(file), &name)?;
         let mut tar = tar::Archive::new(stream);
-        let read_err = |source| OciError::Io {
-            path: layer.clone(),
-            source,
-        };
+        let read_err = io_err(layer);
         for entry in tar.entries().map_err(read_err)? {
             let mut entry = entry.map_err(read_err)?;
             entries += 1;

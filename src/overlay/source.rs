@@ -10,7 +10,6 @@ use crate::failpoints::failpoint;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -317,7 +316,15 @@ pub fn stage(
     let os = os_tag(root);
     for template in &settings.sources {
         let source = expand(template, key).replace("{os}", &os);
-        match stage_from(root, store, &lock, settings, &trust, key, template, &source) {
+        let attempt = Attempt {
+            root,
+            store,
+            lock: &lock,
+            settings,
+            trust: &trust,
+            key,
+        };
+        match attempt.stage_from(template, &source) {
             Ok((outcome, digest)) => {
                 // stage.rs says it once for the journal, with the store directory.
                 debug!(
@@ -407,196 +414,341 @@ impl Trust {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn stage_from(
-    root: &Root,
-    store: &Store,
-    lock: &StoreLock,
-    settings: &StageSettings,
-    trust: &Trust,
-    key: &OverlayKey,
-    template: &str,
-    source: &str,
-) -> Result<(ImportOutcome, Option<String>), AttemptError> {
-    let unknown = unknown_placeholders(template);
-    if !unknown.is_empty() {
-        return Err(AttemptError::UnknownPlaceholder(unknown));
-    }
-    if source.starts_with("oci://") {
-        #[cfg(feature = "oci")]
-        return stage_oci(root, store, lock, settings, trust, key, source)
-            .map(|(outcome, digest)| (outcome, Some(digest)));
-        #[cfg(not(feature = "oci"))]
-        return Err(AttemptError::OciNotBuilt);
-    }
-    stage_local_or_url(root, store, lock, settings, trust, key, source).map(|o| (o, None))
+/// One try at staging the overlay for `key` from one source: what every kind of source needs
+/// (the host, the locked store, the limits and the trust policy to apply).
+struct Attempt<'a> {
+    root: &'a Root,
+    store: &'a Store<'a>,
+    lock: &'a StoreLock,
+    settings: &'a StageSettings,
+    trust: &'a Trust,
+    key: &'a OverlayKey,
 }
 
-fn stage_local_or_url(
-    root: &Root,
-    store: &Store,
-    lock: &StoreLock,
-    settings: &StageSettings,
-    trust: &Trust,
-    key: &OverlayKey,
-    source: &str,
-) -> Result<ImportOutcome, AttemptError> {
-    if source.starts_with("https://") || source.starts_with("http://") {
-        return stage_url(store, lock, settings, trust, key, source);
-    }
-    if source.contains("://") || !source.starts_with('/') {
-        return Err(AttemptError::Unsupported);
-    }
-    let path = root.join(source);
-    let meta = match fs::metadata(&path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(AttemptError::Missing {
-                path: PathBuf::from(source),
-            })
+impl Attempt<'_> {
+    fn stage_from(
+        &self,
+        template: &str,
+        source: &str,
+    ) -> Result<(ImportOutcome, Option<String>), AttemptError> {
+        let unknown = unknown_placeholders(template);
+        if !unknown.is_empty() {
+            return Err(AttemptError::UnknownPlaceholder(unknown));
         }
-        Err(e) => {
-            return Err(AttemptError::Io {
+        if source.starts_with("oci://") {
+            #[cfg(feature = "oci")]
+            return self
+                .stage_oci(source)
+                .map(|(outcome, digest)| (outcome, Some(digest)));
+            #[cfg(not(feature = "oci"))]
+            return Err(AttemptError::OciNotBuilt);
+        }
+        self.stage_local_or_url(source).map(|o| (o, None))
+    }
+
+    fn stage_local_or_url(&self, source: &str) -> Result<ImportOutcome, AttemptError> {
+        if source.starts_with("https://") || source.starts_with("http://") {
+            return self.stage_url(source);
+        }
+        if source.contains("://") || !source.starts_with('/') {
+            return Err(AttemptError::Unsupported);
+        }
+        let path = self.root.join(source);
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(AttemptError::Missing {
+                    path: PathBuf::from(source),
+                })
+            }
+            Err(e) => {
+                return Err(AttemptError::Io {
+                    path: PathBuf::from(source),
+                    source: e,
+                })
+            }
+        };
+        if meta.is_dir() {
+            self.stage_directory(&path, Path::new(source))
+        } else if meta.is_file() {
+            if meta.len() > self.settings.max_download_bytes {
+                return Err(AttemptError::TooLarge {
+                    path: PathBuf::from(source),
+                    size: meta.len(),
+                    limit: self.settings.max_download_bytes,
+                });
+            }
+            let file = File::open(&path).map_err(|e| AttemptError::Io {
                 path: PathBuf::from(source),
                 source: e,
+            })?;
+            self.stage_archive(BufReader::new(file), source)
+        } else {
+            Err(AttemptError::NotAFileOrDirectory {
+                path: PathBuf::from(source),
             })
         }
-    };
-    if meta.is_dir() {
-        stage_directory(store, trust, key, &path, Path::new(source))
-    } else if meta.is_file() {
-        if meta.len() > settings.max_download_bytes {
-            return Err(AttemptError::TooLarge {
-                path: PathBuf::from(source),
-                size: meta.len(),
-                limit: settings.max_download_bytes,
+    }
+
+    /// An overlay tree on disk: verified, then copied into the store by [`Store::import`].
+    fn stage_directory(
+        &self,
+        real_dir: &Path,
+        host_dir: &Path,
+    ) -> Result<ImportOutcome, AttemptError> {
+        let key = self.key;
+        let (manifest, manifest_text) = store::read_manifest(real_dir)?;
+        let signature = read_signature(real_dir)?;
+        self.trust.check(
+            key,
+            manifest_text.as_bytes(),
+            signature.as_deref(),
+            &host_dir.display().to_string(),
+        )?;
+        if let Some((field, expected, found)) = key.mismatch(&manifest) {
+            return Err(AttemptError::WrongOverlay {
+                path: host_dir.to_path_buf(),
+                field,
+                expected,
+                found,
             });
         }
-        let file = File::open(&path).map_err(|e| AttemptError::Io {
-            path: PathBuf::from(source),
+        verify_tree(real_dir, &manifest, Generated::Refuse)?;
+        self.check_target(real_dir, &manifest)?;
+        Ok(self.store.import(real_dir)?)
+    }
+
+    /// An archive: unpacked and verified in one pass into a staging directory of the store, the
+    /// modules checked, then renamed into place.
+    fn stage_archive(&self, input: impl Read, name: &str) -> Result<ImportOutcome, AttemptError> {
+        let (store, lock, key) = (self.store, self.lock, self.key);
+        let limits = Limits {
+            max_unpacked_bytes: self
+                .settings
+                .max_download_bytes
+                .saturating_mul(UNPACK_RATIO),
+            max_entries: MAX_ENTRIES,
+        };
+        let staging = store.begin_staging(lock, &key.kernel_release, &key.driver_version)?;
+        let result = archive::extract(input, &staging, key, limits, name)
+            .map_err(AttemptError::from)
+            .and_then(|extracted| {
+                failpoint!("stage::unpacked");
+                self.trust.check(
+                    key,
+                    extracted.manifest_text.as_bytes(),
+                    extracted.signature.as_deref(),
+                    name,
+                )?;
+                self.check_target(&staging, &extracted.manifest)?;
+                failpoint!("stage::verified");
+                Ok(store.publish_staged(lock, &staging, &extracted.manifest)?)
+            });
+        if result.is_err() {
+            store.abandon_staging(&staging);
+        }
+        result
+    }
+
+    /// A URL: downloaded into `<store>/.downloads/` (kept across calls for resuming), then staged
+    /// like a local archive. The download is used up either way once it is complete.
+    fn stage_url(&self, url: &str) -> Result<ImportOutcome, AttemptError> {
+        let settings = self.settings;
+        if url.starts_with("http://") && !settings.allow_http {
+            return Err(FetchError::HttpRefused { url: url.into() }.into());
+        }
+        let part = self.downloads_dir()?.join(part_name(self.key, url));
+        failpoint!("stage::download");
+        fetch::download(
+            url,
+            &part,
+            &FetchLimits {
+                max_bytes: settings.max_download_bytes,
+                timeout: settings.download_timeout,
+                allow_http: settings.allow_http,
+            },
+        )?;
+        let file = File::open(&part).map_err(|e| AttemptError::Io {
+            path: part.clone(),
             source: e,
         })?;
-        stage_archive(
-            store,
-            lock,
-            settings,
-            trust,
-            key,
-            BufReader::new(file),
-            source,
-        )
-    } else {
-        Err(AttemptError::NotAFileOrDirectory {
-            path: PathBuf::from(source),
-        })
+        let result = self.stage_archive(BufReader::new(file), url);
+        fetch::discard_part(&part);
+        result
     }
-}
 
-/// An overlay tree on disk: verified, then copied into the store by [`Store::import`].
-fn stage_directory(
-    store: &Store,
-    trust: &Trust,
-    key: &OverlayKey,
-    real_dir: &Path,
-    host_dir: &Path,
-) -> Result<ImportOutcome, AttemptError> {
-    let (manifest, manifest_text) = store::read_manifest(real_dir)?;
-    let signature = read_signature(real_dir)?;
-    trust.check(
-        key,
-        manifest_text.as_bytes(),
-        signature.as_deref(),
-        &host_dir.display().to_string(),
-    )?;
-    if let Some((field, expected, found)) = key.mismatch(&manifest) {
-        return Err(AttemptError::WrongOverlay {
-            path: host_dir.to_path_buf(),
-            field,
-            expected,
-            found,
-        });
-    }
-    verify_tree(real_dir, &manifest, Generated::Refuse)?;
-    check_target(trust, key, real_dir, &manifest)?;
-    Ok(store.import(real_dir)?)
-}
-
-/// An archive: unpacked and verified in one pass into a staging directory of the store, the
-/// modules checked, then renamed into place.
-pub fn stage_archive(
-    store: &Store,
-    lock: &StoreLock,
-    settings: &StageSettings,
-    trust: &Trust,
-    key: &OverlayKey,
-    input: impl Read,
-    name: &str,
-) -> Result<ImportOutcome, AttemptError> {
-    let limits = Limits {
-        max_unpacked_bytes: settings.max_download_bytes.saturating_mul(UNPACK_RATIO),
-        max_entries: MAX_ENTRIES,
-    };
-    let staging = store.begin_staging(lock, &key.kernel_release, &key.driver_version)?;
-    let result = archive::extract(input, &staging, key, limits, name)
-        .map_err(AttemptError::from)
-        .and_then(|extracted| {
-            failpoint!("stage::unpacked");
-            trust.check(
-                key,
-                extracted.manifest_text.as_bytes(),
-                extracted.signature.as_deref(),
-                name,
-            )?;
-            check_target(trust, key, &staging, &extracted.manifest)?;
-            failpoint!("stage::verified");
-            Ok(store.publish_staged(lock, &staging, &extracted.manifest)?)
-        });
-    if result.is_err() {
-        store.abandon_staging(&staging);
-    }
-    result
-}
-
-/// A URL: downloaded into `<store>/.downloads/` (kept across calls for resuming), then staged
-/// like a local archive. The download is used up either way once it is complete.
-fn stage_url(
-    store: &Store,
-    lock: &StoreLock,
-    settings: &StageSettings,
-    trust: &Trust,
-    key: &OverlayKey,
-    url: &str,
-) -> Result<ImportOutcome, AttemptError> {
-    if url.starts_with("http://") && !settings.allow_http {
-        return Err(FetchError::HttpRefused { url: url.into() }.into());
-    }
-    let downloads = store.downloads_dir();
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(&downloads)
-        .map_err(|e| AttemptError::Io {
+    /// `<store>/.downloads`, made (mode 0700) when missing: partial downloads and OCI scratch
+    /// directories, kept out of reach of other users.
+    fn downloads_dir(&self) -> Result<PathBuf, AttemptError> {
+        let downloads = self.store.downloads_dir();
+        crate::fsutil::create_dir_all_mode(&downloads, 0o700).map_err(|e| AttemptError::Io {
             path: downloads.clone(),
             source: e,
         })?;
-    let part = downloads.join(part_name(key, url));
-    failpoint!("stage::download");
-    fetch::download(
-        url,
-        &part,
-        &FetchLimits {
-            max_bytes: settings.max_download_bytes,
-            timeout: settings.download_timeout,
-            allow_http: settings.allow_http,
-        },
-    )?;
-    let file = File::open(&part).map_err(|e| AttemptError::Io {
-        path: part.clone(),
-        source: e,
-    })?;
-    let result = stage_archive(store, lock, settings, trust, key, BufReader::new(file), url);
-    fetch::discard_part(&part);
-    result
+        Ok(downloads)
+    }
+
+    /// An `oci://` reference: resolved to a digest, its layer blobs streamed (and checked) into a
+    /// scratch directory of the store, then staged as shape (a) (one layer holding an overlay
+    /// archive) or built as shape (b) (a plain image's modules and firmware). Returns the digest.
+    #[cfg(feature = "oci")]
+    fn stage_oci(&self, source: &str) -> Result<(ImportOutcome, String), AttemptError> {
+        use super::oci::{self, Client, Credentials, Reference};
+        let (settings, key) = (self.settings, self.key);
+        let reference = Reference::parse(source)?;
+        let credentials = Credentials::load(self.root)?;
+        let mut client = Client::new(
+            &settings.oci,
+            &credentials,
+            settings.download_timeout,
+            settings.max_download_bytes,
+            &reference,
+        );
+        let resolved = client.resolve(&reference, &key.arch)?;
+        info!(
+            KERNEL_RELEASE = %key.kernel_release,
+            DRIVER_VERSION = %key.driver_version,
+            OCI_DIGEST = %resolved.digest,
+            endpoint = %resolved.endpoint,
+            "resolved {reference}"
+        );
+        let downloads = self.downloads_dir()?;
+        let scratch = tempfile::Builder::new()
+            .prefix(crate::fsutil::TEMP_PREFIX)
+            .tempdir_in(&downloads)
+            .map_err(|e| AttemptError::Io {
+                path: downloads.clone(),
+                source: e,
+            })?;
+        let mut blobs = Vec::new();
+        for (i, layer) in resolved.layers.iter().enumerate() {
+            let path = scratch.path().join(format!("layer-{i}"));
+            client.fetch_blob(&resolved, &reference.repository, layer, &path)?;
+            blobs.push(path);
+        }
+        let name = format!("{reference} ({})", resolved.digest);
+        let outcome = if blobs.len() == 1 && oci::layer_is_overlay(&blobs[0])? {
+            let file = File::open(&blobs[0]).map_err(|e| AttemptError::Io {
+                path: blobs[0].clone(),
+                source: e,
+            })?;
+            self.stage_archive(BufReader::new(file), &name)?
+        } else {
+            self.stage_image(&blobs, scratch.path(), &name)?
+        };
+        Ok((outcome, resolved.digest))
+    }
+
+    /// Shape (b): apply the image's layers into a scratch tree, pack the target kernel's NVIDIA
+    /// modules and the driver's firmware into an overlay with a generated manifest, verify it and
+    /// publish it.
+    #[cfg(feature = "oci")]
+    fn stage_image(
+        &self,
+        layers: &[PathBuf],
+        scratch: &Path,
+        name: &str,
+    ) -> Result<ImportOutcome, AttemptError> {
+        use super::oci::{self, ApplyLimits, OciError};
+        use super::pack::{self, PackInput};
+        let (store, lock, key) = (self.store, self.lock, self.key);
+        let tree = scratch.join("rootfs");
+        fs::create_dir(&tree).map_err(|e| AttemptError::Io {
+            path: tree.clone(),
+            source: e,
+        })?;
+        oci::apply_layers(
+            layers,
+            &tree,
+            ApplyLimits {
+                max_unpacked_bytes: self
+                    .settings
+                    .max_download_bytes
+                    .saturating_mul(UNPACK_RATIO),
+                max_entries: MAX_ENTRIES,
+            },
+        )?;
+        let in_tree = |path: String| -> Option<PathBuf> {
+            let resolved = oci::resolve_in(&tree, Path::new(&path)).ok()?;
+            let real = tree.join(resolved);
+            fs::symlink_metadata(&real)
+                .is_ok_and(|m| m.is_dir())
+                .then_some(real)
+        };
+        let no_modules = || OciError::NoModules {
+            reference: name.to_string(),
+            kernel: key.kernel_release.clone(),
+        };
+        let modules =
+            in_tree(format!("lib/modules/{}", key.kernel_release)).ok_or_else(no_modules)?;
+        let firmware = in_tree(format!("lib/firmware/nvidia/{}", key.driver_version));
+        let packed = match pack::plan(&PackInput {
+            modules,
+            firmware,
+            userspace: None,
+            arch: key.arch.clone(),
+        }) {
+            Ok(packed) => packed,
+            Err(pack::PackError::NoModules { .. }) => return Err(no_modules().into()),
+            Err(e) => return Err(AttemptError::Pack(Box::new(e))),
+        };
+        if let Some((field, expected, found)) = key.mismatch(&packed.manifest) {
+            return Err(AttemptError::WrongOverlay {
+                path: PathBuf::from(name),
+                field,
+                expected,
+                found,
+            });
+        }
+        // A generated manifest carries no signature: under `require` such images are refused.
+        self.trust
+            .check(key, packed.manifest_text.as_bytes(), None, name)?;
+        let staging = store.begin_staging(lock, &key.kernel_release, &key.driver_version)?;
+        let result = (|| {
+            fs::remove_dir(&staging).map_err(|e| AttemptError::Io {
+                path: staging.clone(),
+                source: e,
+            })?;
+            packed
+                .write_dir(&staging)
+                .map_err(|e| AttemptError::Pack(Box::new(e)))?;
+            crate::fsutil::sync_tree(&staging).map_err(|e| AttemptError::Io {
+                path: staging.clone(),
+                source: e,
+            })?;
+            verify_tree(&staging, &packed.manifest, Generated::Refuse)?;
+            self.check_target(&staging, &packed.manifest)?;
+            Ok(store.publish_staged(lock, &staging, &packed.manifest)?)
+        })();
+        if result.is_err() {
+            store.abandon_staging(&staging);
+        }
+        result
+    }
+
+    /// [`check_modules`], and when the target kernel only loads signed modules, that every module
+    /// carries a signature.
+    fn check_target(&self, dir: &Path, manifest: &Manifest) -> Result<(), AttemptError> {
+        let infos = check_modules(dir, manifest)?;
+        let Some(reason) = &self.trust.signed_modules_required else {
+            return Ok(());
+        };
+        let unsigned: Vec<String> = manifest
+            .module_files()
+            .zip(&infos)
+            .filter(|(_, info)| info.signature.is_none())
+            .map(|(entry, _)| entry.path.display().to_string())
+            .collect();
+        if unsigned.is_empty() {
+            Ok(())
+        } else {
+            Err(AttemptError::UnsignedModules {
+                kernel: self.key.kernel_release.clone(),
+                reason: reason.clone(),
+                modules: unsigned.join(", "),
+            })
+        }
+    }
 }
 
 /// `<kernel>_<driver>_<url digest>.part`: one per URL, recognisable by kernel for GC.
@@ -607,171 +759,6 @@ fn part_name(key: &OverlayKey, url: &str) -> String {
         key.driver_version,
         &sha256_bytes(url.as_bytes())[..16]
     )
-}
-
-/// An `oci://` reference: resolved to a digest, its layer blobs streamed (and checked) into a
-/// scratch directory of the store, then staged as shape (a) (one layer holding an overlay
-/// archive) or built as shape (b) (a plain image's modules and firmware). Returns the digest.
-#[cfg(feature = "oci")]
-fn stage_oci(
-    root: &Root,
-    store: &Store,
-    lock: &StoreLock,
-    settings: &StageSettings,
-    trust: &Trust,
-    key: &OverlayKey,
-    source: &str,
-) -> Result<(ImportOutcome, String), AttemptError> {
-    use super::oci::{self, Client, Credentials, Reference};
-    let reference = Reference::parse(source)?;
-    let credentials = Credentials::load(root)?;
-    let mut client = Client::new(
-        &settings.oci,
-        &credentials,
-        settings.download_timeout,
-        settings.max_download_bytes,
-        &reference,
-    );
-    let resolved = client.resolve(&reference, &key.arch)?;
-    info!(
-        KERNEL_RELEASE = %key.kernel_release,
-        DRIVER_VERSION = %key.driver_version,
-        OCI_DIGEST = %resolved.digest,
-        endpoint = %resolved.endpoint,
-        "resolved {reference}"
-    );
-    let downloads = store.downloads_dir();
-    crate::fsutil::create_dir_all_mode(&downloads, 0o700).map_err(|e| AttemptError::Io {
-        path: downloads.clone(),
-        source: e,
-    })?;
-    let scratch = tempfile::Builder::new()
-        .prefix(crate::fsutil::TEMP_PREFIX)
-        .tempdir_in(&downloads)
-        .map_err(|e| AttemptError::Io {
-            path: downloads.clone(),
-            source: e,
-        })?;
-    let mut blobs = Vec::new();
-    for (i, layer) in resolved.layers.iter().enumerate() {
-        let path = scratch.path().join(format!("layer-{i}"));
-        client.fetch_blob(&resolved, &reference.repository, layer, &path)?;
-        blobs.push(path);
-    }
-    let name = format!("{reference} ({})", resolved.digest);
-    let outcome = if blobs.len() == 1 && oci::layer_is_overlay(&blobs[0])? {
-        let file = File::open(&blobs[0]).map_err(|e| AttemptError::Io {
-            path: blobs[0].clone(),
-            source: e,
-        })?;
-        stage_archive(
-            store,
-            lock,
-            settings,
-            trust,
-            key,
-            BufReader::new(file),
-            &name,
-        )?
-    } else {
-        stage_image(
-            store,
-            lock,
-            settings,
-            trust,
-            key,
-            &blobs,
-            scratch.path(),
-            &name,
-        )?
-    };
-    Ok((outcome, resolved.digest))
-}
-
-/// Shape (b): apply the image's layers into a scratch tree, pack the target kernel's NVIDIA
-/// modules and the driver's firmware into an overlay with a generated manifest, verify it and
-/// publish it.
-#[cfg(feature = "oci")]
-#[allow(clippy::too_many_arguments)]
-fn stage_image(
-    store: &Store,
-    lock: &StoreLock,
-    settings: &StageSettings,
-    trust: &Trust,
-    key: &OverlayKey,
-    layers: &[PathBuf],
-    scratch: &Path,
-    name: &str,
-) -> Result<ImportOutcome, AttemptError> {
-    use super::oci::{self, ApplyLimits, OciError};
-    use super::pack::{self, PackInput};
-    let tree = scratch.join("rootfs");
-    fs::create_dir(&tree).map_err(|e| AttemptError::Io {
-        path: tree.clone(),
-        source: e,
-    })?;
-    oci::apply_layers(
-        layers,
-        &tree,
-        ApplyLimits {
-            max_unpacked_bytes: settings.max_download_bytes.saturating_mul(UNPACK_RATIO),
-            max_entries: MAX_ENTRIES,
-        },
-    )?;
-    let in_tree = |path: String| -> Option<PathBuf> {
-        let resolved = oci::resolve_in(&tree, Path::new(&path)).ok()?;
-        let real = tree.join(resolved);
-        fs::symlink_metadata(&real)
-            .is_ok_and(|m| m.is_dir())
-            .then_some(real)
-    };
-    let no_modules = || OciError::NoModules {
-        reference: name.to_string(),
-        kernel: key.kernel_release.clone(),
-    };
-    let modules = in_tree(format!("lib/modules/{}", key.kernel_release)).ok_or_else(no_modules)?;
-    let firmware = in_tree(format!("lib/firmware/nvidia/{}", key.driver_version));
-    let packed = match pack::plan(&PackInput {
-        modules,
-        firmware,
-        userspace: None,
-        arch: key.arch.clone(),
-    }) {
-        Ok(packed) => packed,
-        Err(pack::PackError::NoModules { .. }) => return Err(no_modules().into()),
-        Err(e) => return Err(AttemptError::Pack(Box::new(e))),
-    };
-    if let Some((field, expected, found)) = key.mismatch(&packed.manifest) {
-        return Err(AttemptError::WrongOverlay {
-            path: PathBuf::from(name),
-            field,
-            expected,
-            found,
-        });
-    }
-    // A generated manifest carries no signature: under `require` such images are refused.
-    trust.check(key, packed.manifest_text.as_bytes(), None, name)?;
-    let staging = store.begin_staging(lock, &key.kernel_release, &key.driver_version)?;
-    let result = (|| {
-        fs::remove_dir(&staging).map_err(|e| AttemptError::Io {
-            path: staging.clone(),
-            source: e,
-        })?;
-        packed
-            .write_dir(&staging)
-            .map_err(|e| AttemptError::Pack(Box::new(e)))?;
-        crate::fsutil::sync_tree(&staging).map_err(|e| AttemptError::Io {
-            path: staging.clone(),
-            source: e,
-        })?;
-        verify_tree(&staging, &packed.manifest, Generated::Refuse)?;
-        check_target(trust, key, &staging, &packed.manifest)?;
-        Ok(store.publish_staged(lock, &staging, &packed.manifest)?)
-    })();
-    if result.is_err() {
-        store.abandon_staging(&staging);
-    }
-    result
 }
 
 /// `overlay.toml.minisig` of an overlay directory, when it has one.
@@ -790,35 +777,6 @@ pub fn read_signature(real_dir: &Path) -> Result<Option<String>, AttemptError> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(AttemptError::Io { path, source }),
-    }
-}
-
-/// [`check_modules`], and when the target kernel only loads signed modules, that every module
-/// carries a signature.
-fn check_target(
-    trust: &Trust,
-    key: &OverlayKey,
-    dir: &Path,
-    manifest: &Manifest,
-) -> Result<(), AttemptError> {
-    let infos = check_modules(dir, manifest)?;
-    let Some(reason) = &trust.signed_modules_required else {
-        return Ok(());
-    };
-    let unsigned: Vec<String> = manifest
-        .module_files()
-        .zip(&infos)
-        .filter(|(_, info)| info.signature.is_none())
-        .map(|(entry, _)| entry.path.display().to_string())
-        .collect();
-    if unsigned.is_empty() {
-        Ok(())
-    } else {
-        Err(AttemptError::UnsignedModules {
-            kernel: key.kernel_release.clone(),
-            reason: reason.clone(),
-            modules: unsigned.join(", "),
-        })
     }
 }
 
