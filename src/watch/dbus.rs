@@ -6,6 +6,7 @@
 //! signal is only ever a hint: the handler that receives it re-reads the truth from disk.
 
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
@@ -69,8 +70,10 @@ fn signal_iterator(
         source: Box::new(source),
     };
     let rule = rule.map_err(subscribe)?;
-    // A bounded queue: a signal storm costs at most this many messages of memory, and a dropped
-    // hint loses nothing because every hint leads to the same full re-read.
+    // A bounded queue: a signal storm costs at most this many messages of memory. zbus does not
+    // drop what does not fit: it stops reading the connection until the queue has room, method
+    // replies included. So every iterator needs a thread consuming it before the connection is
+    // used for a call.
     MessageIterator::for_match_rule(rule, conn, Some(64)).map_err(subscribe)
 }
 
@@ -149,16 +152,20 @@ pub fn spawn_update_engine_listener(
     conn: &Connection,
     on_hint: impl Fn(Hint) + Send + Sync + 'static,
 ) -> Result<Vec<JoinHandle<()>>, DbusError> {
-    let on_hint = std::sync::Arc::new(on_hint);
+    let on_hint = Arc::new(on_hint);
     let statuses = signal_iterator(conn, "update_engine", update_engine_rule())?;
     let owners = signal_iterator(
         conn,
         "update_engine NameOwnerChanged",
         name_owner_rule(UPDATE_ENGINE_NAME),
     )?;
-    ask_update_engine(conn, on_hint.as_ref());
 
+    // The status thread must consume signals while the first GetStatus is under way (see
+    // signal_iterator); what update_engine said last must still reach `on_hint` last. Until the
+    // answer is handed on, the thread keeps only the latest signal, and it goes after the answer.
+    let first_answer = Arc::new(Mutex::new(FirstAnswer::default()));
     let status_hint = on_hint.clone();
+    let status_gate = first_answer.clone();
     let status_thread = std::thread::Builder::new()
         .name("update-engine-status".into())
         .spawn(move || {
@@ -167,13 +174,27 @@ pub fn spawn_update_engine_listener(
                     message.and_then(|m| m.body().deserialize());
                 match status {
                     Ok((_, _, current_operation, _, _)) => {
-                        status_hint(Hint::UpdateEngine { current_operation })
+                        let mut gate = status_gate.lock().unwrap_or_else(PoisonError::into_inner);
+                        if gate.handed_on {
+                            status_hint(Hint::UpdateEngine { current_operation })
+                        } else {
+                            gate.held = Some(current_operation);
+                        }
                     }
                     Err(e) => warn!(error = %e, "malformed update_engine StatusUpdate; ignored"),
                 }
             }
         })
         .expect("spawning a thread");
+    let answer = update_engine_status(conn);
+    {
+        let mut gate = first_answer.lock().unwrap_or_else(PoisonError::into_inner);
+        hand_on_status(answer, on_hint.as_ref());
+        gate.handed_on = true;
+        if let Some(current_operation) = gate.held.take() {
+            on_hint(Hint::UpdateEngine { current_operation });
+        }
+    }
 
     let owner_conn = conn.clone();
     let owner_thread = std::thread::Builder::new()
@@ -196,8 +217,22 @@ pub fn spawn_update_engine_listener(
     Ok(vec![status_thread, owner_thread])
 }
 
+/// The first `GetStatus` answer, and the latest signal that came while it was awaited.
+#[derive(Default)]
+struct FirstAnswer {
+    handed_on: bool,
+    held: Option<String>,
+}
+
 fn ask_update_engine(conn: &Connection, on_hint: &(dyn Fn(Hint) + Send + Sync)) {
-    match update_engine_status(conn) {
+    hand_on_status(update_engine_status(conn), on_hint);
+}
+
+fn hand_on_status(
+    answer: Result<UpdateEngineStatus, DbusError>,
+    on_hint: &(dyn Fn(Hint) + Send + Sync),
+) {
+    match answer {
         Ok((_, _, current_operation, _, _)) => on_hint(Hint::UpdateEngine { current_operation }),
         Err(e) => debug!(error = %e, "update_engine not reachable now"),
     }
