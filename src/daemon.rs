@@ -221,6 +221,7 @@ pub fn run(
         agent: None,
         family,
         update_engine: UpdateEngineState::Unknown,
+        unsaved_operation: None,
         bus: None,
         inhibitor: None,
         retry_at: None,
@@ -255,10 +256,12 @@ pub fn run(
         // for the first look.
         while let Ok(event) = rx.try_recv() {
             if matches!(event, Event::Shutdown) {
+                daemon.save_operation();
                 return Ok(());
             }
             daemon.absorb(event);
         }
+        daemon.save_operation();
         daemon.evaluate();
         daemon.refresh();
     }
@@ -336,6 +339,9 @@ struct Daemon {
     agent: Option<AgentService>,
     family: Option<Family>,
     update_engine: UpdateEngineState,
+    /// update_engine's operation as last heard, while not yet in the state file: it is written
+    /// once per batch of events, so a signal storm costs no file write per signal.
+    unsaved_operation: Option<Option<String>>,
     bus: Option<zbus::blocking::Connection>,
     inhibitor: Option<Inhibitor>,
     retry_at: Option<Instant>,
@@ -487,7 +493,9 @@ impl Daemon {
             }
             let mut look_again = false;
             match event {
-                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                    return self.save_operation()
+                }
                 Ok(event) => {
                     // A file event may be the first of a package install's many: let the
                     // burst settle. A D-Bus signal, a poke or a reload is complete in itself:
@@ -503,11 +511,12 @@ impl Daemon {
                         let wait =
                             settle.min(settle_until.saturating_duration_since(Instant::now()));
                         match rx.recv_timeout(wait) {
-                            Ok(Event::Shutdown) => return,
+                            Ok(Event::Shutdown) => return self.save_operation(),
                             Ok(event) => look_again |= self.absorb(event),
                             Err(_) => break,
                         }
                     }
+                    self.save_operation();
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if self.retry_at.is_some_and(|at| now >= at) {
@@ -537,13 +546,7 @@ impl Daemon {
                     .as_deref()
                     .map(flatcar::update_engine_state)
                     .unwrap_or(UpdateEngineState::Unknown);
-                let mut saved = AgentState::read(&self.ctx.root);
-                if saved.update_engine_operation != operation {
-                    saved.update_engine_operation = operation;
-                    if let Err(e) = saved.write(&self.ctx.root) {
-                        warn!("{e}");
-                    }
-                }
+                self.unsaved_operation = Some(operation);
                 let changed = state != self.update_engine;
                 if changed {
                     info!("update_engine: {state:?}");
@@ -560,6 +563,20 @@ impl Daemon {
                 true
             }
             Event::Shutdown => false,
+        }
+    }
+
+    /// Put update_engine's last heard operation in the state file (`status` reads it there).
+    fn save_operation(&mut self) {
+        let Some(operation) = self.unsaved_operation.take() else {
+            return;
+        };
+        let mut saved = AgentState::read(&self.ctx.root);
+        if saved.update_engine_operation != operation {
+            saved.update_engine_operation = operation;
+            if let Err(e) = saved.write(&self.ctx.root) {
+                warn!("{e}");
+            }
         }
     }
 
