@@ -380,7 +380,18 @@ pub fn stage_next(
         if record.result == "failed" {
             state.stage_failures += 1;
         }
-        state.last_stage = Some(record.clone());
+        // A later look that finds the overlay the last stage put there keeps that stage's
+        // record: its source, digest and time say more than "already-staged", and the file
+        // events of the stage itself bring such a look at once.
+        let found_what_was_staged = record.result == "already-staged"
+            && state.last_stage.as_ref().is_some_and(|last| {
+                last.result == "staged"
+                    && last.kernel_release == record.kernel_release
+                    && last.driver_version == record.driver_version
+            });
+        if !found_what_was_staged {
+            state.last_stage = Some(record.clone());
+        }
     }
     state.write(&ctx.root)?;
     Ok(StageRun {

@@ -76,7 +76,8 @@ pub struct StageRecord {
     pub at: u64,
     pub kernel_release: String,
     pub driver_version: Option<String>,
-    /// `staged`, `already-staged`, `stood-down`, `missing` or `failed`.
+    /// `staged`, `already-staged`, `stood-down`, `missing` or `failed`. A look that finds the
+    /// overlay a `staged` record names already in the store leaves that record as it is.
     pub result: String,
     /// The store directory of the overlay, when there is one.
     pub overlay: Option<PathBuf>,
