@@ -20,15 +20,20 @@ const NEXT: &str = "6.1.0-29-cloud-amd64";
 const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 
 /// A host running KVER with its overlay stored; NEXT's is served over HTTP, `pace` slowing it.
-fn host(server: &HttpServer, pace: Option<(usize, Duration)>) -> FakeHost {
+/// A fake host whose one source is `server`; with `download_time`, the archive is sent in 50
+/// paced chunks that take about that long in all (the archive is a few KB: a fixed chunk size
+/// would send it in one or two pieces).
+fn host(server: &HttpServer, download_time: Option<Duration>) -> FakeHost {
     let host = FakeHost::new(KVER);
     let (archive, _) = overlay_archive(
         &OverlayBuilder::nvidia(NEXT),
         Compression::Zstd,
         ManifestAt::Last,
     );
+    const PIECES: u32 = 50;
+    let chunk = archive.len().div_ceil(PIECES as usize).max(1);
     let mut route = Route::file(archive);
-    route.pace = pace;
+    route.pace = download_time.map(|total| (chunk, total / PIECES));
     server.route(&format!("/{NEXT}.tar.zst"), route);
     host.write(
         "/etc/nvdriver-agent/config.toml",
@@ -83,7 +88,7 @@ fn two_stage_now_at_once_stage_the_kernel_once() {
 fn load_while_a_slow_stage_holds_the_store() {
     let server = HttpServer::start();
     // About two seconds of download.
-    let host = host(&server, Some((4096, Duration::from_millis(40))));
+    let host = host(&server, Some(Duration::from_secs(2)));
     let mut stage = common::agent::command(host.dir.path(), &["stage", "--now", "--kernel", NEXT])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
