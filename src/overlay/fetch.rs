@@ -35,6 +35,17 @@ pub struct FetchLimits {
     pub allow_http: bool,
 }
 
+impl FetchLimits {
+    /// The limits `[stage]` sets for every download.
+    pub fn of(settings: &crate::config::StageSettings) -> Self {
+        FetchLimits {
+            max_bytes: settings.max_download_bytes,
+            timeout: settings.download_timeout,
+            allow_http: settings.allow_http,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("{url}: the server has no such file (HTTP {status})")]

@@ -123,15 +123,7 @@ pub fn inspect(
     }
     if reference.starts_with("https://") || reference.starts_with("http://") {
         let part = scratch.path().join("download.part");
-        fetch::download(
-            reference,
-            &part,
-            &FetchLimits {
-                max_bytes: settings.max_download_bytes,
-                timeout: settings.download_timeout,
-                allow_http: settings.allow_http,
-            },
-        )?;
+        fetch::download(reference, &part, &FetchLimits::of(settings))?;
         return inspect_archive(settings, &trust, &part, reference, scratch.path());
     }
     let path = Path::new(reference);

@@ -559,15 +559,7 @@ impl Attempt<'_> {
         }
         let part = self.downloads_dir()?.join(part_name(self.key, url));
         failpoint!("stage::download");
-        fetch::download(
-            url,
-            &part,
-            &FetchLimits {
-                max_bytes: settings.max_download_bytes,
-                timeout: settings.download_timeout,
-                allow_http: settings.allow_http,
-            },
-        )?;
+        fetch::download(url, &part, &FetchLimits::of(settings))?;
         let file = File::open(&part).map_err(|e| AttemptError::Io {
             path: part.clone(),
             source: e,
