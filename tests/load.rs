@@ -215,7 +215,7 @@ fn userspace_overlay_is_mounted_and_toolkit_pointed_at_it() {
     fs::create_dir_all(host.path("/etc/nvidia-container-runtime")).unwrap();
     let shipped = fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/interfaces/flatcar-sysext-bakery/nvidia-runtime.config.toml"
+        "/tests/fixtures/toolkit/flatcar-sysext-bakery.nvidia-runtime.config.toml"
     ))
     .unwrap();
     host.write("/etc/nvidia-container-runtime/config.toml", &shipped);

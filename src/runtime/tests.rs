@@ -5,11 +5,11 @@ use pretty_assertions::assert_eq;
 
 const FLATCAR: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/interfaces/flatcar-sysext-bakery/nvidia-runtime.config.toml"
+    "/tests/fixtures/toolkit/flatcar-sysext-bakery.nvidia-runtime.config.toml"
 );
 const TOOLKIT_DEFAULT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/interfaces/nvidia-container-toolkit/config.toml.default-from-toml_test"
+    "/tests/fixtures/toolkit/nvidia-container-toolkit.default-config.toml"
 );
 const SHIPPED: [&str; 2] = [FLATCAR, TOOLKIT_DEFAULT];
 
