@@ -7,9 +7,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::overlay::archive::{self, Limits};
+use crate::overlay::key::OverlayKey;
 use crate::overlay::manifest::Manifest;
-use crate::overlay::source::OverlayKey;
+use crate::overlay::source::archive::{self, Limits};
 
 /// A fuzz target's check: panics only on a broken invariant.
 pub type Check = fn(&[u8]);
@@ -108,7 +108,7 @@ pub fn config(data: &[u8]) {
 /// other key and value, and a second edit changes nothing. A first line starting with `/`
 /// is the driver root to set.
 pub fn toolkit_config(data: &[u8]) {
-    use crate::runtime::{current_cli_root, set_cli_root, CLI_TABLE, ROOT_KEY};
+    use crate::handoff::toolkit::{current_cli_root, set_cli_root, CLI_TABLE, ROOT_KEY};
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

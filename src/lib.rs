@@ -7,27 +7,22 @@
 //! [`runtime`] and [`readiness`] hand the driver to the container toolkit and the GPU Operator.
 #![deny(unsafe_code)]
 
-pub mod agent_bus;
-pub mod cdi;
-pub mod commands;
+pub mod app;
+pub mod boot;
+pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod doctor;
 #[doc(hidden)]
 pub mod failpoints;
-pub mod fallback;
 pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod hold;
+pub mod handoff;
 pub mod host;
 pub mod kmod;
-pub mod outputs;
 pub mod overlay;
-pub mod readiness;
-pub mod runtime;
-pub mod stage;
+pub mod report;
 pub mod state;
-pub mod status;
 pub mod text;
+pub mod update;
 pub mod watch;

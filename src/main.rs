@@ -7,7 +7,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing::error;
 
-use nvdriver_agent::commands::{self, exit, CommandError, Context, LoadOutcome, Prepared};
+use nvdriver_agent::app::{self, exit, CommandError, Context};
+use nvdriver_agent::boot::load::{self, LoadOutcome, Prepared};
+use nvdriver_agent::cli::overlay as overlay_cmd;
 use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::daemon::{self, DaemonError};
 use nvdriver_agent::host::{HostFacts, Root};
@@ -15,8 +17,9 @@ use nvdriver_agent::kmod::modinfo;
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
 use nvdriver_agent::overlay::pack;
 use nvdriver_agent::overlay::store::ImportOutcome;
-use nvdriver_agent::stage::{self, NextBootReadiness, StageError, Target};
-use nvdriver_agent::{agent_bus, doctor, status, watch};
+use nvdriver_agent::report::{bus as agent_bus, doctor, status};
+use nvdriver_agent::update::stage::{self, NextBootReadiness, StageError, Target};
+use nvdriver_agent::watch;
 
 /// Keeps precompiled NVIDIA driver overlays loaded across kernel updates.
 #[derive(Debug, Parser)]
@@ -204,7 +207,7 @@ fn main() -> ExitCode {
                 .unwrap_or(exit::FAILURE);
             error!("{e:#}");
             eprintln!("nvdriver-agent: error: {e:#}");
-            commands::notify_status(&format!("failed: {e}"), false);
+            app::notify_status(&format!("failed: {e}"), false);
             ExitCode::from(code)
         }
     }
@@ -253,7 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Plan { json } => {
             let ctx = Context::new(root, &source)?;
-            match commands::prepare_load(&ctx, kernel.as_ref())? {
+            match load::prepare_load(&ctx, kernel.as_ref())? {
                 Prepared::Ready(prepared) => {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&prepared.plan)?);
@@ -278,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Load => {
             let ctx = Context::new(root, &source)?;
-            match commands::load(&ctx, kernel.as_mut())? {
+            match load::load(&ctx, kernel.as_mut())? {
                 LoadOutcome::Loaded { plan, report } => {
                     let status = if report.is_noop() {
                         format!(
@@ -294,14 +297,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                         )
                     };
                     println!("{status}");
-                    commands::notify_status(&status, true);
+                    app::notify_status(&status, true);
                     Ok(exit::OK)
                 }
                 LoadOutcome::NoOverlayWarned { kernel_release } => {
                     let status =
                         format!("no overlay for kernel {kernel_release}; driver not loaded");
                     println!("{status}");
-                    commands::notify_status(&status, true);
+                    app::notify_status(&status, true);
                     Ok(exit::OK)
                 }
             }
@@ -319,8 +322,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let ctx = Context::new(root, &source)?;
             let in_process = now || kernel_release.is_some() || driver.is_some();
             if !in_process {
-                if let Some(pid) = daemon::running_pid(&ctx.root) {
-                    daemon::poke(pid).map_err(|e| {
+                if let Some(pid) = nvdriver_agent::state::instance::running_pid(&ctx.root) {
+                    nvdriver_agent::state::instance::poke(pid).map_err(|e| {
                         anyhow::anyhow!("cannot signal the daemon (pid {pid}): {e}")
                     })?;
                     println!("asked the running daemon (pid {pid}) to look again; `nvdriver-agent status` shows the result");
@@ -335,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                         .ok_or(StageError::DetectorOff)?;
                     Target::Detect {
                         family,
-                        update_engine: daemon::last_update_engine_state(&ctx.root),
+                        update_engine: nvdriver_agent::state::last_update_engine_state(&ctx.root),
                     }
                 }
             };
@@ -369,7 +372,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let mut report = status::gather(&ctx)?;
             if report.daemon_pid.is_some() {
                 match agent_bus::read_daemon_properties() {
-                    Ok(daemon) => status::merge_daemon_view(&mut report, &daemon),
+                    Ok(daemon) => agent_bus::merge_daemon_view(&mut report, &daemon),
                     Err(e) => tracing::debug!("{e}; status read from disk"),
                 }
             }
@@ -392,8 +395,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(if failed { exit::FAILURE } else { exit::OK })
         }
         Command::Overlay(OverlayCommand::Verify { dir }) => {
-            let manifest = commands::overlay_verify(&dir)?;
-            let modules = commands::overlay_verify_modules(&dir, &manifest)?;
+            let manifest = overlay_cmd::overlay_verify(&dir)?;
+            let modules = overlay_cmd::overlay_verify_modules(&dir, &manifest)?;
             println!(
                 "{}: valid overlay for kernel {} driver {} ({}, {}): {} files, {} links, modules: {}",
                 dir.display(),
@@ -409,7 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Overlay(OverlayCommand::Import { dir }) => {
             let ctx = Context::new(root, &source)?;
-            let outcome = commands::overlay_import(&ctx, &dir)?;
+            let outcome = overlay_cmd::overlay_import(&ctx, &dir)?;
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(exit::OK)
         }
@@ -491,7 +494,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Overlay(OverlayCommand::Fetch { kernel, driver }) => {
             let ctx = Context::new(root, &source)?;
-            let report = commands::overlay_fetch(&ctx, &kernel, driver.as_deref())?;
+            let report = overlay_cmd::overlay_fetch(&ctx, &kernel, driver.as_deref())?;
             for attempt in &report.tried {
                 println!("tried {attempt}");
             }
@@ -505,7 +508,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Overlay(OverlayCommand::Gc { keep }) => {
             let ctx = Context::new(root, &source)?;
-            for removed in commands::overlay_gc(&ctx, &keep)? {
+            for removed in overlay_cmd::overlay_gc(&ctx, &keep)? {
                 println!("removed {}", removed.display());
             }
             Ok(exit::OK)

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use common::host::FakeHost;
 use common::modules::FixtureModule;
 use common::overlay::{OverlayBuilder, Packing, DRIVER};
-use nvdriver_agent::commands::{self, exit, CommandError, Context, LoadOutcome, Prepared};
+use nvdriver_agent::app::{exit, CommandError, Context};
+use nvdriver_agent::boot::load::{self, LoadOutcome, Prepared};
+use nvdriver_agent::cli::overlay as overlay_cmd;
 use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::kmod::plan::{LoadPlan, ModuleAction, PlanError};
 use nvdriver_agent::kmod::sys::{Call, SimulatedKernel};
@@ -39,7 +41,7 @@ fn ctx(host: &FakeHost) -> Context {
 
 fn plan(host: &FakeHost) -> Result<LoadPlan, CommandError> {
     let kernel = SimulatedKernel::new(host.root.clone());
-    match commands::prepare_load(&ctx(host), &kernel)? {
+    match load::prepare_load(&ctx(host), &kernel)? {
         Prepared::Ready(p) => Ok(p.plan),
         Prepared::NoOverlay { .. } => panic!("no overlay"),
     }
@@ -47,7 +49,7 @@ fn plan(host: &FakeHost) -> Result<LoadPlan, CommandError> {
 
 fn load(host: &FakeHost) -> (Result<LoadOutcome, CommandError>, Vec<Call>) {
     let mut kernel = SimulatedKernel::new(host.root.clone());
-    let result = commands::load(&ctx(host), &mut kernel);
+    let result = load::load(&ctx(host), &mut kernel);
     (result, kernel.calls)
 }
 
@@ -299,7 +301,7 @@ fn truncated_module_is_refused() {
     entry.sha256 = nvdriver_agent::overlay::verify::sha256_bytes(cut);
     fs::write(&manifest_path, manifest.to_toml()).unwrap();
     // The importer refuses it...
-    let err = commands::overlay_import(&ctx(&host), src.path()).unwrap_err();
+    let err = overlay_cmd::overlay_import(&ctx(&host), src.path()).unwrap_err();
     assert_eq!(err.exit_code(), exit::INVALID_OVERLAY, "{err}");
     assert!(!host.exists(STORE), "store untouched");
     // ...and so does the loader if such a thing is in the store anyway.
@@ -468,9 +470,7 @@ fn kernel_refusal_unloads_what_this_run_loaded() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
     let mut kernel = SimulatedKernel::new(host.root.clone());
     kernel.refuse = Some(("nvidia_uvm".into(), nix::errno::Errno::ENOEXEC));
-    let err = commands::load(&ctx(&host), &mut kernel)
-        .err()
-        .expect("refused");
+    let err = load::load(&ctx(&host), &mut kernel).err().expect("refused");
     assert_eq!(err.exit_code(), exit::KERNEL_REFUSED, "{err}");
     assert!(
         err.to_string().contains("nvidia_uvm") && err.to_string().contains("another kernel"),

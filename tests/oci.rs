@@ -17,8 +17,8 @@ use common::registry::{make_index, write_layout, Image, Layer, Registry, Stallin
 use common::Compression;
 use nvdriver_agent::config::{OciSettings, StageSettings};
 use nvdriver_agent::host::Root;
-use nvdriver_agent::overlay::oci::OciError;
 use nvdriver_agent::overlay::pack::{self, PackInput};
+use nvdriver_agent::overlay::source::oci::OciError;
 use nvdriver_agent::overlay::source::{stage, AttemptError, OverlayKey, SourceError, StageReport};
 use nvdriver_agent::overlay::Store;
 

@@ -16,8 +16,8 @@ use common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::config::StageSettings;
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;
-use nvdriver_agent::overlay::archive::ArchiveError;
-use nvdriver_agent::overlay::fetch::FetchError;
+use nvdriver_agent::overlay::source::archive::ArchiveError;
+use nvdriver_agent::overlay::source::http::FetchError;
 use nvdriver_agent::overlay::source::{stage, AttemptError, OverlayKey, SourceError, StageReport};
 use nvdriver_agent::overlay::store::ImportOutcome;
 use nvdriver_agent::overlay::Store;
@@ -952,7 +952,7 @@ fn archive_over_the_size_cap_is_refused_before_it_is_opened() {
 
 #[test]
 fn http_redirects_are_bounded_and_stay_on_http() {
-    use nvdriver_agent::overlay::fetch::MAX_REDIRECTS;
+    use nvdriver_agent::overlay::source::http::MAX_REDIRECTS;
     let host = Host::new();
     let server = HttpServer::start();
     server.route(

@@ -1,7 +1,6 @@
 //! Kernel modules: reading `.modinfo`, planning the load, and the thin syscall edge.
 
 pub mod devices;
-pub mod load;
 pub mod modinfo;
 pub mod plan;
 pub mod sys;

@@ -1,17 +1,17 @@
 //! The load plan: pure. From the settings, the host's facts, the kernel's state, the chosen
 //! overlay and what its modules say of themselves, decide everything `load` will do, in
 //! order, or refuse with what to do instead. `nvdriver-agent plan` prints it; `load`
-//! executes it ([`super::load`]).
+//! executes it ([`crate::boot::execute`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::modinfo::{vermagic_release, Compression, ModInfo};
 use crate::config::Settings;
 use crate::host::kernel::{normalize_module_name, KernelState};
 use crate::host::HostFacts;
+use crate::kmod::modinfo::{vermagic_release, Compression, ModInfo};
 use crate::overlay::manifest::{module_stem, Flavor};
 use crate::overlay::StoredOverlay;
 
@@ -603,7 +603,7 @@ fn dependency_order(
 }
 
 fn node_specs(order: &[String]) -> Vec<NodeSpec> {
-    use super::devices::{NVIDIACTL_MINOR, NVIDIA_MAJOR, NVIDIA_MODESET_MINOR};
+    use crate::kmod::devices::{NVIDIACTL_MINOR, NVIDIA_MAJOR, NVIDIA_MODESET_MINOR};
     let has = |n: &str| order.iter().any(|m| m == n);
     let mut specs = Vec::new();
     if has("nvidia") {

@@ -8,16 +8,18 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::archive::{self, ArchiveError, Limits};
-use super::fetch::{self, FetchError, FetchLimits};
-use super::manifest::{Flavor, Manifest, ManifestError, MANIFEST_NAME};
-use super::signature::{self, SignaturePolicy, SIGNATURE_NAME};
-use super::source::{read_signature, AttemptError, OverlayKey, Trust, MAX_ENTRIES, UNPACK_RATIO};
-use super::store::{self, StoreError};
-use super::verify::{sha256_reader, verify_tree, Generated};
 use crate::config::StageSettings;
 use crate::host::Root;
 use crate::kmod::modinfo;
+use crate::overlay::manifest::{Flavor, Manifest, ManifestError, MANIFEST_NAME};
+use crate::overlay::signature::{self, SignaturePolicy, SIGNATURE_NAME};
+use crate::overlay::source::archive::{self, ArchiveError, Limits};
+use crate::overlay::source::http::{self, FetchError, FetchLimits};
+use crate::overlay::source::{
+    read_signature, AttemptError, OverlayKey, Trust, MAX_ENTRIES, UNPACK_RATIO,
+};
+use crate::overlay::store::{self, StoreError};
+use crate::overlay::verify::{sha256_reader, verify_tree, Generated};
 
 /// A manifest larger than this is not a manifest.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
@@ -85,7 +87,7 @@ pub enum InspectError {
     Signature(#[from] signature::SignatureError),
     #[cfg(feature = "oci")]
     #[error(transparent)]
-    Oci(#[from] super::oci::OciError),
+    Oci(#[from] crate::overlay::source::oci::OciError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -123,7 +125,7 @@ pub fn inspect(
     }
     if reference.starts_with("https://") || reference.starts_with("http://") {
         let part = scratch.path().join("download.part");
-        fetch::download(reference, &part, &FetchLimits::of(settings))?;
+        http::download(reference, &part, &FetchLimits::of(settings))?;
         return inspect_archive(settings, &trust, &part, reference, scratch.path());
     }
     let path = Path::new(reference);
@@ -310,7 +312,7 @@ fn inspect_oci(
     source: &str,
     scratch: &Path,
 ) -> Result<Inspection, InspectError> {
-    use super::oci::{self, ApplyLimits, Client, Credentials, Reference};
+    use crate::overlay::source::oci::{self, ApplyLimits, Client, Credentials, Reference};
     let reference = Reference::parse(source)?;
     let credentials = Credentials::load(root)?;
     let mut client = Client::new(
@@ -391,7 +393,7 @@ fn collect_nvidia(tree: &Path, relative: &Path, found: &mut Vec<PathBuf>) {
             collect_nvidia(tree, &path, found);
         } else if kind.is_file()
             && name.starts_with("nvidia")
-            && super::manifest::is_module_file_name(&name)
+            && crate::overlay::manifest::is_module_file_name(&name)
         {
             found.push(path);
         }

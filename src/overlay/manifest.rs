@@ -161,7 +161,7 @@ impl Manifest {
         for path in all_paths {
             check_relative(origin, path)?;
             if path == Path::new(MANIFEST_NAME)
-                || path == Path::new(super::signature::SIGNATURE_NAME)
+                || path == Path::new(crate::overlay::signature::SIGNATURE_NAME)
                 || GENERATED_FILES.iter().any(|g| path == Path::new(g))
             {
                 return Err(ManifestError::BadPath {

@@ -2,13 +2,10 @@
 //! manifest `overlay.toml`; verification of a tree against its manifest; the local store;
 //! the sources overlays are staged from (directories, tar archives, HTTP(S)).
 
-pub mod archive;
 pub mod enforce;
-pub mod fetch;
 pub mod inspect;
+pub mod key;
 pub mod manifest;
-#[cfg(feature = "oci")]
-pub mod oci;
 pub mod pack;
 pub mod signature;
 pub mod source;

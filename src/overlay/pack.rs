@@ -11,14 +11,14 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::manifest::{
+use crate::fsutil::temp_sibling;
+use crate::kmod::modinfo::{self, ModinfoError};
+use crate::overlay::manifest::{
     module_stem, FileEntry, Flavor, Manifest, ManifestError, SymlinkEntry, FORMAT_VERSION,
     MANIFEST_NAME,
 };
-use super::signature::{self, SignatureError, SIGNATURE_NAME};
-use super::verify::sha256_reader;
-use crate::fsutil::temp_sibling;
-use crate::kmod::modinfo::{self, ModinfoError};
+use crate::overlay::signature::{self, SignatureError, SIGNATURE_NAME};
+use crate::overlay::verify::sha256_reader;
 
 /// zstd level of packed archives: fixed, so archives are reproducible.
 pub const ZSTD_LEVEL: i32 = 12;

@@ -212,7 +212,7 @@ pub fn check(
             origin: origin.to_string(),
             key_id,
             file: key.file.clone(),
-            manifest: super::MANIFEST_NAME,
+            manifest: crate::overlay::MANIFEST_NAME,
         })?;
     Ok(SignatureStatus::Verified {
         key_id: key_id.to_string(),

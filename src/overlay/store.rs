@@ -1,6 +1,6 @@
 //! The local store of verified overlays: `<store>/<kernel release>/<driver version>/`.
 //!
-//! A reader never sees half an overlay: [`Store::import`] (and [`super::source::stage`] for
+//! A reader never sees half an overlay: [`Store::import`] (and [`crate::overlay::source::stage`] for
 //! archives) builds the copy in a temporary sibling, verifies it, fsyncs files and directories,
 //! then renames it into place (an atomic exchange when an older copy is there). Whatever changes
 //! the store holds [`Store::lock`], so two stagers (or a stager and GC) take turns, and the
@@ -15,11 +15,11 @@ use std::process::Command;
 
 use tracing::{debug, info, warn};
 
-use super::manifest::{Manifest, ManifestError, MANIFEST_NAME};
-use super::verify::{self, check_digest, verify_tree, Generated, VerifyError};
 use crate::failpoints::failpoint;
 use crate::fsutil::{fsync_dir, temp_sibling, TEMP_PREFIX};
 use crate::host::Root;
+use crate::overlay::manifest::{Manifest, ManifestError, MANIFEST_NAME};
+use crate::overlay::verify::{self, check_digest, verify_tree, Generated, VerifyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

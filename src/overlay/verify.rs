@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::manifest::{FileEntry, Manifest, GENERATED_FILES, MANIFEST_NAME};
+use crate::overlay::manifest::{FileEntry, Manifest, GENERATED_FILES, MANIFEST_NAME};
 
 /// A tree with more directories than this is refused rather than walked forever.
 const MAX_DIRECTORIES: usize = 100_000;
@@ -108,7 +108,7 @@ pub fn verify_tree(
             let relative = relative_dir.join(entry.file_name());
             let absolute = dir.join(&relative);
             if relative == Path::new(MANIFEST_NAME)
-                || relative == Path::new(super::signature::SIGNATURE_NAME)
+                || relative == Path::new(crate::overlay::signature::SIGNATURE_NAME)
             {
                 continue;
             }

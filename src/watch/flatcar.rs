@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 
 use tracing::debug;
 
-use super::NextBoot;
 use crate::host::kernel::is_kernel_release;
 use crate::host::Root;
 use crate::overlay::store::compare_versions;
+use crate::watch::NextBoot;
 
 /// Partition UUID of `USR-A` (flatcar/scripts `build_library/disk_layout.json`; GRUB's
 /// `gptprio` function compares against it to pick slot `a`).

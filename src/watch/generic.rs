@@ -25,10 +25,10 @@ use std::path::{Path, PathBuf};
 use object::read::pe::{PeFile32, PeFile64};
 use tracing::debug;
 
-use super::flatcar::{bzimage_release, read_bzimage_release, BZIMAGE_HEADER_MAX};
-use super::NextBoot;
 use crate::host::kernel::is_kernel_release;
 use crate::host::Root;
+use crate::watch::flatcar::{bzimage_release, read_bzimage_release, BZIMAGE_HEADER_MAX};
+use crate::watch::NextBoot;
 
 /// Where systemd-boot finds unified kernel images (type #2 entries).
 pub const UKI_DIRS: [&str; 3] = ["/efi/EFI/Linux", "/boot/EFI/Linux", "/boot/efi/EFI/Linux"];
@@ -75,7 +75,7 @@ pub enum GenericError {
     #[error("the .uname section is not a kernel release: {found:?}")]
     BadUname { found: String },
     #[error("the .linux section's bzImage header: {0}")]
-    EmbeddedKernel(#[source] super::flatcar::FlatcarError),
+    EmbeddedKernel(#[source] crate::watch::flatcar::FlatcarError),
     #[error("{path}: {source}")]
     Image {
         path: PathBuf,

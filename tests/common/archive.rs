@@ -5,7 +5,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use nvdriver_agent::overlay::archive::Compression;
+pub use nvdriver_agent::overlay::source::archive::Compression;
 use nvdriver_agent::overlay::Manifest;
 
 use super::overlay::OverlayBuilder;

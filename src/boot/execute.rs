@@ -12,14 +12,14 @@ use std::time::Instant;
 use nix::errno::Errno;
 use tracing::{debug, warn};
 
-use super::devices::{self, nodes_for, DeviceNode};
-use super::modinfo::{self, Compression};
-use super::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction};
-use super::sys::{Kernel, ModuleLoad, NodeState, SysError};
+use crate::handoff::driver_ready::{self, DriverReady};
+use crate::handoff::toolkit;
 use crate::host::kernel::FIRMWARE_PATH;
 use crate::host::Root;
-use crate::readiness::{self, DriverReady};
-use crate::runtime;
+use crate::kmod::devices::{self, nodes_for, DeviceNode};
+use crate::kmod::modinfo::{self, Compression};
+use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction};
+use crate::kmod::sys::{Kernel, ModuleLoad, NodeState, SysError};
 
 /// An overlay module file opened (and hashed) during inspection, handed to `finit_module`
 /// as the same descriptor, so what was verified is what gets loaded.
@@ -56,9 +56,9 @@ pub enum LoadError {
     #[error("cannot expose the driver root {path}: {cause}")]
     DriverRoot { path: PathBuf, cause: String },
     #[error(transparent)]
-    Toolkit(#[from] runtime::RuntimeError),
+    Toolkit(#[from] toolkit::RuntimeError),
     #[error(transparent)]
-    Readiness(#[from] readiness::ReadinessError),
+    Readiness(#[from] driver_ready::ReadinessError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -196,12 +196,13 @@ pub fn execute(
     }
 
     if let Some((config, value)) = plan.toolkit.write() {
-        let change = runtime::apply_cli_root(root, config, value)?;
-        report.toolkit_changed = change != runtime::RootChange::Unchanged;
+        let change = toolkit::apply_cli_root(root, config, value)?;
+        report.toolkit_changed = change != toolkit::RootChange::Unchanged;
     }
 
     let ready = DriverReady::for_driver_root(&report.driver_root.to_string_lossy());
-    report.driver_ready_written = readiness::write_driver_ready(root, &plan.driver_ready, &ready)?;
+    report.driver_ready_written =
+        driver_ready::write_driver_ready(root, &plan.driver_ready, &ready)?;
     Ok(report)
 }
 
@@ -219,14 +220,14 @@ fn preflight(root: &Root, plan: &LoadPlan) -> Result<(), LoadError> {
         }
     }
     if let Some((config, value)) = plan.toolkit.write() {
-        runtime::plan_cli_root(root, config, value)?;
+        toolkit::plan_cli_root(root, config, value)?;
     }
     Ok(())
 }
 
 /// Load one module. `Ok(false)`: the kernel already had it (a race with another loader).
 fn load_one(
-    step: &super::plan::ModuleStep,
+    step: &crate::kmod::plan::ModuleStep,
     module: &OpenedModule,
     kernel: &mut dyn Kernel,
     module_init_micros: &mut u64,

@@ -8,9 +8,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::commands::{CommandError, Context};
+use crate::app::{CommandError, Context};
 use crate::config::MissingNextOverlayPolicy;
-use crate::daemon;
 use crate::host::{HostFacts, KernelState};
 use crate::state::{AgentState, HoldRecord, LoadRecord, StageRecord};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
@@ -70,9 +69,9 @@ impl Readiness {
     /// `status`'s exit code for it (documented in the README and `status --help`).
     pub fn exit_code(self) -> u8 {
         match self {
-            Readiness::Ready => crate::commands::exit::OK,
-            Readiness::NotReadyAfterReboot => crate::commands::exit::NOT_READY_AFTER_REBOOT,
-            Readiness::NotReady => crate::commands::exit::NOT_READY,
+            Readiness::Ready => crate::app::exit::OK,
+            Readiness::NotReadyAfterReboot => crate::app::exit::NOT_READY_AFTER_REBOOT,
+            Readiness::NotReady => crate::app::exit::NOT_READY,
         }
     }
 }
@@ -247,7 +246,7 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         stage_failures: state.stage_failures,
         read_from: "disk".into(),
         loaded_driver,
-        daemon_pid: daemon::running_pid(&ctx.root),
+        daemon_pid: crate::state::instance::running_pid(&ctx.root),
         detector: family,
         pending,
         pending_staged,
@@ -261,14 +260,6 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         },
         watch_error,
     })
-}
-
-/// Take the running daemon's word, read over D-Bus, for what it decides (its policy state and
-/// last error); the rest is read from disk either way and agrees with it.
-pub fn merge_daemon_view(report: &mut StatusReport, daemon: &crate::agent_bus::AgentProperties) {
-    report.read_from = "daemon".into();
-    report.policy_state = daemon.policy_state.clone();
-    report.last_error = Some(daemon.last_error.clone()).filter(|e| !e.is_empty());
 }
 
 pub fn render(report: &StatusReport) -> String {

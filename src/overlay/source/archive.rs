@@ -19,11 +19,11 @@ use std::thread;
 
 use sha2::{Digest, Sha256};
 
-use super::manifest::{symlink_stays_inside, Manifest, ManifestError, MANIFEST_NAME};
-use super::signature::{MAX_SIGNATURE_BYTES, SIGNATURE_NAME};
-use super::source::OverlayKey;
-use super::verify::{check_digest, VerifyError};
 use crate::fsutil::fsync_dir;
+use crate::overlay::key::OverlayKey;
+use crate::overlay::manifest::{symlink_stays_inside, Manifest, ManifestError, MANIFEST_NAME};
+use crate::overlay::signature::{MAX_SIGNATURE_BYTES, SIGNATURE_NAME};
+use crate::overlay::verify::{check_digest, VerifyError};
 
 /// Files at least this large are written back to disk in the background every this many bytes.
 const WRITEBACK_EVERY: u64 = 16 << 20;

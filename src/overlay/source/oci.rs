@@ -26,10 +26,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-use super::archive::{self, plain_relative, ArchiveError};
-use super::MANIFEST_NAME;
 use crate::config::OciSettings;
 use crate::host::Root;
+use crate::overlay::source::archive::{self, plain_relative, ArchiveError};
+use crate::overlay::MANIFEST_NAME;
 
 /// Where registry credentials live (a host path).
 pub const AUTH_FILE: &str = "/etc/nvdriver-agent/auth.json";
@@ -399,7 +399,7 @@ impl<'a> Client<'a> {
         reference: &Reference,
     ) -> Self {
         // Redirects to blob storage are followed; plain HTTP is decided per registry.
-        let agent = super::fetch::http_agent(false, None);
+        let agent = crate::overlay::source::http::http_agent(false, None);
         Client {
             agent,
             settings,

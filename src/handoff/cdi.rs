@@ -14,8 +14,8 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use crate::fsutil;
+use crate::handoff::output_file::{self, OutputError};
 use crate::host::Root;
-use crate::outputs::{self, OutputError};
 
 pub const CDI_VERSION: &str = "0.6.0";
 pub const CDI_KIND: &str = "nvidia.com/gpu";
@@ -219,7 +219,7 @@ pub fn regenerate(
     let facts = gather(root, overlay_dir, driver_root)?;
     let mut text = serde_json::to_vec_pretty(&spec(&facts)).expect("spec serializes");
     text.push(b'\n');
-    let written = outputs::write_if_dir_exists(root, spec_path, "cdi-spec", &text)?;
+    let written = output_file::write_if_dir_exists(root, spec_path, "cdi-spec", &text)?;
     Ok(if written {
         CdiOutcome::Minimal
     } else {

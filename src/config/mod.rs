@@ -15,7 +15,7 @@ use crate::overlay::signature::SignaturePolicy;
 
 /// The defaults as shipped; compiled in so a host without `/usr/lib/nvdriver-agent` still has
 /// them, and read from the same file the packages install (one source of truth).
-pub const SHIPPED_DEFAULTS: &str = include_str!("../dist/config.toml");
+pub const SHIPPED_DEFAULTS: &str = include_str!("../../dist/config.toml");
 pub const SHIPPED_DEFAULTS_PATH: &str = "/usr/lib/nvdriver-agent/config.toml";
 pub const ETC_CONFIG_PATH: &str = "/etc/nvdriver-agent/config.toml";
 pub const ETC_DROPIN_DIR: &str = "/etc/nvdriver-agent/config.d";

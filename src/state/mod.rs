@@ -4,6 +4,8 @@
 //! The file is rewritten atomically on every change and is versioned (`format`); a file this
 //! version cannot read is treated as absent (it lives in `/run`: a reboot clears it anyway).
 
+pub mod instance;
+
 use crate::failpoints::failpoint;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use tracing::warn;
 
 use crate::fsutil;
 use crate::host::Root;
+use crate::watch::flatcar::{self, UpdateEngineState};
 use crate::watch::NextBoot;
 
 pub const STATE_FILE: &str = "/run/nvdriver-agent/state.json";
@@ -152,6 +155,15 @@ impl AgentState {
 /// Where the state file is, under a root (for tests and messages).
 pub fn state_path(root: &Root) -> PathBuf {
     root.join(Path::new(STATE_FILE))
+}
+
+/// update_engine's state as the daemon last heard it (`Unknown` without a daemon).
+pub fn last_update_engine_state(root: &Root) -> UpdateEngineState {
+    AgentState::read(root)
+        .update_engine_operation
+        .as_deref()
+        .map(flatcar::update_engine_state)
+        .unwrap_or(UpdateEngineState::Unknown)
 }
 
 #[cfg(test)]

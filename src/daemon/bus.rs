@@ -1,5 +1,5 @@
-//! The agent's own D-Bus object on the system bus: `org.nvdriveragent.Agent1` at
-//! `/org/nvdriveragent/Agent1`, with read-only properties for how things stand and the methods
+//! Serving the agent's D-Bus object on the system bus (names and properties in
+//! [`crate::report::bus`]): read-only properties for how things stand and the methods
 //! `Stage()` and `Reload()`. zbus serves it on its own executor thread; the daemon's main loop
 //! only swaps in new property values ([`AgentService::update`]), which emits
 //! `PropertiesChanged` for the ones that changed.
@@ -10,72 +10,13 @@ use std::sync::{Arc, Mutex};
 use zbus::blocking::{connection, Connection};
 use zbus::zvariant::Value;
 
-use crate::status::StatusReport;
+use crate::report::bus::{AgentProperties, AGENT_INTERFACE, AGENT_NAME, AGENT_PATH};
 
-pub const AGENT_NAME: &str = "org.nvdriveragent.Agent1";
-pub const AGENT_PATH: &str = "/org/nvdriveragent/Agent1";
-pub const AGENT_INTERFACE: &str = "org.nvdriveragent.Agent1";
-
+/// The daemon could not serve its object; it goes on without it.
 #[derive(Debug, thiserror::Error)]
-pub enum AgentBusError {
+pub enum ServeError {
     #[error("cannot serve {AGENT_NAME} on the system bus: {0}; the agent goes on without its D-Bus object (is units/org.nvdriveragent.Agent1.conf installed in /usr/share/dbus-1/system.d/?)")]
     Serve(#[source] Box<zbus::Error>),
-    #[error("cannot read {AGENT_NAME}'s properties: {0}")]
-    Read(#[source] Box<zbus::Error>),
-}
-
-/// The properties as D-Bus carries them: strings, empty for "none" (D-Bus has no null).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AgentProperties {
-    pub running_kernel: String,
-    pub loaded_driver_version: String,
-    pub pending_kernel: String,
-    /// The store directory of the overlay staged for the pending kernel.
-    pub staged_overlay: String,
-    pub policy_state: String,
-    pub last_error: String,
-}
-
-impl AgentProperties {
-    pub fn from_report(report: &StatusReport) -> AgentProperties {
-        let staged_overlay = match (&report.pending, &report.last_stage) {
-            (Some(next), Some(stage))
-                if report.pending_staged == Some(true)
-                    && stage.kernel_release == next.kernel_release =>
-            {
-                stage
-                    .overlay
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            }
-            _ => String::new(),
-        };
-        AgentProperties {
-            running_kernel: report.running_kernel.clone(),
-            loaded_driver_version: report.loaded_driver.clone().unwrap_or_default(),
-            pending_kernel: report
-                .pending
-                .as_ref()
-                .map(|n| n.kernel_release.clone())
-                .unwrap_or_default(),
-            staged_overlay,
-            policy_state: report.policy_state.clone(),
-            last_error: report.last_error.clone().unwrap_or_default(),
-        }
-    }
-
-    /// `(D-Bus name, value)` of every property, in a fixed order.
-    fn named(&self) -> [(&'static str, &str); 6] {
-        [
-            ("RunningKernel", &self.running_kernel),
-            ("LoadedDriverVersion", &self.loaded_driver_version),
-            ("PendingKernel", &self.pending_kernel),
-            ("StagedOverlay", &self.staged_overlay),
-            ("PolicyState", &self.policy_state),
-            ("LastError", &self.last_error),
-        ]
-    }
 }
 
 type StageHook = Box<dyn Fn() + Send + Sync>;
@@ -150,14 +91,14 @@ impl AgentService {
         initial: AgentProperties,
         on_stage: impl Fn() + Send + Sync + 'static,
         on_reload: impl Fn() -> Result<(), String> + Send + Sync + 'static,
-    ) -> Result<AgentService, AgentBusError> {
+    ) -> Result<AgentService, ServeError> {
         let properties = Arc::new(Mutex::new(initial));
         let object = AgentObject {
             properties: properties.clone(),
             on_stage: Box::new(on_stage),
             on_reload: Box::new(on_reload),
         };
-        let serve = |e| AgentBusError::Serve(Box::new(e));
+        let serve = |e| ServeError::Serve(Box::new(e));
         let connection = connection::Builder::system()
             .map_err(serve)?
             .serve_at(AGENT_PATH, object)
@@ -173,7 +114,7 @@ impl AgentService {
     }
 
     /// Swap in new values and emit `PropertiesChanged` for those that changed.
-    pub fn update(&self, new: AgentProperties) -> Result<(), AgentBusError> {
+    pub fn update(&self, new: AgentProperties) -> Result<(), ServeError> {
         let changed: HashMap<&str, Value<'_>> = {
             let mut current = self.properties.lock().unwrap_or_else(|e| e.into_inner());
             if *current == new {
@@ -197,48 +138,6 @@ impl AgentService {
                 "PropertiesChanged",
                 &(AGENT_INTERFACE, changed, Vec::<&str>::new()),
             )
-            .map_err(|e| AgentBusError::Serve(Box::new(e)))
+            .map_err(|e| ServeError::Serve(Box::new(e)))
     }
-}
-
-/// The running daemon's properties, read over the system bus (for `status`); a daemon that does
-/// not answer within two seconds counts as absent.
-pub fn read_daemon_properties() -> Result<AgentProperties, AgentBusError> {
-    let read = |e| AgentBusError::Read(Box::new(e));
-    let connection = connection::Builder::system()
-        .map_err(read)?
-        .method_timeout(std::time::Duration::from_secs(2))
-        .build()
-        .map_err(read)?;
-    read_properties(&connection)
-}
-
-/// The agent's properties, read through `connection`.
-pub fn read_properties(connection: &Connection) -> Result<AgentProperties, AgentBusError> {
-    let read = |e| AgentBusError::Read(Box::new(e));
-    let proxy = zbus::blocking::fdo::PropertiesProxy::builder(connection)
-        .destination(AGENT_NAME)
-        .map_err(read)?
-        .path(AGENT_PATH)
-        .map_err(read)?
-        .build()
-        .map_err(read)?;
-    let interface = zbus::names::InterfaceName::from_static_str(AGENT_INTERFACE)
-        .map_err(|e| read(zbus::Error::from(e)))?;
-    let all = proxy
-        .get_all(interface)
-        .map_err(|e| read(zbus::Error::from(e)))?;
-    let text = |name: &str| -> String {
-        all.get(name)
-            .and_then(|v| String::try_from(v.clone()).ok())
-            .unwrap_or_default()
-    };
-    Ok(AgentProperties {
-        running_kernel: text("RunningKernel"),
-        loaded_driver_version: text("LoadedDriverVersion"),
-        pending_kernel: text("PendingKernel"),
-        staged_overlay: text("StagedOverlay"),
-        policy_state: text("PolicyState"),
-        last_error: text("LastError"),
-    })
 }

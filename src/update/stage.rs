@@ -8,14 +8,14 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
-use crate::commands::Context;
+use crate::app::Context;
 use crate::config::MissingNextOverlayPolicy;
-use crate::hold::{self, HoldError, HoldMechanism, OstreeLockOutcome};
 use crate::host::{HostError, HostFacts, KernelState};
 use crate::overlay::source::{self, OverlayKey, SourceError};
 use crate::overlay::store::compare_versions;
 use crate::overlay::StoreError;
 use crate::state::{now_unix, AgentState, HoldRecord, StageRecord, StateError};
+use crate::update::hold::{self, HoldError, HoldMechanism, OstreeLockOutcome};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot, WatchError};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub enum StageError {
 
 impl StageError {
     pub fn exit_code(&self) -> u8 {
-        use crate::commands::exit;
+        use crate::app::exit;
         match self {
             StageError::Source(SourceError::NotFound { .. } | SourceError::NoSources) => {
                 exit::NO_OVERLAY

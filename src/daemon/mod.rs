@@ -5,31 +5,30 @@
 //! systemd watchdog, when `WatchdogSec=` asks for it, and retries while an overlay for a pending
 //! kernel is missing. Idle with nothing pending, the process makes no wakeups at all.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
-use std::path::PathBuf;
+pub mod bus;
+
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
 
-use crate::agent_bus::{AgentProperties, AgentService};
-use crate::commands::{self, CommandError, Context, LoadOutcome};
+use crate::app::{self, CommandError, Context};
+use crate::boot::fallback;
+use crate::boot::load::{self, LoadOutcome};
 use crate::config::{self, ConfigSource, Settings};
-use crate::fallback;
-use crate::fsutil;
-use crate::hold::HoldMechanism;
-use crate::host::{HostFacts, Root};
+use crate::daemon::bus::AgentService;
+use crate::host::HostFacts;
 use crate::kmod::sys::Kernel;
-use crate::stage::{self, HoldAction, NextBootReadiness, Target};
+use crate::report::bus::AgentProperties;
+use crate::state::instance::{InstanceError, InstanceLock};
 use crate::state::{now_unix, AgentState, HoldRecord, LoadRecord};
+use crate::update::hold::HoldMechanism;
+use crate::update::stage::{self, HoldAction, NextBootReadiness, Target};
 use crate::watch::dbus::{self, Hint, Inhibitor};
 use crate::watch::flatcar::{self, UpdateEngineState};
 use crate::watch::{self, fswatch, Family};
 
-pub const INSTANCE_LOCK: &str = "/run/nvdriver-agent/run.lock";
 /// Events closer together than this are handled as one (a package install writes many files).
 const SETTLE: Duration = Duration::from_millis(50);
 /// ... but a steady stream of events does not postpone the work longer than this.
@@ -40,13 +39,8 @@ const RETRY_MAX: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("another `nvdriver-agent run` is already running on this host{}; stop it first (`systemctl stop nvdriver-agent`), or use `nvdriver-agent stage` to ask it to look again", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
-    AlreadyRunning { pid: Option<u32> },
-    #[error("cannot take the instance lock {path}: {source}; is /run writable?")]
-    Lock {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
     #[error(transparent)]
     Command(#[from] CommandError),
     #[error("cannot set up signal handling: {0}")]
@@ -57,77 +51,9 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Command(e) => e.exit_code(),
-            _ => crate::commands::exit::FAILURE,
+            _ => crate::app::exit::FAILURE,
         }
     }
-}
-
-/// Held for the daemon's lifetime; records its pid.
-pub struct InstanceLock {
-    _lock: Flock<File>,
-}
-
-impl InstanceLock {
-    pub fn acquire(root: &Root) -> Result<InstanceLock, DaemonError> {
-        let path = root.join(INSTANCE_LOCK);
-        let lock_err = |source| DaemonError::Lock {
-            path: PathBuf::from(INSTANCE_LOCK),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            fsutil::create_dir_all_mode(dir, 0o755).map_err(lock_err)?;
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(lock_err)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(DaemonError::AlreadyRunning {
-                    pid: running_pid(root),
-                })
-            }
-            Err((_, errno)) => return Err(lock_err(std::io::Error::from(errno))),
-        };
-        lock.set_len(0).map_err(lock_err)?;
-        lock.rewind().map_err(lock_err)?;
-        writeln!(lock, "{}", std::process::id()).map_err(lock_err)?;
-        Ok(InstanceLock { _lock: lock })
-    }
-}
-
-/// The pid of the running daemon, if one holds the instance lock.
-pub fn running_pid(root: &Root) -> Option<u32> {
-    let file = File::open(root.join(INSTANCE_LOCK)).ok()?;
-    // If we can take the lock, nobody holds it: the pid in the file is stale.
-    let mut file = match Flock::lock(file, FlockArg::LockSharedNonblock) {
-        Ok(_) => return None,
-        Err((file, _)) => file,
-    };
-    let mut text = String::new();
-    file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
-}
-
-/// update_engine's state as the daemon last heard it (`Unknown` without a daemon).
-pub fn last_update_engine_state(root: &Root) -> UpdateEngineState {
-    AgentState::read(root)
-        .update_engine_operation
-        .as_deref()
-        .map(flatcar::update_engine_state)
-        .unwrap_or(UpdateEngineState::Unknown)
-}
-
-/// Ask the running daemon to look again now (`stage` without `--now`).
-pub fn poke(pid: u32) -> Result<(), nix::Error> {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        Some(Signal::SIGUSR1),
-    )
 }
 
 #[derive(Debug)]
@@ -234,7 +160,7 @@ pub fn run(
         .unwrap_or_default();
     // READY=1 as soon as the boot path is done: units ordered after us wait for the driver,
     // not for the D-Bus listeners (a hung update_engine must not delay containerd).
-    commands::notify_status(
+    app::notify_status(
         &format!(
             "driver {load_status}; {}",
             match family {
@@ -283,7 +209,7 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
         overlay: None,
         error: None,
     };
-    match commands::load(ctx, kernel) {
+    match load::load(ctx, kernel) {
         Ok(LoadOutcome::Loaded { plan, .. }) => {
             record.driver_version = Some(plan.driver_version.clone());
             record.overlay = Some(plan.overlay.clone());
@@ -368,7 +294,10 @@ impl Daemon {
         );
         match started {
             Ok(service) => {
-                debug!("serving {} on the system bus", crate::agent_bus::AGENT_NAME);
+                debug!(
+                    "serving {} on the system bus",
+                    crate::report::bus::AGENT_NAME
+                );
                 self.agent = Some(service);
             }
             Err(e) => warn!("{e}"),
@@ -378,14 +307,14 @@ impl Daemon {
     /// Re-read how things stand and bring every output up to date: the metrics and NFD files
     /// and the D-Bus properties (each only changes when its content does).
     fn refresh(&self) {
-        let report = match crate::status::gather(&self.ctx) {
+        let report = match crate::report::status::gather(&self.ctx) {
             Ok(report) => report,
             Err(e) => {
                 warn!("cannot gather the status for the outputs: {e}");
                 return;
             }
         };
-        match crate::outputs::publish(&self.ctx.root, &self.ctx.settings.outputs, &report) {
+        match crate::report::metrics::publish(&self.ctx.root, &self.ctx.settings.outputs, &report) {
             Ok(written) => {
                 for path in written {
                     debug!("updated {}", path.display());
@@ -606,7 +535,7 @@ impl Daemon {
                 self.retry_delay = RETRY_FIRST;
             }
         }
-        commands::notify_status(&status_line(&run), false);
+        app::notify_status(&status_line(&run), false);
         return_freed_memory();
     }
 

@@ -12,67 +12,32 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use tracing::{debug, info};
 
-use super::archive::{self, ArchiveError, Limits};
-use super::enforce;
-use super::fetch::{self, FetchError, FetchLimits};
-use super::manifest::Manifest;
-use super::signature::{
-    self, SignatureError, SignaturePolicy, SignatureStatus, TrustedKey, MAX_SIGNATURE_BYTES,
-    SIGNATURE_NAME,
-};
-use super::store::{self, ImportOutcome, Store, StoreError, StoreLock};
-use super::verify::{sha256_bytes, verify_tree, Generated, VerifyError};
 use crate::config::StageSettings;
 use crate::host::Root;
 use crate::kmod::modinfo::{self, ModInfo, ModinfoError};
+use crate::overlay::enforce;
+pub use crate::overlay::key::OverlayKey;
+use crate::overlay::manifest::Manifest;
+use crate::overlay::signature::{
+    self, SignatureError, SignaturePolicy, SignatureStatus, TrustedKey, MAX_SIGNATURE_BYTES,
+    SIGNATURE_NAME,
+};
+use crate::overlay::source::archive::{ArchiveError, Limits};
+use crate::overlay::source::http::{FetchError, FetchLimits};
+use crate::overlay::store::{self, ImportOutcome, Store, StoreError, StoreLock};
+use crate::overlay::verify::{sha256_bytes, verify_tree, Generated, VerifyError};
+
+pub mod archive;
+pub mod http;
+#[cfg(feature = "oci")]
+pub mod oci;
 
 /// An archive may unpack to at most this many times `stage.max-download-bytes`.
 pub const UNPACK_RATIO: u64 = 4;
 /// An archive may hold at most this many entries.
 pub const MAX_ENTRIES: u64 = 100_000;
-
-/// Which overlay to stage.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct OverlayKey {
-    pub kernel_release: String,
-    pub driver_version: String,
-    pub arch: String,
-}
-
-impl fmt::Display for OverlayKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "kernel {}, driver {}, {}",
-            self.kernel_release, self.driver_version, self.arch
-        )
-    }
-}
-
-impl OverlayKey {
-    /// The first field where `manifest` is not for this key: (field, expected, found).
-    pub fn mismatch(&self, manifest: &Manifest) -> Option<(&'static str, String, String)> {
-        [
-            (
-                "kernel-release",
-                &self.kernel_release,
-                &manifest.kernel_release,
-            ),
-            (
-                "driver-version",
-                &self.driver_version,
-                &manifest.driver_version,
-            ),
-            ("arch", &self.arch, &manifest.arch),
-        ]
-        .into_iter()
-        .find(|(_, expected, found)| expected != found)
-        .map(|(field, expected, found)| (field, expected.clone(), found.clone()))
-    }
-}
 
 /// The placeholders a template may use.
 pub const PLACEHOLDERS: [&str; 4] = ["{kernel}", "{driver}", "{arch}", "{os}"];
@@ -147,8 +112,8 @@ pub enum AttemptError {
     OciNotBuilt,
     #[cfg(feature = "oci")]
     #[error(transparent)]
-    Oci(#[from] super::oci::OciError),
-    #[error("{path}: {MANIFEST} is for {field} {found:?}, but {expected:?} was asked for; the source template points at the wrong overlay", MANIFEST = super::MANIFEST_NAME)]
+    Oci(#[from] crate::overlay::source::oci::OciError),
+    #[error("{path}: {MANIFEST} is for {field} {found:?}, but {expected:?} was asked for; the source template points at the wrong overlay", MANIFEST = crate::overlay::MANIFEST_NAME)]
     WrongOverlay {
         path: PathBuf,
         field: &'static str,
@@ -180,7 +145,7 @@ pub enum AttemptError {
         modules: String,
     },
     #[error("building the overlay from the image: {0}")]
-    Pack(Box<super::pack::PackError>),
+    Pack(Box<crate::overlay::pack::PackError>),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -365,7 +330,7 @@ pub fn stage(
 pub struct Trust {
     pub policy: SignaturePolicy,
     pub keys: Vec<TrustedKey>,
-    /// Why the target kernel only loads signed modules (see [`super::enforce`]), if it does.
+    /// Why the target kernel only loads signed modules (see [`crate::overlay::enforce`]), if it does.
     pub signed_modules_required: Option<String>,
 }
 
@@ -559,13 +524,13 @@ impl Attempt<'_> {
         }
         let part = self.downloads_dir()?.join(part_name(self.key, url));
         failpoint!("stage::download");
-        fetch::download(url, &part, &FetchLimits::of(settings))?;
+        http::download(url, &part, &FetchLimits::of(settings))?;
         let file = File::open(&part).map_err(|e| AttemptError::Io {
             path: part.clone(),
             source: e,
         })?;
         let result = self.stage_archive(BufReader::new(file), url);
-        fetch::discard_part(&part);
+        http::discard_part(&part);
         result
     }
 
@@ -585,7 +550,7 @@ impl Attempt<'_> {
     /// archive) or built as shape (b) (a plain image's modules and firmware). Returns the digest.
     #[cfg(feature = "oci")]
     fn stage_oci(&self, source: &str) -> Result<(ImportOutcome, String), AttemptError> {
-        use super::oci::{self, Client, Credentials, Reference};
+        use crate::overlay::source::oci::{self, Client, Credentials, Reference};
         let (settings, key) = (self.settings, self.key);
         let reference = Reference::parse(source)?;
         let credentials = Credentials::load(self.root)?;
@@ -641,8 +606,8 @@ impl Attempt<'_> {
         scratch: &Path,
         name: &str,
     ) -> Result<ImportOutcome, AttemptError> {
-        use super::oci::{self, ApplyLimits, OciError};
-        use super::pack::{self, PackInput};
+        use crate::overlay::pack::{self, PackInput};
+        use crate::overlay::source::oci::{self, ApplyLimits, OciError};
         let (store, lock, key) = (self.store, self.lock, self.key);
         let tree = scratch.join("rootfs");
         fs::create_dir(&tree).map_err(|e| AttemptError::Io {
@@ -827,11 +792,11 @@ mod tests {
     #[test]
     fn key_mismatch_names_the_field() {
         let mut manifest = Manifest {
-            format: super::super::manifest::FORMAT_VERSION,
+            format: crate::overlay::manifest::FORMAT_VERSION,
             kernel_release: key().kernel_release,
             driver_version: key().driver_version,
             arch: "x86_64".into(),
-            flavor: super::super::Flavor::Open,
+            flavor: crate::overlay::Flavor::Open,
             files: vec![],
             symlinks: vec![],
         };

@@ -32,8 +32,8 @@ pub use libostree::{
     next_boot_libostree, pending_deployment_libostree, read_staged_deployment_glib,
 };
 
-use super::NextBoot;
 use crate::host::Root;
+use crate::watch::NextBoot;
 
 /// libostree's record of the staged deployment, written by `ostree admin deploy --stage` and
 /// `rpm-ostree upgrade`/`deploy` (which stage by default): a serialised GVariant `a{sv}` whose

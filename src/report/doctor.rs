@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::commands::{CommandError, Context};
+use crate::app::{CommandError, Context};
 use crate::config::Settings;
 use crate::host::{HostFacts, KernelState, Root};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
@@ -199,7 +199,7 @@ fn expected_driver_root(settings: &Settings) -> PathBuf {
 /// A directory or archive path under the root, or an HTTP(S) HEAD.
 fn probe_source(root: &Root, source: &str) -> SourceProbe {
     if source.starts_with("http://") || source.starts_with("https://") {
-        let agent = crate::overlay::fetch::http_agent(false, Some(SOURCE_TIMEOUT));
+        let agent = crate::overlay::source::http::http_agent(false, Some(SOURCE_TIMEOUT));
         match agent.head(source).call() {
             Ok(response) => SourceProbe::Http(response.status().as_u16()),
             Err(e) => SourceProbe::Unreachable(e.to_string()),

@@ -1,0 +1,48 @@
+//! Which overlay: the (kernel release, driver version, architecture) triple every source,
+//! archive and store entry is named by.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::overlay::manifest::Manifest;
+
+/// Which overlay to stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OverlayKey {
+    pub kernel_release: String,
+    pub driver_version: String,
+    pub arch: String,
+}
+
+impl fmt::Display for OverlayKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "kernel {}, driver {}, {}",
+            self.kernel_release, self.driver_version, self.arch
+        )
+    }
+}
+
+impl OverlayKey {
+    /// The first field where `manifest` is not for this key: (field, expected, found).
+    pub fn mismatch(&self, manifest: &Manifest) -> Option<(&'static str, String, String)> {
+        [
+            (
+                "kernel-release",
+                &self.kernel_release,
+                &manifest.kernel_release,
+            ),
+            (
+                "driver-version",
+                &self.driver_version,
+                &manifest.driver_version,
+            ),
+            ("arch", &self.arch, &manifest.arch),
+        ]
+        .into_iter()
+        .find(|(_, expected, found)| expected != found)
+        .map(|(field, expected, found)| (field, expected.clone(), found.clone()))
+    }
+}
