@@ -359,7 +359,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 ),
                 (Some(next), None) => println!("next kernel {}", next.kernel_release),
             }
-            let failed = run.record.as_ref().is_some_and(|r| r.result == "failed");
+            let failed = run
+                .record
+                .as_ref()
+                .is_some_and(|r| r.result == nvdriver_agent::state::StageResult::Failed);
             Ok(match run.readiness {
                 NextBootReadiness::Covered => exit::OK,
                 // Some source had an overlay, but only an invalid one.

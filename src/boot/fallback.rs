@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use crate::config::LoadFailureFallback;
 use crate::fsutil;
 use crate::host::Root;
-use crate::state::{now_unix, AgentState, LoadRecord};
+use crate::state::{now_unix, AgentState, LoadRecord, LoadResult};
 
 pub const FALLBACK_RECORD: &str = "/var/lib/nvdriver-agent/fallback.json";
 
@@ -94,16 +94,18 @@ pub enum FallbackAction {
 pub fn plan_fallback(facts: &FallbackFacts) -> FallbackAction {
     let load = facts.load;
     let kernel = &load.kernel_release;
-    let why = match load.result.as_str() {
-        "failed" => format!(
+    let why = match load.result {
+        LoadResult::Failed => format!(
             "loading the NVIDIA driver for kernel {kernel} failed: {}",
             load.error.as_deref().unwrap_or("no detail")
         ),
-        "no-overlay" => format!("the store has no driver overlay for the running kernel {kernel}"),
-        _ => return FallbackAction::Nothing,
+        LoadResult::NoOverlay => {
+            format!("the store has no driver overlay for the running kernel {kernel}")
+        }
+        LoadResult::Loaded => return FallbackAction::Nothing,
     };
-    let fix = match load.result.as_str() {
-        "no-overlay" => format!(
+    let fix = match load.result {
+        LoadResult::NoOverlay => format!(
             "stage one (`nvdriver-agent stage --now --kernel {kernel}`, or `nvdriver-agent overlay import DIR`), then `systemctl restart nvdriver-agent`"
         ),
         _ => "`nvdriver-agent doctor` names what is wrong; fix it, then `systemctl restart nvdriver-agent`".into(),
@@ -148,7 +150,7 @@ pub fn after_boot_load(
     rpm_ostree: bool,
 ) -> Result<FallbackAction, FallbackError> {
     let mut record = FallbackRecord::read(root);
-    if load.result == "loaded" {
+    if load.result == LoadResult::Loaded {
         if !record.rolled_back_from.is_empty() && !record.loaded_since {
             record.loaded_since = true;
             record.write(root)?;
@@ -233,7 +235,7 @@ mod tests {
         LoadRecord {
             at: 1,
             kernel_release: "6.11.3-200.fc40.x86_64".into(),
-            result: result.into(),
+            result: result.parse().unwrap(),
             driver_version: None,
             overlay: None,
             error: (result == "failed").then(|| "Invalid module format".into()),

@@ -22,7 +22,7 @@ use crate::host::HostFacts;
 use crate::kmod::sys::Kernel;
 use crate::report::bus::AgentProperties;
 use crate::state::instance::{InstanceError, InstanceLock};
-use crate::state::{now_unix, AgentState, HoldRecord, LoadRecord};
+use crate::state::{now_unix, AgentState, HoldRecord, LoadRecord, LoadResult};
 use crate::update::hold::HoldMechanism;
 use crate::update::stage::{self, HoldAction, NextBootReadiness, Target};
 use crate::watch::dbus::{self, Hint, Inhibitor};
@@ -156,7 +156,7 @@ pub fn run(
     let load_status = state
         .load
         .as_ref()
-        .map(|l| l.result.clone())
+        .map(|l| l.result.as_str())
         .unwrap_or_default();
     // READY=1 as soon as the boot path is done: units ordered after us wait for the driver,
     // not for the D-Bus listeners (a hung update_engine must not delay containerd).
@@ -204,7 +204,7 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
     let mut record = LoadRecord {
         at: now_unix(),
         kernel_release,
-        result: "loaded".into(),
+        result: LoadResult::Loaded,
         driver_version: None,
         overlay: None,
         error: None,
@@ -214,10 +214,10 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
             record.driver_version = Some(plan.driver_version.clone());
             record.overlay = Some(plan.overlay.clone());
         }
-        Ok(LoadOutcome::NoOverlayWarned { .. }) => record.result = "no-overlay".into(),
+        Ok(LoadOutcome::NoOverlayWarned { .. }) => record.result = LoadResult::NoOverlay,
         Err(e) => {
             error!(KERNEL_RELEASE = %record.kernel_release, "loading the driver failed: {e}");
-            record.result = "failed".into();
+            record.result = LoadResult::Failed;
             record.error = Some(e.to_string());
         }
     }

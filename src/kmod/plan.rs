@@ -282,8 +282,53 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
             found: manifest.arch.clone(),
         });
     }
+    let by_name = index_modules(modules, overlay, host)?;
+    let (wanted, mut os_needed) = wanted_modules(&by_name, inputs)?;
+    let order = dependency_order(&wanted, &by_name, &settings.modules)?;
+    check_nouveau(kernel)?;
+    let steps = module_steps(&order, &by_name, inputs, &mut warnings)?;
+    check_signatures(kernel, &steps)?;
+    let os_modules = os_module_steps(settings, kernel, &mut os_needed);
 
-    // Index the overlay's modules by kernel spelling, checking each against the kernel.
+    let firmware = manifest.has_firmware().then(|| {
+        let path = overlay.dir.join("usr/lib/firmware");
+        FirmwareStep {
+            change: Path::new(&kernel.firmware_path) != path,
+            current: kernel.firmware_path.clone(),
+            path,
+        }
+    });
+    if firmware.is_none() && manifest.flavor == Flavor::Open {
+        warnings.push(
+            "the overlay carries no firmware; the open modules need GSP firmware from the OS's /usr/lib/firmware/nvidia".into(),
+        );
+    }
+    let driver_root = driver_root_step(inputs);
+    let toolkit = toolkit_step(inputs, &driver_root);
+
+    Ok(LoadPlan {
+        kernel_release: host.kernel_release.clone(),
+        arch: host.arch.clone(),
+        overlay: overlay.dir.clone(),
+        driver_version: manifest.driver_version.clone(),
+        flavor: manifest.flavor,
+        firmware,
+        os_modules,
+        device_nodes: node_specs(&order),
+        modules: steps,
+        driver_root,
+        toolkit,
+        driver_ready: settings.driver_ready.clone(),
+        warnings,
+    })
+}
+
+/// Index the overlay's modules by kernel spelling, checking each against the kernel.
+fn index_modules<'m>(
+    modules: &'m [InspectedModule],
+    overlay: &StoredOverlay,
+    host: &HostFacts,
+) -> Result<BTreeMap<String, &'m InspectedModule>, PlanError> {
     let mut by_name: BTreeMap<String, &InspectedModule> = BTreeMap::new();
     for module in modules.iter() {
         let host_path = overlay.dir.join(&module.relative_path);
@@ -318,11 +363,20 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
             });
         }
     }
+    Ok(by_name)
+}
 
-    // The configured modules and, transitively, their overlay dependencies.
+/// The configured modules and, transitively, their overlay dependencies; also the OS modules
+/// their `depends=` names, each with the reason it is needed.
+fn wanted_modules(
+    by_name: &BTreeMap<String, &InspectedModule>,
+    inputs: &PlanInputs<'_>,
+) -> Result<(Vec<String>, BTreeMap<String, String>), PlanError> {
+    let (kernel, overlay) = (inputs.kernel, inputs.overlay);
     let mut wanted: Vec<String> = Vec::new();
     let mut os_needed: BTreeMap<String, String> = BTreeMap::new();
-    let mut queue: Vec<String> = settings
+    let mut queue: Vec<String> = inputs
+        .settings
         .modules
         .iter()
         .map(|m| normalize_module_name(m))
@@ -355,46 +409,41 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
                 return Err(PlanError::MissingDependency {
                     module: name.clone(),
                     dependency,
-                    kernel_release: host.kernel_release.clone(),
+                    kernel_release: inputs.host.kernel_release.clone(),
                 });
             }
         }
         wanted.push(name);
     }
-    let order = dependency_order(&wanted, &by_name, &settings.modules)?;
+    Ok((wanted, os_needed))
+}
 
-    // Conflicts on the host.
-    if !kernel.nouveau_bound.is_empty() || kernel.loaded.contains_key("nouveau") {
-        let state = if kernel.nouveau_bound.is_empty() {
-            "loaded".to_string()
-        } else {
-            format!("bound to {}", kernel.nouveau_bound.join(", "))
-        };
-        return Err(PlanError::Nouveau { state });
+/// nouveau loaded or bound to a device is a conflict on the host.
+fn check_nouveau(kernel: &KernelState) -> Result<(), PlanError> {
+    if kernel.nouveau_bound.is_empty() && !kernel.loaded.contains_key("nouveau") {
+        return Ok(());
     }
+    let state = if kernel.nouveau_bound.is_empty() {
+        "loaded".to_string()
+    } else {
+        format!("bound to {}", kernel.nouveau_bound.join(", "))
+    };
+    Err(PlanError::Nouveau { state })
+}
 
+/// One step per module in load order: load, load decompressed here, or already loaded.
+fn module_steps(
+    order: &[String],
+    by_name: &BTreeMap<String, &InspectedModule>,
+    inputs: &PlanInputs<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<ModuleStep>, PlanError> {
+    let (settings, kernel, overlay) = (inputs.settings, inputs.kernel, inputs.overlay);
     let mut steps = Vec::new();
-    for name in &order {
+    for name in order {
         let module = by_name[name];
         let info = &module.info;
-        let action = match kernel.loaded.get(name) {
-            Some(loaded) => {
-                if loaded.version.is_some()
-                    && info.version.is_some()
-                    && loaded.version != info.version
-                {
-                    return Err(PlanError::OtherVersionLoaded {
-                        name: name.clone(),
-                        loaded: loaded.version.clone().unwrap_or_default(),
-                        wanted: info.version.clone().unwrap_or_default(),
-                    });
-                }
-                ModuleAction::AlreadyLoaded
-            }
-            None if info.compression == Compression::None => ModuleAction::Load,
-            None if kernel.compression.contains(&info.compression) => ModuleAction::Load,
-            None => ModuleAction::LoadDecompressed,
-        };
+        let action = module_action(kernel, name, info)?;
         let parameters = settings.module_params(name);
         for (param, _) in settings.parameters.get(name).into_iter().flatten() {
             if !info.parameters.is_empty() && !info.parameters.iter().any(|(p, _)| p == param) {
@@ -415,7 +464,35 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
             action,
         });
     }
+    Ok(steps)
+}
 
+/// What to do with one module given what the kernel has loaded and can decompress.
+fn module_action(
+    kernel: &KernelState,
+    name: &str,
+    info: &ModInfo,
+) -> Result<ModuleAction, PlanError> {
+    Ok(match kernel.loaded.get(name) {
+        Some(loaded) => {
+            if loaded.version.is_some() && info.version.is_some() && loaded.version != info.version
+            {
+                return Err(PlanError::OtherVersionLoaded {
+                    name: name.to_string(),
+                    loaded: loaded.version.clone().unwrap_or_default(),
+                    wanted: info.version.clone().unwrap_or_default(),
+                });
+            }
+            ModuleAction::AlreadyLoaded
+        }
+        None if info.compression == Compression::None => ModuleAction::Load,
+        None if kernel.compression.contains(&info.compression) => ModuleAction::Load,
+        None => ModuleAction::LoadDecompressed,
+    })
+}
+
+/// Under signature enforcement or lockdown, every module still to load must be signed.
+fn check_signatures(kernel: &KernelState, steps: &[ModuleStep]) -> Result<(), PlanError> {
     let enforcing = if kernel.sig_enforce {
         Some("module signatures are enforced (module.sig_enforce=1)".to_string())
     } else {
@@ -424,21 +501,29 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
             .as_ref()
             .map(|mode| format!("kernel lockdown is {mode}"))
     };
-    if let Some(reason) = enforcing {
-        let unsigned: Vec<_> = steps
-            .iter()
-            .filter(|s| !s.signed && s.action != ModuleAction::AlreadyLoaded)
-            .map(|s| s.name.clone())
-            .collect();
-        if !unsigned.is_empty() {
-            return Err(PlanError::Unsigned {
-                reason,
-                modules: unsigned.join(", "),
-            });
-        }
+    let Some(reason) = enforcing else {
+        return Ok(());
+    };
+    let unsigned: Vec<_> = steps
+        .iter()
+        .filter(|s| !s.signed && s.action != ModuleAction::AlreadyLoaded)
+        .map(|s| s.name.clone())
+        .collect();
+    if unsigned.is_empty() {
+        return Ok(());
     }
+    Err(PlanError::Unsigned {
+        reason,
+        modules: unsigned.join(", "),
+    })
+}
 
-    // OS prerequisites: the configured ones where the OS has them, then depends= ones.
+/// OS prerequisites: the configured ones where the OS has them, then `depends=` ones.
+fn os_module_steps(
+    settings: &Settings,
+    kernel: &KernelState,
+    os_needed: &mut BTreeMap<String, String>,
+) -> Vec<OsModuleStep> {
     let mut os_modules = Vec::new();
     let mut seen = BTreeSet::new();
     for name in &settings.os_modules {
@@ -450,81 +535,59 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
             }
         }
     }
-    for (name, reason) in os_needed {
+    for (name, reason) in std::mem::take(os_needed) {
         if seen.insert(name.clone()) {
             os_modules.push(os_step(kernel, &name, reason));
         }
     }
+    os_modules
+}
 
-    let firmware = manifest.has_firmware().then(|| {
-        let path = overlay.dir.join("usr/lib/firmware");
-        FirmwareStep {
-            change: Path::new(&kernel.firmware_path) != path,
-            current: kernel.firmware_path.clone(),
-            path,
-        }
-    });
-    if firmware.is_none() && manifest.flavor == Flavor::Open {
-        warnings.push(
-            "the overlay carries no firmware; the open modules need GSP firmware from the OS's /usr/lib/firmware/nvidia".into(),
-        );
+/// Where the driver root is: the overlay bind-mounted (it has user space) or the host's `/`.
+fn driver_root_step(inputs: &PlanInputs<'_>) -> DriverRootStep {
+    let overlay = inputs.overlay;
+    if !overlay.manifest.has_userspace() {
+        return DriverRootStep::HostRoot;
     }
+    let path = inputs.settings.driver_root.clone();
+    match inputs.driver_root_mount {
+        MountState::Wanted => DriverRootStep::AlreadyMounted {
+            source: overlay.dir.clone(),
+            path,
+        },
+        state => DriverRootStep::Mount {
+            source: overlay.dir.clone(),
+            path,
+            replaces_other: state == MountState::Other,
+        },
+    }
+}
 
-    let driver_root = if manifest.has_userspace() {
-        let path = settings.driver_root.clone();
-        match inputs.driver_root_mount {
-            MountState::Wanted => DriverRootStep::AlreadyMounted {
-                source: overlay.dir.clone(),
-                path,
-            },
-            state => DriverRootStep::Mount {
-                source: overlay.dir.clone(),
-                path,
-                replaces_other: state == MountState::Other,
-            },
-        }
-    } else {
-        DriverRootStep::HostRoot
-    };
+/// What happens to the toolkit's `[nvidia-container-cli] root`.
+fn toolkit_step(inputs: &PlanInputs<'_>, driver_root: &DriverRootStep) -> ToolkitStep {
+    let settings = inputs.settings;
     let root_text = driver_root.root().to_string_lossy().into_owned();
     let config = settings.toolkit_config.clone();
-    let toolkit = if !settings.manage_toolkit {
-        ToolkitStep::NotManaged
-    } else {
-        match &inputs.toolkit {
-            ToolkitState::Absent => ToolkitStep::Create {
+    if !settings.manage_toolkit {
+        return ToolkitStep::NotManaged;
+    }
+    match &inputs.toolkit {
+        ToolkitState::Absent => ToolkitStep::Create {
+            config,
+            root: root_text,
+        },
+        ToolkitState::Present { root } if root.as_deref() == Some(root_text.as_str()) => {
+            ToolkitStep::Unchanged {
                 config,
                 root: root_text,
-            },
-            ToolkitState::Present { root } if root.as_deref() == Some(root_text.as_str()) => {
-                ToolkitStep::Unchanged {
-                    config,
-                    root: root_text,
-                }
             }
-            ToolkitState::Present { root } => ToolkitStep::Set {
-                config,
-                root: root_text,
-                previous: root.clone(),
-            },
         }
-    };
-
-    Ok(LoadPlan {
-        kernel_release: host.kernel_release.clone(),
-        arch: host.arch.clone(),
-        overlay: overlay.dir.clone(),
-        driver_version: manifest.driver_version.clone(),
-        flavor: manifest.flavor,
-        firmware,
-        os_modules,
-        device_nodes: node_specs(&order),
-        modules: steps,
-        driver_root,
-        toolkit,
-        driver_ready: settings.driver_ready.clone(),
-        warnings,
-    })
+        ToolkitState::Present { root } => ToolkitStep::Set {
+            config,
+            root: root_text,
+            previous: root.clone(),
+        },
+    }
 }
 
 fn os_step(kernel: &KernelState, name: &str, reason: String) -> OsModuleStep {

@@ -213,38 +213,67 @@ fn probe_source(root: &Root, source: &str) -> SourceProbe {
 
 /// Judge the facts; pure.
 pub fn diagnose(f: &DoctorFacts) -> Vec<Check> {
-    use Verdict::*;
-    let mut checks = Vec::new();
-    let mut add = |verdict, what, detail: String| {
-        checks.push(Check {
+    let mut checks = Checks(Vec::new());
+    for group in [
+        os_checks,
+        pending_checks,
+        signing_checks,
+        gpu_checks,
+        toolkit_checks,
+        store_checks,
+    ] {
+        group(f, &mut checks);
+    }
+    checks.0
+}
+
+/// The checks so far, in the order they are shown.
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn add(&mut self, verdict: Verdict, what: &'static str, detail: String) {
+        self.0.push(Check {
             verdict,
             what,
             detail,
         })
-    };
+    }
+}
 
+/// Whether the store holds an overlay for `kernel`.
+fn staged_for(f: &DoctorFacts, kernel: &str) -> bool {
+    f.store.iter().any(|(k, d)| k == kernel && !d.is_empty())
+}
+
+/// The OS and its detector, and the running kernel's module tree.
+fn os_checks(f: &DoctorFacts, c: &mut Checks) {
+    use Verdict::*;
     match f.family {
-        Some(family) => add(Ok, "os", format!("{} (watching with the {family:?} detector)", f.os_pretty)),
-        None => add(Warn, "os", format!("{}: watching for kernel updates is off (watch.detector = \"off\"); the next kernel's overlay is not staged before reboots", f.os_pretty)),
+        Some(family) => c.add(Ok, "os", format!("{} (watching with the {family:?} detector)", f.os_pretty)),
+        None => c.add(Warn, "os", format!("{}: watching for kernel updates is off (watch.detector = \"off\"); the next kernel's overlay is not staged before reboots", f.os_pretty)),
     }
     if f.module_tree {
-        add(Ok, "kernel", f.kernel_release.clone());
+        c.add(Ok, "kernel", f.kernel_release.clone());
     } else {
-        add(Warn, "kernel", format!("{}: /usr/lib/modules/{} is missing; the OS modules NVIDIA needs (i2c_core, ipmi_msghandler) cannot be loaded from it", f.kernel_release, f.kernel_release));
+        c.add(Warn, "kernel", format!("{}: /usr/lib/modules/{} is missing; the OS modules NVIDIA needs (i2c_core, ipmi_msghandler) cannot be loaded from it", f.kernel_release, f.kernel_release));
     }
-    let staged_for = |kernel: &str| f.store.iter().any(|(k, d)| k == kernel && !d.is_empty());
+}
+
+/// The kernel the next boot runs, and whether its overlay is staged.
+fn pending_checks(f: &DoctorFacts, c: &mut Checks) {
+    use Verdict::*;
     match (&f.pending, &f.pending_error) {
-        (_, Some(e)) => add(
+        (_, Some(e)) => c.add(
             Warn,
             "pending kernel",
             format!("cannot tell which kernel boots next: {e}"),
         ),
-        (None, None) => add(
+        (None, None) => c.add(
             Ok,
             "pending kernel",
             "none: the next boot runs this kernel".into(),
         ),
-        (Some(next), None) if staged_for(&next.kernel_release) => add(
+        (Some(next), None) if staged_for(f, &next.kernel_release) => c.add(
             Ok,
             "pending kernel",
             format!(
@@ -252,7 +281,7 @@ pub fn diagnose(f: &DoctorFacts) -> Vec<Check> {
                 next.kernel_release, next.origin
             ),
         ),
-        (Some(next), None) => add(
+        (Some(next), None) => c.add(
             Warn,
             "pending kernel",
             format!(
@@ -261,7 +290,11 @@ pub fn diagnose(f: &DoctorFacts) -> Vec<Check> {
             ),
         ),
     }
+}
 
+/// Whether the kernel loads only signed modules, and why.
+fn signing_checks(f: &DoctorFacts, c: &mut Checks) {
+    use Verdict::*;
     let lockdown = f
         .lockdown
         .as_deref()
@@ -281,26 +314,30 @@ pub fn diagnose(f: &DoctorFacts) -> Vec<Check> {
         if f.sig_enforce { "Y" } else { "N" }
     );
     if enforcing {
-        add(Warn, "module signing", format!("{why}: the kernel only loads signed modules; use overlays whose modules are signed with a key the kernel trusts (`nvdriver-agent plan` shows which are signed)"));
+        c.add(Warn, "module signing", format!("{why}: the kernel only loads signed modules; use overlays whose modules are signed with a key the kernel trusts (`nvdriver-agent plan` shows which are signed)"));
     } else {
-        add(Ok, "module signing", why);
+        c.add(Ok, "module signing", why);
     }
+}
 
+/// nouveau, the IOMMU, the firmware path and the loaded driver.
+fn gpu_checks(f: &DoctorFacts, c: &mut Checks) {
+    use Verdict::*;
     match (f.nouveau_loaded, &f.nouveau_blacklisted_in) {
-        (true, _) => add(Fail, "nouveau", "nouveau is loaded and holds the GPU; blacklist it (`echo blacklist nouveau > /etc/modprobe.d/blacklist-nouveau.conf`, or the kernel argument `modprobe.blacklist=nouveau`) and reboot".into()),
-        (false, Some(file)) => add(Ok, "nouveau", format!("not loaded, blacklisted in {}", file.display())),
-        (false, None) => add(Warn, "nouveau", "not loaded, but not blacklisted either; it may claim the GPU on a later boot: add `blacklist nouveau` to /etc/modprobe.d/".into()),
+        (true, _) => c.add(Fail, "nouveau", "nouveau is loaded and holds the GPU; blacklist it (`echo blacklist nouveau > /etc/modprobe.d/blacklist-nouveau.conf`, or the kernel argument `modprobe.blacklist=nouveau`) and reboot".into()),
+        (false, Some(file)) => c.add(Ok, "nouveau", format!("not loaded, blacklisted in {}", file.display())),
+        (false, None) => c.add(Warn, "nouveau", "not loaded, but not blacklisted either; it may claim the GPU on a later boot: add `blacklist nouveau` to /etc/modprobe.d/".into()),
     }
     if f.iommu_units > 0 {
-        add(
+        c.add(
             Ok,
             "iommu",
             format!("{} IOMMU unit(s) in /sys/class/iommu", f.iommu_units),
         );
     } else {
-        add(Ok, "iommu", "no IOMMU active (only GPU passthrough to VMs needs one: intel_iommu=on / amd_iommu=on)".into());
+        c.add(Ok, "iommu", "no IOMMU active (only GPU passthrough to VMs needs one: intel_iommu=on / amd_iommu=on)".into());
     }
-    add(
+    c.add(
         Ok,
         "firmware path",
         if f.firmware_path.is_empty() {
@@ -310,35 +347,44 @@ pub fn diagnose(f: &DoctorFacts) -> Vec<Check> {
         },
     );
     match (&f.loaded_driver, f.dev_nodes.iter().any(|n| n == "/dev/nvidiactl")) {
-        (Some(v), true) => add(Ok, "driver", format!("{v} loaded; device nodes {}", f.dev_nodes.join(", "))),
-        (Some(v), false) => add(Fail, "driver", format!("{v} loaded but /dev/nvidiactl is missing; run `nvdriver-agent load` to create the device nodes")),
-        (None, _) => add(Warn, "driver", "not loaded; `nvdriver-agent plan` shows what `load` would do".into()),
+        (Some(v), true) => c.add(Ok, "driver", format!("{v} loaded; device nodes {}", f.dev_nodes.join(", "))),
+        (Some(v), false) => c.add(Fail, "driver", format!("{v} loaded but /dev/nvidiactl is missing; run `nvdriver-agent load` to create the device nodes")),
+        (None, _) => c.add(Warn, "driver", "not loaded; `nvdriver-agent plan` shows what `load` would do".into()),
     }
+}
+
+/// The container toolkit's `[nvidia-container-cli] root`.
+fn toolkit_checks(f: &DoctorFacts, c: &mut Checks) {
+    use Verdict::*;
     let expected = f.expected_driver_root.display().to_string();
     match (&f.toolkit_root, f.manage_toolkit) {
-        (_, false) => add(Ok, "toolkit config", format!("not managed (toolkit.manage = false); {} is left alone", f.toolkit_config.display())),
-        (None, true) => add(Warn, "toolkit config", format!("{} does not exist; `nvdriver-agent load` creates it", f.toolkit_config.display())),
-        (Some(Some(root)), true) if *root == expected || root == "/" => add(Ok, "toolkit config", format!("{} has [nvidia-container-cli] root = {root:?}", f.toolkit_config.display())),
-        (Some(other), true) => add(Warn, "toolkit config", format!("{} has [nvidia-container-cli] root = {:?}, expected {expected:?} (or \"/\"); `nvdriver-agent load` sets it", f.toolkit_config.display(), other.as_deref().unwrap_or("unset"))),
+        (_, false) => c.add(Ok, "toolkit config", format!("not managed (toolkit.manage = false); {} is left alone", f.toolkit_config.display())),
+        (None, true) => c.add(Warn, "toolkit config", format!("{} does not exist; `nvdriver-agent load` creates it", f.toolkit_config.display())),
+        (Some(Some(root)), true) if *root == expected || root == "/" => c.add(Ok, "toolkit config", format!("{} has [nvidia-container-cli] root = {root:?}", f.toolkit_config.display())),
+        (Some(other), true) => c.add(Warn, "toolkit config", format!("{} has [nvidia-container-cli] root = {:?}, expected {expected:?} (or \"/\"); `nvdriver-agent load` sets it", f.toolkit_config.display(), other.as_deref().unwrap_or("unset"))),
     }
+}
+
+/// The store and every configured source.
+fn store_checks(f: &DoctorFacts, c: &mut Checks) {
+    use Verdict::*;
     match &f.store_error {
-        Some(e) => add(Fail, "store", e.clone()),
-        None if staged_for(&f.kernel_release) => add(Ok, "store", format!("overlay for the running kernel {}; {} kernel(s) in the store", f.kernel_release, f.store.len())),
-        None => add(Fail, "store", format!("no overlay for the running kernel {} in the store; `nvdriver-agent stage --now --kernel {}` or `nvdriver-agent overlay import DIR`", f.kernel_release, f.kernel_release)),
+        Some(e) => c.add(Fail, "store", e.clone()),
+        None if staged_for(f, &f.kernel_release) => c.add(Ok, "store", format!("overlay for the running kernel {}; {} kernel(s) in the store", f.kernel_release, f.store.len())),
+        None => c.add(Fail, "store", format!("no overlay for the running kernel {} in the store; `nvdriver-agent stage --now --kernel {}` or `nvdriver-agent overlay import DIR`", f.kernel_release, f.kernel_release)),
     }
     if f.sources.is_empty() {
-        add(Warn, "sources", "none configured ([stage] sources): overlays for new kernels can only be imported by hand".into());
+        c.add(Warn, "sources", "none configured ([stage] sources): overlays for new kernels can only be imported by hand".into());
     }
     for (template, expanded, probe) in &f.sources {
         match probe {
-            SourceProbe::Present => add(Ok, "source", format!("{expanded} exists")),
-            SourceProbe::Http(code) if (200..300).contains(code) => add(Ok, "source", format!("{expanded} answers {code}")),
-            SourceProbe::Absent => add(Warn, "source", format!("{expanded} (from {template}) does not exist; the overlay for that kernel is not there (yet)")),
-            SourceProbe::Http(code) => add(Warn, "source", format!("{expanded} answers HTTP {code}; the overlay for that kernel is not published there (yet)")),
-            SourceProbe::Unreachable(e) => add(Fail, "source", format!("{expanded} is unreachable: {e}; check the network, proxy and the URL in [stage] sources")),
+            SourceProbe::Present => c.add(Ok, "source", format!("{expanded} exists")),
+            SourceProbe::Http(code) if (200..300).contains(code) => c.add(Ok, "source", format!("{expanded} answers {code}")),
+            SourceProbe::Absent => c.add(Warn, "source", format!("{expanded} (from {template}) does not exist; the overlay for that kernel is not there (yet)")),
+            SourceProbe::Http(code) => c.add(Warn, "source", format!("{expanded} answers HTTP {code}; the overlay for that kernel is not published there (yet)")),
+            SourceProbe::Unreachable(e) => c.add(Fail, "source", format!("{expanded} is unreachable: {e}; check the network, proxy and the URL in [stage] sources")),
         }
     }
-    checks
 }
 
 /// One line per check.

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::app::{CommandError, Context};
 use crate::config::MissingNextOverlayPolicy;
 use crate::host::{HostFacts, KernelState};
-use crate::state::{AgentState, HoldRecord, LoadRecord, StageRecord};
+use crate::state::{AgentState, HoldRecord, LoadRecord, LoadResult, StageRecord, StageResult};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
 
 pub const STATUS_FORMAT: u32 = 1;
@@ -98,11 +98,11 @@ pub fn assess(facts: &ReadinessFacts) -> (Readiness, Option<String>) {
     }
     if facts.loaded_driver.is_none() {
         let why = match facts.load {
-            Some(load) if load.result == "failed" => format!(
+            Some(load) if load.result == LoadResult::Failed => format!(
                 "loading the driver failed: {}",
                 load.error.as_deref().unwrap_or("no detail")
             ),
-            Some(load) if load.result == "no-overlay" => format!(
+            Some(load) if load.result == LoadResult::NoOverlay => format!(
                 "no overlay for the running kernel {} in the store",
                 load.kernel_release
             ),
@@ -114,7 +114,7 @@ pub fn assess(facts: &ReadinessFacts) -> (Readiness, Option<String>) {
         Some(kernel) if !facts.pending_staged => {
             let stood_down = facts
                 .last_stage
-                .is_some_and(|s| s.kernel_release == kernel && s.result == "stood-down");
+                .is_some_and(|s| s.kernel_release == kernel && s.result == StageResult::StoodDown);
             if stood_down {
                 (Readiness::Ready, None)
             } else {
@@ -166,7 +166,7 @@ fn last_error(
     load.and_then(|l| l.error.clone())
         .or_else(|| {
             stage
-                .filter(|s| s.result == "failed" || s.result == "missing")
+                .filter(|s| matches!(s.result, StageResult::Failed | StageResult::Missing))
                 .and_then(|s| s.detail.clone())
         })
         .or_else(|| watch_error.map(str::to_string))
@@ -383,7 +383,7 @@ mod tests {
             at: 1,
             kernel_release: kernel.into(),
             driver_version: None,
-            result: result.into(),
+            result: result.parse().unwrap(),
             overlay: None,
             source: None,
             tried: Vec::new(),

@@ -61,13 +61,110 @@ pub struct AgentState {
     pub not_ready: Option<String>,
 }
 
+/// How the boot path's load ended (the state file and `status --json` spell it in kebab-case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadResult {
+    /// The driver is loaded from the overlay.
+    Loaded,
+    /// No overlay for the running kernel, and the policy said carry on.
+    NoOverlay,
+    /// The load failed; the record's `error` says why.
+    Failed,
+}
+
+impl LoadResult {
+    /// The word the state file and `status` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadResult::Loaded => "loaded",
+            LoadResult::NoOverlay => "no-overlay",
+            LoadResult::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for LoadResult {
+    type Err = String;
+
+    /// The word [`LoadResult::as_str`] gives; anything else is named back in the error.
+    fn from_str(word: &str) -> Result<Self, Self::Err> {
+        [
+            LoadResult::Loaded,
+            LoadResult::NoOverlay,
+            LoadResult::Failed,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == word)
+        .ok_or_else(|| format!("not a load result: {word:?}"))
+    }
+}
+
+impl std::fmt::Display for LoadResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a stage pass for the next kernel ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StageResult {
+    /// This pass put the overlay into the store.
+    Staged,
+    /// The overlay was in the store already.
+    AlreadyStaged,
+    /// The OS ships the driver for that kernel itself; nothing staged.
+    StoodDown,
+    /// No source has the overlay (or no driver version to look for).
+    Missing,
+    /// A source had it but staging failed.
+    Failed,
+}
+
+impl StageResult {
+    /// The word the state file and `status` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageResult::Staged => "staged",
+            StageResult::AlreadyStaged => "already-staged",
+            StageResult::StoodDown => "stood-down",
+            StageResult::Missing => "missing",
+            StageResult::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for StageResult {
+    type Err = String;
+
+    /// The word [`StageResult::as_str`] gives; anything else is named back in the error.
+    fn from_str(word: &str) -> Result<Self, Self::Err> {
+        [
+            StageResult::Staged,
+            StageResult::AlreadyStaged,
+            StageResult::StoodDown,
+            StageResult::Missing,
+            StageResult::Failed,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == word)
+        .ok_or_else(|| format!("not a stage result: {word:?}"))
+    }
+}
+
+impl std::fmt::Display for StageResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct LoadRecord {
     pub at: u64,
     pub kernel_release: String,
-    /// `loaded`, `no-overlay` or `failed`.
-    pub result: String,
+    pub result: LoadResult,
     pub driver_version: Option<String>,
     pub overlay: Option<PathBuf>,
     pub error: Option<String>,
@@ -79,9 +176,9 @@ pub struct StageRecord {
     pub at: u64,
     pub kernel_release: String,
     pub driver_version: Option<String>,
-    /// `staged`, `already-staged`, `stood-down`, `missing` or `failed`. A look that finds the
-    /// overlay a `staged` record names already in the store leaves that record as it is.
-    pub result: String,
+    /// A look that finds the overlay a `staged` record names already in the store leaves that
+    /// record as it is.
+    pub result: StageResult,
     /// The store directory of the overlay, when there is one.
     pub overlay: Option<PathBuf>,
     /// The source it came from, when it was fetched.

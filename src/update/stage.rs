@@ -13,8 +13,9 @@ use crate::config::MissingNextOverlayPolicy;
 use crate::host::{HostError, HostFacts, KernelState};
 use crate::overlay::source::{self, OverlayKey, SourceError};
 use crate::overlay::store::compare_versions;
+use crate::overlay::store::ImportOutcome;
 use crate::overlay::StoreError;
-use crate::state::{now_unix, AgentState, HoldRecord, StageRecord, StateError};
+use crate::state::{now_unix, AgentState, HoldRecord, StageRecord, StageResult, StateError};
 use crate::update::hold::{self, HoldError, HoldMechanism, OstreeLockOutcome};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot, WatchError};
 
@@ -192,7 +193,73 @@ pub fn stage_next(
 ) -> Result<StageRun, StageError> {
     let started = Instant::now();
     let host = HostFacts::read(&ctx.root)?;
-    let (pending, family) = match target {
+    let (pending, family) = pending_kernel(ctx, target, &host)?;
+    let mut state = AgentState::read(&ctx.root);
+    if state.pending != pending {
+        match &pending {
+            Some(next) => info!(
+                KERNEL_RELEASE = %next.kernel_release,
+                "next kernel: {} (from {})", next.kernel_release, next.origin
+            ),
+            None => info!("no kernel update pending"),
+        }
+        state.pending = pending.clone();
+        // Written before staging so status shows the next kernel as soon as it is known.
+        state.write(&ctx.root)?;
+    }
+
+    let os_driver = match (&pending, family) {
+        (Some(next), Some(family)) => watch::os_ships_driver(&ctx.root, family, next),
+        _ => None,
+    };
+    let driver_version = match driver_override {
+        Some(v) => Some(v.to_string()),
+        None => driver_version_to_stage(ctx, &host)?,
+    };
+    let plan = plan_stage(&StageInputs {
+        next: pending.as_ref(),
+        os_driver,
+        driver_version,
+        arch: &host.arch,
+    });
+    let kernel_release = pending
+        .as_ref()
+        .map(|n| n.kernel_release.clone())
+        .unwrap_or_default();
+    let (record, readiness) = carry_out(ctx, plan, &kernel_release, &host, &state);
+    let record = record.map(|mut r| {
+        r.duration_ms = started.elapsed().as_millis() as u64;
+        r
+    });
+
+    let mechanism = pending
+        .as_ref()
+        .zip(family)
+        .and_then(|(next, family)| hold_mechanism(family, next));
+    let hold_action = plan_hold(ctx.settings.missing_next_overlay, mechanism, readiness);
+    apply_ostree_hold(ctx, hold_action, pending.as_ref(), &mut state)?;
+
+    state.pending = pending.clone();
+    if let Some(record) = &record {
+        remember(&mut state, record);
+    }
+    state.write(&ctx.root)?;
+    Ok(StageRun {
+        pending,
+        record,
+        readiness,
+        hold: hold_action,
+    })
+}
+
+/// The kernel the next boot runs when it is not the running one, and the OS family that said
+/// so (`None` for a kernel named on the command line).
+fn pending_kernel(
+    ctx: &Context,
+    target: &Target,
+    host: &HostFacts,
+) -> Result<(Option<NextBoot>, Option<Family>), StageError> {
+    Ok(match target {
         Target::Detect {
             family,
             update_engine,
@@ -209,78 +276,80 @@ pub fn stage_next(
             }),
             None,
         ),
-    };
-    let mut state = AgentState::read(&ctx.root);
-    if state.pending != pending {
-        match &pending {
-            Some(next) => info!(
-                KERNEL_RELEASE = %next.kernel_release,
-                "next kernel: {} (from {})", next.kernel_release, next.origin
-            ),
-            None => info!("no kernel update pending"),
-        }
-        state.pending = pending.clone();
-        // Written before staging so status shows the next kernel as soon as it is known.
-        state.write(&ctx.root)?;
+    })
+}
+
+/// The driver version to stage when none is named: see [`choose_driver_version`].
+fn driver_version_to_stage(ctx: &Context, host: &HostFacts) -> Result<Option<String>, StageError> {
+    let kernel_state = KernelState::read(&ctx.root, &host.kernel_release)?;
+    let loaded = kernel_state
+        .is_loaded("nvidia")
+        .and_then(|m| m.version.clone());
+    let inventory = ctx.store().inventory()?;
+    let for_running = inventory
+        .iter()
+        .find(|(kernel, _)| *kernel == host.kernel_release)
+        .map(|(_, drivers)| drivers.clone())
+        .unwrap_or_default();
+    let all: Vec<String> = inventory.into_iter().flat_map(|(_, d)| d).collect();
+    Ok(choose_driver_version(
+        ctx.settings.driver_version.as_deref(),
+        loaded.as_deref(),
+        &for_running,
+        &all,
+    ))
+}
+
+/// Record the pass in the state: count failures, and keep the record of the stage that put the
+/// overlay there when a later look only finds it (its source, digest and time say more than
+/// "already-staged", and the file events of the stage itself bring such a look at once).
+fn remember(state: &mut AgentState, record: &StageRecord) {
+    if record.result == StageResult::Failed {
+        state.stage_failures += 1;
     }
+    let found_what_was_staged = record.result == StageResult::AlreadyStaged
+        && state.last_stage.as_ref().is_some_and(|last| {
+            last.result == StageResult::Staged
+                && last.kernel_release == record.kernel_release
+                && last.driver_version == record.driver_version
+        });
+    if !found_what_was_staged {
+        state.last_stage = Some(record.clone());
+    }
+}
 
-    let store = ctx.store();
-    let os_driver = match (&pending, family) {
-        (Some(next), Some(family)) => watch::os_ships_driver(&ctx.root, family, next),
-        _ => None,
-    };
-    let driver_version = match driver_override {
-        Some(v) => Some(v.to_string()),
-        None => {
-            let kernel_state = KernelState::read(&ctx.root, &host.kernel_release)?;
-            let loaded = kernel_state
-                .is_loaded("nvidia")
-                .and_then(|m| m.version.clone());
-            let inventory = store.inventory()?;
-            let for_running = inventory
-                .iter()
-                .find(|(kernel, _)| *kernel == host.kernel_release)
-                .map(|(_, drivers)| drivers.clone())
-                .unwrap_or_default();
-            let all: Vec<String> = inventory.into_iter().flat_map(|(_, d)| d).collect();
-            choose_driver_version(
-                ctx.settings.driver_version.as_deref(),
-                loaded.as_deref(),
-                &for_running,
-                &all,
-            )
-        }
-    };
-    let plan = plan_stage(&StageInputs {
-        next: pending.as_ref(),
-        os_driver,
-        driver_version,
-        arch: &host.arch,
-    });
-
-    let record = |result: &str| StageRecord {
+fn new_record(kernel_release: &str, result: StageResult) -> StageRecord {
+    StageRecord {
         at: now_unix(),
-        kernel_release: pending
-            .as_ref()
-            .map(|n| n.kernel_release.clone())
-            .unwrap_or_default(),
+        kernel_release: kernel_release.to_string(),
         driver_version: None,
-        result: result.to_string(),
+        result,
         overlay: None,
         source: None,
         tried: Vec::new(),
         digest: None,
         detail: None,
         duration_ms: 0,
-    };
-    let (record, readiness) = match plan {
+    }
+}
+
+/// Do what the plan says: nothing, stand down, or fetch; the record of it and whether the next
+/// boot is covered.
+fn carry_out(
+    ctx: &Context,
+    plan: StagePlan,
+    kernel_release: &str,
+    host: &HostFacts,
+    state: &AgentState,
+) -> (Option<StageRecord>, NextBootReadiness) {
+    match plan {
         StagePlan::NothingPending => (None, NextBootReadiness::Covered),
         StagePlan::StandDown {
             kernel_release,
             reason,
         } => {
             info!(KERNEL_RELEASE = %kernel_release, "standing down for the next kernel: {reason}; nothing staged");
-            let mut r = record("stood-down");
+            let mut r = new_record(&kernel_release, StageResult::StoodDown);
             r.detail = Some(reason);
             (Some(r), NextBootReadiness::Covered)
         }
@@ -289,121 +358,92 @@ pub fn stage_next(
                 "no driver version to stage for {kernel_release}: none is pinned (driver.version), loaded or in the store; set driver.version in /etc/nvdriver-agent/config.toml"
             );
             warn!(KERNEL_RELEASE = %kernel_release, "{detail}");
-            let mut r = record("missing");
+            let mut r = new_record(&kernel_release, StageResult::Missing);
             r.detail = Some(detail);
             (Some(r), NextBootReadiness::Missing)
         }
         StagePlan::Fetch(key) => {
-            let mut r = record("staged");
+            let mut r = new_record(kernel_release, StageResult::Staged);
             r.driver_version = Some(key.driver_version.clone());
-            let readiness = match source::stage(&ctx.root, &store, &ctx.settings.stage, &key) {
-                Ok(report) => {
-                    r.result = match report.outcome {
-                        crate::overlay::store::ImportOutcome::AlreadyPresent { .. } => {
-                            "already-staged".into()
-                        }
-                        _ => "staged".into(),
-                    };
-                    r.overlay = Some(outcome_dir(&report.outcome));
-                    r.source = Some(report.source.clone());
-                    r.digest = report.digest.clone();
-                    r.tried = report.tried.iter().map(|t| t.to_string()).collect();
-                    let dir = outcome_dir(&report.outcome);
-                    if r.result == "staged" {
-                        info!(
-                            KERNEL_RELEASE = %key.kernel_release,
-                            DRIVER_VERSION = %key.driver_version,
-                            OVERLAY = %dir.display(),
-                            "overlay for the next kernel is in the store (from {})", report.source
-                        );
-                    } else {
-                        // Every later look finds it there: said once, when it was staged.
-                        debug!(
-                            KERNEL_RELEASE = %key.kernel_release,
-                            DRIVER_VERSION = %key.driver_version,
-                            OVERLAY = %dir.display(),
-                            "overlay for the next kernel is already in the store"
-                        );
-                    }
-                    gc(ctx, &host.kernel_release, &key.kernel_release);
-                    NextBootReadiness::Covered
-                }
-                Err(e) => {
-                    r.result = if matches!(e, SourceError::NotFound { .. } | SourceError::NoSources)
-                    {
-                        "missing".into()
-                    } else {
-                        "failed".into()
-                    };
-                    r.tried = tried_of(&e);
-                    r.detail = Some(e.to_string());
-                    // Said once; every later look that finds the same is debug (the retries
-                    // and each file event would repeat it).
-                    let repeated = state.last_stage.as_ref().is_some_and(|last| {
-                        last.kernel_release == r.kernel_release
-                            && last.result == r.result
-                            && last.detail == r.detail
-                    });
-                    if repeated {
-                        debug!(
-                            KERNEL_RELEASE = %key.kernel_release,
-                            DRIVER_VERSION = %key.driver_version,
-                            "still no overlay staged for the next kernel: {e}"
-                        );
-                    } else {
-                        warn!(
-                            KERNEL_RELEASE = %key.kernel_release,
-                            DRIVER_VERSION = %key.driver_version,
-                            "no overlay staged for the next kernel: {e}"
-                        );
-                    }
-                    NextBootReadiness::Missing
-                }
-            };
+            let readiness = fetch(ctx, &key, host, state, &mut r);
             (Some(r), readiness)
         }
-    };
-    let record = record.map(|mut r| {
-        r.duration_ms = started.elapsed().as_millis() as u64;
-        r
-    });
-
-    let mechanism = pending
-        .as_ref()
-        .zip(family)
-        .and_then(|(next, family)| hold_mechanism(family, next));
-    let hold_action = plan_hold(ctx.settings.missing_next_overlay, mechanism, readiness);
-    apply_ostree_hold(ctx, hold_action, pending.as_ref(), &mut state)?;
-
-    state.pending = pending.clone();
-    if let Some(record) = &record {
-        if record.result == "failed" {
-            state.stage_failures += 1;
-        }
-        // A later look that finds the overlay the last stage put there keeps that stage's
-        // record: its source, digest and time say more than "already-staged", and the file
-        // events of the stage itself bring such a look at once.
-        let found_what_was_staged = record.result == "already-staged"
-            && state.last_stage.as_ref().is_some_and(|last| {
-                last.result == "staged"
-                    && last.kernel_release == record.kernel_release
-                    && last.driver_version == record.driver_version
-            });
-        if !found_what_was_staged {
-            state.last_stage = Some(record.clone());
-        }
     }
-    state.write(&ctx.root)?;
-    Ok(StageRun {
-        pending,
-        record,
-        readiness,
-        hold: hold_action,
-    })
 }
 
-fn outcome_dir(outcome: &crate::overlay::store::ImportOutcome) -> PathBuf {
-    use crate::overlay::store::ImportOutcome as O;
+/// Stage `key` from the configured sources into the store, filling in the record.
+fn fetch(
+    ctx: &Context,
+    key: &OverlayKey,
+    host: &HostFacts,
+    state: &AgentState,
+    r: &mut StageRecord,
+) -> NextBootReadiness {
+    match source::stage(&ctx.root, &ctx.store(), &ctx.settings.stage, key) {
+        Ok(report) => {
+            r.result = match report.outcome {
+                ImportOutcome::AlreadyPresent { .. } => StageResult::AlreadyStaged,
+                _ => StageResult::Staged,
+            };
+            let dir = outcome_dir(&report.outcome);
+            r.overlay = Some(dir.clone());
+            r.source = Some(report.source.clone());
+            r.digest = report.digest.clone();
+            r.tried = report.tried.iter().map(|t| t.to_string()).collect();
+            if r.result == StageResult::Staged {
+                info!(
+                    KERNEL_RELEASE = %key.kernel_release,
+                    DRIVER_VERSION = %key.driver_version,
+                    OVERLAY = %dir.display(),
+                    "overlay for the next kernel is in the store (from {})", report.source
+                );
+            } else {
+                // Every later look finds it there: said once, when it was staged.
+                debug!(
+                    KERNEL_RELEASE = %key.kernel_release,
+                    DRIVER_VERSION = %key.driver_version,
+                    OVERLAY = %dir.display(),
+                    "overlay for the next kernel is already in the store"
+                );
+            }
+            gc(ctx, &host.kernel_release, &key.kernel_release);
+            NextBootReadiness::Covered
+        }
+        Err(e) => {
+            r.result = if matches!(e, SourceError::NotFound { .. } | SourceError::NoSources) {
+                StageResult::Missing
+            } else {
+                StageResult::Failed
+            };
+            r.tried = tried_of(&e);
+            r.detail = Some(e.to_string());
+            // Said once; every later look that finds the same is debug (the retries and each
+            // file event would repeat it).
+            let repeated = state.last_stage.as_ref().is_some_and(|last| {
+                last.kernel_release == r.kernel_release
+                    && last.result == r.result
+                    && last.detail == r.detail
+            });
+            if repeated {
+                debug!(
+                    KERNEL_RELEASE = %key.kernel_release,
+                    DRIVER_VERSION = %key.driver_version,
+                    "still no overlay staged for the next kernel: {e}"
+                );
+            } else {
+                warn!(
+                    KERNEL_RELEASE = %key.kernel_release,
+                    DRIVER_VERSION = %key.driver_version,
+                    "no overlay staged for the next kernel: {e}"
+                );
+            }
+            NextBootReadiness::Missing
+        }
+    }
+}
+
+fn outcome_dir(outcome: &ImportOutcome) -> PathBuf {
+    use ImportOutcome as O;
     match outcome {
         O::Imported { dir } | O::AlreadyPresent { dir } | O::Replaced { dir } => dir.clone(),
     }

@@ -150,53 +150,115 @@ pub(crate) fn http_agent(https_only: bool, timeout: Option<Duration>) -> ureq::A
 /// part holds. On success `part` holds the whole file as served; on a dropped connection or a
 /// timeout it is kept for the next call; on anything else it is removed.
 pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Downloaded, FetchError> {
-    let started = Instant::now();
-    let deadline = started + limits.timeout;
+    let deadline = Instant::now() + limits.timeout;
     if url.starts_with("http://") && !limits.allow_http {
         return Err(FetchError::HttpRefused { url: url.into() });
     }
-    let agent = http_agent(!limits.allow_http, None);
-    let io_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FetchError::Io { path, source }
-    };
-
-    let mut meta = read_meta(part).filter(|m| m.url == url);
+    let meta = read_meta(part).filter(|m| m.url == url);
     if meta.is_none() {
         discard_part(part);
     }
-    let resumed_from = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-    let mut fetched = 0u64;
-    let mut restarts = 0u32;
-    let mut attempts = 0u32;
+    let mut download = Download {
+        url,
+        part,
+        limits,
+        agent: http_agent(!limits.allow_http, None),
+        deadline,
+        meta,
+        resumed_from: fs::metadata(part).map(|m| m.len()).unwrap_or(0),
+        fetched: 0,
+        restarts: 0,
+        attempts: 0,
+    };
     loop {
-        attempts += 1;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let offset = fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-        let timed_out = || FetchError::TimedOut {
-            url: url.into(),
-            timeout: limits.timeout,
-            received: offset,
-        };
-        if remaining.is_zero() {
-            return Err(timed_out());
+        if let Some(done) = download.attempt()? {
+            return Ok(done);
         }
-        if offset > 0 && meta.as_ref().and_then(|m| m.total) == Some(offset) {
+    }
+}
+
+/// One download in progress: what every attempt shares.
+struct Download<'a> {
+    url: &'a str,
+    part: &'a Path,
+    limits: &'a FetchLimits,
+    agent: ureq::Agent,
+    deadline: Instant,
+    /// What is known of the file the part belongs to; `None` once it is started over.
+    meta: Option<PartMeta>,
+    resumed_from: u64,
+    fetched: u64,
+    restarts: u32,
+    attempts: u32,
+}
+
+/// How a response continues the part: its bytes go at `start`; the whole file is `total`
+/// bytes, `announced` the size the response promises the part will reach.
+struct Accepted {
+    status: u16,
+    start: u64,
+    total: Option<u64>,
+    announced: Option<u64>,
+    served: PartMeta,
+}
+
+impl Download<'_> {
+    /// One request: `Some` when the part is complete, `None` to try again (started over, or
+    /// resuming after a dropped connection).
+    fn attempt(&mut self) -> Result<Option<Downloaded>, FetchError> {
+        self.attempts += 1;
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        let offset = fs::metadata(self.part).map(|m| m.len()).unwrap_or(0);
+        if remaining.is_zero() {
+            return Err(self.timed_out(offset));
+        }
+        if offset > 0 && self.meta.as_ref().and_then(|m| m.total) == Some(offset) {
             // Complete already (the run that fetched it stopped before using it); the caller
             // verifies it like any download.
-            info!(url, size = offset, "download already complete");
-            return Ok(Downloaded {
-                size: offset,
-                resumed_from,
-                fetched,
-                restarts,
-            });
+            info!(url = self.url, size = offset, "download already complete");
+            return Ok(Some(self.done(offset)));
         }
-        let mut request = agent.get(url);
+        let response = self.request(offset, remaining)?;
+        let Some(accepted) = self.accept(&response, offset)? else {
+            return Ok(None);
+        };
+        let file = self.open_part(&accepted, offset)?;
+        self.receive(response, file, &accepted)
+    }
+
+    fn done(&self, size: u64) -> Downloaded {
+        Downloaded {
+            size,
+            resumed_from: self.resumed_from,
+            fetched: self.fetched,
+            restarts: self.restarts,
+        }
+    }
+
+    fn timed_out(&self, received: u64) -> FetchError {
+        FetchError::TimedOut {
+            url: self.url.into(),
+            timeout: self.limits.timeout,
+            received,
+        }
+    }
+
+    fn io_err(&self) -> impl FnOnce(io::Error) -> FetchError {
+        let path = self.part.to_path_buf();
+        move |source| FetchError::Io { path, source }
+    }
+
+    /// GET the file, from `offset` on when the part holds a prefix of it.
+    fn request(
+        &self,
+        offset: u64,
+        remaining: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
+        let mut request = self.agent.get(self.url);
         if offset > 0 {
             request = request.header("Range", format!("bytes={offset}-"));
             // If the file changed, a server that honours If-Range sends all of it (200).
-            if let Some(validator) = meta.as_ref().and_then(PartMeta::validator) {
+            if let Some(validator) = self.meta.as_ref().and_then(PartMeta::validator) {
                 request = request.header("If-Range", validator);
             }
         }
@@ -205,19 +267,25 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
             .timeout_global(Some(remaining))
             .build()
             .call();
-        let response = match response {
-            Ok(response) => response,
-            Err(ureq::Error::Timeout(_)) => return Err(timed_out()),
-            Err(ureq::Error::RequireHttpsOnly(_)) => {
-                return Err(FetchError::HttpRefused { url: url.into() })
-            }
-            Err(e) => {
-                return Err(FetchError::Http {
-                    url: url.into(),
-                    source: Box::new(e),
-                })
-            }
-        };
+        match response {
+            Ok(response) => Ok(response),
+            Err(ureq::Error::Timeout(_)) => Err(self.timed_out(offset)),
+            Err(ureq::Error::RequireHttpsOnly(_)) => Err(FetchError::HttpRefused {
+                url: self.url.into(),
+            }),
+            Err(e) => Err(FetchError::Http {
+                url: self.url.into(),
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Decide from the status and headers where the response's bytes go; `None` to start over.
+    fn accept(
+        &mut self,
+        response: &ureq::http::Response<ureq::Body>,
+        offset: u64,
+    ) -> Result<Option<Accepted>, FetchError> {
         let status = response.status().as_u16();
         let header = |name: &str| {
             response
@@ -227,7 +295,7 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
                 .map(str::to_string)
         };
         let served = PartMeta {
-            url: url.into(),
+            url: self.url.into(),
             etag: header("etag"),
             last_modified: header("last-modified"),
             total: None,
@@ -243,45 +311,28 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
                 } else {
                     None
                 };
-                let known = meta.as_ref().and_then(|m| m.total);
-                let same_file = meta.as_ref().is_some_and(|m| m.same_file(&served));
+                let known = self.meta.as_ref().and_then(|m| m.total);
+                let same_file = self.meta.as_ref().is_some_and(|m| m.same_file(&served));
                 match range {
                     Some((start, total))
                         if start == offset && same_file && (known.is_none() || total == known) =>
                     {
                         (start, total.or(known))
                     }
-                    _ => {
-                        debug!(
-                            url,
-                            status,
-                            ?range,
-                            "unusable partial response; starting over"
-                        );
-                        discard_part(part);
-                        meta = None;
-                        restarts += 1;
-                        if restarts > MAX_ATTEMPTS {
-                            return Err(FetchError::Status {
-                                url: url.into(),
-                                status,
-                            });
-                        }
-                        continue;
-                    }
+                    _ => return self.start_over(status, range).map(|()| None),
                 }
             }
             404 | 410 => {
-                discard_part(part);
+                discard_part(self.part);
                 return Err(FetchError::NotFound {
-                    url: url.into(),
+                    url: self.url.into(),
                     status,
                 });
             }
             _ => {
-                discard_part(part);
+                discard_part(self.part);
                 return Err(FetchError::Status {
-                    url: url.into(),
+                    url: self.url.into(),
                     status,
                 });
             }
@@ -290,41 +341,92 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
             200 => total,
             _ => total.or(content_length.map(|n| n + start)),
         };
-        if let Some(size) = announced.filter(|&n| n > limits.max_bytes) {
-            discard_part(part);
+        if let Some(size) = announced.filter(|&n| n > self.limits.max_bytes) {
+            discard_part(self.part);
             return Err(FetchError::TooLarge {
-                url: url.into(),
-                limit: limits.max_bytes,
+                url: self.url.into(),
+                limit: self.limits.max_bytes,
                 announced: Some(size),
             });
         }
-        let mut file = if status == 200 {
+        Ok(Some(Accepted {
+            status,
+            start,
+            total,
+            announced,
+            served,
+        }))
+    }
+
+    /// An unusable partial response: drop the part and start from zero, a bounded number of times.
+    fn start_over(
+        &mut self,
+        status: u16,
+        range: Option<(u64, Option<u64>)>,
+    ) -> Result<(), FetchError> {
+        debug!(
+            url = self.url,
+            status,
+            ?range,
+            "unusable partial response; starting over"
+        );
+        discard_part(self.part);
+        self.meta = None;
+        self.restarts += 1;
+        if self.restarts > MAX_ATTEMPTS {
+            return Err(FetchError::Status {
+                url: self.url.into(),
+                status,
+            });
+        }
+        Ok(())
+    }
+
+    /// The part file positioned where the response's bytes go, its metadata brought up to date.
+    fn open_part(&mut self, accepted: &Accepted, offset: u64) -> Result<File, FetchError> {
+        let part = self.part;
+        if accepted.status == 200 {
             if offset > 0 {
-                info!(url, offset, "the server sent the whole file; starting over");
-                restarts += 1;
+                info!(
+                    url = self.url,
+                    offset, "the server sent the whole file; starting over"
+                );
+                self.restarts += 1;
             }
-            let new_meta = PartMeta { total, ..served };
-            write_meta(part, &new_meta).map_err(io_err(part))?;
-            meta = Some(new_meta);
-            File::create(part).map_err(io_err(part))?
-        } else {
-            if meta.as_ref().is_some_and(|m| m.total.is_none()) && total.is_some() {
-                let updated = PartMeta {
-                    total,
-                    ..meta.clone().unwrap_or_default()
-                };
-                write_meta(part, &updated).map_err(io_err(part))?;
-                meta = Some(updated);
-            }
-            let mut file = OpenOptions::new()
-                .write(true)
-                .open(part)
-                .map_err(io_err(part))?;
-            file.seek(SeekFrom::Start(start)).map_err(io_err(part))?;
-            file
-        };
+            let new_meta = PartMeta {
+                total: accepted.total,
+                ..accepted.served.clone()
+            };
+            write_meta(part, &new_meta).map_err(self.io_err())?;
+            self.meta = Some(new_meta);
+            return File::create(part).map_err(self.io_err());
+        }
+        if self.meta.as_ref().is_some_and(|m| m.total.is_none()) && accepted.total.is_some() {
+            let updated = PartMeta {
+                total: accepted.total,
+                ..self.meta.clone().unwrap_or_default()
+            };
+            write_meta(part, &updated).map_err(self.io_err())?;
+            self.meta = Some(updated);
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(part)
+            .map_err(self.io_err())?;
+        file.seek(SeekFrom::Start(accepted.start))
+            .map_err(self.io_err())?;
+        Ok(file)
+    }
+
+    /// Copy the body into the part; `Some` when complete, `None` to resume after a drop.
+    fn receive(
+        &mut self,
+        response: ureq::http::Response<ureq::Body>,
+        mut file: File,
+        accepted: &Accepted,
+    ) -> Result<Option<Downloaded>, FetchError> {
         let mut body = response.into_body().into_reader();
-        let mut position = start;
+        let mut position = accepted.start;
         let mut buffer = vec![0u8; 256 << 10];
         let outcome = loop {
             let n = match body.read(&mut buffer) {
@@ -333,59 +435,61 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => break Err(e),
             };
-            if position + n as u64 > limits.max_bytes {
+            if position + n as u64 > self.limits.max_bytes {
                 drop(file);
-                discard_part(part);
+                discard_part(self.part);
                 return Err(FetchError::TooLarge {
-                    url: url.into(),
-                    limit: limits.max_bytes,
+                    url: self.url.into(),
+                    limit: self.limits.max_bytes,
                     announced: None,
                 });
             }
-            file.write_all(&buffer[..n]).map_err(io_err(part))?;
+            file.write_all(&buffer[..n]).map_err(self.io_err())?;
             position += n as u64;
-            fetched += n as u64;
+            self.fetched += n as u64;
         };
-        let progressed = position > start;
         match outcome {
-            Ok(()) if announced.is_none_or(|n| n == position) => {
-                file.flush().map_err(io_err(part))?;
+            Ok(()) if accepted.announced.is_none_or(|n| n == position) => {
+                file.flush().map_err(self.io_err())?;
                 info!(
-                    url,
+                    url = self.url,
                     size = position,
-                    resumed_from,
-                    restarts,
+                    resumed_from = self.resumed_from,
+                    restarts = self.restarts,
                     "download complete"
                 );
-                return Ok(Downloaded {
-                    size: position,
-                    resumed_from,
-                    fetched,
-                    restarts,
-                });
+                Ok(Some(self.done(position)))
             }
             outcome => {
                 let source = outcome.err().unwrap_or_else(|| {
                     io::Error::new(io::ErrorKind::UnexpectedEof, "the body ended early")
                 });
-                if is_timeout(&source) || Instant::now() >= deadline {
-                    return Err(FetchError::TimedOut {
-                        url: url.into(),
-                        timeout: limits.timeout,
-                        received: position,
-                    });
-                }
-                if !progressed || attempts >= MAX_ATTEMPTS {
-                    return Err(FetchError::Interrupted {
-                        url: url.into(),
-                        attempts,
-                        received: position,
-                        source,
-                    });
-                }
-                info!(url, received = position, error = %source, "connection dropped; resuming");
+                self.dropped(source, position, position > accepted.start)
+                    .map(|()| None)
             }
         }
+    }
+
+    /// The body ended early: resume if this attempt made progress and attempts are left.
+    fn dropped(
+        &self,
+        source: io::Error,
+        position: u64,
+        progressed: bool,
+    ) -> Result<(), FetchError> {
+        if is_timeout(&source) || Instant::now() >= self.deadline {
+            return Err(self.timed_out(position));
+        }
+        if !progressed || self.attempts >= MAX_ATTEMPTS {
+            return Err(FetchError::Interrupted {
+                url: self.url.into(),
+                attempts: self.attempts,
+                received: position,
+                source,
+            });
+        }
+        info!(url = self.url, received = position, error = %source, "connection dropped; resuming");
+        Ok(())
     }
 }
 
