@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 use tracing::warn;
 
-use crate::boot::execute::LoadError;
 use crate::config::Settings;
 use crate::config::{self, ConfigError};
 use crate::handoff::toolkit::RuntimeError;
 use crate::host::{HostError, Root};
-use crate::kmod::modinfo::ModinfoError;
+use crate::kmod::execute::LoadError;
 use crate::kmod::plan::PlanError;
+use crate::modinfo::ModinfoError;
 use crate::overlay::source::SourceError;
 use crate::overlay::verify::VerifyError;
 use crate::overlay::{Store, StoreError};

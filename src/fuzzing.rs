@@ -30,10 +30,10 @@ pub const TARGETS: [(&str, Check); 7] = [
 /// a name and prints.
 pub fn modinfo(data: &[u8]) {
     let origin = Path::new("fuzz.ko");
-    if let Ok(info) = crate::kmod::modinfo::parse_module(data, origin) {
+    if let Ok(info) = crate::modinfo::parse_module(data, origin) {
         assert!(!info.name.is_empty(), "a parsed module has a name");
-        let _ = crate::kmod::modinfo::modinfo_lines(&info, origin);
-        let _ = crate::kmod::modinfo::check_vermagic(&info, origin, "6.1.0-fuzz");
+        let _ = crate::modinfo::modinfo_lines(&info, origin);
+        let _ = crate::modinfo::check_vermagic(&info, origin, "6.1.0-fuzz");
     }
 }
 

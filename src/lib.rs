@@ -20,6 +20,7 @@ pub mod fuzzing;
 pub mod handoff;
 pub mod host;
 pub mod kmod;
+pub mod modinfo;
 pub mod overlay;
 pub mod report;
 pub mod state;

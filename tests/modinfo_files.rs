@@ -4,7 +4,7 @@ mod common;
 
 use common::modules::{FixtureModule, FIXTURE_KEY_ID, FIXTURE_SIGNER};
 use common::Compression;
-use nvdriver_agent::kmod::modinfo::{check_vermagic, modinfo_lines, read_module_file};
+use nvdriver_agent::modinfo::{check_vermagic, modinfo_lines, read_module_file};
 
 const KVER: &str = "5.14.0-503.15.1.el9_5.x86_64";
 

@@ -1,6 +1,6 @@
 //! The boot path for the running kernel: find its overlay in the store, open and check every
 //! module file, plan the load (pure, [`crate::kmod::plan`]), execute it
-//! ([`crate::boot::execute`]), and regenerate the CDI spec.
+//! ([`crate::kmod::execute`]), and regenerate the CDI spec.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -11,13 +11,13 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::app::{CommandError, Context};
-use crate::boot::execute::{self, LoadReport, OpenedModule};
 use crate::config::MissingOverlayPolicy;
 use crate::handoff::toolkit;
 use crate::host::{HostFacts, KernelState, Root};
-use crate::kmod::modinfo;
+use crate::kmod::execute::{self, LoadReport, OpenedModule};
 use crate::kmod::plan::{self, InspectedModule, LoadPlan, PlanInputs, ToolkitState};
 use crate::kmod::sys::Kernel;
+use crate::modinfo;
 use crate::overlay::verify::{check_digest, sha256_bytes};
 use crate::overlay::StoredOverlay;
 

@@ -1,7 +1,6 @@
-//! What happens at boot: the load of the running kernel's overlay ([`load`]), the execution
-//! of its plan against the kernel and the host ([`execute`]), and what the node does when that
-//! load fails ([`fallback`]).
+//! What happens at boot: the load of the running kernel's overlay ([`load`]: find it, check it,
+//! plan with [`crate::kmod::plan`], execute with [`crate::kmod::execute`]) and what the node
+//! does when that load fails ([`fallback`]).
 
-pub mod execute;
 pub mod fallback;
 pub mod load;

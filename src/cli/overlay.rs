@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::app::{CommandError, Context};
-use crate::kmod::modinfo;
+use crate::modinfo;
 use crate::overlay::source::{self, OverlayKey, StageReport};
 use crate::overlay::store::{self, ImportOutcome};
 use crate::overlay::Manifest;

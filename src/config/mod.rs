@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::host::Root;
-use crate::overlay::signature::SignaturePolicy;
 
 /// The defaults as shipped; compiled in so a host without `/usr/lib/nvdriver-agent` still has
 /// them, and read from the same file the packages install (one source of truth).
@@ -19,6 +18,19 @@ pub const SHIPPED_DEFAULTS: &str = include_str!("../../dist/config.toml");
 pub const SHIPPED_DEFAULTS_PATH: &str = "/usr/lib/nvdriver-agent/config.toml";
 pub const ETC_CONFIG_PATH: &str = "/etc/nvdriver-agent/config.toml";
 pub const ETC_DROPIN_DIR: &str = "/etc/nvdriver-agent/config.d";
+
+/// `[trust] signatures`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignaturePolicy {
+    /// Every overlay must carry a good signature by a trusted key.
+    Require,
+    /// A signature that is there must be good; unsigned overlays are accepted.
+    #[default]
+    IfPresent,
+    /// Signatures are not looked at.
+    Off,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

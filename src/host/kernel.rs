@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::{HostError, Root};
-use crate::kmod::modinfo::Compression;
+use crate::modinfo::Compression;
 
 pub const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
 pub const PROC_MODULES: &str = "/proc/modules";

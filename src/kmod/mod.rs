@@ -1,6 +1,6 @@
 //! Kernel modules: reading `.modinfo`, planning the load, and the thin syscall edge.
 
 pub mod devices;
-pub mod modinfo;
+pub mod execute;
 pub mod plan;
 pub mod sys;

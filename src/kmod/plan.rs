@@ -1,7 +1,7 @@
 //! The load plan: pure. From the settings, the host's facts, the kernel's state, the chosen
 //! overlay and what its modules say of themselves, decide everything `load` will do, in
 //! order, or refuse with what to do instead. `nvdriver-agent plan` prints it; `load`
-//! executes it ([`crate::boot::execute`]).
+//! executes it ([`crate::kmod::execute`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::host::kernel::{normalize_module_name, KernelState};
 use crate::host::HostFacts;
-use crate::kmod::modinfo::{vermagic_release, Compression, ModInfo};
+use crate::modinfo::{vermagic_release, Compression, ModInfo};
 use crate::overlay::manifest::{module_stem, Flavor};
 use crate::overlay::StoredOverlay;
 

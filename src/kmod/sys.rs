@@ -413,7 +413,7 @@ impl Kernel for SimulatedKernel {
             }
         }
         let running = self.read(hk::OSRELEASE).trim().to_string();
-        if crate::kmod::modinfo::vermagic_release(module.vermagic) != running {
+        if crate::modinfo::vermagic_release(module.vermagic) != running {
             return Err(fail(
                 Errno::ENOEXEC,
                 "disagrees about version of symbol module_layout".into(),

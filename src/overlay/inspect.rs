@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::config::StageSettings;
 use crate::host::Root;
-use crate::kmod::modinfo;
+use crate::modinfo;
 use crate::overlay::manifest::{Flavor, Manifest, ManifestError, MANIFEST_NAME};
 use crate::overlay::signature::{self, SignaturePolicy, SIGNATURE_NAME};
 use crate::overlay::source::archive::{self, ArchiveError, Limits};

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::fsutil::temp_sibling;
-use crate::kmod::modinfo::{self, ModinfoError};
+use crate::modinfo::{self, ModinfoError};
 use crate::overlay::manifest::{
     module_stem, FileEntry, Flavor, Manifest, ManifestError, SymlinkEntry, FORMAT_VERSION,
     MANIFEST_NAME,

@@ -12,7 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::host::Root;
 
@@ -23,18 +23,7 @@ pub const KEYS_DIR: &str = "/etc/nvdriver-agent/keys.d";
 /// A signature file larger than this is not a minisign signature.
 pub const MAX_SIGNATURE_BYTES: u64 = 4096;
 
-/// `[trust] signatures`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SignaturePolicy {
-    /// Every overlay must carry a good signature by a trusted key.
-    Require,
-    /// A signature that is there must be good; unsigned overlays are accepted.
-    #[default]
-    IfPresent,
-    /// Signatures are not looked at.
-    Off,
-}
+pub use crate::config::SignaturePolicy;
 
 /// A minisign key id, printed as minisign prints it (16 upper-case hex digits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]

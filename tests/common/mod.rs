@@ -1,7 +1,7 @@
 //! Fixture builders shared by the integration tests (`mod common;` in `tests/*.rs`).
 #![allow(dead_code)]
 
-pub use nvdriver_agent::kmod::modinfo::Compression;
+pub use nvdriver_agent::modinfo::Compression;
 
 pub mod agent;
 pub mod archive;

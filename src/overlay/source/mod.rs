@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use crate::config::StageSettings;
 use crate::host::Root;
-use crate::kmod::modinfo::{self, ModInfo, ModinfoError};
+use crate::modinfo::{self, ModInfo, ModinfoError};
 use crate::overlay::enforce;
 pub use crate::overlay::key::OverlayKey;
 use crate::overlay::manifest::Manifest;

@@ -907,7 +907,7 @@ mod pkcs7 {
     mod tests {
         use super::*;
 
-        use crate::kmod::modinfo::fixture_modules::tlv;
+        use crate::modinfo::fixture_modules::tlv;
 
         fn message(sid: Vec<u8>, digest_oid: &[u8]) -> Vec<u8> {
             let alg = tlv(SEQUENCE, &tlv(OID, digest_oid));
@@ -1031,7 +1031,7 @@ mod pkcs7 {
 }
 
 #[cfg(test)]
-#[path = "../../tests/common/modules.rs"]
+#[path = "../tests/common/modules.rs"]
 mod fixture_modules;
 
 #[cfg(test)]

@@ -17,9 +17,9 @@ use crate::handoff::toolkit;
 use crate::host::kernel::FIRMWARE_PATH;
 use crate::host::Root;
 use crate::kmod::devices::{self, nodes_for, DeviceNode};
-use crate::kmod::modinfo::{self, Compression};
 use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction};
 use crate::kmod::sys::{Kernel, ModuleLoad, NodeState, SysError};
+use crate::modinfo::{self, Compression};
 
 /// An overlay module file opened (and hashed) during inspection, handed to `finit_module`
 /// as the same descriptor, so what was verified is what gets loaded.
