@@ -199,7 +199,7 @@ fn manifest_of_archive(file: &Path, name: &str) -> Result<Option<String>, Inspec
     let mut tar = tar::Archive::new(archive::decompress(input, name)?);
     let read_err = |source| ArchiveError::Read {
         archive: name.to_string(),
-        source,
+        error: source,
     };
     for entry in tar.entries().map_err(read_err)? {
         let entry = entry.map_err(read_err)?;

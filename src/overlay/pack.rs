@@ -79,12 +79,19 @@ pub enum PackError {
     Exists { path: PathBuf },
     #[error(transparent)]
     Module(#[from] ModinfoError),
+    /// Not `#[from]`: the message carries the cause (see [`PathIoError`]), so it is no source.
     #[error("the packed manifest is not valid: {0}")]
-    Manifest(#[from] ManifestError),
+    Manifest(ManifestError),
     #[error(transparent)]
     Signature(#[from] SignatureError),
     #[error(transparent)]
     Io(#[from] PathIoError),
+}
+
+impl From<ManifestError> for PackError {
+    fn from(e: ManifestError) -> Self {
+        PackError::Manifest(e)
+    }
 }
 
 /// Every regular file and symlink under `dir`, relative, sorted; directories are walked.

@@ -44,8 +44,8 @@ pub enum StoreError {
         kernel_release: String,
         available: String,
     },
-    #[error("{path}: cannot lock the store: {source}")]
-    Lock { path: PathBuf, source: io::Error },
+    #[error("{path}: cannot lock the store: {error}")]
+    Lock { path: PathBuf, error: io::Error },
     #[error(transparent)]
     Io(#[from] PathIoError),
 }
@@ -143,7 +143,7 @@ impl<'a> Store<'a> {
         let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
             |(_, errno)| StoreError::Lock {
                 path: path.clone(),
-                source: io::Error::from(errno),
+                error: io::Error::from(errno),
             },
         )?;
         Ok(StoreLock { _flock: flock })

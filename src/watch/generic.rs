@@ -75,15 +75,14 @@ pub enum GenericError {
     #[error("the .uname section is not a kernel release: {found:?}")]
     BadUname { found: String },
     #[error("the .linux section's bzImage header: {0}")]
-    EmbeddedKernel(#[source] crate::watch::flatcar::FlatcarError),
-    #[error("{path}: {source}")]
+    EmbeddedKernel(crate::watch::flatcar::FlatcarError),
+    #[error("{path}: {error}")]
     Image {
         path: PathBuf,
-        #[source]
-        source: Box<GenericError>,
+        error: Box<GenericError>,
     },
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error(
         "the default boot entry {entry} boots {kernel}, whose release cannot be read: {reason}"
     )]
@@ -445,7 +444,7 @@ pub fn uki_release(pe_bytes: &[u8]) -> Result<String, GenericError> {
 fn read_uki(path: &Path) -> Result<(Result<String, GenericError>, UkiFacts), GenericError> {
     let read_err = |source| GenericError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut file = File::open(path).map_err(read_err)?;
     let len = file.metadata().map_err(read_err)?.len();
@@ -507,13 +506,18 @@ fn list_dir(root: &Root, host_dir: &str) -> Result<Vec<(String, PathBuf)>, Gener
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(GenericError::Read { path: dir, source }),
+        Err(source) => {
+            return Err(GenericError::Read {
+                path: dir,
+                error: source,
+            })
+        }
     };
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|source| GenericError::Read {
             path: dir.clone(),
-            source,
+            error: source,
         })?;
         if let Some(name) = entry.file_name().to_str() {
             out.push((name.to_string(), Path::new(host_dir).join(name)));
@@ -574,7 +578,7 @@ pub fn read_boot_entries(root: &Root) -> Result<Vec<BootEntry>, GenericError> {
                 .and_then(|f| f.take(ENTRY_MAX).read_to_string(&mut text))
                 .map_err(|source| GenericError::Read {
                     path: path.clone(),
-                    source,
+                    error: source,
                 })?;
             let fields = parse_type1(&text);
             let (kernel_rel, is_uki) = match (&fields.linux, &fields.uki) {

@@ -126,11 +126,10 @@ pub enum OciError {
     Endpoints { tried: Vec<(String, OciError)> },
     #[error(transparent)]
     Archive(#[from] ArchiveError),
-    #[error("{url}: {source}")]
+    #[error("{url}: {error}")]
     Http {
         url: String,
-        #[source]
-        source: Box<ureq::Error>,
+        error: Box<ureq::Error>,
     },
     #[error(transparent)]
     Io(#[from] PathIoError),
@@ -450,7 +449,7 @@ impl<'a> Client<'a> {
             Err(ureq::Error::Timeout(_)) => Err(self.timed_out()),
             Err(e) => Err(OciError::Http {
                 url: url.to_string(),
-                source: Box::new(e),
+                error: Box::new(e),
             }),
         }
     }
@@ -993,7 +992,7 @@ pub fn apply_layers(
                 let dir = scratch.join(&parent);
                 if let Ok(children) = fs::read_dir(&dir) {
                     for child in children.flatten() {
-                        remove_any(&child.path()).with_path(&child.path())?;
+                        remove_any(&child.path()).with_path(child.path())?;
                     }
                 }
                 continue;
