@@ -3,6 +3,7 @@
 
 pub mod kernel;
 pub mod os_release;
+pub mod version;
 
 use std::path::{Component, Path, PathBuf};
 

@@ -8,6 +8,7 @@
 //! next one.
 
 use crate::fsutil::{PathIoError, WithPath};
+use crate::host::version::version_cmp;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
@@ -188,7 +189,7 @@ impl<'a> Store<'a> {
     }
 
     /// Remove the overlays of every kernel except `keep_kernels` and the `keep_extra` newest
-    /// others (by [`compare_versions`]), plus their partial downloads and any leftovers. Each
+    /// others (by [`version_cmp`]), plus their partial downloads and any leftovers. Each
     /// kernel directory is first renamed to a temporary name, so a crash mid-delete never leaves
     /// half an overlay under its real name. Returns the host paths removed.
     pub fn gc(&self, keep_kernels: &[String], keep_extra: u32) -> Result<Vec<PathBuf>, StoreError> {
@@ -330,7 +331,7 @@ impl<'a> Store<'a> {
 
     pub fn driver_versions(&self, kernel_release: &str) -> Result<Vec<String>, StoreError> {
         let mut versions = self.subdirectories(&self.dir.join(kernel_release))?;
-        versions.sort_by(|a, b| compare_versions(a, b));
+        versions.sort_by(|a, b| version_cmp(a, b));
         Ok(versions)
     }
 
@@ -453,37 +454,14 @@ impl<'a> Store<'a> {
     }
 }
 
-/// Compare version strings numerically where both parts are numbers (`570.9` < `570.10`).
-///
-/// ```
-/// use nvdriver_agent::overlay::store::compare_versions;
-/// use std::cmp::Ordering;
-/// assert_eq!(compare_versions("570.9", "570.10"), Ordering::Less);
-/// assert_eq!(compare_versions("580.159.04", "565.57.01"), Ordering::Greater);
-/// ```
-pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
-    let split = |s: &str| -> Vec<String> {
-        s.split(['.', '-', '_', '+', '~'])
-            .map(str::to_string)
-            .collect()
-    };
-    let (pa, pb) = (split(a), split(b));
-    for (x, y) in pa.iter().zip(pb.iter()) {
-        let order = match (x.parse::<u64>(), y.parse::<u64>()) {
-            (Ok(nx), Ok(ny)) => nx.cmp(&ny),
-            _ => x.cmp(y),
-        };
-        if order.is_ne() {
-            return order;
-        }
-    }
-    pa.len().cmp(&pb.len()).then_with(|| a.cmp(b))
-}
+/// The crate's one version comparator, under the name callers outside this file still use
+/// (`update::stage`); new code names [`crate::host::version::version_cmp`].
+pub use crate::host::version::version_cmp as compare_versions;
 
 /// Kernels GC removes: all but `keep` and the `keep_extra` newest of the others.
 fn gc_victims(kernels: &[String], keep: &[String], keep_extra: u32) -> Vec<String> {
     let mut others: Vec<&String> = kernels.iter().filter(|k| !keep.contains(k)).collect();
-    others.sort_by(|a, b| compare_versions(b, a));
+    others.sort_by(|a, b| version_cmp(b, a));
     others
         .into_iter()
         .skip(keep_extra as usize)

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use tracing::debug;
 
 use crate::host::kernel::is_kernel_release;
+use crate::host::version::version_cmp;
 use crate::host::Root;
-use crate::overlay::store::compare_versions;
 use crate::watch::NextBoot;
 
 /// Partition UUID of `USR-A` (flatcar/scripts `build_library/disk_layout.json`; GRUB's
@@ -322,7 +322,7 @@ fn boot_image_slot(value: &str) -> Option<UsrSlot> {
 ///   release (or a half-written update), not the next boot.
 /// - [`UpdateEngineState::Unknown`] (update_engine not reachable): fall back to the disk. The
 ///   inactive slot's kernel is next only if its release sorts newer than the running one
-///   ([`compare_versions`]): after an update it holds the new kernel, after a normal boot the
+///   ([`version_cmp`]): after an update it holds the new kernel, after a normal boot the
 ///   previous, older one. A missing inactive kernel (first boot: `USR-B` is empty) is `None`.
 ///
 /// The active slot comes from `/proc/cmdline` ([`active_usr_slot`]).
@@ -359,7 +359,7 @@ pub fn next_boot(
     let why = match update_engine {
         UpdateEngineState::NeedReboot => "update_engine: UPDATE_STATUS_UPDATED_NEED_REBOOT",
         _ => {
-            if compare_versions(&release, running_kernel).is_le() {
+            if version_cmp(&release, running_kernel).is_le() {
                 return Ok(None);
             }
             "update_engine unreachable; newer than the running kernel"
