@@ -14,6 +14,70 @@ pub const TEMP_PREFIX: &str = ".nvdriver-agent-tmp.";
 /// SHA-256, small enough that the idle daemon's peak memory stays low (bench/idle-cost).
 pub const IO_CHUNK: usize = 256 << 10;
 
+/// An I/O error together with the path it happened on and, where it helps, what was being
+/// done. Its message says all three, the OS error once: "cannot create directory /a/b: No such
+/// file or directory (os error 2)", or "/a/b: …" without an action. The OS error is part of
+/// the message and deliberately not also a [`std::error::Error::source`]: the library prints
+/// errors with `{}` and `main` prints the chain with anyhow's `{:#}`, so a message that also
+/// exposed its cause as a source would show it twice.
+#[derive(Debug)]
+pub struct PathIoError {
+    pub path: PathBuf,
+    /// What was being done, as a verb phrase ("create directory", "write"); `None` when the
+    /// path alone says enough.
+    pub action: Option<&'static str>,
+    pub error: io::Error,
+}
+
+impl PathIoError {
+    pub fn new(path: impl Into<PathBuf>, error: io::Error) -> Self {
+        PathIoError {
+            path: path.into(),
+            action: None,
+            error,
+        }
+    }
+
+    pub fn doing(action: &'static str, path: impl Into<PathBuf>, error: io::Error) -> Self {
+        PathIoError {
+            path: path.into(),
+            action: Some(action),
+            error,
+        }
+    }
+
+    pub fn kind(&self) -> io::ErrorKind {
+        self.error.kind()
+    }
+}
+
+impl std::fmt::Display for PathIoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.action {
+            Some(action) => write!(f, "cannot {action} {}: {}", self.path.display(), self.error),
+            None => write!(f, "{}: {}", self.path.display(), self.error),
+        }
+    }
+}
+
+impl std::error::Error for PathIoError {}
+
+/// Attach a path (and an action) to an `io::Result`: `fs::read(p).with_path(p)?`.
+pub trait WithPath<T> {
+    fn with_path(self, path: impl AsRef<Path>) -> Result<T, PathIoError>;
+    fn with_action(self, action: &'static str, path: impl AsRef<Path>) -> Result<T, PathIoError>;
+}
+
+impl<T> WithPath<T> for io::Result<T> {
+    fn with_path(self, path: impl AsRef<Path>) -> Result<T, PathIoError> {
+        self.map_err(|error| PathIoError::new(path.as_ref(), error))
+    }
+
+    fn with_action(self, action: &'static str, path: impl AsRef<Path>) -> Result<T, PathIoError> {
+        self.map_err(|error| PathIoError::doing(action, path.as_ref(), error))
+    }
+}
+
 /// fsync every file and directory under `dir` (children before parents), so a tree written
 /// without syncing is durable before it is renamed into place.
 pub fn sync_tree(dir: &Path) -> io::Result<()> {
@@ -197,6 +261,22 @@ mod tests {
         );
         fs::write(dir.path().join("file"), "").unwrap();
         assert!(create_dir_all_mode(&dir.path().join("file/x"), 0o755).is_err());
+    }
+
+    #[test]
+    fn path_io_error_names_path_and_action_and_the_os_error_once() {
+        let err = fs::read("/nonexistent/x")
+            .with_action("read", "/nonexistent/x")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("cannot read /nonexistent/x: "), "{text}");
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+        assert!(std::error::Error::source(&err).is_none());
+        let err = fs::read("/nonexistent/x")
+            .with_path("/nonexistent/x")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("/nonexistent/x: "));
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

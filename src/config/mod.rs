@@ -40,10 +40,10 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
-    #[error("cannot read config {file}: {source}")]
+    #[error("cannot read config {file}: {error}")]
     Read {
         file: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config key {key} (last set in {file}): {message}")]
     Invalid {
@@ -330,7 +330,7 @@ pub fn load(root: &Root, source: &ConfigSource) -> Result<Settings, ConfigError>
         ConfigSource::File(path) => {
             let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 file: path.clone(),
-                source,
+                error: source,
             })?;
             layers.push((path.clone(), text));
         }
@@ -344,7 +344,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, ConfigError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ConfigError::Read {
             file: path.to_path_buf(),
-            source,
+            error: source,
         }),
     }
 }
@@ -355,7 +355,12 @@ fn list_dropins(root: &Root) -> Result<Vec<PathBuf>, ConfigError> {
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ConfigError::Read { file: dir, source }),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                file: dir,
+                error: source,
+            })
+        }
     };
     let mut names: Vec<String> = entries
         .flatten()

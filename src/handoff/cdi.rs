@@ -35,10 +35,10 @@ pub enum CdiError {
     Write(#[from] OutputError),
     #[error("`{command}` failed: {detail}; containers asking for {CDI_KIND} devices will not get them until it works (or remove nvidia-ctk so the agent writes a minimal spec)")]
     NvidiaCtk { command: String, detail: String },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -101,7 +101,7 @@ pub fn gather(root: &Root, overlay_dir: &Path, driver_root: &Path) -> Result<Cdi
     let read = |path: &Path| -> Result<std::fs::ReadDir, CdiError> {
         std::fs::read_dir(path).map_err(|source| CdiError::Read {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })
     };
     for entry in read(&dev)?.flatten() {
@@ -179,7 +179,7 @@ pub fn regenerate(
         // /var/run/cdi is the agent's to create: CDI consumers only read it.
         fsutil::create_dir_all_mode(dir, 0o755).map_err(|source| CdiError::Read {
             path: dir.to_path_buf(),
-            source,
+            error: source,
         })?;
     }
     if let Some(ctk) = find_nvidia_ctk(root) {

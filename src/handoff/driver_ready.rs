@@ -57,23 +57,23 @@ pub enum ReadinessError {
          readiness file can be written there"
     )]
     NotAFile { path: PathBuf },
-    #[error("cannot read {path}: {source}; expected a readable regular file or nothing there")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {error}; expected a readable regular file or nothing there")]
+    Read { path: PathBuf, error: io::Error },
     #[error(
-        "cannot create directory {path} for the driver readiness file: {source}; check that /run \
+        "cannot create directory {path} for the driver readiness file: {error}; check that /run \
          is writable and no regular file is in the way"
     )]
-    CreateDir { path: PathBuf, source: io::Error },
+    CreateDir { path: PathBuf, error: io::Error },
     #[error(
-        "cannot write {path}: {source}; the GPU Operator's operands will keep waiting for the \
+        "cannot write {path}: {error}; the GPU Operator's operands will keep waiting for the \
          driver. Check that the directory is writable"
     )]
-    Write { path: PathBuf, source: io::Error },
+    Write { path: PathBuf, error: io::Error },
     #[error(
-        "cannot remove {path}: {source}; the GPU Operator's operands may start against a driver \
+        "cannot remove {path}: {error}; the GPU Operator's operands may start against a driver \
          that is not ready. Remove the file by hand"
     )]
-    Remove { path: PathBuf, source: io::Error },
+    Remove { path: PathBuf, error: io::Error },
 }
 
 /// Where the driver is, in the terms of the GPU Operator's `driver-ready` file.
@@ -195,13 +195,18 @@ pub fn write_driver_ready(
         Ok(_) => {}
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(_) if path.is_dir() => return Err(ReadinessError::NotAFile { path }),
-        Err(source) => return Err(ReadinessError::Read { path, source }),
+        Err(source) => {
+            return Err(ReadinessError::Read {
+                path,
+                error: source,
+            })
+        }
     }
     if let Some(parent) = path.parent() {
         fsutil::create_dir_all_mode(parent, DIR_MODE).map_err(|source| {
             ReadinessError::CreateDir {
                 path: parent.to_path_buf(),
-                source,
+                error: source,
             }
         })?;
     }
@@ -209,7 +214,7 @@ pub fn write_driver_ready(
     fsutil::write_atomic(&path, contents.as_bytes(), FILE_MODE).map_err(|source| {
         ReadinessError::Write {
             path: path.clone(),
-            source,
+            error: source,
         }
     })?;
     tracing::info!(
@@ -233,12 +238,22 @@ pub fn remove_driver_ready(root: &Root, host_path: &Path) -> Result<bool, Readin
         Err(err) if err.raw_os_error() == Some(nix::errno::Errno::ENOTDIR as i32) => {
             return Ok(false)
         }
-        Err(source) => return Err(ReadinessError::Remove { path, source }),
+        Err(source) => {
+            return Err(ReadinessError::Remove {
+                path,
+                error: source,
+            })
+        }
     }
     match fs::remove_file(&path) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(source) => return Err(ReadinessError::Remove { path, source }),
+        Err(source) => {
+            return Err(ReadinessError::Remove {
+                path,
+                error: source,
+            })
+        }
     }
     if let Some(parent) = path.parent() {
         // Durability only matters off tmpfs; the file is gone either way.

@@ -11,11 +11,11 @@ use crate::host::Root;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
-    #[error("cannot write {path}: {source}; check that its directory is writable (set outputs.{key} = \"\" to turn it off)")]
+    #[error("cannot write {path}: {error}; check that its directory is writable (set outputs.{key} = \"\" to turn it off)")]
     Write {
         path: PathBuf,
         key: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -40,7 +40,7 @@ pub fn write_if_dir_exists(
     fsutil::write_atomic(&path, contents, 0o644).map_err(|source| OutputError::Write {
         path: host_path.to_path_buf(),
         key,
-        source,
+        error: source,
     })?;
     Ok(true)
 }

@@ -79,20 +79,20 @@ pub enum RuntimeError {
     )]
     ParentNotDirectory { path: PathBuf },
     #[error(
-        "cannot read {path}: {source}; expected a readable regular file or nothing at that path"
+        "cannot read {path}: {error}; expected a readable regular file or nothing at that path"
     )]
-    Read { path: PathBuf, source: io::Error },
+    Read { path: PathBuf, error: io::Error },
     #[error(
-        "cannot create directory {path} for the container toolkit config: {source}; make sure \
+        "cannot create directory {path} for the container toolkit config: {error}; make sure \
          it can be created (is a parent a regular file, or the filesystem read-only?)"
     )]
-    CreateDir { path: PathBuf, source: io::Error },
+    CreateDir { path: PathBuf, error: io::Error },
     #[error(
-        "cannot write {path}: {source}; the file is as it was or fully replaced, never half \
+        "cannot write {path}: {error}; the file is as it was or fully replaced, never half \
          written. Make it writable (is /etc read-only?) or point the agent's container toolkit \
          config path elsewhere"
     )]
-    Write { path: PathBuf, source: io::Error },
+    Write { path: PathBuf, error: io::Error },
 }
 
 /// What [`apply_cli_root`] did, or what [`plan_cli_root`] says it would do.
@@ -159,7 +159,7 @@ pub fn apply_cli_root(
             fsutil::create_dir_all_mode(parent, DIR_MODE).map_err(|source| {
                 RuntimeError::CreateDir {
                     path: parent.to_path_buf(),
-                    source,
+                    error: source,
                 }
             })?;
         }
@@ -167,7 +167,7 @@ pub fn apply_cli_root(
     fsutil::write_atomic(&path, contents.as_bytes(), CONFIG_MODE).map_err(|source| {
         RuntimeError::Write {
             path: path.clone(),
-            source,
+            error: source,
         }
     })?;
     match &change {
@@ -224,7 +224,7 @@ fn read_existing(path: &Path) -> Result<Option<String>, RuntimeError> {
         Err(source) => {
             return Err(RuntimeError::Read {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             })
         }
     };
@@ -246,7 +246,7 @@ fn read_existing(path: &Path) -> Result<Option<String>, RuntimeError> {
         }),
         Err(source) => Err(RuntimeError::Read {
             path: path.to_path_buf(),
-            source,
+            error: source,
         }),
     }
 }

@@ -23,7 +23,10 @@ pub fn read_kernel_release(root: &Root) -> Result<String, HostError> {
     let path = root.join(OSRELEASE);
     fs::read_to_string(&path)
         .map(|s| s.trim().to_string())
-        .map_err(|source| HostError::KernelRelease { path, source })
+        .map_err(|source| HostError::KernelRelease {
+            path,
+            error: source,
+        })
 }
 
 /// Whether `text` can be a kernel release (`uname -r`) as read from a kernel image or a boot
@@ -110,7 +113,10 @@ fn read_optional(root: &Root, host_path: &str) -> Result<Option<String>, HostErr
     match fs::read_to_string(&path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(HostError::Read { path, source }),
+        Err(source) => Err(HostError::Read {
+            path,
+            error: source,
+        }),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod kernel;
 pub mod os_release;
+pub mod version;
 
 use std::path::{Component, Path, PathBuf};
 
@@ -82,17 +83,17 @@ pub struct HostFacts {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("cannot read the running kernel release from {path}: {source}; is /proc mounted under the root?")]
+    #[error("cannot read the running kernel release from {path}: {error}; is /proc mounted under the root?")]
     KernelRelease {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     OsRelease(#[from] os_release::OsReleaseError),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 

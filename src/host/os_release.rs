@@ -43,10 +43,10 @@ pub struct OsRelease {
 pub enum OsReleaseError {
     #[error("no os-release found: tried {tried}; expected an os-release(5) file under the root")]
     Missing { tried: String },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}: expected KEY=value, found {text:?}")]
     Syntax {
@@ -65,7 +65,12 @@ impl OsRelease {
             match std::fs::read_to_string(&path) {
                 Ok(text) => return Self::parse(&text, PathBuf::from(candidate)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(OsReleaseError::Read { path, source }),
+                Err(source) => {
+                    return Err(OsReleaseError::Read {
+                        path,
+                        error: source,
+                    })
+                }
             }
         }
         Err(OsReleaseError::Missing {

@@ -2,8 +2,9 @@
 //! holds (manifest, modules with the kernel each was built for, signature status, digest),
 //! read into a temporary directory and thrown away; the store is not touched.
 
+use crate::fsutil::{PathIoError, WithPath};
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -88,19 +89,8 @@ pub enum InspectError {
     #[cfg(feature = "oci")]
     #[error(transparent)]
     Oci(#[from] crate::overlay::source::oci::OciError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InspectError + '_ {
-    move |source| InspectError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// Inspect `reference`: a local directory or archive (paths as given, not under `root`), an
@@ -116,7 +106,7 @@ pub fn inspect(
         _ => SignaturePolicy::IfPresent,
     };
     let trust = Trust::load(root, policy)?;
-    let scratch = tempfile::tempdir().map_err(io_err(Path::new("temporary directory")))?;
+    let scratch = tempfile::tempdir().with_path(Path::new("temporary directory"))?;
     if reference.starts_with("oci://") {
         #[cfg(feature = "oci")]
         return inspect_oci(root, settings, &trust, reference, scratch.path());
@@ -129,7 +119,7 @@ pub fn inspect(
         return inspect_archive(settings, &trust, &part, reference, scratch.path());
     }
     let path = Path::new(reference);
-    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let meta = fs::metadata(path).with_path(path)?;
     if meta.is_dir() {
         inspect_dir(&trust, path, reference, "directory", None)
     } else if meta.is_file() {
@@ -205,11 +195,11 @@ fn summary(manifest: &Manifest) -> ManifestSummary {
 
 /// `overlay.toml` of an archive, read without unpacking anything.
 fn manifest_of_archive(file: &Path, name: &str) -> Result<Option<String>, InspectError> {
-    let input = BufReader::new(File::open(file).map_err(io_err(file))?);
+    let input = BufReader::new(File::open(file).with_path(file)?);
     let mut tar = tar::Archive::new(archive::decompress(input, name)?);
     let read_err = |source| ArchiveError::Read {
         archive: name.to_string(),
-        source,
+        error: source,
     };
     for entry in tar.entries().map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
@@ -237,8 +227,8 @@ fn inspect_archive(
     source: &str,
     scratch: &Path,
 ) -> Result<Inspection, InspectError> {
-    let digest = sha256_reader(File::open(file).map_err(io_err(file))?, u64::MAX)
-        .map_err(io_err(file))?
+    let digest = sha256_reader(File::open(file).with_path(file)?, u64::MAX)
+        .with_path(file)?
         .1;
     inspect_archive_as(
         settings,
@@ -272,8 +262,8 @@ fn inspect_archive_as(
         arch: manifest.arch.clone(),
     };
     let tree = scratch.join("tree");
-    fs::create_dir(&tree).map_err(io_err(&tree))?;
-    let input = BufReader::new(File::open(file).map_err(io_err(file))?);
+    fs::create_dir(&tree).with_path(&tree)?;
+    let input = BufReader::new(File::open(file).with_path(file)?);
     let limits = Limits {
         max_unpacked_bytes: settings.max_download_bytes.saturating_mul(UNPACK_RATIO),
         max_entries: MAX_ENTRIES,
@@ -341,7 +331,7 @@ fn inspect_oci(
         );
     }
     let tree = scratch.join("rootfs");
-    fs::create_dir(&tree).map_err(io_err(&tree))?;
+    fs::create_dir(&tree).with_path(&tree)?;
     oci::apply_layers(
         &blobs,
         &tree,

@@ -6,6 +6,7 @@
 //! user or group names, modes are normalised to 0644/0755, and zstd runs single-threaded at a
 //! fixed level. The same inputs give the same bytes on any host.
 
+use crate::fsutil::{PathIoError, WithPath};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -78,22 +79,18 @@ pub enum PackError {
     Exists { path: PathBuf },
     #[error(transparent)]
     Module(#[from] ModinfoError),
+    /// Not `#[from]`: the message carries the cause (see [`PathIoError`]), so it is no source.
     #[error("the packed manifest is not valid: {0}")]
-    Manifest(#[from] ManifestError),
+    Manifest(ManifestError),
     #[error(transparent)]
     Signature(#[from] SignatureError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PackError + '_ {
-    move |source| PackError::Io {
-        path: path.to_path_buf(),
-        source,
+impl From<ManifestError> for PackError {
+    fn from(e: ManifestError) -> Self {
+        PackError::Manifest(e)
     }
 }
 
@@ -103,10 +100,10 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>, PackError> {
     let mut pending = vec![PathBuf::new()];
     while let Some(relative) = pending.pop() {
         let absolute = dir.join(&relative);
-        for entry in fs::read_dir(&absolute).map_err(io_err(&absolute))? {
-            let entry = entry.map_err(io_err(&absolute))?;
+        for entry in fs::read_dir(&absolute).with_path(&absolute)? {
+            let entry = entry.with_path(&absolute)?;
             let path = relative.join(entry.file_name());
-            let kind = entry.file_type().map_err(io_err(&absolute))?;
+            let kind = entry.file_type().with_path(&absolute)?;
             if kind.is_dir() {
                 pending.push(path);
             } else if kind.is_file() || kind.is_symlink() {
@@ -132,9 +129,9 @@ fn normal_mode(meta: &fs::Metadata) -> u32 {
 }
 
 fn file_entry(overlay_path: PathBuf, real: &Path) -> Result<FileEntry, PackError> {
-    let file = File::open(real).map_err(io_err(real))?;
-    let meta = file.metadata().map_err(io_err(real))?;
-    let (size, sha256) = sha256_reader(file, u64::MAX).map_err(io_err(real))?;
+    let file = File::open(real).with_path(real)?;
+    let meta = file.metadata().with_path(real)?;
+    let (size, sha256) = sha256_reader(file, u64::MAX).with_path(real)?;
     Ok(FileEntry {
         path: overlay_path,
         size,
@@ -263,9 +260,9 @@ fn add_tree(
 ) -> Result<(), PackError> {
     for relative in walk(dir)? {
         let real = dir.join(&relative);
-        let meta = fs::symlink_metadata(&real).map_err(io_err(&real))?;
+        let meta = fs::symlink_metadata(&real).with_path(&real)?;
         if meta.file_type().is_symlink() {
-            let target = fs::read_link(&real).map_err(io_err(&real))?;
+            let target = fs::read_link(&real).with_path(&real)?;
             symlinks.push(SymlinkEntry {
                 path: base.join(relative),
                 target,
@@ -307,17 +304,28 @@ impl Packed {
     }
 
     /// Write the overlay tree into `out`, which must not exist (built beside it, then renamed).
+    /// Missing parents of `out` are created. Errors name `out` (and paths under it), never the
+    /// temporary directory the tree is built in.
     pub fn write_dir(&self, out: &Path) -> Result<(), PackError> {
         if fs::symlink_metadata(out).is_ok() {
             return Err(PackError::Exists {
                 path: out.to_path_buf(),
             });
         }
+        create_parent(out)?;
         let building = temp_sibling(out);
-        let result = self.fill_dir(&building).and_then(|()| {
-            fs::rename(&building, out).map_err(io_err(out))?;
-            Ok(())
-        });
+        let result = self
+            .fill_dir(&building)
+            .and_then(|()| Ok(fs::rename(&building, out).with_action("create", out)?))
+            .map_err(|e| match e {
+                PackError::Io(mut e) => {
+                    if let Ok(inside) = e.path.strip_prefix(&building) {
+                        e.path = out.join(inside);
+                    }
+                    PackError::Io(e)
+                }
+                other => other,
+            });
         if result.is_err() {
             let _ = fs::remove_dir_all(&building);
         }
@@ -325,44 +333,40 @@ impl Packed {
     }
 
     fn fill_dir(&self, dir: &Path) -> Result<(), PackError> {
-        fs::create_dir(dir).map_err(io_err(dir))?;
+        fs::create_dir(dir).with_action("create directory", dir)?;
         for (entry, (_, real)) in self.manifest.files.iter().zip(&self.sources) {
             let to = dir.join(&entry.path);
             let parent = to.parent().expect("entry has a parent");
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
-            fs::copy(real, &to).map_err(io_err(&to))?;
+            fs::create_dir_all(parent).with_action("create directory", parent)?;
+            fs::copy(real, &to).with_action("write", &to)?;
             fs::set_permissions(&to, fs::Permissions::from_mode(entry.mode))
-                .map_err(io_err(&to))?;
+                .with_action("set the mode of", &to)?;
         }
         for link in &self.manifest.symlinks {
             let to = dir.join(&link.path);
             let parent = to.parent().expect("entry has a parent");
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
-            std::os::unix::fs::symlink(&link.target, &to).map_err(io_err(&to))?;
+            fs::create_dir_all(parent).with_action("create directory", parent)?;
+            std::os::unix::fs::symlink(&link.target, &to).with_action("create symlink", &to)?;
         }
         let manifest = dir.join(MANIFEST_NAME);
-        fs::write(&manifest, &self.manifest_text).map_err(io_err(&manifest))?;
+        fs::write(&manifest, &self.manifest_text).with_action("write", &manifest)?;
         if let Some(signature) = &self.signature {
             let path = dir.join(SIGNATURE_NAME);
-            fs::write(&path, signature).map_err(io_err(&path))?;
+            fs::write(&path, signature).with_action("write", &path)?;
         }
         Ok(())
     }
 
-    /// Write the overlay as a reproducible `.tar.zst` to `out` (replaced atomically).
+    /// Write the overlay as a reproducible `.tar.zst` to `out` (replaced atomically). Missing
+    /// parents of `out` are created; errors name `out`, not the temporary file beside it.
     pub fn write_archive(&self, out: &Path) -> Result<(), PackError> {
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let temp = tempfile::NamedTempFile::new_in(parent).map_err(io_err(parent))?;
+        let parent = create_parent(out)?;
+        let temp = tempfile::NamedTempFile::new_in(parent).with_action("write", out)?;
         self.fill_archive(temp.as_file())
-            .map_err(io_err(temp.path()))?;
-        temp.as_file().sync_all().map_err(io_err(temp.path()))?;
-        temp.persist(out).map_err(|e| PackError::Io {
-            path: out.to_path_buf(),
-            source: e.error,
-        })?;
+            .with_action("write", out)?;
+        temp.as_file().sync_all().with_action("write", out)?;
+        temp.persist(out)
+            .map_err(|e| PathIoError::doing("write", out, e.error))?;
         Ok(())
     }
 
@@ -423,5 +427,84 @@ impl Packed {
         }
         let encoder = tar.into_inner()?;
         encoder.finish()?.flush()
+    }
+}
+
+/// Create the missing parents of `out` and return its directory (`.` for a bare name).
+fn create_parent(out: &Path) -> Result<&Path, PackError> {
+    match out.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => {
+            fs::create_dir_all(parent).with_action("create directory", parent)?;
+            Ok(parent)
+        }
+        _ => Ok(Path::new(".")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed() -> Packed {
+        let manifest = Manifest {
+            format: FORMAT_VERSION,
+            kernel_release: "6.1.0-28-cloud-amd64".into(),
+            driver_version: "580.1".into(),
+            arch: "x86_64".into(),
+            flavor: Flavor::Open,
+            files: Vec::new(),
+            symlinks: Vec::new(),
+        };
+        Packed {
+            manifest_text: "format = 1\n".into(),
+            manifest,
+            signature: None,
+            sources: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn write_dir_and_archive_create_missing_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a/b/580.1");
+        packed().write_dir(&out).unwrap();
+        assert!(out.join(MANIFEST_NAME).is_file());
+        let archive = dir.path().join("c/d/580.1.tar.zst");
+        packed().write_archive(&archive).unwrap();
+        assert!(archive.is_file());
+    }
+
+    #[test]
+    fn write_dir_errors_name_the_users_path_and_the_os_error_once() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("file"), "").unwrap();
+        let out = dir.path().join("file/580.1");
+        let text = packed().write_dir(&out).unwrap_err().to_string();
+        assert!(!text.contains(crate::fsutil::TEMP_PREFIX), "{text}");
+        assert!(
+            text.contains(&dir.path().join("file").display().to_string()),
+            "{text}"
+        );
+        assert_eq!(text.matches("os error").count(), 1, "{text}");
+
+        // A failure inside the tree names the path under `out`, not under the temporary one.
+        let out = dir.path().join("580.1");
+        let mut bad = packed();
+        bad.manifest.files.push(FileEntry {
+            path: "usr/lib/missing".into(),
+            sha256: String::new(),
+            size: 0,
+            mode: 0o644,
+        });
+        bad.sources
+            .push(("usr/lib/missing".into(), dir.path().join("no-such-source")));
+        let text = bad.write_dir(&out).unwrap_err().to_string();
+        assert!(
+            text.starts_with(&format!("cannot write {}/usr/lib/missing: ", out.display())),
+            "{text}"
+        );
+        assert!(!out.exists());
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "the temporary tree is removed");
     }
 }

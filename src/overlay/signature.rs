@@ -91,12 +91,8 @@ pub enum SignatureError {
     },
     #[error("{file}: not a usable minisign key: {why}; expected the two-line .pub or .key file `minisign -G` writes")]
     BadKey { file: PathBuf, why: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
 }
 
 /// The key id a minisign signature or public key names: the 8 bytes after the 2-byte algorithm
@@ -140,7 +136,12 @@ pub fn load_trusted_keys(root: &Root) -> Result<Vec<TrustedKey>, SignatureError>
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(SignatureError::Io { path: dir, source }),
+        Err(source) => {
+            return Err(SignatureError::Io {
+                path: dir,
+                error: source,
+            })
+        }
     };
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
@@ -153,7 +154,7 @@ pub fn load_trusted_keys(root: &Root) -> Result<Vec<TrustedKey>, SignatureError>
         .map(|path| {
             let text = fs::read_to_string(path).map_err(|source| SignatureError::Io {
                 path: path.clone(),
-                source,
+                error: source,
             })?;
             let host = Path::new(KEYS_DIR).join(path.file_name().unwrap_or_default());
             parse_public_key(&text, &host)

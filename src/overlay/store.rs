@@ -7,6 +7,8 @@
 //! leftovers of a stage that was killed are recognisable by [`TEMP_PREFIX`] and removed by the
 //! next one.
 
+use crate::fsutil::{PathIoError, WithPath};
+use crate::host::version::version_cmp;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
@@ -43,17 +45,10 @@ pub enum StoreError {
         kernel_release: String,
         available: String,
     },
-    #[error("{path}: cannot lock the store: {source}")]
-    Lock { path: PathBuf, source: io::Error },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    #[error("{path}: cannot lock the store: {error}")]
+    Lock { path: PathBuf, error: io::Error },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// An overlay in the store (or any overlay directory), manifest parsed.
@@ -103,7 +98,7 @@ pub fn read_manifest(real_dir: &Path) -> Result<(Manifest, String), StoreError> 
                 path: real_dir.to_path_buf(),
             })
         }
-        Err(source) => return Err(StoreError::Io { path, source }),
+        Err(source) => return Err(StoreError::Io(PathIoError::new(path, source))),
     };
     Ok((Manifest::parse(&text, &path)?, text))
 }
@@ -145,11 +140,11 @@ impl<'a> Store<'a> {
             .write(true)
             .mode(0o600)
             .open(&path)
-            .map_err(io_err(&path))?;
+            .with_path(&path)?;
         let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
             |(_, errno)| StoreError::Lock {
                 path: path.clone(),
-                source: io::Error::from(errno),
+                error: io::Error::from(errno),
             },
         )?;
         Ok(StoreLock { _flock: flock })
@@ -176,7 +171,7 @@ impl<'a> Store<'a> {
                 removed_here = true;
             }
             if removed_here {
-                fsync_dir(&real_dir).map_err(io_err(&real_dir))?;
+                fsync_dir(&real_dir).with_path(&real_dir)?;
             }
         }
         for kernel in self.kernel_releases()? {
@@ -187,14 +182,14 @@ impl<'a> Store<'a> {
         }
         if !removed.is_empty() {
             let top = self.root.join(&self.dir);
-            fsync_dir(&top).map_err(io_err(&top))?;
+            fsync_dir(&top).with_path(&top)?;
             info!(removed = ?removed, "removed leftovers of an interrupted stage");
         }
         Ok(removed)
     }
 
     /// Remove the overlays of every kernel except `keep_kernels` and the `keep_extra` newest
-    /// others (by [`compare_versions`]), plus their partial downloads and any leftovers. Each
+    /// others (by [`version_cmp`]), plus their partial downloads and any leftovers. Each
     /// kernel directory is first renamed to a temporary name, so a crash mid-delete never leaves
     /// half an overlay under its real name. Returns the host paths removed.
     pub fn gc(&self, keep_kernels: &[String], keep_extra: u32) -> Result<Vec<PathBuf>, StoreError> {
@@ -208,8 +203,8 @@ impl<'a> Store<'a> {
             let real = self.root.join(&host);
             let doomed_name = temp_sibling(&real);
             failpoint!("gc::rename-away");
-            fs::rename(&real, &doomed_name).map_err(io_err(&real))?;
-            fsync_dir(&top).map_err(io_err(&top))?;
+            fs::rename(&real, &doomed_name).with_path(&real)?;
+            fsync_dir(&top).with_path(&top)?;
             failpoint!("gc::delete");
             remove_any(&doomed_name)?;
             info!(KERNEL_RELEASE = %kernel, OVERLAY = %host.display(), "removed overlays of a kernel no longer needed");
@@ -237,7 +232,7 @@ impl<'a> Store<'a> {
         let kernel_dir = self.root.join(self.dir.join(kernel_release));
         create_dirs_durably(&kernel_dir)?;
         let staging = temp_sibling(&kernel_dir.join(driver_version));
-        fs::create_dir(&staging).map_err(io_err(&staging))?;
+        fs::create_dir(&staging).with_path(&staging)?;
         Ok(staging)
     }
 
@@ -265,13 +260,13 @@ impl<'a> Store<'a> {
         let target_host = self.overlay_dir(&manifest.kernel_release, &manifest.driver_version);
         let target = self.root.join(&target_host);
         if staging.parent() != target.parent() {
-            return Err(StoreError::Io {
-                path: staging.to_path_buf(),
-                source: io::Error::new(
+            return Err(StoreError::Io(PathIoError::new(
+                staging,
+                io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("not a staging directory of {}", target.display()),
                 ),
-            });
+            )));
         }
         if manifest.has_userspace() {
             make_ld_cache(staging);
@@ -336,7 +331,7 @@ impl<'a> Store<'a> {
 
     pub fn driver_versions(&self, kernel_release: &str) -> Result<Vec<String>, StoreError> {
         let mut versions = self.subdirectories(&self.dir.join(kernel_release))?;
-        versions.sort_by(|a, b| compare_versions(a, b));
+        versions.sort_by(|a, b| version_cmp(a, b));
         Ok(versions)
     }
 
@@ -347,7 +342,7 @@ impl<'a> Store<'a> {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(StoreError::Io { path: dir, source }),
+            Err(source) => return Err(StoreError::Io(PathIoError::new(dir, source))),
         };
         Ok(entries
             .flatten()
@@ -459,37 +454,14 @@ impl<'a> Store<'a> {
     }
 }
 
-/// Compare version strings numerically where both parts are numbers (`570.9` < `570.10`).
-///
-/// ```
-/// use nvdriver_agent::overlay::store::compare_versions;
-/// use std::cmp::Ordering;
-/// assert_eq!(compare_versions("570.9", "570.10"), Ordering::Less);
-/// assert_eq!(compare_versions("580.159.04", "565.57.01"), Ordering::Greater);
-/// ```
-pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
-    let split = |s: &str| -> Vec<String> {
-        s.split(['.', '-', '_', '+', '~'])
-            .map(str::to_string)
-            .collect()
-    };
-    let (pa, pb) = (split(a), split(b));
-    for (x, y) in pa.iter().zip(pb.iter()) {
-        let order = match (x.parse::<u64>(), y.parse::<u64>()) {
-            (Ok(nx), Ok(ny)) => nx.cmp(&ny),
-            _ => x.cmp(y),
-        };
-        if order.is_ne() {
-            return order;
-        }
-    }
-    pa.len().cmp(&pb.len()).then_with(|| a.cmp(b))
-}
+/// The crate's one version comparator, under the name callers outside this file still use
+/// (`update::stage`); new code names [`crate::host::version::version_cmp`].
+pub use crate::host::version::version_cmp as compare_versions;
 
 /// Kernels GC removes: all but `keep` and the `keep_extra` newest of the others.
 fn gc_victims(kernels: &[String], keep: &[String], keep_extra: u32) -> Vec<String> {
     let mut others: Vec<&String> = kernels.iter().filter(|k| !keep.contains(k)).collect();
-    others.sort_by(|a, b| compare_versions(b, a));
+    others.sort_by(|a, b| version_cmp(b, a));
     others
         .into_iter()
         .skip(keep_extra as usize)
@@ -502,16 +474,11 @@ fn entry_names(dir: &Path) -> Result<Vec<String>, StoreError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(StoreError::Io {
-                path: dir.into(),
-                source,
-            })
-        }
+        Err(source) => return Err(StoreError::Io(PathIoError::new(dir, source))),
     };
     let mut names = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(io_err(dir))?;
+        let entry = entry.with_path(dir)?;
         names.push(entry.file_name().to_string_lossy().into_owned());
     }
     names.sort();
@@ -526,7 +493,7 @@ fn remove_any(path: &Path) -> Result<(), StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     };
-    result.map_err(io_err(path))
+    Ok(result.with_path(path)?)
 }
 
 /// fsync what [`make_ld_cache`] wrote, so it is as durable as the verified content.
@@ -540,11 +507,11 @@ fn sync_generated(staging: &Path) -> Result<(), StoreError> {
         if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
             File::open(&path)
                 .and_then(|f| f.sync_all())
-                .map_err(io_err(&path))?;
+                .with_path(&path)?;
         }
     }
-    fsync_dir(&etc).map_err(io_err(&etc))?;
-    fsync_dir(staging).map_err(io_err(staging))
+    fsync_dir(&etc).with_path(&etc)?;
+    Ok(fsync_dir(staging).with_path(staging)?)
 }
 
 /// `mkdir -p` that fsyncs each parent it created into.
@@ -558,15 +525,10 @@ fn create_dirs_durably(dir: &Path) -> Result<(), StoreError> {
     match fs::create_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(source) => {
-            return Err(StoreError::Io {
-                path: dir.into(),
-                source,
-            })
-        }
+        Err(source) => return Err(StoreError::Io(PathIoError::new(dir, source))),
     }
     if let Some(parent) = dir.parent() {
-        fsync_dir(parent).map_err(io_err(parent))?;
+        fsync_dir(parent).with_path(parent)?;
     }
     Ok(())
 }
@@ -579,12 +541,12 @@ fn build_copy(
     manifest: &Manifest,
     manifest_text: &str,
 ) -> Result<(), StoreError> {
-    fs::create_dir(staging).map_err(io_err(staging))?;
+    fs::create_dir(staging).with_path(staging)?;
     let mut directories = vec![staging.to_path_buf()];
     let ensure_parent = |path: &Path, directories: &mut Vec<PathBuf>| -> Result<(), StoreError> {
         let parent = path.parent().expect("entry has a parent");
         if !parent.is_dir() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            fs::create_dir_all(parent).with_path(parent)?;
             for dir in parent
                 .ancestors()
                 .take_while(|d| d.starts_with(staging) && *d != staging)
@@ -598,25 +560,25 @@ fn build_copy(
         let from = source.join(&entry.path);
         let to = staging.join(&entry.path);
         ensure_parent(&to, &mut directories)?;
-        let input = File::open(&from).map_err(io_err(&from))?;
-        let mut output = File::create(&to).map_err(io_err(&to))?;
-        let (size, digest) = copy_hashing(input, &mut output, entry.size).map_err(io_err(&from))?;
+        let input = File::open(&from).with_path(&from)?;
+        let mut output = File::create(&to).with_path(&to)?;
+        let (size, digest) = copy_hashing(input, &mut output, entry.size).with_path(&from)?;
         check_digest(&from, entry, size, &digest)?;
         output
             .set_permissions(fs::Permissions::from_mode(entry.mode))
-            .map_err(io_err(&to))?;
-        output.sync_all().map_err(io_err(&to))?;
+            .with_path(&to)?;
+        output.sync_all().with_path(&to)?;
     }
     for link in &manifest.symlinks {
         let to = staging.join(&link.path);
         ensure_parent(&to, &mut directories)?;
-        symlink(&link.target, &to).map_err(io_err(&to))?;
+        symlink(&link.target, &to).with_path(&to)?;
     }
     let manifest_path = staging.join(MANIFEST_NAME);
-    let mut file = File::create(&manifest_path).map_err(io_err(&manifest_path))?;
+    let mut file = File::create(&manifest_path).with_path(&manifest_path)?;
     file.write_all(manifest_text.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(io_err(&manifest_path))?;
+        .with_path(&manifest_path)?;
     if manifest.has_userspace() {
         make_ld_cache(staging);
     }
@@ -625,7 +587,7 @@ fn build_copy(
     directories.dedup();
     // Children before parents, so each directory's entries are durable before it is.
     for dir in directories.iter().rev() {
-        fsync_dir(dir).map_err(io_err(dir))?;
+        fsync_dir(dir).with_path(dir)?;
     }
     Ok(())
 }
@@ -704,20 +666,22 @@ fn publish(staging: &Path, target: &Path, parent: &Path) -> Result<bool, StoreEr
             target,
             rustix::fs::RenameFlags::EXCHANGE,
         )
-        .map_err(|errno| StoreError::Io {
-            path: target.to_path_buf(),
-            source: io::Error::from(errno),
+        .map_err(|errno| {
+            StoreError::Io(PathIoError::new(
+                target.to_path_buf(),
+                io::Error::from(errno),
+            ))
         })?;
         true
     } else {
-        fs::rename(staging, target).map_err(io_err(target))?;
+        fs::rename(staging, target).with_path(target)?;
         false
     };
-    fsync_dir(parent).map_err(io_err(parent))?;
+    fsync_dir(parent).with_path(parent)?;
     failpoint!("store::published");
     if replaced {
         // `staging` now holds the old copy.
-        fs::remove_dir_all(staging).map_err(io_err(staging))?;
+        fs::remove_dir_all(staging).with_path(staging)?;
     }
     Ok(replaced)
 }

@@ -2,6 +2,7 @@
 //! sha256, every listed link with its target, and nothing else (no unlisted file, no device
 //! node, fifo or socket, no setuid bit).
 
+use crate::fsutil::{PathIoError, WithPath};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -53,15 +54,8 @@ pub enum VerifyError {
     Mode { path: PathBuf, mode: u32 },
     #[error("{dir}: more than {MAX_DIRECTORIES} directories; refusing to walk it")]
     TooLarge { dir: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> VerifyError + '_ {
-    move |source| VerifyError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,9 +94,9 @@ pub fn verify_tree(
         }
         let absolute_dir = dir.join(&relative_dir);
         let mut entries: Vec<_> = fs::read_dir(&absolute_dir)
-            .map_err(io_err(&absolute_dir))?
+            .with_path(&absolute_dir)?
             .collect::<Result<_, _>>()
-            .map_err(io_err(&absolute_dir))?;
+            .with_path(&absolute_dir)?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let relative = relative_dir.join(entry.file_name());
@@ -112,7 +106,7 @@ pub fn verify_tree(
             {
                 continue;
             }
-            let meta = fs::symlink_metadata(&absolute).map_err(io_err(&absolute))?;
+            let meta = fs::symlink_metadata(&absolute).with_path(&absolute)?;
             let file_type = meta.file_type();
             if file_type.is_dir() {
                 if expected_files.contains_key(relative.as_path())
@@ -134,7 +128,7 @@ pub fn verify_tree(
                         "a symlink",
                     ));
                 };
-                let found = fs::read_link(&absolute).map_err(io_err(&absolute))?;
+                let found = fs::read_link(&absolute).with_path(&absolute)?;
                 if found != expected {
                     return Err(VerifyError::LinkTarget {
                         path: absolute,
@@ -213,8 +207,8 @@ fn check_file(path: &Path, entry: &FileEntry, size_on_disk: u64) -> Result<(), V
             found: size_on_disk,
         });
     }
-    let file = File::open(path).map_err(io_err(path))?;
-    let (size, digest) = sha256_reader(file, entry.size).map_err(io_err(path))?;
+    let file = File::open(path).with_path(path)?;
+    let (size, digest) = sha256_reader(file, entry.size).with_path(path)?;
     check_digest(path, entry, size, &digest)
 }
 

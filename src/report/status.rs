@@ -293,12 +293,32 @@ pub fn render(report: &StatusReport) -> String {
             (None, _) => "not running".into(),
         }
     );
+    // When the next boot cannot be read, the readiness line says why (once); this line and
+    // the warning below must not contradict it.
+    let unknown_in_readiness = report.watch_error.as_deref().is_some_and(|e| {
+        report
+            .readiness_detail
+            .as_deref()
+            .is_some_and(|d| d.contains(e))
+    });
     let pending = match (&report.pending, report.pending_staged) {
+        (None, _) if report.watch_error.is_some() => {
+            if unknown_in_readiness {
+                "unknown (cannot be read, see readiness)".into()
+            } else {
+                "unknown (cannot be read, see the warning)".into()
+            }
+        }
         (None, _) => "none (the next boot runs this kernel)".into(),
         (Some(next), staged) => format!(
-            "{} from {}: {}",
+            "{} from {}{}: {}",
             next.kernel_release,
             next.origin,
+            if report.watch_error.is_some() {
+                " (last known; reading it now failed, see the warning)"
+            } else {
+                ""
+            },
             if staged == Some(true) {
                 "overlay staged"
             } else {
@@ -368,7 +388,11 @@ pub fn render(report: &StatusReport) -> String {
             kernel.driver_versions.join(", ")
         );
     }
-    if let Some(e) = &report.watch_error {
+    if let Some(e) = report
+        .watch_error
+        .as_ref()
+        .filter(|_| !unknown_in_readiness)
+    {
         let _ = writeln!(out, "warning:         {e}");
     }
     out
@@ -438,6 +462,81 @@ mod tests {
         let (readiness, why) = assess(&unknown);
         assert_eq!(readiness, Readiness::NotReadyAfterReboot);
         assert!(why.unwrap().contains("no boot entry"));
+    }
+
+    fn report(pending: Option<NextBoot>, watch_error: Option<&str>) -> StatusReport {
+        let (readiness, readiness_detail) = assess(&ReadinessFacts {
+            loaded_driver: Some("570.1"),
+            pending_kernel: pending.as_ref().map(|n| n.kernel_release.as_str()),
+            pending_staged: true,
+            next_boot_unknown: watch_error,
+            ..Default::default()
+        });
+        StatusReport {
+            format: STATUS_FORMAT,
+            running_kernel: "6.1".into(),
+            loaded_driver: Some("570.1".into()),
+            daemon_pid: None,
+            detector: Some(Family::Ostree),
+            pending_staged: pending.as_ref().map(|_| true),
+            pending,
+            store: Vec::new(),
+            load: None,
+            last_stage: None,
+            hold: None,
+            policy: Policy {
+                missing_next_overlay: MissingNextOverlayPolicy::Warn,
+                store_dir: "/store".into(),
+            },
+            watch_error: watch_error.map(str::to_string),
+            policy_state: policy_state(readiness, readiness_detail.as_deref(), None),
+            readiness,
+            readiness_detail,
+            last_error: None,
+            stage_failures: 0,
+            read_from: "disk".into(),
+        }
+    }
+
+    #[test]
+    fn render_never_contradicts_an_unknown_next_boot() {
+        let text = render(&report(None, Some("no boot entry")));
+        assert!(
+            text.contains("ready now, NOT after the next reboot"),
+            "{text}"
+        );
+        assert!(!text.contains("the next boot runs this kernel"), "{text}");
+        assert!(text.contains("next kernel:     unknown"), "{text}");
+        assert_eq!(text.matches("no boot entry").count(), 1, "{text}");
+
+        // The daemon's last reading stands in for it: readiness is judged on that.
+        let last = NextBoot {
+            kernel_release: "6.2".into(),
+            origin: "ostree staged deployment".into(),
+            module_tree: None,
+            staged_deployment: true,
+        };
+        let text = render(&report(Some(last), Some("no boot entry")));
+        assert!(
+            text.contains("ready now and after the next reboot"),
+            "{text}"
+        );
+        assert!(
+            text.contains("6.2 from ostree staged deployment (last known"),
+            "{text}"
+        );
+        assert_eq!(text.matches("no boot entry").count(), 1, "{text}");
+
+        let text = render(&report(None, None));
+        assert!(
+            text.contains("ready now and after the next reboot"),
+            "{text}"
+        );
+        assert!(
+            text.contains("none (the next boot runs this kernel)"),
+            "{text}"
+        );
+        assert!(!text.contains("warning"), "{text}");
     }
 
     #[test]

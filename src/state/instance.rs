@@ -19,10 +19,10 @@ pub const INSTANCE_LOCK: &str = "/run/nvdriver-agent/run.lock";
 pub enum InstanceError {
     #[error("another `nvdriver-agent run` is already running on this host{}; stop it first (`systemctl stop nvdriver-agent`), or use `nvdriver-agent stage` to ask it to look again", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     AlreadyRunning { pid: Option<u32> },
-    #[error("cannot take the instance lock {path}: {source}; is /run writable?")]
+    #[error("cannot take the instance lock {path}: {error}; is /run writable?")]
     Lock {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -36,7 +36,7 @@ impl InstanceLock {
         let path = root.join(INSTANCE_LOCK);
         let lock_err = |source| InstanceError::Lock {
             path: PathBuf::from(INSTANCE_LOCK),
-            source,
+            error: source,
         };
         if let Some(dir) = path.parent() {
             fsutil::create_dir_all_mode(dir, 0o755).map_err(lock_err)?;

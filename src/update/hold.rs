@@ -10,8 +10,8 @@
 //!   releases it). See [`crate::watch::dbus::inhibit_shutdown`].
 
 use crate::failpoints::failpoint;
+use crate::fsutil::{PathIoError, WithPath};
 use std::io;
-use std::path::PathBuf;
 
 use tracing::info;
 
@@ -24,12 +24,8 @@ pub const OSTREE_HOLD_MARK: &str = "/run/nvdriver-agent/ostree-hold";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HoldError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// How a pending update can be held on this host.
@@ -60,14 +56,6 @@ pub enum OstreeLockOutcome {
     HeldByOther,
 }
 
-fn io_err(action: &'static str, path: &'static str) -> impl FnOnce(io::Error) -> HoldError {
-    move |source| HoldError::Io {
-        action,
-        path: PathBuf::from(path),
-        source,
-    }
-}
-
 /// Keep the staged ostree deployment from being finalized.
 pub fn take_ostree_lock(root: &Root, kernel_release: &str) -> Result<OstreeLockOutcome, HoldError> {
     let lock = root.join(OSTREE_FINALIZATION_LOCK);
@@ -81,15 +69,15 @@ pub fn take_ostree_lock(root: &Root, kernel_release: &str) -> Result<OstreeLockO
     // Mark first: a crash between the two writes leaves a mark without a lock, which the next
     // release cleans up; the reverse order could leave a lock nobody knows is ours.
     if let Some(dir) = mark.parent() {
-        fsutil::create_dir_all_mode(dir, 0o755).map_err(io_err("create", "/run/nvdriver-agent"))?;
+        fsutil::create_dir_all_mode(dir, 0o755).with_action("create", "/run/nvdriver-agent")?;
     }
     fsutil::write_atomic(&mark, format!("{kernel_release}\n").as_bytes(), 0o644)
-        .map_err(io_err("write", OSTREE_HOLD_MARK))?;
+        .with_action("write", OSTREE_HOLD_MARK)?;
     if let Some(dir) = lock.parent() {
-        fsutil::create_dir_all_mode(dir, 0o755).map_err(io_err("create", "/run/ostree"))?;
+        fsutil::create_dir_all_mode(dir, 0o755).with_action("create", "/run/ostree")?;
     }
     failpoint!("hold::take");
-    fsutil::write_atomic(&lock, b"", 0o644).map_err(io_err("create", OSTREE_FINALIZATION_LOCK))?;
+    fsutil::write_atomic(&lock, b"", 0o644).with_action("create", OSTREE_FINALIZATION_LOCK)?;
     info!(KERNEL_RELEASE = %kernel_release, "holding the staged deployment: created {OSTREE_FINALIZATION_LOCK}");
     Ok(OstreeLockOutcome::Taken)
 }
@@ -104,12 +92,12 @@ pub fn release_ostree_lock(root: &Root) -> Result<bool, HoldError> {
     let released = match std::fs::remove_file(&lock) {
         Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(io_err("remove", OSTREE_FINALIZATION_LOCK)(e)),
+        Err(e) => return Err(PathIoError::doing("remove", OSTREE_FINALIZATION_LOCK, e).into()),
     };
     match std::fs::remove_file(&mark) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("remove", OSTREE_HOLD_MARK)(e)),
+        Err(e) => return Err(PathIoError::doing("remove", OSTREE_HOLD_MARK, e).into()),
     }
     if released {
         info!("released the staged deployment: removed {OSTREE_FINALIZATION_LOCK}");

@@ -28,17 +28,17 @@ pub const LOGIND_INTERFACE: &str = "org.freedesktop.login1.Manager";
 #[derive(Debug, thiserror::Error)]
 pub enum DbusError {
     #[error("cannot connect to the system bus: {0}; the agent goes on without D-Bus hints (file-system events still work)")]
-    Connect(#[source] Box<zbus::Error>),
-    #[error("cannot subscribe to {what} signals: {source}")]
+    Connect(Box<zbus::Error>),
+    #[error("cannot subscribe to {what} signals: {error}")]
     Subscribe {
         what: &'static str,
-        source: Box<zbus::Error>,
+        error: Box<zbus::Error>,
     },
-    #[error("{service}.{method} failed: {source}")]
+    #[error("{service}.{method} failed: {error}")]
     Call {
         service: &'static str,
         method: &'static str,
-        source: Box<zbus::Error>,
+        error: Box<zbus::Error>,
     },
 }
 
@@ -67,7 +67,7 @@ fn signal_iterator(
 ) -> Result<MessageIterator, DbusError> {
     let subscribe = |source| DbusError::Subscribe {
         what,
-        source: Box::new(source),
+        error: Box::new(source),
     };
     let rule = rule.map_err(subscribe)?;
     // A bounded queue: a signal storm costs at most this many messages of memory. zbus does not
@@ -132,7 +132,7 @@ pub fn update_engine_status(conn: &Connection) -> Result<UpdateEngineStatus, Dbu
     let call = |source| DbusError::Call {
         service: UPDATE_ENGINE_NAME,
         method: "GetStatus",
-        source: Box::new(source),
+        error: Box::new(source),
     };
     let reply = conn
         .call_method(
@@ -250,7 +250,7 @@ pub fn inhibit_shutdown(conn: &Connection, why: &str) -> Result<Inhibitor, DbusE
     let call = |source| DbusError::Call {
         service: LOGIND_NAME,
         method: "Inhibit",
-        source: Box::new(source),
+        error: Box::new(source),
     };
     let reply = conn
         .call_method(

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use tracing::debug;
 
 use crate::host::kernel::is_kernel_release;
+use crate::host::version::version_cmp;
 use crate::host::Root;
-use crate::overlay::store::compare_versions;
 use crate::watch::NextBoot;
 
 /// Partition UUID of `USR-A` (flatcar/scripts `build_library/disk_layout.json`; GRUB's
@@ -65,14 +65,13 @@ pub enum FlatcarError {
     VersionUnterminated { offset: usize },
     #[error("the bzImage version string is not a kernel release: {found:?}")]
     BadRelease { found: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Image {
         path: PathBuf,
-        #[source]
-        source: Box<FlatcarError>,
+        error: Box<FlatcarError>,
     },
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error("cannot tell the active USR partition from the kernel command line: expected verity.usr=, mount.usr= or usr= naming PARTUUID={USR_A_PARTUUID}/{USR_B_PARTUUID} or PARTLABEL=USR-A/USR-B, or BOOT_IMAGE=/flatcar/vmlinuz-a/-b; found {cmdline:?}. Is this a Flatcar host? Set [watch] detector to match the OS")]
     NoUsrSlot { cmdline: String },
     #[error("the kernel command line names both USR-A and USR-B as /usr ({first} and {second}); fix the boot entry")]
@@ -211,7 +210,7 @@ pub fn bzimage_release(header: &[u8]) -> Result<String, FlatcarError> {
 pub fn read_bzimage_release(path: &Path) -> Result<String, FlatcarError> {
     let read_err = |source| FlatcarError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut header = Vec::with_capacity(BZIMAGE_HEADER_MAX as usize);
     File::open(path)
@@ -221,7 +220,7 @@ pub fn read_bzimage_release(path: &Path) -> Result<String, FlatcarError> {
         .map_err(read_err)?;
     bzimage_release(&header).map_err(|source| FlatcarError::Image {
         path: path.to_path_buf(),
-        source: Box::new(source),
+        error: Box::new(source),
     })
 }
 
@@ -323,7 +322,7 @@ fn boot_image_slot(value: &str) -> Option<UsrSlot> {
 ///   release (or a half-written update), not the next boot.
 /// - [`UpdateEngineState::Unknown`] (update_engine not reachable): fall back to the disk. The
 ///   inactive slot's kernel is next only if its release sorts newer than the running one
-///   ([`compare_versions`]): after an update it holds the new kernel, after a normal boot the
+///   ([`version_cmp`]): after an update it holds the new kernel, after a normal boot the
 ///   previous, older one. A missing inactive kernel (first boot: `USR-B` is empty) is `None`.
 ///
 /// The active slot comes from `/proc/cmdline` ([`active_usr_slot`]).
@@ -338,7 +337,7 @@ pub fn next_boot(
     let cmdline_path = root.join(CMDLINE);
     let cmdline = fs::read_to_string(&cmdline_path).map_err(|source| FlatcarError::Read {
         path: cmdline_path,
-        source,
+        error: source,
     })?;
     let inactive = active_usr_slot(&cmdline)?.other();
     let host_path = inactive.kernel_path();
@@ -360,7 +359,7 @@ pub fn next_boot(
     let why = match update_engine {
         UpdateEngineState::NeedReboot => "update_engine: UPDATE_STATUS_UPDATED_NEED_REBOOT",
         _ => {
-            if compare_versions(&release, running_kernel).is_le() {
+            if version_cmp(&release, running_kernel).is_le() {
                 return Ok(None);
             }
             "update_engine unreachable; newer than the running kernel"

@@ -16,7 +16,7 @@ use crate::host::Root;
 #[derive(Debug, thiserror::Error)]
 pub enum FsWatchError {
     #[error("cannot start inotify: {0}; is fs.inotify.max_user_instances exhausted?")]
-    Init(#[source] std::io::Error),
+    Init(std::io::Error),
 }
 
 /// Changes that say "look again".

@@ -26,6 +26,8 @@ use object::read::pe::{PeFile32, PeFile64};
 use tracing::debug;
 
 use crate::host::kernel::is_kernel_release;
+/// The comparator the boot-entry order uses; it lives in [`crate::host::version`].
+pub use crate::host::version::version_cmp;
 use crate::host::Root;
 use crate::watch::flatcar::{bzimage_release, read_bzimage_release, BZIMAGE_HEADER_MAX};
 use crate::watch::NextBoot;
@@ -75,15 +77,14 @@ pub enum GenericError {
     #[error("the .uname section is not a kernel release: {found:?}")]
     BadUname { found: String },
     #[error("the .linux section's bzImage header: {0}")]
-    EmbeddedKernel(#[source] crate::watch::flatcar::FlatcarError),
-    #[error("{path}: {source}")]
+    EmbeddedKernel(crate::watch::flatcar::FlatcarError),
+    #[error("{path}: {error}")]
     Image {
         path: PathBuf,
-        #[source]
-        source: Box<GenericError>,
+        error: Box<GenericError>,
     },
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error(
         "the default boot entry {entry} boots {kernel}, whose release cannot be read: {reason}"
     )]
@@ -121,72 +122,6 @@ pub struct BootEntry {
     pub kernel: EntryKernel,
     /// The kernel's release, or why it could not be read.
     pub release: Result<String, String>,
-}
-
-/// Compare two versions the way systemd does (`strverscmp_improved`, the UAPI Version Format
-/// Specification): `.`/`-`/`^`/`~` separate segments, numeric segments compare as numbers
-/// (`6.1.0-10` > `6.1.0-9`), `~` sorts before everything (pre-releases), `-` before `.`.
-pub fn version_cmp(a: &str, b: &str) -> Ordering {
-    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
-    if a.is_empty() || b.is_empty() {
-        return a.len().min(1).cmp(&b.len().min(1));
-    }
-    let valid = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'~' | b'-' | b'^' | b'.');
-    let first = |s: &[u8]| s.first().copied().unwrap_or(0);
-    loop {
-        while !a.is_empty() && !valid(a[0]) {
-            a = &a[1..];
-        }
-        while !b.is_empty() && !valid(b[0]) {
-            b = &b[1..];
-        }
-        for sep in [b'~', 0, b'-', b'^', b'.'] {
-            if sep == 0 {
-                // After '~': a string that ends is older than one that goes on.
-                if a.is_empty() || b.is_empty() {
-                    return first(a).cmp(&first(b));
-                }
-                continue;
-            }
-            if first(a) == sep || first(b) == sep {
-                let order = (first(a) != sep).cmp(&(first(b) != sep));
-                if order.is_ne() {
-                    return order;
-                }
-                a = &a[1..];
-                b = &b[1..];
-            }
-        }
-        let (sa, sb);
-        if first(a).is_ascii_digit() || first(b).is_ascii_digit() {
-            let order = first(a).is_ascii_digit().cmp(&first(b).is_ascii_digit());
-            if order.is_ne() {
-                return order;
-            }
-            while first(a) == b'0' {
-                a = &a[1..];
-            }
-            while first(b) == b'0' {
-                b = &b[1..];
-            }
-            sa = a.iter().take_while(|c| c.is_ascii_digit()).count();
-            sb = b.iter().take_while(|c| c.is_ascii_digit()).count();
-            let order = sa.cmp(&sb).then_with(|| a[..sa].cmp(&b[..sb]));
-            if order.is_ne() {
-                return order;
-            }
-        } else {
-            sa = a.iter().take_while(|c| c.is_ascii_alphabetic()).count();
-            sb = b.iter().take_while(|c| c.is_ascii_alphabetic()).count();
-            let common = sa.min(sb);
-            let order = a[..common].cmp(&b[..common]).then(sa.cmp(&sb));
-            if order.is_ne() {
-                return order;
-            }
-        }
-        a = &a[sa..];
-        b = &b[sb..];
-    }
 }
 
 /// systemd-boot's menu order (`boot_entry_compare`): entries out of tries last; entries with a
@@ -445,7 +380,7 @@ pub fn uki_release(pe_bytes: &[u8]) -> Result<String, GenericError> {
 fn read_uki(path: &Path) -> Result<(Result<String, GenericError>, UkiFacts), GenericError> {
     let read_err = |source| GenericError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut file = File::open(path).map_err(read_err)?;
     let len = file.metadata().map_err(read_err)?.len();
@@ -507,13 +442,18 @@ fn list_dir(root: &Root, host_dir: &str) -> Result<Vec<(String, PathBuf)>, Gener
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(GenericError::Read { path: dir, source }),
+        Err(source) => {
+            return Err(GenericError::Read {
+                path: dir,
+                error: source,
+            })
+        }
     };
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|source| GenericError::Read {
             path: dir.clone(),
-            source,
+            error: source,
         })?;
         if let Some(name) = entry.file_name().to_str() {
             out.push((name.to_string(), Path::new(host_dir).join(name)));
@@ -574,7 +514,7 @@ pub fn read_boot_entries(root: &Root) -> Result<Vec<BootEntry>, GenericError> {
                 .and_then(|f| f.take(ENTRY_MAX).read_to_string(&mut text))
                 .map_err(|source| GenericError::Read {
                     path: path.clone(),
-                    source,
+                    error: source,
                 })?;
             let fields = parse_type1(&text);
             let (kernel_rel, is_uki) = match (&fields.linux, &fields.uki) {
@@ -731,29 +671,6 @@ pub fn watch_paths() -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_sort_like_systemd() {
-        use Ordering::*;
-        let cases = [
-            ("6.1.0-10-cloud-amd64", "6.1.0-9-cloud-amd64", Greater),
-            ("6.12.1", "6.1.99", Greater),
-            ("1.0~rc1", "1.0", Less),
-            ("1.0", "1.0.1", Less),
-            ("123-9", "123.1-1", Less),
-            ("1.0^post1", "1.0", Greater),
-            ("1.0a", "1.0", Greater),
-            ("1.05", "1.5", Equal),
-            ("abc", "abd", Less),
-            ("", "1", Less),
-            ("", "", Equal),
-            ("debian-6.1.0-28.conf", "debian-6.1.0-9.conf", Greater),
-        ];
-        for (a, b, expected) in cases {
-            assert_eq!(version_cmp(a, b), expected, "{a} vs {b}");
-            assert_eq!(version_cmp(b, a), expected.reverse(), "{b} vs {a}");
-        }
-    }
 
     #[test]
     fn boot_counters() {

@@ -70,12 +70,8 @@ pub struct Limits {
 pub enum ArchiveError {
     #[error("{archive}: not a tar archive (plain, gzip, xz or zstd); the first bytes are {head}")]
     NotAnArchive { archive: String, head: String },
-    #[error("{archive}: cannot read the archive: {source}; it is corrupt or truncated")]
-    Read {
-        archive: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{archive}: cannot read the archive: {error}; it is corrupt or truncated")]
+    Read { archive: String, error: io::Error },
     #[error("{archive}: entry {entry:?} {why}; the archive is refused")]
     Refused {
         archive: String,
@@ -106,18 +102,10 @@ pub enum ArchiveError {
     },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{archive}: {source}")]
-    Verify {
-        archive: String,
-        #[source]
-        source: VerifyError,
-    },
-    #[error("{path}: cannot write: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{archive}: {error}")]
+    Verify { archive: String, error: VerifyError },
+    #[error("{path}: cannot write: {error}")]
+    Write { path: PathBuf, error: io::Error },
 }
 
 impl ArchiveError {
@@ -173,7 +161,7 @@ pub fn extract(
     };
     let read_err = |source: io::Error| ArchiveError::Read {
         archive: archive.to_string(),
-        source,
+        error: source,
     };
     let result = unpack_all(&mut tar, &mut state, limits, read_err);
     if tar.into_inner().exceeded {
@@ -221,7 +209,7 @@ pub(crate) fn decompress<'a>(
         .read_to_end(&mut head)
         .map_err(|source| ArchiveError::Read {
             archive: archive.to_string(),
-            source,
+            error: source,
         })?;
     let Some(compression) = Compression::detect(&head) else {
         return Err(ArchiveError::NotAnArchive {
@@ -238,7 +226,7 @@ pub(crate) fn decompress<'a>(
             Box::new(zstd::stream::read::Decoder::new(stream).map_err(|source| {
                 ArchiveError::Read {
                     archive: archive.to_string(),
-                    source,
+                    error: source,
                 }
             })?)
         }
@@ -324,14 +312,14 @@ impl Unpacking<'_> {
     fn write_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
         move |source| ArchiveError::Write {
             path: path.to_path_buf(),
-            source,
+            error: source,
         }
     }
 
     fn verify_err(&self, source: VerifyError) -> ArchiveError {
         ArchiveError::Verify {
             archive: self.archive.to_string(),
-            source,
+            error: source,
         }
     }
 
@@ -594,7 +582,7 @@ impl Unpacking<'_> {
                 Err(source) => {
                     return Err(ArchiveError::Read {
                         archive: self.archive.to_string(),
-                        source,
+                        error: source,
                     })
                 }
             };
@@ -638,7 +626,7 @@ impl Unpacking<'_> {
             .read_to_string(&mut text)
             .map_err(|source| ArchiveError::Read {
                 archive: self.archive.to_string(),
-                source,
+                error: source,
             })?;
         Ok(text)
     }

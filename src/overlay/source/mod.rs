@@ -146,12 +146,8 @@ pub enum AttemptError {
     },
     #[error("building the overlay from the image: {0}")]
     Pack(Box<crate::overlay::pack::PackError>),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
 }
 
 impl AttemptError {
@@ -429,7 +425,7 @@ impl Attempt<'_> {
             Err(e) => {
                 return Err(AttemptError::Io {
                     path: PathBuf::from(source),
-                    source: e,
+                    error: e,
                 })
             }
         };
@@ -445,7 +441,7 @@ impl Attempt<'_> {
             }
             let file = File::open(&path).map_err(|e| AttemptError::Io {
                 path: PathBuf::from(source),
-                source: e,
+                error: e,
             })?;
             self.stage_archive(BufReader::new(file), source)
         } else {
@@ -527,7 +523,7 @@ impl Attempt<'_> {
         http::download(url, &part, &FetchLimits::of(settings))?;
         let file = File::open(&part).map_err(|e| AttemptError::Io {
             path: part.clone(),
-            source: e,
+            error: e,
         })?;
         let result = self.stage_archive(BufReader::new(file), url);
         http::discard_part(&part);
@@ -540,7 +536,7 @@ impl Attempt<'_> {
         let downloads = self.store.downloads_dir();
         crate::fsutil::create_dir_all_mode(&downloads, 0o700).map_err(|e| AttemptError::Io {
             path: downloads.clone(),
-            source: e,
+            error: e,
         })?;
         Ok(downloads)
     }
@@ -575,7 +571,7 @@ impl Attempt<'_> {
             .tempdir_in(&downloads)
             .map_err(|e| AttemptError::Io {
                 path: downloads.clone(),
-                source: e,
+                error: e,
             })?;
         let mut blobs = Vec::new();
         for (i, layer) in resolved.layers.iter().enumerate() {
@@ -587,7 +583,7 @@ impl Attempt<'_> {
         let outcome = if blobs.len() == 1 && oci::layer_is_overlay(&blobs[0])? {
             let file = File::open(&blobs[0]).map_err(|e| AttemptError::Io {
                 path: blobs[0].clone(),
-                source: e,
+                error: e,
             })?;
             self.stage_archive(BufReader::new(file), &name)?
         } else {
@@ -612,7 +608,7 @@ impl Attempt<'_> {
         let tree = scratch.join("rootfs");
         fs::create_dir(&tree).map_err(|e| AttemptError::Io {
             path: tree.clone(),
-            source: e,
+            error: e,
         })?;
         oci::apply_layers(
             layers,
@@ -664,14 +660,14 @@ impl Attempt<'_> {
         let result = (|| {
             fs::remove_dir(&staging).map_err(|e| AttemptError::Io {
                 path: staging.clone(),
-                source: e,
+                error: e,
             })?;
             packed
                 .write_dir(&staging)
                 .map_err(|e| AttemptError::Pack(Box::new(e)))?;
             crate::fsutil::sync_tree(&staging).map_err(|e| AttemptError::Io {
                 path: staging.clone(),
-                source: e,
+                error: e,
             })?;
             verify_tree(&staging, &packed.manifest, Generated::Refuse)?;
             self.check_target(&staging, &packed.manifest)?;
@@ -728,12 +724,15 @@ pub fn read_signature(real_dir: &Path) -> Result<Option<String>, AttemptError> {
                 .read_to_string(&mut text)
                 .map_err(|source| AttemptError::Io {
                     path: path.clone(),
-                    source,
+                    error: source,
                 })?;
             Ok(Some(text))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(AttemptError::Io { path, source }),
+        Err(source) => Err(AttemptError::Io {
+            path,
+            error: source,
+        }),
     }
 }
 

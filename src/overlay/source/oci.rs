@@ -14,6 +14,7 @@
 //! applied in order, whiteouts included, into a scratch tree from which the NVIDIA modules for
 //! the target kernel and their firmware are packed into an overlay (see [`apply_layers`]).
 
+use crate::fsutil::{PathIoError, WithPath};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -125,18 +126,13 @@ pub enum OciError {
     Endpoints { tried: Vec<(String, OciError)> },
     #[error(transparent)]
     Archive(#[from] ArchiveError),
-    #[error("{url}: {source}")]
+    #[error("{url}: {error}")]
     Http {
         url: String,
-        #[source]
-        source: Box<ureq::Error>,
+        error: Box<ureq::Error>,
     },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 impl OciError {
@@ -161,13 +157,6 @@ impl OciError {
             OciError::Endpoints { tried } => tried.iter().any(|(_, e)| e.is_invalid()),
             _ => false,
         }
-    }
-}
-
-fn io_err(path: &Path) -> impl Fn(io::Error) -> OciError + Copy + '_ {
-    move |source| OciError::Io {
-        path: path.to_path_buf(),
-        source,
     }
 }
 
@@ -313,7 +302,7 @@ impl Credentials {
         match fs::read_to_string(&path) {
             Ok(text) => Credentials::parse(&text, Path::new(AUTH_FILE)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Credentials::default()),
-            Err(source) => Err(OciError::Io { path, source }),
+            Err(source) => Err(OciError::Io(PathIoError::new(path, source))),
         }
     }
 
@@ -460,7 +449,7 @@ impl<'a> Client<'a> {
             Err(ureq::Error::Timeout(_)) => Err(self.timed_out()),
             Err(e) => Err(OciError::Http {
                 url: url.to_string(),
-                source: Box::new(e),
+                error: Box::new(e),
             }),
         }
     }
@@ -749,7 +738,7 @@ impl<'a> Client<'a> {
         let response = self.get(&resolved.endpoint, repository, &path, None)?;
         let mut body = response.into_body();
         let mut reader = body.with_config().limit(layer.size + 1).reader();
-        let mut file = File::create(dest).map_err(io_err(dest))?;
+        let mut file = File::create(dest).with_path(dest)?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 1 << 20];
         let mut size = 0u64;
@@ -763,10 +752,7 @@ impl<'a> Client<'a> {
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(self.timed_out()),
                 Err(source) => {
-                    return Err(OciError::Io {
-                        path: PathBuf::from(&what),
-                        source,
-                    })
+                    return Err(OciError::Io(PathIoError::new(PathBuf::from(&what), source)))
                 }
             };
             size += n as u64;
@@ -779,7 +765,7 @@ impl<'a> Client<'a> {
                 });
             }
             hasher.update(&buffer[..n]);
-            file.write_all(&buffer[..n]).map_err(io_err(dest))?;
+            file.write_all(&buffer[..n]).with_path(dest)?;
         }
         let found = format!("sha256:{}", hex::encode(hasher.finalize()));
         if found != layer.digest {
@@ -789,7 +775,7 @@ impl<'a> Client<'a> {
                 found,
             });
         }
-        file.sync_all().map_err(io_err(dest))?;
+        file.sync_all().with_path(dest)?;
         info!(digest = %layer.digest, size, "layer blob fetched and verified");
         Ok(())
     }
@@ -807,10 +793,7 @@ fn read_small(
         .limit(limit + 1)
         .reader()
         .read_to_end(&mut bytes)
-        .map_err(|source| OciError::Io {
-            path: PathBuf::from(url),
-            source,
-        })?;
+        .map_err(|source| OciError::Io(PathIoError::new(PathBuf::from(url), source)))?;
     if bytes.len() as u64 > limit {
         return Err(OciError::TooLarge {
             what: url.to_string(),
@@ -869,12 +852,12 @@ fn encode_query(value: &str) -> String {
 /// Does this layer (a tar, any compression) hold `overlay.toml` at its top? That makes the
 /// image shape (a): the layer is an overlay archive.
 pub fn layer_is_overlay(layer: &Path) -> Result<bool, OciError> {
-    let file = File::open(layer).map_err(io_err(layer))?;
+    let file = File::open(layer).with_path(layer)?;
     let name = layer.display().to_string();
     let stream = archive::decompress(io::BufReader::new(file), &name)?;
     let mut tar = tar::Archive::new(stream);
-    for entry in tar.entries().map_err(io_err(layer))? {
-        let entry = entry.map_err(io_err(layer))?;
+    for entry in tar.entries().with_path(layer)? {
+        let entry = entry.with_path(layer)?;
         let path = PathBuf::from(String::from_utf8_lossy(&entry.path_bytes()).into_owned());
         if let Ok(Some(path)) = plain_relative(&path) {
             if path == Path::new(MANIFEST_NAME) {
@@ -981,10 +964,10 @@ pub fn apply_layers(
             entry: entry.to_path_buf(),
             why: why.to_string(),
         };
-        let file = File::open(layer).map_err(io_err(layer))?;
+        let file = File::open(layer).with_path(layer)?;
         let stream = archive::decompress(io::BufReader::new(file), &name)?;
         let mut tar = tar::Archive::new(stream);
-        let read_err = io_err(layer);
+        let read_err = |e| PathIoError::new(layer, e);
         for entry in tar.entries().map_err(read_err)? {
             let mut entry = entry.map_err(read_err)?;
             entries += 1;
@@ -1009,14 +992,14 @@ pub fn apply_layers(
                 let dir = scratch.join(&parent);
                 if let Ok(children) = fs::read_dir(&dir) {
                     for child in children.flatten() {
-                        remove_any(&child.path()).map_err(io_err(&child.path()))?;
+                        remove_any(&child.path()).with_path(child.path())?;
                     }
                 }
                 continue;
             }
             if let Some(hidden) = file_name.strip_prefix(".wh.") {
                 let target = scratch.join(&parent).join(hidden);
-                remove_any(&target).map_err(io_err(&target))?;
+                remove_any(&target).with_path(&target)?;
                 continue;
             }
             let resolved = parent.join(&file_name);
@@ -1024,17 +1007,17 @@ pub fn apply_layers(
             let kind = entry.header().entry_type();
             if kind.is_dir() {
                 if fs::symlink_metadata(&real).is_ok_and(|m| !m.is_dir()) {
-                    remove_any(&real).map_err(io_err(&real))?;
+                    remove_any(&real).with_path(&real)?;
                 }
-                fs::create_dir_all(&real).map_err(io_err(&real))?;
+                fs::create_dir_all(&real).with_path(&real)?;
             } else if kind.is_symlink() {
                 let target = entry
                     .link_name_bytes()
                     .map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned()))
                     .unwrap_or_default();
                 make_parent(&real)?;
-                remove_any(&real).map_err(io_err(&real))?;
-                std::os::unix::fs::symlink(&target, &real).map_err(io_err(&real))?;
+                remove_any(&real).with_path(&real)?;
+                std::os::unix::fs::symlink(&target, &real).with_path(&real)?;
             } else if kind.is_file() {
                 if !wanted(&resolved) {
                     continue;
@@ -1048,12 +1031,12 @@ pub fn apply_layers(
                     });
                 }
                 make_parent(&real)?;
-                remove_any(&real).map_err(io_err(&real))?;
-                let mut out = File::create(&real).map_err(io_err(&real))?;
-                io::copy(&mut entry, &mut out).map_err(io_err(&real))?;
+                remove_any(&real).with_path(&real)?;
+                let mut out = File::create(&real).with_path(&real)?;
+                io::copy(&mut entry, &mut out).with_path(&real)?;
                 let mode = entry.header().mode().unwrap_or(0o644) & 0o755;
                 out.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(io_err(&real))?;
+                    .with_path(&real)?;
             }
         }
     }
@@ -1062,7 +1045,8 @@ pub fn apply_layers(
 
 fn make_parent(real: &Path) -> Result<(), OciError> {
     let parent = real.parent().expect("entry has a parent");
-    fs::create_dir_all(parent).map_err(io_err(parent))
+    fs::create_dir_all(parent).with_path(parent)?;
+    Ok(())
 }
 
 fn remove_any(path: &Path) -> io::Result<()> {

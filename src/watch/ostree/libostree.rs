@@ -32,7 +32,7 @@ pub fn pending_deployment_libostree(root: &Root) -> Result<PendingDeployment, Os
         .load(gio::Cancellable::NONE)
         .map_err(|source| OstreeError::Libostree {
             sysroot: root.path().to_path_buf(),
-            source,
+            error: source,
         })?;
     if let Some(staged) = sysroot.staged_deployment() {
         return pending_of(&sysroot, &staged, true, Path::new(STAGED_DEPLOYMENT));

@@ -86,8 +86,8 @@ const MAX_SYMLINK_HOPS: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OstreeError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error(
         "no deployment to boot: no staged deployment ({STAGED_DEPLOYMENT}) and no ostree \
          bootloader entry (ostree-*.conf) in {entries}; expected at least one on an ostree \
@@ -156,10 +156,10 @@ pub enum OstreeError {
     #[error("name '{name}' in {dir} is not UTF-8; a kernel release or stateroot must be")]
     NotUtf8 { dir: PathBuf, name: String },
     #[cfg(feature = "ostree")]
-    #[error("libostree cannot load the sysroot {sysroot}: {source}")]
+    #[error("libostree cannot load the sysroot {sysroot}: {error}")]
     Libostree {
         sysroot: PathBuf,
-        source: ::ostree::glib::Error,
+        error: ::ostree::glib::Error,
     },
 }
 
@@ -306,7 +306,7 @@ pub fn pending_deployment_direct(root: &Root) -> Result<PendingDeployment, Ostre
     let link = bootlink.path();
     let target = read_link_in_root(root, &link).map_err(|source| OstreeError::Read {
         path: link.clone(),
-        source,
+        error: source,
     })?;
     let name = target
         .file_name()
@@ -340,7 +340,7 @@ pub fn next_boot_of(
     let deployment = pending.dir.clone();
     let resolved = resolve_in_root(root, &deployment).map_err(|source| OstreeError::Read {
         path: deployment.clone(),
-        source,
+        error: source,
     })?;
     if !root.join(&resolved).is_dir() {
         return Err(OstreeError::DeploymentMissing {
@@ -352,7 +352,9 @@ pub fn next_boot_of(
     let modules = deployment.join("usr/lib/modules");
     let listing = match list_module_dirs(root, &modules) {
         Ok(listing) => listing,
-        Err(OstreeError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+        Err(OstreeError::Read { error: source, .. })
+            if source.kind() == io::ErrorKind::NotFound =>
+        {
             return Err(OstreeError::NoModuleTree {
                 which: pending.which(),
                 deployment,
@@ -669,7 +671,7 @@ fn read_boot_entries(root: &Root) -> Result<Vec<(PathBuf, String)>, OstreeError>
     let dir = Path::new(LOADER_ENTRIES);
     let read_err = |path: &Path, source| OstreeError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let resolved = resolve_in_root(root, dir).map_err(|e| read_err(dir, e))?;
     let listing = match fs::read_dir(root.join(&resolved)) {
@@ -701,7 +703,7 @@ fn read_boot_entries(root: &Root) -> Result<Vec<(PathBuf, String)>, OstreeError>
 fn list_module_dirs(root: &Root, modules: &Path) -> Result<Vec<ModulesDirEntry>, OstreeError> {
     let read_err = |source| OstreeError::Read {
         path: modules.to_path_buf(),
-        source,
+        error: source,
     };
     let resolved = resolve_in_root(root, modules).map_err(read_err)?;
     let mut entries = Vec::new();
@@ -754,7 +756,7 @@ fn read_bounded(root: &Root, host_path: &Path, limit: u64) -> Result<Option<Vec<
     use std::io::Read;
     let read_err = |source| OstreeError::Read {
         path: host_path.to_path_buf(),
-        source,
+        error: source,
     };
     let resolved = resolve_in_root(root, host_path).map_err(read_err)?;
     let file = match fs::File::open(root.join(resolved)) {
