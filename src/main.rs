@@ -16,7 +16,9 @@ use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::daemon::{self, DaemonError};
 use nvdriver_agent::host::{HostFacts, Root};
 use nvdriver_agent::kmod::modinfo;
-use nvdriver_agent::kmod::plan::{DriverRootStep, LoadPlan, MajorSource, ToolkitStep};
+use nvdriver_agent::kmod::plan::{
+    DriverRootStep, LoadPlan, MajorSource, ModuleAction, OsModuleAction, ToolkitStep,
+};
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
 use nvdriver_agent::overlay::pack;
 use nvdriver_agent::overlay::store::ImportOutcome;
@@ -468,19 +470,19 @@ fn render_plan(plan: &LoadPlan) -> String {
     );
     let _ = writeln!(out, "firmware:     {}", render_firmware(plan));
     for m in &plan.os_modules {
-        let _ = writeln!(
-            out,
-            "os module:    {} ({:?}, {})",
-            m.name, m.action, m.reason
-        );
+        let action = match m.action {
+            OsModuleAction::Modprobe => "modprobe",
+            OsModuleAction::AlreadyLoaded => "already loaded",
+        };
+        let _ = writeln!(out, "os module:    {} ({action}, {})", m.name, m.reason);
     }
     for (i, m) in plan.modules.iter().enumerate() {
         let _ = writeln!(
             out,
-            "module {}:     {} {:?} {} [{}]{}",
+            "module {}:     {} {} {} [{}]{}",
             i + 1,
             m.name,
-            m.action,
+            module_action_words(&m.action),
             m.file.display(),
             m.parameters,
             if m.signed { " signed" } else { "" }
@@ -508,6 +510,15 @@ fn render_plan(plan: &LoadPlan) -> String {
         let _ = writeln!(out, "warning:      {w}");
     }
     out
+}
+
+/// A module step's action in words (the JSON keeps the kebab-case names).
+fn module_action_words(action: &ModuleAction) -> &'static str {
+    match action {
+        ModuleAction::Load => "load",
+        ModuleAction::LoadDecompressed => "load (decompressed here)",
+        ModuleAction::AlreadyLoaded => "already loaded",
+    }
 }
 
 fn render_firmware(plan: &LoadPlan) -> String {
