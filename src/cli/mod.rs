@@ -71,7 +71,7 @@ pub enum Command {
     /// next has no overlay staged (or which kernel boots next cannot be told); 8 not ready now (driver not loaded, or marked not ready by
     /// the [fallback] policy); 1 or 2 when status itself failed.
     Status {
-        /// Machine-readable output (format documented in the README).
+        /// Machine-readable output (format: docs/schema/status.schema.json).
         #[arg(long)]
         json: bool,
     },
