@@ -49,7 +49,7 @@ pub enum CommandError {
     #[error(transparent)]
     Load(Box<LoadError>),
     #[error("toolkit config: {0}")]
-    Toolkit(#[from] RuntimeError),
+    Toolkit(RuntimeError),
     #[error("no overlay for the running kernel {kernel_release} in {store}; stage one (`nvdriver-agent overlay import DIR`) or boot a kernel that has one")]
     NoOverlay {
         kernel_release: String,
@@ -59,11 +59,18 @@ pub enum CommandError {
     Source(Box<SourceError>),
     #[error("no driver version to stage for kernel {kernel_release}: pass --driver VERSION or set driver.version in /etc/nvdriver-agent/config.toml")]
     NoDriverVersion { kernel_release: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+// By hand, not `#[from]`: the message already says the cause, and a source would repeat it.
+impl From<RuntimeError> for CommandError {
+    fn from(e: RuntimeError) -> Self {
+        CommandError::Toolkit(e)
+    }
 }
 
 impl From<SourceError> for CommandError {

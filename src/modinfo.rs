@@ -109,12 +109,8 @@ pub struct ModInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModinfoError {
-    #[error("cannot read kernel module {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot read kernel module {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
     #[error(
         "{path}: file is {size} bytes, over the {limit}-byte limit for a kernel module; \
          check that the path names a module file"
@@ -125,14 +121,13 @@ pub enum ModinfoError {
         limit: u64,
     },
     #[error(
-        "{path}: cannot decompress {compression} data: {source}; the file is truncated or \
+        "{path}: cannot decompress {compression} data: {error}; the file is truncated or \
          damaged, reinstall the overlay that provides it"
     )]
     Decompress {
         path: PathBuf,
         compression: Compression,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "{path}: module data (compression: {compression}) is larger than {limit} bytes once \
@@ -225,7 +220,7 @@ fn decompress_at(
     let decompress_err = |source| ModinfoError::Decompress {
         path: path.to_path_buf(),
         compression,
-        source,
+        error: source,
     };
     let mut out = Vec::new();
     let within_limit = match compression {
@@ -290,7 +285,7 @@ fn read_bounded(reader: impl Read, limit: u64, out: &mut Vec<u8>) -> io::Result<
 pub fn read_module_file(path: &Path) -> Result<ModInfo, ModinfoError> {
     let read_err = |source| ModinfoError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
@@ -328,7 +323,7 @@ fn read_plain_in_parts(
 ) -> Result<Option<ModInfo>, ModinfoError> {
     let read_err = |source| ModinfoError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut head = [0u8; EI_CLASS + 1];
     file.read_exact_at(&mut head, 0).map_err(read_err)?;

@@ -82,7 +82,7 @@ fn load_twice_then_plan_says_loaded() {
     );
     let plan = agent(&host, &["plan"]);
     assert!(
-        String::from_utf8_lossy(&plan.stdout).contains("AlreadyLoaded"),
+        String::from_utf8_lossy(&plan.stdout).contains("nvidia already loaded"),
         "{}",
         text(&plan)
     );

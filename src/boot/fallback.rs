@@ -21,10 +21,10 @@ pub const FALLBACK_RECORD: &str = "/var/lib/nvdriver-agent/fallback.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FallbackError {
-    #[error("cannot record the rollback attempt in {path}: {source}; not rolling back (without the record the agent could roll back in a loop)")]
+    #[error("cannot record the rollback attempt in {path}: {error}; not rolling back (without the record the agent could roll back in a loop)")]
     Record {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("`rpm-ostree rollback --reboot` failed: {0}; run it by hand, or fix the driver (`nvdriver-agent doctor`)")]
     Rollback(String),
@@ -59,7 +59,7 @@ impl FallbackRecord {
         let path = root.join(FALLBACK_RECORD);
         let err = |source| FallbackError::Record {
             path: PathBuf::from(FALLBACK_RECORD),
-            source,
+            error: source,
         };
         if let Some(dir) = path.parent() {
             fsutil::create_dir_all_mode(dir, 0o755).map_err(err)?;

@@ -54,7 +54,7 @@ pub fn prepare_load(ctx: &Context, kernel: &dyn Kernel) -> Result<Prepared, Comm
         )
         .map_err(|e| CommandError::Io {
             path: ctx.settings.driver_root.clone(),
-            source: std::io::Error::from(e.errno),
+            error: std::io::Error::from(e.errno),
         })?;
     let plan = plan::plan_load(&PlanInputs {
         settings: &ctx.settings,
@@ -83,7 +83,7 @@ fn inspect_modules(
         let path = root.join(&host_path);
         let io = |source| CommandError::Io {
             path: host_path.clone(),
-            source,
+            error: source,
         };
         let mut file = File::open(&path).map_err(io)?;
         let mut bytes = Vec::with_capacity(entry.size as usize);
@@ -118,7 +118,7 @@ fn toolkit_state(root: &Root, config: &Path) -> Result<ToolkitState, CommandErro
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ToolkitState::Absent),
         Err(source) => Err(CommandError::Io {
             path: config.to_path_buf(),
-            source,
+            error: source,
         }),
     }
 }

@@ -16,7 +16,7 @@ use crate::report::bus::{AgentProperties, AGENT_INTERFACE, AGENT_NAME, AGENT_PAT
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot serve {AGENT_NAME} on the system bus: {0}; the agent goes on without its D-Bus object (is units/org.nvdriveragent.Agent1.conf installed in /usr/share/dbus-1/system.d/?)")]
-    Serve(#[source] Box<zbus::Error>),
+    Serve(Box<zbus::Error>),
 }
 
 type StageHook = Box<dyn Fn() + Send + Sync>;

@@ -59,10 +59,10 @@ pub enum LoadError {
     Toolkit(#[from] toolkit::RuntimeError),
     #[error(transparent)]
     Readiness(#[from] driver_ready::ReadinessError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("internal: the plan names {0} but it was not opened")]
     NotOpened(PathBuf),
@@ -289,7 +289,7 @@ fn decompress_to_memfd(
 ) -> Result<File, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let mut bytes = Vec::new();
     let mut reader = file;
@@ -354,7 +354,7 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
             // A stale node (another major after a reload) or a stray file: replace it.
             fs::remove_file(&path).map_err(|e| LoadError::Io {
                 path: path.clone(),
-                source: e,
+                error: e,
             })?;
             kernel
                 .mknod_char(&path, node.major, node.minor, node.mode)
@@ -371,7 +371,7 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
         let _ = fs::remove_file(&link);
         symlink(&target, &link).map_err(|e| LoadError::Io {
             path: link.clone(),
-            source: e,
+            error: e,
         })?;
     }
     Ok(created)

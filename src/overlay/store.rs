@@ -454,10 +454,6 @@ impl<'a> Store<'a> {
     }
 }
 
-/// The crate's one version comparator, under the name callers outside this file still use
-/// (`update::stage`); new code names [`crate::host::version::version_cmp`].
-pub use crate::host::version::version_cmp as compare_versions;
-
 /// Kernels GC removes: all but `keep` and the `keep_extra` newest of the others.
 fn gc_victims(kernels: &[String], keep: &[String], keep_extra: u32) -> Vec<String> {
     let mut others: Vec<&String> = kernels.iter().filter(|k| !keep.contains(k)).collect();

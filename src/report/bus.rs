@@ -14,7 +14,7 @@ pub const AGENT_INTERFACE: &str = "org.nvdriveragent.Agent1";
 #[derive(Debug, thiserror::Error)]
 pub enum AgentBusError {
     #[error("cannot read {AGENT_NAME}'s properties: {0}")]
-    Read(#[source] Box<zbus::Error>),
+    Read(Box<zbus::Error>),
 }
 
 /// The properties as D-Bus carries them: strings, empty for "none" (D-Bus has no null).

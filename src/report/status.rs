@@ -262,6 +262,7 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
     })
 }
 
+/// The human form of `status`.
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -301,31 +302,7 @@ pub fn render(report: &StatusReport) -> String {
             .as_deref()
             .is_some_and(|d| d.contains(e))
     });
-    let pending = match (&report.pending, report.pending_staged) {
-        (None, _) if report.watch_error.is_some() => {
-            if unknown_in_readiness {
-                "unknown (cannot be read, see readiness)".into()
-            } else {
-                "unknown (cannot be read, see the warning)".into()
-            }
-        }
-        (None, _) => "none (the next boot runs this kernel)".into(),
-        (Some(next), staged) => format!(
-            "{} from {}{}: {}",
-            next.kernel_release,
-            next.origin,
-            if report.watch_error.is_some() {
-                " (last known; reading it now failed, see the warning)"
-            } else {
-                ""
-            },
-            if staged == Some(true) {
-                "overlay staged"
-            } else {
-                "NO overlay staged"
-            }
-        ),
-    };
+    let pending = render_pending(report, unknown_in_readiness);
     let _ = writeln!(out, "next kernel:     {pending}");
     if let Some(stage) = &report.last_stage {
         let _ = writeln!(
@@ -396,6 +373,35 @@ pub fn render(report: &StatusReport) -> String {
         let _ = writeln!(out, "warning:         {e}");
     }
     out
+}
+
+/// The `next kernel:` line's value.
+fn render_pending(report: &StatusReport, unknown_in_readiness: bool) -> String {
+    match (&report.pending, report.pending_staged) {
+        (None, _) if report.watch_error.is_some() => {
+            if unknown_in_readiness {
+                "unknown (cannot be read, see readiness)".into()
+            } else {
+                "unknown (cannot be read, see the warning)".into()
+            }
+        }
+        (None, _) => "none (the next boot runs this kernel)".into(),
+        (Some(next), staged) => format!(
+            "{} from {}{}: {}",
+            next.kernel_release,
+            next.origin,
+            if report.watch_error.is_some() {
+                " (last known; reading it now failed, see the warning)"
+            } else {
+                ""
+            },
+            if staged == Some(true) {
+                "overlay staged"
+            } else {
+                "NO overlay staged"
+            }
+        ),
+    }
 }
 
 #[cfg(test)]

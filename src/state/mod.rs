@@ -23,8 +23,8 @@ pub const STATE_FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot write the agent state {path}: {source}; is /run mounted and writable?")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot write the agent state {path}: {error}; is /run mounted and writable?")]
+    Write { path: PathBuf, error: io::Error },
 }
 
 /// Seconds since the epoch, for records (the journal has the precise times).
@@ -237,7 +237,7 @@ impl AgentState {
         let path = root.join(STATE_FILE);
         let write = |source| StateError::Write {
             path: PathBuf::from(STATE_FILE),
-            source,
+            error: source,
         };
         if let Some(dir) = path.parent() {
             fsutil::create_dir_all_mode(dir, 0o755).map_err(write)?;

@@ -10,9 +10,9 @@ use tracing::{debug, info, warn};
 
 use crate::app::Context;
 use crate::config::MissingNextOverlayPolicy;
+use crate::host::version::version_cmp;
 use crate::host::{HostError, HostFacts, KernelState};
 use crate::overlay::source::{self, OverlayKey, SourceError};
-use crate::overlay::store::compare_versions;
 use crate::overlay::store::ImportOutcome;
 use crate::overlay::StoreError;
 use crate::state::{now_unix, AgentState, HoldRecord, StageRecord, StageResult, StateError};
@@ -24,7 +24,7 @@ pub enum StageError {
     #[error(transparent)]
     Host(#[from] HostError),
     #[error("cannot tell which kernel boots next: {0}")]
-    Watch(#[from] WatchError),
+    Watch(WatchError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -37,6 +37,13 @@ pub enum StageError {
         "watching is off (watch.detector = \"off\"); pass --kernel to stage for a given kernel"
     )]
     DetectorOff,
+}
+
+// By hand, not `#[from]`: the message already says the cause, and a source would repeat it.
+impl From<WatchError> for StageError {
+    fn from(e: WatchError) -> Self {
+        StageError::Watch(e)
+    }
 }
 
 impl StageError {
@@ -109,12 +116,7 @@ pub fn choose_driver_version(
     for_running_kernel: &[String],
     in_store: &[String],
 ) -> Option<String> {
-    let newest = |versions: &[String]| {
-        versions
-            .iter()
-            .max_by(|a, b| compare_versions(a, b))
-            .cloned()
-    };
+    let newest = |versions: &[String]| versions.iter().max_by(|a, b| version_cmp(a, b)).cloned();
     pinned
         .or(loaded)
         .map(str::to_string)

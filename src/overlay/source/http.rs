@@ -66,26 +66,20 @@ pub enum FetchError {
         timeout: Duration,
         received: u64,
     },
-    #[error("{url}: the connection dropped {attempts} times without finishing ({received} bytes in); the part is kept and the next stage resumes it: {source}")]
+    #[error("{url}: the connection dropped {attempts} times without finishing ({received} bytes in); the part is kept and the next stage resumes it: {error}")]
     Interrupted {
         url: String,
         attempts: u32,
         received: u64,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("{url}: {source}")]
+    #[error("{url}: {error}")]
     Http {
         url: String,
-        #[source]
-        source: Box<ureq::Error>,
+        error: Box<ureq::Error>,
     },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
 }
 
 /// What [`download`] did.
@@ -245,7 +239,10 @@ impl Download<'_> {
 
     fn io_err(&self) -> impl FnOnce(io::Error) -> FetchError {
         let path = self.part.to_path_buf();
-        move |source| FetchError::Io { path, source }
+        move |source| FetchError::Io {
+            path,
+            error: source,
+        }
     }
 
     /// GET the file, from `offset` on when the part holds a prefix of it.
@@ -275,7 +272,7 @@ impl Download<'_> {
             }),
             Err(e) => Err(FetchError::Http {
                 url: self.url.into(),
-                source: Box::new(e),
+                error: Box::new(e),
             }),
         }
     }
@@ -485,7 +482,7 @@ impl Download<'_> {
                 url: self.url.into(),
                 attempts: self.attempts,
                 received: position,
-                source,
+                error: source,
             });
         }
         info!(url = self.url, received = position, error = %source, "connection dropped; resuming");
