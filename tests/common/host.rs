@@ -11,7 +11,6 @@ pub const FCOS_OS_RELEASE: &str = "NAME=\"Fedora Linux\"\nVERSION=\"41.20241109.
 pub struct FakeHost {
     pub dir: tempfile::TempDir,
     pub root: Root,
-    pub kernel_release: String,
 }
 
 impl FakeHost {
@@ -23,11 +22,7 @@ impl FakeHost {
     pub fn new_in(parent: &Path, kernel_release: &str) -> Self {
         let dir = tempfile::tempdir_in(parent).unwrap();
         let root = Root::new(dir.path());
-        let host = FakeHost {
-            dir,
-            root,
-            kernel_release: kernel_release.to_string(),
-        };
+        let host = FakeHost { dir, root };
         host.write("/etc/os-release", FCOS_OS_RELEASE);
         host.write("/proc/sys/kernel/osrelease", &format!("{kernel_release}\n"));
         host.write("/proc/modules", "");

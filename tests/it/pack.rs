@@ -2,16 +2,14 @@
 //! minisign signatures checked at stage time: good, wrong key, manifest changed after signing,
 //! missing while required. A refused overlay leaves the store empty.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::agent;
-use common::modules::FixtureModule;
-use common::overlay::DRIVER;
-use common::Compression;
+use crate::common::agent;
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::DRIVER;
+use crate::common::Compression;
 use nvdriver_agent::config::StageSettings;
 use nvdriver_agent::host::Root;
 use nvdriver_agent::overlay::signature::{SignatureError, SignaturePolicy, KEYS_DIR};
@@ -382,7 +380,7 @@ fn copy_tree(from: &Path, to: &Path) {
 
 #[test]
 fn unsigned_modules_are_refused_for_a_kernel_that_enforces_signatures() {
-    use common::overlay::{OverlayBuilder, Packing};
+    use crate::common::overlay::{OverlayBuilder, Packing};
     let host = Host::new();
     let config = host.root.join(format!("/usr/lib/modules/{KVER}/config"));
     fs::create_dir_all(config.parent().unwrap()).unwrap();

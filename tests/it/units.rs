@@ -109,7 +109,7 @@ fn verify_root(unit_files: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 /// The systemd units in `units/`, by name (the D-Bus policy beside them is checked in
-/// tests/operate.rs, on a bus).
+/// tests/it/operate.rs, on a bus).
 fn our_units() -> Vec<(String, String)> {
     const UNIT_SUFFIXES: [&str; 6] = [
         ".service", ".socket", ".timer", ".path", ".target", ".mount",

@@ -2,16 +2,14 @@
 //! NFD files, the CDI spec, the load-failure fallback and `doctor`, all through the real binary
 //! on fake hosts.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use common::agent::{self, state, wait_for, Daemon};
-use common::bus::TestBus;
-use common::host::FakeHost;
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::agent::{self, state, wait_for, Daemon};
+use crate::common::bus::TestBus;
+use crate::common::host::FakeHost;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 use zbus::blocking::{Connection, MessageIterator};
 use zbus::zvariant::OwnedValue;
 
@@ -499,7 +497,7 @@ fn doctor_judges_a_fake_host_without_touching_it() {
         "/sys/kernel/security/lockdown",
         "none [integrity] confidentiality\n",
     );
-    let http = common::http::HttpServer::start();
+    let http = crate::common::http::HttpServer::start();
     host.write(
         "/etc/nvdriver-agent/config.d/50-http.toml",
         &format!(
@@ -509,7 +507,7 @@ fn doctor_judges_a_fake_host_without_touching_it() {
     );
     http.route(
         &format!("/{OLD}.tar"),
-        common::http::Route::file(b"x".to_vec()),
+        crate::common::http::Route::file(b"x".to_vec()),
     );
     let (code, report) = doctor(&host);
     assert_eq!(code, 1, "{report}");

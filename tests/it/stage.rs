@@ -2,17 +2,15 @@
 //! fallback, hostile archives, every way a download goes wrong, GC, and two stagers at once.
 //! After every scenario the store holds only complete, verified overlays and no leftovers.
 
-mod common;
-
 use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::archive::{compress, overlay_archive, Compression, ManifestAt};
-use common::host::snapshot_dir;
-use common::http::{HttpServer, Route};
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use crate::common::archive::{compress, overlay_archive, Compression, ManifestAt};
+use crate::common::host::snapshot_dir;
+use crate::common::http::{HttpServer, Route};
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::config::StageSettings;
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;
@@ -210,7 +208,7 @@ fn a_module_larger_than_the_writeback_chunk_is_staged_whole_or_refused() {
     let host = Host::new();
     host.put(
         "/srv/big.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     host.stage(&settings(&["/srv/big.tar"])).unwrap();
     host.assert_store_clean(false);
@@ -224,7 +222,7 @@ fn a_module_larger_than_the_writeback_chunk_is_staged_whole_or_refused() {
     let host = Host::new();
     host.put(
         "/srv/big.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     let err = host.stage(&settings(&["/srv/big.tar"])).unwrap_err();
     assert!(err.to_string().contains("sha256"), "{err}");
@@ -400,7 +398,7 @@ fn already_staged_returns_without_fetching() {
 }
 
 // Hostile archives (traversal, links, device nodes, modes, bombs, entry counts) are the
-// corpus in tests/hostile.rs.
+// corpus in tests/it/hostile.rs.
 
 #[test]
 fn archive_without_manifest_or_with_a_missing_file_is_refused() {
@@ -410,7 +408,7 @@ fn archive_without_manifest_or_with_a_missing_file_is_refused() {
     fs::remove_file(dir.path().join("overlay.toml")).unwrap();
     host.put(
         "/srv/no-manifest.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     let dir = tempfile::tempdir().unwrap();
     OverlayBuilder::nvidia(KVER).build(dir.path());
@@ -421,7 +419,7 @@ fn archive_without_manifest_or_with_a_missing_file_is_refused() {
     .unwrap();
     host.put(
         "/srv/missing-file.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     let err = host
         .stage(&settings(&[
@@ -492,7 +490,7 @@ fn http_corrupt_and_truncated_are_refused() {
         .join(format!("usr/lib/firmware/nvidia/{DRIVER}/gsp_ga10x.bin"));
     fs::write(&fw, b"GSP firmware fixturX").unwrap();
     let corrupt = compress(
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
         Compression::Zstd,
     );
     server.route("/corrupt.tar.zst", Route::file(corrupt));
@@ -815,7 +813,7 @@ mod cli {
     use std::process::Output;
 
     fn agent(host: &Host, args: &[&str]) -> Output {
-        common::agent::run(host.root.path(), args)
+        crate::common::agent::run(host.root.path(), args)
     }
 
     fn configure(host: &Host, extra: &str) {

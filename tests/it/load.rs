@@ -2,14 +2,12 @@
 //! simulated kernel, asserting the exact syscall sequence and the files it leaves; and every
 //! kind of bad input refused with nothing changed.
 
-mod common;
-
 use std::fs;
 use std::path::PathBuf;
 
-use common::host::FakeHost;
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use crate::common::host::FakeHost;
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::app::{exit, CommandError, Context};
 use nvdriver_agent::boot::load::{self, LoadOutcome, Prepared};
 use nvdriver_agent::cli::overlay as overlay_cmd;

@@ -2,19 +2,16 @@
 //! pushed with skopeo): by tag and by digest, a tampered blob, a tampered manifest, 401 without
 //! credentials and success with them from auth.json, a missing tag, a stalling registry, and a
 //! plain container image (shape b) with a whiteout. Whatever is refused leaves the store empty.
-#![cfg(feature = "oci")]
-
-mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::archive::{raw_tar, Raw};
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, DRIVER};
-use common::registry::{make_index, write_layout, Image, Layer, Registry, Stalling};
-use common::Compression;
+use crate::common::archive::{raw_tar, Raw};
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::registry::{make_index, write_layout, Image, Layer, Registry, Stalling};
+use crate::common::Compression;
 use nvdriver_agent::config::{OciSettings, StageSettings};
 use nvdriver_agent::host::Root;
 use nvdriver_agent::overlay::pack::{self, PackInput};
@@ -385,7 +382,7 @@ fn a_plain_image_becomes_an_overlay() {
         format!("[oci]\ninsecure-registries = [\"{}\"]\n", registry.host()),
     )
     .unwrap();
-    let out = common::agent::run(
+    let out = crate::common::agent::run(
         host.root.path(),
         &[
             "--config",
@@ -396,7 +393,7 @@ fn a_plain_image_becomes_an_overlay() {
             &source,
         ],
     );
-    assert!(out.status.success(), "{}", common::agent::text(&out));
+    assert!(out.status.success(), "{}", crate::common::agent::text(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["kind"], "oci-image");
     assert_eq!(json["digest"], image.manifest_digest.as_str());
