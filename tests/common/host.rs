@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::overlay::OverlayBuilder;
 use nvdriver_agent::config::StageSettings;
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;
@@ -57,6 +58,14 @@ impl FakeHost {
         );
         fs::create_dir_all(host.path("/dev/char")).unwrap();
         host
+    }
+
+    /// Put `overlay` in the store at [`STORE`], through the store's own import (not the agent
+    /// binary).
+    pub fn import(&self, overlay: &OverlayBuilder) {
+        let src = tempfile::tempdir().unwrap();
+        overlay.build(src.path());
+        Store::new(&self.root, STORE).import(src.path()).unwrap();
     }
 
     /// Resolve a host path under the fake root.

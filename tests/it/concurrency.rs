@@ -40,9 +40,7 @@ fn host(server: &HttpServer, download_time: Option<Duration>) -> FakeHost {
             server.url("/{kernel}.tar.zst")
         ),
     );
-    let src = tempfile::tempdir().unwrap();
-    OverlayBuilder::nvidia(KVER).build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(&OverlayBuilder::nvidia(KVER));
     host
 }
 

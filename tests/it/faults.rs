@@ -106,11 +106,7 @@ fn disk_full_during_staging_leaves_the_store_as_it_was() {
 #[test]
 fn read_only_etc_is_a_clear_error_and_changes_nothing() {
     let host = configured_host();
-    let src = tempfile::tempdir().unwrap();
-    OverlayBuilder::nvidia(KVER)
-        .with_userspace()
-        .build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(&OverlayBuilder::nvidia(KVER).with_userspace());
     let toolkit_dir = host.path("/etc/nvidia-container-runtime");
     let Some(etc) = Mount::tmpfs(&toolkit_dir, "size=1m") else {
         return;
@@ -136,9 +132,7 @@ fn read_only_etc_is_a_clear_error_and_changes_nothing() {
 #[test]
 fn missing_run_is_created_as_needed() {
     let host = configured_host();
-    let src = tempfile::tempdir().unwrap();
-    OverlayBuilder::nvidia(KVER).build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(&OverlayBuilder::nvidia(KVER));
     let _ = fs::remove_dir_all(host.path("/run"));
     let out = crate::common::agent::run(host.dir.path(), &["load"]);
     assert!(out.status.success(), "{}", text(&out));

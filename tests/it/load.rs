@@ -14,7 +14,6 @@ use nvdriver_agent::cli::overlay as overlay_cmd;
 use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::kmod::plan::{LoadPlan, ModuleAction, PlanError};
 use nvdriver_agent::kmod::sys::{Call, SimulatedKernel};
-use nvdriver_agent::overlay::Store;
 use pretty_assertions::assert_eq;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
@@ -27,9 +26,7 @@ fn overlay_dir() -> String {
 /// A host whose store holds `overlay` (imported through the real store code).
 fn host_with(overlay: &OverlayBuilder) -> FakeHost {
     let host = FakeHost::new(KVER);
-    let src = tempfile::tempdir().unwrap();
-    overlay.build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(overlay);
     host
 }
 
