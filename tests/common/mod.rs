@@ -14,3 +14,4 @@ pub mod ostree;
 pub mod overlay;
 #[cfg(feature = "oci")]
 pub mod registry;
+pub mod tools;

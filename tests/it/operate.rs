@@ -3,13 +3,14 @@
 //! on fake hosts.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::agent::{self, state, wait_for, Daemon};
 use crate::common::bus::TestBus;
 use crate::common::host::FakeHost;
 use crate::common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::tools::{root_or_skip, tool_or_skip};
 use zbus::blocking::{Connection, MessageIterator};
 use zbus::zvariant::OwnedValue;
 
@@ -548,10 +549,17 @@ fn doctor_fails_without_an_overlay_for_the_running_kernel() {
     assert!(line(&report, "source").starts_with("warn"), "{report}");
 }
 
+/// The `setpriv` and `busctl` to run.
+struct Tools {
+    setpriv: PathBuf,
+    busctl: PathBuf,
+}
+
 /// `busctl` as user `nobody` against `bus`.
-fn busctl_as_nobody(bus: &TestBus, args: &[&str]) -> std::process::Output {
-    std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"])
+fn busctl_as_nobody(tools: &Tools, bus: &TestBus, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(&tools.setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&tools.busctl)
         .arg(format!("--address={}", bus.address))
         .args(args)
         .output()
@@ -562,26 +570,15 @@ fn busctl_as_nobody(bus: &TestBus, args: &[&str]) -> std::process::Output {
 /// the name; any user reads the properties and introspects, but only root calls the methods.
 #[test]
 fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Uid:")
-                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap();
-    let tools = ["setpriv", "busctl"].iter().all(|t| {
-        std::process::Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok()
-    });
-    if !euid || !tools {
-        assert!(
-            std::env::var_os("CI").is_none() || !tools,
-            "setpriv and busctl are required under CI"
-        );
-        eprintln!("skipping: needs root (to be root and nobody on the bus), setpriv and busctl");
+    let test = "the_dbus_policy_lets_anyone_read_and_only_root_act";
+    let (Some(setpriv), Some(busctl)) =
+        (tool_or_skip("setpriv", test), tool_or_skip("busctl", test))
+    else {
+        return;
+    };
+    let tools = Tools { setpriv, busctl };
+    // Root, to be both root and nobody on the bus.
+    if !root_or_skip(test) {
         return;
     }
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("units/org.nvdriveragent.Agent1.conf");
@@ -598,6 +595,7 @@ fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
     assert!(!daemon.log().contains("cannot serve"), "{}", daemon.log());
 
     let read = busctl_as_nobody(
+        &tools,
         &bus,
         &["get-property", NAME, PATH, NAME, "LoadedDriverVersion"],
     );
@@ -606,10 +604,10 @@ fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
         String::from_utf8_lossy(&read.stdout).trim(),
         format!("s \"{DRIVER}\"")
     );
-    let introspect = busctl_as_nobody(&bus, &["introspect", NAME, PATH]);
+    let introspect = busctl_as_nobody(&tools, &bus, &["introspect", NAME, PATH]);
     assert!(introspect.status.success(), "{}", agent::text(&introspect));
     for method in ["Stage", "Reload"] {
-        let call = busctl_as_nobody(&bus, &["call", NAME, PATH, NAME, method]);
+        let call = busctl_as_nobody(&tools, &bus, &["call", NAME, PATH, NAME, method]);
         assert!(!call.status.success(), "{}", agent::text(&call));
         assert!(
             String::from_utf8_lossy(&call.stderr).contains("denied"),
