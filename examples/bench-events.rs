@@ -10,6 +10,8 @@
 //! cargo run --release --example bench-events -- ostree|update-engine AGENT TRIALS
 //! ```
 
+// The examples use a few of the test fixtures, not all of them.
+#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

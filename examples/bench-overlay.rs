@@ -11,6 +11,8 @@
 //! `--sha256 FILE` hashes FILE with the agent's own hasher (`sha2`, SHA-NI where the CPU has
 //! it) and prints the digest and the seconds it took: the benchmark's hashing limit.
 
+// The examples use a few of the test fixtures, not all of them.
+#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

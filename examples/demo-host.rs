@@ -12,6 +12,8 @@
 //!
 //! `--simulate-kernel` makes no syscall: it records them and shows their effects inside DIR.
 
+// The examples use a few of the test fixtures, not all of them.
+#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

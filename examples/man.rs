@@ -9,7 +9,7 @@
 //!
 //! An example rather than a hidden subcommand: clap_mangen and the page text stay out of the
 //! shipped binary (a dev-dependency only), and the packages install the committed docs/man/
-//! pages, so building them needs no generator run. tests/cli_docs.rs includes this file to check
+//! pages, so building them needs no generator run. tests/it/cli_docs.rs includes this file to check
 //! that docs/man/ is what it writes now.
 
 use std::io::Write as _;
@@ -195,7 +195,7 @@ pub fn write_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-#[allow(dead_code)] // tests/cli_docs.rs includes this file for `pages` alone.
+#[allow(dead_code)] // tests/it/cli_docs.rs includes this file for `pages` alone.
 fn main() -> std::process::ExitCode {
     let dir = match std::env::args_os().nth(1) {
         Some(dir) => PathBuf::from(dir),

@@ -1,5 +1,5 @@
 //! Failpoints at every step that changes the host, for the crash tests
-//! (`tests/crash_failpoints.rs`). Compiled in only with the cargo feature `failpoints`; the
+//! (`tests/it/crash_failpoints.rs`). Compiled in only with the cargo feature `failpoints`; the
 //! `FAILPOINTS` variable arms them (the `fail` crate's syntax, `name=action;…`). Besides the
 //! crate's own actions (`panic`, `sleep(ms)`, …), `return` makes the agent exit on the spot
 //! with [`CRASH_EXIT_CODE`], skipping every destructor and cleanup as a power cut or SIGKILL

@@ -1,5 +1,5 @@
 //! The checks behind the fuzz targets in `fuzz/` (libFuzzer through cargo-fuzz) and their
-//! regression replay in `tests/fuzz_regressions.rs`. Each takes raw bytes, feeds them to one
+//! regression replay in `tests/it/fuzz_regressions.rs`. Each takes raw bytes, feeds them to one
 //! parser the agent points at untrusted input, and panics only when an invariant is broken;
 //! errors are the expected answer to bad input. Kept in the library so the fuzzer and
 //! `cargo test` run the very same code.

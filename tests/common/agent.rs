@@ -153,10 +153,3 @@ impl Drop for Daemon {
         }
     }
 }
-
-/// A config file for `--config` with the given body (after the built-in defaults).
-pub fn config_file(dir: &Path, body: &str) -> std::path::PathBuf {
-    let path = dir.join("nvdriver-agent-test.toml");
-    std::fs::write(&path, body).unwrap();
-    path
-}

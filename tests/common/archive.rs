@@ -91,13 +91,7 @@ pub enum Raw<'a> {
     File(&'a str, &'a [u8]),
     Dir(&'a str),
     Symlink(&'a str, &'a str),
-    Hardlink(&'a str, &'a str),
-    CharDevice(&'a str),
-    Fifo(&'a str),
 }
-
-/// The end-of-archive marker tar writers append (two zero blocks).
-pub const END_OF_ARCHIVE: usize = 1024;
 
 /// A tar of raw entries, for archives no honest packer writes.
 pub fn raw_tar(entries: &[Raw]) -> Vec<u8> {
@@ -108,9 +102,6 @@ pub fn raw_tar(entries: &[Raw]) -> Vec<u8> {
             Raw::File(name, data) => (name, None, tar::EntryType::Regular, data),
             Raw::Dir(name) => (name, None, tar::EntryType::Directory, &[]),
             Raw::Symlink(name, target) => (name, Some(target), tar::EntryType::Symlink, &[]),
-            Raw::Hardlink(name, target) => (name, Some(target), tar::EntryType::Link, &[]),
-            Raw::CharDevice(name) => (name, None, tar::EntryType::Char, &[]),
-            Raw::Fifo(name) => (name, None, tar::EntryType::Fifo, &[]),
         };
         let old = header.as_old_mut();
         old.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -124,10 +115,6 @@ pub fn raw_tar(entries: &[Raw]) -> Vec<u8> {
             0o644
         });
         header.set_size(data.len() as u64);
-        if kind == tar::EntryType::Char {
-            header.set_device_major(1).unwrap();
-            header.set_device_minor(3).unwrap();
-        }
         header.set_cksum();
         builder.append(&header, data).unwrap();
     }

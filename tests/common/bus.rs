@@ -318,6 +318,8 @@ impl Login1Manager {
 }
 
 pub struct LogindPeer {
+    /// Held for the name on the bus; never read.
+    #[allow(dead_code)]
     pub conn: Connection,
     held: Arc<Mutex<Vec<(String, OwnedFd)>>>,
 }

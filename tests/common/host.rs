@@ -1,17 +1,27 @@
-//! A whole fake host in a temp dir: os-release, /proc and /sys as the agent reads them, the
-//! OS's module index, /dev. The agent runs on it with `--root`.
+//! Fake hosts in temp dirs. [`FakeHost`]: a whole host, with os-release, /proc and /sys as the
+//! agent reads them, the OS's module index, /dev; the agent runs on it with `--root`.
+//! [`BareHost`]: an empty root and its overlay store, for the tests that stage overlays through
+//! the library.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::overlay::OverlayBuilder;
+use nvdriver_agent::config::StageSettings;
+use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;
+use nvdriver_agent::overlay::signature::KEYS_DIR;
+use nvdriver_agent::overlay::source::{stage, OverlayKey, SourceError, StageReport};
+use nvdriver_agent::overlay::Store;
+
+/// The overlay store's default place on the host.
+pub const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 
 pub const FCOS_OS_RELEASE: &str = "NAME=\"Fedora Linux\"\nVERSION=\"41.20241109.3.0 (CoreOS)\"\nID=fedora\nVERSION_ID=41\nVARIANT_ID=coreos\nPRETTY_NAME=\"Fedora CoreOS 41.20241109.3.0\"\n";
 
 pub struct FakeHost {
     pub dir: tempfile::TempDir,
     pub root: Root,
-    pub kernel_release: String,
 }
 
 impl FakeHost {
@@ -23,11 +33,7 @@ impl FakeHost {
     pub fn new_in(parent: &Path, kernel_release: &str) -> Self {
         let dir = tempfile::tempdir_in(parent).unwrap();
         let root = Root::new(dir.path());
-        let host = FakeHost {
-            dir,
-            root,
-            kernel_release: kernel_release.to_string(),
-        };
+        let host = FakeHost { dir, root };
         host.write("/etc/os-release", FCOS_OS_RELEASE);
         host.write("/proc/sys/kernel/osrelease", &format!("{kernel_release}\n"));
         host.write("/proc/modules", "");
@@ -52,6 +58,14 @@ impl FakeHost {
         );
         fs::create_dir_all(host.path("/dev/char")).unwrap();
         host
+    }
+
+    /// Put `overlay` in the store at [`STORE`], through the store's own import (not the agent
+    /// binary).
+    pub fn import(&self, overlay: &OverlayBuilder) {
+        let src = tempfile::tempdir().unwrap();
+        overlay.build(src.path());
+        Store::new(&self.root, STORE).import(src.path()).unwrap();
     }
 
     /// Resolve a host path under the fake root.
@@ -88,6 +102,127 @@ impl FakeHost {
     pub fn snapshot(&self) -> Vec<(PathBuf, String)> {
         snapshot_dir(self.dir.path())
     }
+}
+
+/// A bare fake host: an empty root (in `outer/host`, so writes that escape it show up in
+/// `outer`), the overlay store at [`STORE`] in it, and the overlay to stage there.
+pub struct BareHost {
+    outer: tempfile::TempDir,
+    pub root: Root,
+    pub key: OverlayKey,
+}
+
+impl BareHost {
+    pub fn new(key: OverlayKey) -> Self {
+        let outer = tempfile::tempdir().unwrap();
+        fs::create_dir(outer.path().join("host")).unwrap();
+        let root = Root::new(outer.path().join("host"));
+        BareHost { outer, root, key }
+    }
+
+    pub fn store(&self) -> Store<'_> {
+        Store::new(&self.root, STORE)
+    }
+
+    /// Put a file on the fake host.
+    pub fn put(&self, host_path: &str, bytes: &[u8]) {
+        let path = self.root.join(host_path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, bytes).unwrap();
+    }
+
+    /// Copy a file from outside into the fake host; returns its host path.
+    pub fn copy_in(&self, from: &Path, host_path: &str) -> PathBuf {
+        let to = self.root.join(host_path);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(from, &to).unwrap();
+        PathBuf::from(host_path)
+    }
+
+    /// Trust a minisign public key for overlay signatures.
+    pub fn trust(&self, public_key: &Path) {
+        let dir = self.root.join(KEYS_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        fs::copy(public_key, dir.join("builder.pub")).unwrap();
+    }
+
+    /// Stage `self.key` into the store.
+    pub fn stage(&self, settings: &StageSettings) -> Result<StageReport, SourceError> {
+        stage(&self.root, &self.store(), settings, &self.key)
+    }
+
+    /// Where `self.key`'s overlay is, if the store holds it verified.
+    pub fn stored(&self) -> Option<PathBuf> {
+        let key = &self.key;
+        self.store()
+            .verified(&key.kernel_release, &key.driver_version, &key.arch)
+            .map(|o| self.root.join(o.dir))
+    }
+
+    /// The store holds no overlay and no leftovers (lock files aside).
+    pub fn assert_empty(&self) {
+        assert!(self.stored().is_none());
+        let store = self.root.join(STORE);
+        if store.exists() {
+            let leftovers: Vec<_> = walk(&store)
+                .into_iter()
+                .filter(|p| p.is_file() && !p.ends_with(".lock"))
+                .collect();
+            assert!(leftovers.is_empty(), "left in the store: {leftovers:?}");
+        }
+    }
+
+    /// Every overlay under its real name verifies; no temporary leftovers anywhere in the
+    /// store; no partial downloads left unless `parts_allowed`; nothing written beside the
+    /// root. Returns the stored (kernel, driver) pairs.
+    pub fn assert_store_clean(&self, parts_allowed: bool) -> Vec<(String, String)> {
+        let store = self.store();
+        let mut found = Vec::new();
+        for kernel in store.kernel_releases().unwrap() {
+            for driver in store.driver_versions(&kernel).unwrap() {
+                let overlay = store.open(&kernel, &driver).unwrap();
+                store.verify(&overlay).unwrap();
+                found.push((kernel.clone(), driver));
+            }
+        }
+        let top = self.root.join(STORE);
+        if top.exists() {
+            for (path, _) in snapshot_dir(&top) {
+                let name = path.file_name().unwrap().to_string_lossy();
+                assert!(
+                    !name.starts_with(TEMP_PREFIX),
+                    "leftover {} in the store",
+                    path.display()
+                );
+                if !parts_allowed {
+                    assert!(
+                        !name.ends_with(".part"),
+                        "partial download {} left",
+                        path.display()
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            fs::read_dir(self.outer.path()).unwrap().count(),
+            1,
+            "nothing written beside the root"
+        );
+        found
+    }
+}
+
+/// Every path under `dir`, directories after their contents.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
 }
 
 pub fn snapshot_dir(top: &Path) -> Vec<(PathBuf, String)> {

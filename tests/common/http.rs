@@ -72,7 +72,9 @@ pub struct Served {
     pub range: Option<String>,
     pub if_range: Option<String>,
     pub status: u16,
-    /// Body bytes the server meant to send (before any drop).
+    /// Body bytes the server meant to send (before any drop); read only through `Debug`, in
+    /// failure messages that print the log.
+    #[allow(dead_code)]
     pub planned: usize,
 }
 

@@ -1,5 +1,5 @@
-//! Fixture builders shared by the integration tests (`mod common;` in `tests/*.rs`).
-#![allow(dead_code)]
+//! Fixture builders shared by the integration tests (`mod common;` in `tests/it/main.rs`; the
+//! examples include it too).
 
 pub use nvdriver_agent::modinfo::Compression;
 
@@ -12,4 +12,6 @@ pub mod http;
 pub mod modules;
 pub mod ostree;
 pub mod overlay;
+#[cfg(feature = "oci")]
 pub mod registry;
+pub mod tools;

@@ -3,7 +3,7 @@
 //! signature trailer, optionally compressed the way Kbuild compresses modules.
 //!
 //! This file is compiled twice: as `common::modules` in integration tests and as
-//! `kmod::modinfo::fixture_modules` in the crate's unit tests. It therefore never names the
+//! `modinfo::fixture_modules` in the crate's unit tests. It therefore never names the
 //! crate; it takes `Compression` from its parent module (`tests/common/mod.rs` re-exports it,
 //! and `modinfo.rs` defines it).
 #![allow(dead_code)]

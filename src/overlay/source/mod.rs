@@ -287,7 +287,7 @@ pub fn stage(
         };
         match attempt.stage_from(template, &source) {
             Ok((outcome, digest)) => {
-                // stage.rs says it once for the journal, with the store directory.
+                // update::stage says it once for the journal, with the store directory.
                 debug!(
                     KERNEL_RELEASE = %key.kernel_release,
                     DRIVER_VERSION = %key.driver_version,

@@ -1,16 +1,14 @@
 //! The `nvdriver-agent` binary as a user runs it, on a fake host (`--root`) with the kernel
 //! simulated: import, plan, load, exit codes.
 
-mod common;
-
-use common::agent::text;
-use common::host::FakeHost;
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::agent::text;
+use crate::common::host::FakeHost;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
 
 fn agent(host: &FakeHost, args: &[&str]) -> std::process::Output {
-    common::agent::run(host.dir.path(), args)
+    crate::common::agent::run(host.dir.path(), args)
 }
 
 fn imported_host() -> FakeHost {
@@ -162,7 +160,7 @@ fn escaping_manifest_is_refused_on_import() {
 #[test]
 fn modinfo_prints_like_modinfo() {
     let dir = tempfile::tempdir().unwrap();
-    let module = common::modules::FixtureModule::new("nvidia-uvm", KVER, DRIVER)
+    let module = crate::common::modules::FixtureModule::new("nvidia-uvm", KVER, DRIVER)
         .depends(&["nvidia"])
         .signed();
     let path = dir.path().join("nvidia-uvm.ko.xz");

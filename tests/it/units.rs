@@ -5,12 +5,15 @@
 //!
 //! Each check that runs a host tool builds a throwaway root and points the tool at it with
 //! `--root=`, so nothing on the machine running the tests is touched. A missing tool skips its
-//! test with a notice, except under CI (`CI` set), where `scripts/setup` must have installed it.
+//! test with a notice, except under CI (`CI` set), where `scripts/setup` must have installed it
+//! (`tests/common/tools.rs`).
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use crate::common::tools::{root_or_skip, tool_or_skip};
 
 const UNIT: &str = "nvdriver-agent.service";
 /// What every line the verifier prints about our units or our binary contains.
@@ -18,42 +21,6 @@ const NAME: &str = "nvdriver-agent";
 
 fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-/// A host tool by name, searched on `PATH` and in the sbin directories (kmod's `modprobe`
-/// lives there, and they are often missing from a non-root `PATH`).
-fn tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            fs::metadata(candidate)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
-
-/// The tool, or `None` after printing why the calling test is skipped. Under CI a missing tool
-/// is a failure: a skipped check there would pass without having checked anything.
-fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
-    let found = tool(name);
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required under CI; scripts/setup installs it"
-        );
-        eprintln!("skipping {test}: {name} not found (scripts/setup installs it)");
-    }
-    found
-}
-
-fn is_root() -> bool {
-    let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0")
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -109,7 +76,7 @@ fn verify_root(unit_files: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 /// The systemd units in `units/`, by name (the D-Bus policy beside them is checked in
-/// tests/operate.rs, on a bus).
+/// tests/it/operate.rs, on a bus).
 fn our_units() -> Vec<(String, String)> {
     const UNIT_SUFFIXES: [&str; 6] = [
         ".service", ".socket", ".timer", ".path", ".target", ".mount",
@@ -392,13 +359,8 @@ fn tmpfiles_creates_the_agent_directories() {
     let Some(tmpfiles) = tool_or_skip("systemd-tmpfiles", test) else {
         return;
     };
-    if !is_root() {
-        // The entries name root as owner; only root can chown to it.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test} must run as root under CI"
-        );
-        eprintln!("skipping {test}: not running as root");
+    // The entries name root as owner; only root can chown to it.
+    if !root_or_skip(test) {
         return;
     }
     let root = tempfile::tempdir().unwrap();

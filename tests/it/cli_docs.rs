@@ -3,10 +3,8 @@
 //! and `plan --json` output validates against docs/schema/ (with python3-jsonschema, which
 //! scripts/setup installs), schemas strict enough to refuse a missing field or a wrong type.
 
-mod common;
-
 #[allow(dead_code)] // its `main` and `write_pages` are the example's alone
-#[path = "../examples/man.rs"]
+#[path = "../../examples/man.rs"]
 mod man;
 
 use std::path::{Path, PathBuf};
@@ -15,9 +13,9 @@ use std::process::Command;
 use clap::CommandFactory as _;
 use serde_json::{json, Value};
 
-use common::agent::text;
-use common::host::FakeHost;
-use common::overlay::OverlayBuilder;
+use crate::common::agent::text;
+use crate::common::host::FakeHost;
+use crate::common::overlay::OverlayBuilder;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
 
@@ -125,7 +123,7 @@ sys.exit(1 if errors else 0)
 
 /// The JSON a command prints, exiting with one of `codes`.
 fn json_of(host: &FakeHost, args: &[&str], codes: &[i32]) -> Value {
-    let out = common::agent::run(host.dir.path(), args);
+    let out = crate::common::agent::run(host.dir.path(), args);
     let code = out.status.code().unwrap_or(-1);
     assert!(codes.contains(&code), "{}", text(&out));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
@@ -137,9 +135,9 @@ fn loaded_host() -> FakeHost {
     let src = tempfile::tempdir().unwrap();
     OverlayBuilder::nvidia(KVER).build(src.path());
     let import = ["overlay", "import", src.path().to_str().unwrap()];
-    let out = common::agent::run(host.dir.path(), &import);
+    let out = crate::common::agent::run(host.dir.path(), &import);
     assert!(out.status.success(), "{}", text(&out));
-    let out = common::agent::run(host.dir.path(), &["load"]);
+    let out = crate::common::agent::run(host.dir.path(), &["load"]);
     assert!(out.status.success(), "{}", text(&out));
     host
 }

@@ -1,12 +1,10 @@
 //! Next-kernel detection on generic systemd hosts (Garden Linux, Debian): fake roots with real
 //! UKIs (systemd's EFI stub plus sections, built by objcopy) and real bzImage headers.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::boot::{build_uki, bzimage_with_release, debian_bzimage};
-use common::host::FakeHost;
+use crate::common::boot::{build_uki, bzimage_with_release, debian_bzimage};
+use crate::common::host::FakeHost;
 use nvdriver_agent::watch::generic::{
     next_boot, read_boot_entries, uki_release, version_cmp, GenericError,
 };

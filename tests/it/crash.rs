@@ -3,18 +3,16 @@
 //! every kill the store holds only complete, verified overlays under their real names; after the
 //! next stage (or GC) it holds no leftovers either.
 
-mod common;
-
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-use common::archive::{overlay_archive, Compression, ManifestAt};
-use common::host::snapshot_dir;
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use crate::common::archive::{overlay_archive, Compression, ManifestAt};
+use crate::common::host::snapshot_dir;
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;
 use nvdriver_agent::overlay::Store;
@@ -24,7 +22,7 @@ const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 const TRIALS: u32 = 100;
 
 fn agent(root: &Path, args: &[&str]) -> Command {
-    let mut command = common::agent::command(root, args);
+    let mut command = crate::common::agent::command(root, args);
     command.stdin(Stdio::null());
     command
 }

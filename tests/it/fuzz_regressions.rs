@@ -1,17 +1,15 @@
 //! Replays the fuzz targets' inputs (`src/fuzzing.rs`, `fuzz/`) in `cargo test`: every file
 //! under `fuzz/regressions/<target>/`, and seed inputs built here from the fixture builders.
 //! With `NVDRIVER_FUZZ_SEEDS=<dir>` the seeds are also written to `<dir>/<target>/`, the
-//! starting corpus of a fuzz run (see README, "Fuzzing").
-
-mod common;
+//! starting corpus of a fuzz run (see `docs/development/fuzzing.md`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::archive::{overlay_archive, Compression as TarCompression, ManifestAt};
-use common::modules::FixtureModule;
-use common::overlay::OverlayBuilder;
-use common::Compression;
+use crate::common::archive::{overlay_archive, Compression as TarCompression, ManifestAt};
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::OverlayBuilder;
+use crate::common::Compression;
 use nvdriver_agent::fuzzing::{archive_key, TARGETS};
 
 fn check(target: &str) -> fn(&[u8]) {
@@ -77,7 +75,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let bzimage = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/bzimage/6.12.117+deb12-cloud-amd64.bin");
     seeds.push(("bzimage", fs::read(bzimage).unwrap()));
-    seeds.push(("os_release", common::host::FCOS_OS_RELEASE.into()));
+    seeds.push(("os_release", crate::common::host::FCOS_OS_RELEASE.into()));
     seeds.push((
         "os_release",
         b"ID=flatcar\nVERSION_ID=4081.2.0\nPRETTY_NAME='Flatcar Container Linux'\n# c\n".to_vec(),

@@ -3,16 +3,14 @@
 //! stage holds the store lock (load does not wait for it and loads the running kernel's
 //! overlay).
 
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::agent::text;
-use common::archive::{overlay_archive, Compression, ManifestAt};
-use common::host::FakeHost;
-use common::http::{HttpServer, Route};
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::agent::text;
+use crate::common::archive::{overlay_archive, Compression, ManifestAt};
+use crate::common::host::FakeHost;
+use crate::common::http::{HttpServer, Route};
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 use nvdriver_agent::overlay::Store;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
@@ -42,9 +40,7 @@ fn host(server: &HttpServer, download_time: Option<Duration>) -> FakeHost {
             server.url("/{kernel}.tar.zst")
         ),
     );
-    let src = tempfile::tempdir().unwrap();
-    OverlayBuilder::nvidia(KVER).build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(&OverlayBuilder::nvidia(KVER));
     host
 }
 
@@ -53,7 +49,7 @@ fn two_stage_now_at_once_stage_the_kernel_once() {
     let server = HttpServer::start();
     let host = host(&server, None);
     let stage = || {
-        common::agent::command(host.dir.path(), &["stage", "--now", "--kernel", NEXT])
+        crate::common::agent::command(host.dir.path(), &["stage", "--now", "--kernel", NEXT])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -89,11 +85,12 @@ fn load_while_a_slow_stage_holds_the_store() {
     let server = HttpServer::start();
     // About two seconds of download.
     let host = host(&server, Some(Duration::from_secs(2)));
-    let mut stage = common::agent::command(host.dir.path(), &["stage", "--now", "--kernel", NEXT])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut stage =
+        crate::common::agent::command(host.dir.path(), &["stage", "--now", "--kernel", NEXT])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
     // Wait until the stage is downloading (it holds the store lock by then).
     let started = Instant::now();
     while server.requests(&format!("/{NEXT}.tar.zst")).is_empty() {
@@ -104,7 +101,7 @@ fn load_while_a_slow_stage_holds_the_store() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let load_started = Instant::now();
-    let load = common::agent::run(host.dir.path(), &["load"]);
+    let load = crate::common::agent::run(host.dir.path(), &["load"]);
     let load_took = load_started.elapsed();
     assert!(load.status.success(), "{}", text(&load));
     let still_staging = stage.try_wait().unwrap().is_none();
@@ -127,9 +124,9 @@ fn load_while_a_slow_stage_holds_the_store() {
 /// bounded, and still answers a `stage` poke at once.
 #[test]
 fn signal_storm_stages_once_and_stays_responsive() {
-    use common::agent::{state, wait_for, Daemon};
-    use common::boot::bzimage_with_release;
-    use common::bus::{TestBus, UpdateEnginePeer};
+    use crate::common::agent::{state, wait_for, Daemon};
+    use crate::common::boot::bzimage_with_release;
+    use crate::common::bus::{TestBus, UpdateEnginePeer};
 
     const RUNNING: &str = "6.6.60-flatcar";
     const FLATCAR_NEXT: &str = "6.6.95-flatcar";
@@ -190,7 +187,7 @@ fn signal_storm_stages_once_and_stays_responsive() {
     );
     // Responsive: a poke is answered at once, while the signals may still be draining.
     let poke_started = Instant::now();
-    let poke = common::agent::run(root, &["stage"]);
+    let poke = crate::common::agent::run(root, &["stage"]);
     assert!(poke.status.success(), "{}", text(&poke));
     assert!(
         poke_started.elapsed() < Duration::from_secs(10),

@@ -1,11 +1,9 @@
 //! Next-kernel detection on ostree sysroots built by the real `ostree` CLI.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::host::snapshot_dir;
-use common::ostree::{staged_record, OstreeSysroot, StagedRecord};
+use crate::common::host::snapshot_dir;
+use crate::common::ostree::{staged_record, OstreeSysroot, StagedRecord};
 use nvdriver_agent::host::Root;
 use nvdriver_agent::watch::ostree::{
     is_ostree_host, next_boot, next_boot_direct, pending_deployment_direct, watch_paths,
@@ -380,7 +378,7 @@ fn pending_deployment_names_what_it_was_read_from() {
 #[cfg(feature = "ostree")]
 mod libostree {
     use super::*;
-    use common::ostree::staged_record_glib;
+    use crate::common::ostree::staged_record_glib;
     use nvdriver_agent::watch::ostree::{
         next_boot_libostree, pending_deployment_libostree, read_staged_deployment_glib,
     };

@@ -2,25 +2,21 @@
 //! minisign signatures checked at stage time: good, wrong key, manifest changed after signing,
 //! missing while required. A refused overlay leaves the store empty.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::agent;
-use common::modules::FixtureModule;
-use common::overlay::DRIVER;
-use common::Compression;
+use crate::common::agent;
+use crate::common::host::{BareHost, STORE};
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::DRIVER;
+use crate::common::Compression;
 use nvdriver_agent::config::StageSettings;
-use nvdriver_agent::host::Root;
-use nvdriver_agent::overlay::signature::{SignatureError, SignaturePolicy, KEYS_DIR};
-use nvdriver_agent::overlay::source::{stage, AttemptError, OverlayKey, SourceError};
+use nvdriver_agent::overlay::signature::{SignatureError, SignaturePolicy};
+use nvdriver_agent::overlay::source::{AttemptError, OverlayKey, SourceError};
 use nvdriver_agent::overlay::verify::sha256_bytes;
-use nvdriver_agent::overlay::Store;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
-const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 
 /// A kernel-open style build output: the four modules side by side, plus a non-NVIDIA module
 /// and a build by-product that pack must leave out.
@@ -151,10 +147,11 @@ fn packing_twice_gives_the_same_bytes_and_a_correct_manifest() {
         &["overlay", "verify", dir.to_str().unwrap()],
     );
     assert!(verify.status.success(), "{}", agent::text(&verify));
-    let host = Host::new();
-    let source = host.put(&a, "/srv/a.tar.zst");
-    host.stage(&source, SignaturePolicy::IfPresent).unwrap();
-    assert!(host.stored());
+    let host = BareHost::new(key());
+    let source = host.copy_in(&a, "/srv/a.tar.zst");
+    host.stage(&settings(&source, SignaturePolicy::IfPresent))
+        .unwrap();
+    assert!(host.stored().is_some());
 }
 
 #[test]
@@ -205,58 +202,23 @@ fn keypair() -> KeyPair {
     }
 }
 
-struct Host {
-    _dir: tempfile::TempDir,
-    root: Root,
+fn key() -> OverlayKey {
+    OverlayKey {
+        kernel_release: KVER.into(),
+        driver_version: DRIVER.into(),
+        arch: "x86_64".into(),
+    }
 }
 
-impl Host {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = Root::new(dir.path());
-        Host { _dir: dir, root }
-    }
-
-    fn trust(&self, key: &KeyPair) {
-        let dir = self.root.join(KEYS_DIR);
-        fs::create_dir_all(&dir).unwrap();
-        fs::copy(&key.public, dir.join("builder.pub")).unwrap();
-    }
-
-    fn stage(
-        &self,
-        source: &Path,
-        policy: SignaturePolicy,
-    ) -> Result<nvdriver_agent::overlay::StageReport, SourceError> {
-        let settings = StageSettings {
-            sources: vec![source.display().to_string()],
-            max_download_bytes: 64 << 20,
-            download_timeout: Duration::from_secs(20),
-            allow_http: false,
-            keep_extra: 1,
-            signatures: policy,
-            oci: Default::default(),
-        };
-        let key = OverlayKey {
-            kernel_release: KVER.into(),
-            driver_version: DRIVER.into(),
-            arch: "x86_64".into(),
-        };
-        stage(&self.root, &Store::new(&self.root, STORE), &settings, &key)
-    }
-
-    fn stored(&self) -> bool {
-        Store::new(&self.root, STORE)
-            .verified(KVER, DRIVER, "x86_64")
-            .is_some()
-    }
-
-    /// Put a file from outside into the fake host; returns its host path.
-    fn put(&self, from: &Path, host_path: &str) -> PathBuf {
-        let to = self.root.join(host_path);
-        fs::create_dir_all(to.parent().unwrap()).unwrap();
-        fs::copy(from, &to).unwrap();
-        PathBuf::from(host_path)
+fn settings(source: &Path, policy: SignaturePolicy) -> StageSettings {
+    StageSettings {
+        sources: vec![source.display().to_string()],
+        max_download_bytes: 64 << 20,
+        download_timeout: Duration::from_secs(20),
+        allow_http: false,
+        keep_extra: 1,
+        signatures: policy,
+        oci: Default::default(),
     }
 }
 
@@ -292,33 +254,41 @@ fn signatures_are_checked_before_staging() {
     signed_archive(&inputs, &builder, &archive);
 
     // Good: trusted key, policy require.
-    let host = Host::new();
-    host.trust(&builder);
-    let source = host.put(&archive, "/srv/o.tar.zst");
-    host.stage(&source, SignaturePolicy::Require).unwrap();
-    assert!(host.stored());
+    let host = BareHost::new(key());
+    host.trust(&builder.public);
+    let source = host.copy_in(&archive, "/srv/o.tar.zst");
+    host.stage(&settings(&source, SignaturePolicy::Require))
+        .unwrap();
+    assert!(host.stored().is_some());
 
     // Wrong key: signed by one the host does not trust.
-    let host = Host::new();
-    host.trust(&keypair());
-    let source = host.put(&archive, "/srv/o.tar.zst");
-    let err = signature_error(host.stage(&source, SignaturePolicy::IfPresent).unwrap_err());
+    let host = BareHost::new(key());
+    host.trust(&keypair().public);
+    let source = host.copy_in(&archive, "/srv/o.tar.zst");
+    let err = signature_error(
+        host.stage(&settings(&source, SignaturePolicy::IfPresent))
+            .unwrap_err(),
+    );
     assert!(matches!(err, SignatureError::UnknownKey { .. }), "{err}");
     assert!(err.to_string().contains("not trusted"), "{err}");
-    assert!(!host.stored());
+    assert!(host.stored().is_none());
 
     // Missing while required: the same overlay packed without --sign.
     let unsigned = out.path().join("u.tar.zst");
     let result = pack(&inputs, &["--out-archive", unsigned.to_str().unwrap()]);
     assert!(result.status.success(), "{}", agent::text(&result));
-    let host = Host::new();
-    host.trust(&builder);
-    let source = host.put(&unsigned, "/srv/u.tar.zst");
-    let err = signature_error(host.stage(&source, SignaturePolicy::Require).unwrap_err());
+    let host = BareHost::new(key());
+    host.trust(&builder.public);
+    let source = host.copy_in(&unsigned, "/srv/u.tar.zst");
+    let err = signature_error(
+        host.stage(&settings(&source, SignaturePolicy::Require))
+            .unwrap_err(),
+    );
     assert!(matches!(err, SignatureError::Missing { .. }), "{err}");
-    assert!(!host.stored());
+    assert!(host.stored().is_none());
     // ... and accepted when signatures are only checked if present.
-    host.stage(&source, SignaturePolicy::IfPresent).unwrap();
+    host.stage(&settings(&source, SignaturePolicy::IfPresent))
+        .unwrap();
 }
 
 #[test]
@@ -347,8 +317,8 @@ fn a_manifest_changed_after_signing_is_refused() {
         .unwrap();
     assert!(check.status.success(), "{check:?}");
 
-    let host = Host::new();
-    host.trust(&builder);
+    let host = BareHost::new(key());
+    host.trust(&builder.public);
     let staged_tree = host.root.join("/srv/tree");
     fs::create_dir_all(staged_tree.parent().unwrap()).unwrap();
     copy_tree(&tree, &staged_tree);
@@ -362,12 +332,15 @@ fn a_manifest_changed_after_signing_is_refused() {
     fs::write(&manifest_path, manifest.to_toml()).unwrap();
     fs::remove_dir_all(staged_tree.join("usr/bin")).unwrap();
     let err = signature_error(
-        host.stage(Path::new("/srv/tree"), SignaturePolicy::IfPresent)
-            .unwrap_err(),
+        host.stage(&settings(
+            Path::new("/srv/tree"),
+            SignaturePolicy::IfPresent,
+        ))
+        .unwrap_err(),
     );
     assert!(matches!(err, SignatureError::BadSignature { .. }), "{err}");
     assert!(err.to_string().contains("changed after signing"), "{err}");
-    assert!(!host.stored());
+    assert!(host.stored().is_none());
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -382,15 +355,18 @@ fn copy_tree(from: &Path, to: &Path) {
 
 #[test]
 fn unsigned_modules_are_refused_for_a_kernel_that_enforces_signatures() {
-    use common::overlay::{OverlayBuilder, Packing};
-    let host = Host::new();
+    use crate::common::overlay::{OverlayBuilder, Packing};
+    let host = BareHost::new(key());
     let config = host.root.join(format!("/usr/lib/modules/{KVER}/config"));
     fs::create_dir_all(config.parent().unwrap()).unwrap();
     fs::write(&config, "CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n").unwrap();
 
     OverlayBuilder::nvidia(KVER).build(&host.root.join("/srv/unsigned"));
     let err = host
-        .stage(Path::new("/srv/unsigned"), SignaturePolicy::IfPresent)
+        .stage(&settings(
+            Path::new("/srv/unsigned"),
+            SignaturePolicy::IfPresent,
+        ))
         .unwrap_err();
     let SourceError::Failed { tried, .. } = &err else {
         panic!("{err}")
@@ -403,16 +379,19 @@ fn unsigned_modules_are_refused_for_a_kernel_that_enforces_signatures() {
         err.to_string().contains("CONFIG_MODULE_SIG_FORCE=y"),
         "{err}"
     );
-    assert!(!host.stored());
+    assert!(host.stored().is_none());
 
     let mut signed = OverlayBuilder::nvidia(KVER);
     for (module, _) in OverlayBuilder::nvidia(KVER).modules {
         signed = signed.module(module.signed(), Packing::Plain);
     }
     signed.build(&host.root.join("/srv/signed"));
-    host.stage(Path::new("/srv/signed"), SignaturePolicy::IfPresent)
-        .unwrap();
-    assert!(host.stored());
+    host.stage(&settings(
+        Path::new("/srv/signed"),
+        SignaturePolicy::IfPresent,
+    ))
+    .unwrap();
+    assert!(host.stored().is_some());
 }
 
 #[test]
@@ -422,8 +401,8 @@ fn inspect_shows_modules_signature_and_digest_without_staging() {
     let out = tempfile::tempdir().unwrap();
     let archive = out.path().join("o.tar.zst");
     signed_archive(&inputs, &builder, &archive);
-    let host = Host::new();
-    host.trust(&builder);
+    let host = BareHost::new(key());
+    host.trust(&builder.public);
     let result = agent::run(
         host.root.path(),
         &["overlay", "inspect", "--json", archive.to_str().unwrap()],
@@ -446,11 +425,11 @@ fn inspect_shows_modules_signature_and_digest_without_staging() {
     assert!(modules
         .iter()
         .all(|m| m["kernel-release"] == KVER && m["signed"] == false));
-    assert!(!host.stored());
+    assert!(host.stored().is_none());
     assert!(!host.root.join(STORE).exists());
 
     // Text output, and an untrusted signer reported as refused.
-    let stranger = Host::new();
+    let stranger = BareHost::new(key());
     let result = agent::run(
         stranger.root.path(),
         &["overlay", "inspect", archive.to_str().unwrap()],

@@ -1,13 +1,11 @@
 //! `nvdriver-agent run` on a fake generic host (Garden Linux / Debian shape): boot path, then a
 //! kernel package lands and the overlay for it is staged before any reboot.
 
-mod common;
-
 use std::time::Duration;
 
-use common::agent::{self, state, status, wait_for, Daemon};
-use common::host::FakeHost;
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::agent::{self, state, status, wait_for, Daemon};
+use crate::common::host::FakeHost;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 
 const OLD: &str = "6.1.0-27-cloud-amd64";
 const NEW: &str = "6.1.0-28-cloud-amd64";

@@ -2,17 +2,15 @@
 //! a read-only `/etc` (a tmpfs remounted read-only), no `/run` at all. Mounting needs root;
 //! without it the first two print why they are skipped.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::agent::text;
-use common::archive::{overlay_archive, Compression, ManifestAt};
-use common::host::{snapshot_dir, FakeHost};
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use crate::common::agent::text;
+use crate::common::archive::{overlay_archive, Compression, ManifestAt};
+use crate::common::host::{snapshot_dir, FakeHost};
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::overlay::Store;
 
@@ -82,7 +80,7 @@ fn disk_full_during_staging_leaves_the_store_as_it_was() {
         return;
     };
     let before = snapshot_dir(host.dir.path());
-    let out = common::agent::run(host.dir.path(), &["stage", "--now", "--kernel", NEXT]);
+    let out = crate::common::agent::run(host.dir.path(), &["stage", "--now", "--kernel", NEXT]);
     assert!(!out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("No space left on device"), "{}", text(&out));
@@ -108,11 +106,7 @@ fn disk_full_during_staging_leaves_the_store_as_it_was() {
 #[test]
 fn read_only_etc_is_a_clear_error_and_changes_nothing() {
     let host = configured_host();
-    let src = tempfile::tempdir().unwrap();
-    OverlayBuilder::nvidia(KVER)
-        .with_userspace()
-        .build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(&OverlayBuilder::nvidia(KVER).with_userspace());
     let toolkit_dir = host.path("/etc/nvidia-container-runtime");
     let Some(etc) = Mount::tmpfs(&toolkit_dir, "size=1m") else {
         return;
@@ -120,7 +114,7 @@ fn read_only_etc_is_a_clear_error_and_changes_nothing() {
     let old = "[nvidia-container-cli]\nroot = \"/\"\n";
     fs::write(toolkit_dir.join("config.toml"), old).unwrap();
     etc.read_only();
-    let out = common::agent::run(host.dir.path(), &["load"]);
+    let out = crate::common::agent::run(host.dir.path(), &["load"]);
     assert!(!out.status.success(), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -138,11 +132,9 @@ fn read_only_etc_is_a_clear_error_and_changes_nothing() {
 #[test]
 fn missing_run_is_created_as_needed() {
     let host = configured_host();
-    let src = tempfile::tempdir().unwrap();
-    OverlayBuilder::nvidia(KVER).build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(&OverlayBuilder::nvidia(KVER));
     let _ = fs::remove_dir_all(host.path("/run"));
-    let out = common::agent::run(host.dir.path(), &["load"]);
+    let out = crate::common::agent::run(host.dir.path(), &["load"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         host.read("/run/nvdriver-agent/simulated-kernel.log")

@@ -3,16 +3,14 @@
 //! store before any reboot → `status --json` shows it. And with `hold`: no overlay → the staged
 //! deployment is locked until the overlay is published, then released.
 //!
-//! `cargo test --test timeline -- --nocapture` prints the timeline.
-
-mod common;
+//! `cargo test --test it -- timeline:: --nocapture` prints the timeline.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::agent::{self, state, status, wait_for, Daemon};
-use common::ostree::OstreeSysroot;
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::agent::{self, state, status, wait_for, Daemon};
+use crate::common::ostree::OstreeSysroot;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 
 const RUNNING: &str = "6.11.4-301.fc41.x86_64";
 const NEXT: &str = "6.11.7-300.fc41.x86_64";
@@ -39,7 +37,7 @@ fn fcos_host(policy: &str) -> OstreeSysroot {
         std::fs::write(path, text).unwrap();
     };
     write("/run/ostree-booted", "");
-    write("/etc/os-release", common::host::FCOS_OS_RELEASE);
+    write("/etc/os-release", crate::common::host::FCOS_OS_RELEASE);
     write("/proc/sys/kernel/osrelease", &format!("{RUNNING}\n"));
     write("/proc/modules", "");
     write(
@@ -172,7 +170,7 @@ fn an_administrators_lock_is_left_alone() {
 /// `PropertiesChanged` from rpm-ostree, without waiting for the retry timer.
 #[test]
 fn rpm_ostree_signals_make_the_daemon_look_again() {
-    use common::bus::{RpmOstreePeer, TestBus};
+    use crate::common::bus::{RpmOstreePeer, TestBus};
     let bus = TestBus::start();
     let rpm_ostree = RpmOstreePeer::start(&bus);
     let host = fcos_host("warn");

@@ -2,21 +2,18 @@
 //! simulated kernel, asserting the exact syscall sequence and the files it leaves; and every
 //! kind of bad input refused with nothing changed.
 
-mod common;
-
 use std::fs;
 use std::path::PathBuf;
 
-use common::host::FakeHost;
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use crate::common::host::FakeHost;
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::app::{exit, CommandError, Context};
 use nvdriver_agent::boot::load::{self, LoadOutcome, Prepared};
 use nvdriver_agent::cli::overlay as overlay_cmd;
 use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::kmod::plan::{LoadPlan, ModuleAction, PlanError};
 use nvdriver_agent::kmod::sys::{Call, SimulatedKernel};
-use nvdriver_agent::overlay::Store;
 use pretty_assertions::assert_eq;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
@@ -29,9 +26,7 @@ fn overlay_dir() -> String {
 /// A host whose store holds `overlay` (imported through the real store code).
 fn host_with(overlay: &OverlayBuilder) -> FakeHost {
     let host = FakeHost::new(KVER);
-    let src = tempfile::tempdir().unwrap();
-    overlay.build(src.path());
-    Store::new(&host.root, STORE).import(src.path()).unwrap();
+    host.import(overlay);
     host
 }
 

@@ -1,9 +1,7 @@
 //! `read_module_file` on fixture modules written to disk, through the crate's public API.
 
-mod common;
-
-use common::modules::{FixtureModule, FIXTURE_KEY_ID, FIXTURE_SIGNER};
-use common::Compression;
+use crate::common::modules::{FixtureModule, FIXTURE_KEY_ID, FIXTURE_SIGNER};
+use crate::common::Compression;
 use nvdriver_agent::modinfo::{check_vermagic, modinfo_lines, read_module_file};
 
 const KVER: &str = "5.14.0-503.15.1.el9_5.x86_64";

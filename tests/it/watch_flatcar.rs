@@ -1,12 +1,10 @@
 //! Flatcar next-kernel detection on fake Flatcar roots, with the header of a real Debian kernel
 //! as the inactive slot's `vmlinuz`.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::boot::{bzimage_with_release, debian_bzimage, version_string_offset};
-use common::host::FakeHost;
+use crate::common::boot::{bzimage_with_release, debian_bzimage, version_string_offset};
+use crate::common::host::FakeHost;
 use nvdriver_agent::watch::flatcar::{
     bzimage_release, next_boot, os_nvidia_sysext, read_bzimage_release, update_engine_state,
     FlatcarError, UpdateEngineState,

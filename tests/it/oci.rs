@@ -2,28 +2,24 @@
 //! pushed with skopeo): by tag and by digest, a tampered blob, a tampered manifest, 401 without
 //! credentials and success with them from auth.json, a missing tag, a stalling registry, and a
 //! plain container image (shape b) with a whiteout. Whatever is refused leaves the store empty.
-#![cfg(feature = "oci")]
-
-mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::archive::{raw_tar, Raw};
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, DRIVER};
-use common::registry::{make_index, write_layout, Image, Layer, Registry, Stalling};
-use common::Compression;
+use crate::common::archive::{raw_tar, Raw};
+use crate::common::host::{BareHost, STORE};
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::registry::{make_index, write_layout, Image, Layer, Registry, Stalling};
+use crate::common::Compression;
 use nvdriver_agent::config::{OciSettings, StageSettings};
-use nvdriver_agent::host::Root;
 use nvdriver_agent::overlay::pack::{self, PackInput};
 use nvdriver_agent::overlay::source::oci::OciError;
-use nvdriver_agent::overlay::source::{stage, AttemptError, OverlayKey, SourceError, StageReport};
+use nvdriver_agent::overlay::source::{stage, AttemptError, OverlayKey, SourceError};
 use nvdriver_agent::overlay::Store;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
-const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 
 fn key() -> OverlayKey {
     OverlayKey {
@@ -33,74 +29,19 @@ fn key() -> OverlayKey {
     }
 }
 
-struct Host {
-    _dir: tempfile::TempDir,
-    root: Root,
-}
-
-impl Host {
-    fn new() -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        let root = Root::new(dir.path());
-        Host { _dir: dir, root }
+fn settings(source: &str, insecure: &[String], timeout: Duration) -> StageSettings {
+    StageSettings {
+        sources: vec![source.to_string()],
+        max_download_bytes: 64 << 20,
+        download_timeout: timeout,
+        allow_http: false,
+        keep_extra: 1,
+        signatures: Default::default(),
+        oci: OciSettings {
+            insecure_registries: insecure.to_vec(),
+            mirrors: Default::default(),
+        },
     }
-
-    fn stage(
-        &self,
-        source: &str,
-        insecure: &[String],
-        timeout: Duration,
-    ) -> Result<StageReport, SourceError> {
-        let settings = StageSettings {
-            sources: vec![source.to_string()],
-            max_download_bytes: 64 << 20,
-            download_timeout: timeout,
-            allow_http: false,
-            keep_extra: 1,
-            signatures: Default::default(),
-            oci: OciSettings {
-                insecure_registries: insecure.to_vec(),
-                mirrors: Default::default(),
-            },
-        };
-        stage(
-            &self.root,
-            &Store::new(&self.root, STORE),
-            &settings,
-            &key(),
-        )
-    }
-
-    fn stored(&self) -> Option<PathBuf> {
-        Store::new(&self.root, STORE)
-            .verified(KVER, DRIVER, "x86_64")
-            .map(|o| self.root.join(o.dir))
-    }
-
-    /// The store holds no overlay and no leftovers.
-    fn assert_empty(&self) {
-        assert!(self.stored().is_none());
-        let store = self.root.join(STORE);
-        if store.exists() {
-            let leftovers: Vec<_> = walk(&store)
-                .into_iter()
-                .filter(|p| p.is_file() && !p.ends_with(".lock"))
-                .collect();
-            assert!(leftovers.is_empty(), "left in the store: {leftovers:?}");
-        }
-    }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if entry.file_type().unwrap().is_dir() {
-            out.extend(walk(&path));
-        }
-        out.push(path);
-    }
-    out
 }
 
 fn oci_error(err: SourceError) -> OciError {
@@ -145,12 +86,14 @@ fn pulls_by_tag_and_digest_and_refuses_tampering() {
     let timeout = Duration::from_secs(30);
 
     // By tag, through the template.
-    let host = Host::new();
+    let host = BareHost::new(key());
     let template = format!(
         "oci://{}/nvidia/overlay:{{driver}}-{{kernel}}",
         registry.host()
     );
-    let report = host.stage(&template, &insecure, timeout).unwrap();
+    let report = host
+        .stage(&settings(&template, &insecure, timeout))
+        .unwrap();
     assert_eq!(
         report.digest.as_deref(),
         Some(image.manifest_digest.as_str())
@@ -161,13 +104,15 @@ fn pulls_by_tag_and_digest_and_refuses_tampering() {
         .is_file());
 
     // By digest.
-    let host = Host::new();
+    let host = BareHost::new(key());
     let by_digest = format!(
         "oci://{}/nvidia/overlay@{}",
         registry.host(),
         image.manifest_digest
     );
-    let report = host.stage(&by_digest, &insecure, timeout).unwrap();
+    let report = host
+        .stage(&settings(&by_digest, &insecure, timeout))
+        .unwrap();
     assert_eq!(
         report.digest.as_deref(),
         Some(image.manifest_digest.as_str())
@@ -175,14 +120,16 @@ fn pulls_by_tag_and_digest_and_refuses_tampering() {
     assert!(host.stored().is_some());
 
     // Plain HTTP only for listed registries: unlisted means https, which this one does not speak.
-    let host = Host::new();
-    assert!(host.stage(&by_digest, &[], timeout).is_err());
+    let host = BareHost::new(key());
+    assert!(host.stage(&settings(&by_digest, &[], timeout)).is_err());
     host.assert_empty();
 
     // A missing tag is "not there", not "broken".
-    let host = Host::new();
+    let host = BareHost::new(key());
     let missing = format!("oci://{}/nvidia/overlay:no-such-tag", registry.host());
-    let err = host.stage(&missing, &insecure, timeout).unwrap_err();
+    let err = host
+        .stage(&settings(&missing, &insecure, timeout))
+        .unwrap_err();
     assert!(matches!(err, SourceError::NotFound { .. }), "{err}");
     assert!(matches!(
         oci_error(err),
@@ -196,8 +143,10 @@ fn pulls_by_tag_and_digest_and_refuses_tampering() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     fs::write(&blob, &bytes).unwrap();
-    let host = Host::new();
-    let err = host.stage(&template, &insecure, timeout).unwrap_err();
+    let host = BareHost::new(key());
+    let err = host
+        .stage(&settings(&template, &insecure, timeout))
+        .unwrap_err();
     assert!(err.any_invalid(), "{err}");
     let err = oci_error(err);
     assert!(matches!(err, OciError::DigestMismatch { .. }), "{err}");
@@ -213,8 +162,11 @@ fn pulls_by_tag_and_digest_and_refuses_tampering() {
         by_digest.replace("nvidia/overlay", "nvidia/second"),
         template.replace("nvidia/overlay", "nvidia/second"),
     ] {
-        let host = Host::new();
-        let err = oci_error(host.stage(&source, &insecure, timeout).unwrap_err());
+        let host = BareHost::new(key());
+        let err = oci_error(
+            host.stage(&settings(&source, &insecure, timeout))
+                .unwrap_err(),
+        );
         assert!(
             matches!(err, OciError::DigestMismatch { .. }),
             "{source}: {err}"
@@ -232,9 +184,9 @@ fn credentials_come_from_auth_json() {
     let insecure = [registry.host()];
     let source = format!("oci://{}/private/overlay:v1", registry.host());
 
-    let host = Host::new();
+    let host = BareHost::new(key());
     let err = oci_error(
-        host.stage(&source, &insecure, Duration::from_secs(30))
+        host.stage(&settings(&source, &insecure, Duration::from_secs(30)))
             .unwrap_err(),
     );
     assert!(
@@ -255,7 +207,7 @@ fn credentials_come_from_auth_json() {
         ),
     )
     .unwrap();
-    host.stage(&source, &insecure, Duration::from_secs(30))
+    host.stage(&settings(&source, &insecure, Duration::from_secs(30)))
         .unwrap();
     assert!(host.stored().is_some());
 }
@@ -285,14 +237,14 @@ fn base64_encode(bytes: &[u8]) -> String {
 fn a_stalling_registry_hits_the_deadline() {
     let stalling = Stalling::start();
     let host_port = format!("127.0.0.1:{}", stalling.port);
-    let host = Host::new();
+    let host = BareHost::new(key());
     let started = Instant::now();
     let err = host
-        .stage(
+        .stage(&settings(
             &format!("oci://{host_port}/x/y:t"),
             std::slice::from_ref(&host_port),
             Duration::from_secs(2),
-        )
+        ))
         .unwrap_err();
     let took = started.elapsed();
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -348,10 +300,14 @@ fn a_plain_image_becomes_an_overlay() {
     );
     registry.push(layout.path(), "plain", "nvidia/driver");
 
-    let host = Host::new();
+    let host = BareHost::new(key());
     let source = format!("oci://{}/nvidia/driver:plain", registry.host());
     let report = host
-        .stage(&source, &[registry.host()], Duration::from_secs(30))
+        .stage(&settings(
+            &source,
+            &[registry.host()],
+            Duration::from_secs(30),
+        ))
         .unwrap();
     assert_eq!(
         report.digest.as_deref(),
@@ -385,7 +341,7 @@ fn a_plain_image_becomes_an_overlay() {
         format!("[oci]\ninsecure-registries = [\"{}\"]\n", registry.host()),
     )
     .unwrap();
-    let out = common::agent::run(
+    let out = crate::common::agent::run(
         host.root.path(),
         &[
             "--config",
@@ -396,7 +352,7 @@ fn a_plain_image_becomes_an_overlay() {
             &source,
         ],
     );
-    assert!(out.status.success(), "{}", common::agent::text(&out));
+    assert!(out.status.success(), "{}", crate::common::agent::text(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["kind"], "oci-image");
     assert_eq!(json["digest"], image.manifest_digest.as_str());
@@ -410,7 +366,7 @@ fn a_plain_image_becomes_an_overlay() {
     assert_eq!(names, ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
 
     // The same image asked for another kernel has nothing for it.
-    let host = Host::new();
+    let host = BareHost::new(key());
     let settings_key = OverlayKey {
         kernel_release: "6.1.0-77-amd64".into(),
         ..key()
@@ -445,10 +401,14 @@ fn an_image_index_is_narrowed_to_this_arch() {
     let image = overlay_image(layout.path(), "multi");
     let index_digest = make_index(layout.path(), "multi");
     registry.push(layout.path(), "multi", "nvidia/overlay");
-    let host = Host::new();
+    let host = BareHost::new(key());
     let source = format!("oci://{}/nvidia/overlay:multi", registry.host());
     let report = host
-        .stage(&source, &[registry.host()], Duration::from_secs(30))
+        .stage(&settings(
+            &source,
+            &[registry.host()],
+            Duration::from_secs(30),
+        ))
         .unwrap();
     // The index's digest is what the reference names; the amd64 image is what was staged.
     assert_eq!(report.digest.as_deref(), Some(index_digest.as_str()));

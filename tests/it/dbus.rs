@@ -1,11 +1,9 @@
 //! The D-Bus edges against a real `dbus-daemon` and peers serving the real interfaces.
 
-mod common;
-
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::bus::{self, LogindPeer, RpmOstreePeer, TestBus, UpdateEnginePeer};
+use crate::common::bus::{self, LogindPeer, RpmOstreePeer, TestBus, UpdateEnginePeer};
 use nvdriver_agent::watch::dbus::{self as agent_dbus, Hint};
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -1,23 +1,20 @@
 //! Crash safety at every failpoint (`src/failpoints.rs`; run with
-//! `cargo test --features failpoints --test crash_failpoints`). For each command that changes
-//! the host (load, stage, GC, import) and each failpoint, the agent is stopped at the 1st, 2nd,
-//! … time it reaches the point (exiting on the spot, or panicking), until it no longer reaches
-//! it. After every crash the store holds only complete verified overlays and the toolkit
+//! `cargo test --features failpoints --test it -- crash_failpoints::`). For each command that
+//! changes the host (load, stage, GC, import) and each failpoint, the agent is stopped at the
+//! 1st, 2nd, … time it reaches the point (exiting on the spot, or panicking), until it no longer
+//! reaches it. After every crash the store holds only complete verified overlays and the toolkit
 //! config.toml is the old or the new file byte for byte; the next normal run succeeds and
 //! leaves no temporary file anywhere on the host.
-#![cfg(feature = "failpoints")]
-
-mod common;
 
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use common::archive::{overlay_archive, Compression, ManifestAt};
-use common::host::{snapshot_dir, FakeHost};
-use common::http::{HttpServer, Route};
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::archive::{overlay_archive, Compression, ManifestAt};
+use crate::common::host::{snapshot_dir, FakeHost};
+use crate::common::http::{HttpServer, Route};
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 use nvdriver_agent::failpoints::{ALL, CRASH_EXIT_CODE};
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;
@@ -47,7 +44,7 @@ fn agent(root: &Path, args: &[&str], failpoints: Option<&str>) -> Output {
 }
 
 fn agent_inner(root: &Path, args: &[&str], failpoints: Option<&str>) -> Output {
-    let mut command = common::agent::command(root, args);
+    let mut command = crate::common::agent::command(root, args);
     match failpoints {
         Some(spec) => command.env("FAILPOINTS", spec),
         None => command.env_remove("FAILPOINTS"),
@@ -150,7 +147,7 @@ fn every_failpoint_crash_leaves_old_or_new_state() {
     let baseline = work.path().join("baseline");
     copy_host(template.dir.path(), &baseline);
     let out = agent(&baseline, &["load"], None);
-    assert!(out.status.success(), "{}", common::agent::text(&out));
+    assert!(out.status.success(), "{}", crate::common::agent::text(&out));
     let toolkit_new = fs::read_to_string(Root::new(&baseline).join(TOOLKIT)).unwrap();
     assert_ne!(toolkit_new, TOOLKIT_OLD);
 
@@ -192,7 +189,7 @@ fn every_failpoint_crash_leaves_old_or_new_state() {
                         || String::from_utf8_lossy(&out.stderr).contains("panicked");
                     context = format!(
                         "{name} with {spec} (x{repeat}): {}",
-                        common::agent::text(&out)
+                        crate::common::agent::text(&out)
                     );
                     if !crashed {
                         assert!(out.status.success(), "{context}");
@@ -218,7 +215,7 @@ fn every_failpoint_crash_leaves_old_or_new_state() {
                 assert!(
                     again.status.success(),
                     "{context}\nrerun: {}",
-                    common::agent::text(&again)
+                    crate::common::agent::text(&again)
                 );
                 let stored = verified_overlays(&trial);
                 match *name {

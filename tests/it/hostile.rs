@@ -2,10 +2,8 @@
 //! good overlay, staged like any source. Each is refused with its own error, the store holds
 //! nothing afterwards, and nothing outside the store changed (sha256 of every file of the fake
 //! host, before and after). Module-level attacks the loader has to judge against the running
-//! OS (a `depends` on a module neither the overlay nor the OS has) are in tests/load.rs
+//! OS (a `depends` on a module neither the overlay nor the OS has) are in tests/it/load.rs
 //! (`missing_dependency_is_refused`).
-
-mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,8 +11,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::host::snapshot_dir;
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::host::snapshot_dir;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 use nvdriver_agent::config::StageSettings;
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;

@@ -2,15 +2,13 @@
 //! private bus: the next kernel is staged only once update_engine says an update waits for the
 //! reboot, and under `hold` the reboot is blocked by a logind inhibitor until the overlay lands.
 
-mod common;
-
 use std::time::Duration;
 
-use common::agent::{self, state, wait_for, Daemon};
-use common::boot::bzimage_with_release;
-use common::bus::{LogindPeer, TestBus, UpdateEnginePeer};
-use common::host::FakeHost;
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::agent::{self, state, wait_for, Daemon};
+use crate::common::boot::bzimage_with_release;
+use crate::common::bus::{LogindPeer, TestBus, UpdateEnginePeer};
+use crate::common::host::FakeHost;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
 
 const RUNNING: &str = "6.6.60-flatcar";
 const NEXT: &str = "6.6.95-flatcar";

@@ -2,98 +2,23 @@
 //! fallback, hostile archives, every way a download goes wrong, GC, and two stagers at once.
 //! After every scenario the store holds only complete, verified overlays and no leftovers.
 
-mod common;
-
 use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::archive::{compress, overlay_archive, Compression, ManifestAt};
-use common::host::snapshot_dir;
-use common::http::{HttpServer, Route};
-use common::modules::FixtureModule;
-use common::overlay::{OverlayBuilder, Packing, DRIVER};
+use crate::common::archive::{compress, overlay_archive, Compression, ManifestAt};
+use crate::common::host::{BareHost, STORE};
+use crate::common::http::{HttpServer, Route};
+use crate::common::modules::FixtureModule;
+use crate::common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::config::StageSettings;
 use nvdriver_agent::fsutil::TEMP_PREFIX;
-use nvdriver_agent::host::Root;
 use nvdriver_agent::overlay::source::archive::ArchiveError;
 use nvdriver_agent::overlay::source::http::FetchError;
-use nvdriver_agent::overlay::source::{stage, AttemptError, OverlayKey, SourceError, StageReport};
+use nvdriver_agent::overlay::source::{AttemptError, OverlayKey, SourceError};
 use nvdriver_agent::overlay::store::ImportOutcome;
-use nvdriver_agent::overlay::Store;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
-const STORE: &str = "/var/lib/nvdriver-agent/overlays";
-
-/// A fake host (the root lives in `outer/host`, so writes that escape it are visible in
-/// `outer`).
-struct Host {
-    outer: tempfile::TempDir,
-    root: Root,
-}
-
-impl Host {
-    fn new() -> Self {
-        let outer = tempfile::tempdir().unwrap();
-        fs::create_dir(outer.path().join("host")).unwrap();
-        let root = Root::new(outer.path().join("host"));
-        Host { outer, root }
-    }
-
-    fn store(&self) -> Store<'_> {
-        Store::new(&self.root, STORE)
-    }
-
-    /// Put a file on the fake host.
-    fn put(&self, host_path: &str, bytes: &[u8]) {
-        let path = self.root.join(host_path);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, bytes).unwrap();
-    }
-
-    fn stage(&self, settings: &StageSettings) -> Result<StageReport, SourceError> {
-        stage(&self.root, &self.store(), settings, &key())
-    }
-
-    /// Every overlay under its real name verifies; no temporary leftovers anywhere in the
-    /// store; no partial downloads left unless `parts_allowed`. Returns the stored
-    /// (kernel, driver) pairs.
-    fn assert_store_clean(&self, parts_allowed: bool) -> Vec<(String, String)> {
-        let store = self.store();
-        let mut found = Vec::new();
-        for kernel in store.kernel_releases().unwrap() {
-            for driver in store.driver_versions(&kernel).unwrap() {
-                let overlay = store.open(&kernel, &driver).unwrap();
-                store.verify(&overlay).unwrap();
-                found.push((kernel.clone(), driver));
-            }
-        }
-        let top = self.root.join(STORE);
-        if top.exists() {
-            for (path, _) in snapshot_dir(&top) {
-                let name = path.file_name().unwrap().to_string_lossy();
-                assert!(
-                    !name.starts_with(TEMP_PREFIX),
-                    "leftover {} in the store",
-                    path.display()
-                );
-                if !parts_allowed {
-                    assert!(
-                        !name.ends_with(".part"),
-                        "partial download {} left",
-                        path.display()
-                    );
-                }
-            }
-        }
-        assert_eq!(
-            fs::read_dir(self.outer.path()).unwrap().count(),
-            1,
-            "nothing written beside the root"
-        );
-        found
-    }
-}
 
 fn key() -> OverlayKey {
     OverlayKey {
@@ -144,7 +69,7 @@ fn only_attempt(err: &SourceError) -> &AttemptError {
 
 #[test]
 fn directory_source_with_template() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let src = host.root.join(format!("/srv/overlays/{KVER}/{DRIVER}"));
     fs::create_dir_all(&src).unwrap();
     OverlayBuilder::nvidia(KVER).with_userspace().build(&src);
@@ -175,7 +100,7 @@ fn local_archives_in_every_compression_either_manifest_order() {
         (Compression::Gzip, ManifestAt::First, "o.tar"),
     ];
     for (compression, at, name) in cases {
-        let host = Host::new();
+        let host = BareHost::new(key());
         host.put(&format!("/srv/{name}"), &good_archive(compression, at));
         let report = host
             .stage(&settings(&[&format!("/srv/{name}")]))
@@ -207,10 +132,10 @@ fn a_module_larger_than_the_writeback_chunk_is_staged_whole_or_refused() {
     let original = fs::read(dir.path().join(&module)).unwrap();
     assert!(original.len() > 32 << 20, "{} bytes", original.len());
 
-    let host = Host::new();
+    let host = BareHost::new(key());
     host.put(
         "/srv/big.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     host.stage(&settings(&["/srv/big.tar"])).unwrap();
     host.assert_store_clean(false);
@@ -221,10 +146,10 @@ fn a_module_larger_than_the_writeback_chunk_is_staged_whole_or_refused() {
     let middle = altered.len() / 2;
     altered[middle] ^= 1;
     fs::write(dir.path().join(&module), &altered).unwrap();
-    let host = Host::new();
+    let host = BareHost::new(key());
     host.put(
         "/srv/big.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     let err = host.stage(&settings(&["/srv/big.tar"])).unwrap_err();
     assert!(err.to_string().contains("sha256"), "{err}");
@@ -233,7 +158,7 @@ fn a_module_larger_than_the_writeback_chunk_is_staged_whole_or_refused() {
 
 #[test]
 fn archive_with_userspace_gets_its_links_and_modes() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let (archive, manifest) = overlay_archive(
         &OverlayBuilder::nvidia(KVER).with_userspace(),
         Compression::Gzip,
@@ -254,7 +179,7 @@ fn archive_with_userspace_gets_its_links_and_modes() {
 
 #[test]
 fn sources_are_tried_in_order_and_each_failure_is_recorded() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     // A different kernel's overlay where this kernel's was expected.
     let other = overlay_archive(
         &OverlayBuilder::nvidia("6.1.0-99-cloud-amd64"),
@@ -346,7 +271,7 @@ fn sources_are_tried_in_order_and_each_failure_is_recorded() {
 
 #[test]
 fn nothing_anywhere_is_not_found_and_lists_every_source() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     let url = server.url("/nvidia-{driver}-{kernel}.tar.zst");
     let err = host
@@ -367,7 +292,7 @@ fn nothing_anywhere_is_not_found_and_lists_every_source() {
 
 #[test]
 fn already_staged_returns_without_fetching() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     server.route(
         "/o.tar.zst",
@@ -400,17 +325,17 @@ fn already_staged_returns_without_fetching() {
 }
 
 // Hostile archives (traversal, links, device nodes, modes, bombs, entry counts) are the
-// corpus in tests/hostile.rs.
+// corpus in tests/it/hostile.rs.
 
 #[test]
 fn archive_without_manifest_or_with_a_missing_file_is_refused() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let dir = tempfile::tempdir().unwrap();
     OverlayBuilder::nvidia(KVER).build(dir.path());
     fs::remove_file(dir.path().join("overlay.toml")).unwrap();
     host.put(
         "/srv/no-manifest.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     let dir = tempfile::tempdir().unwrap();
     OverlayBuilder::nvidia(KVER).build(dir.path());
@@ -421,7 +346,7 @@ fn archive_without_manifest_or_with_a_missing_file_is_refused() {
     .unwrap();
     host.put(
         "/srv/missing-file.tar",
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
     );
     let err = host
         .stage(&settings(&[
@@ -445,7 +370,7 @@ fn archive_without_manifest_or_with_a_missing_file_is_refused() {
 
 #[test]
 fn http_good_and_not_found_and_plain_http_refused() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     server.route(
         "/good.tar.gz",
@@ -482,7 +407,7 @@ fn http_good_and_not_found_and_plain_http_refused() {
 
 #[test]
 fn http_corrupt_and_truncated_are_refused() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     // Digest mismatch: a file altered after the manifest was written.
     let dir = tempfile::tempdir().unwrap();
@@ -492,7 +417,7 @@ fn http_corrupt_and_truncated_are_refused() {
         .join(format!("usr/lib/firmware/nvidia/{DRIVER}/gsp_ga10x.bin"));
     fs::write(&fw, b"GSP firmware fixturX").unwrap();
     let corrupt = compress(
-        &common::archive::pack_dir(dir.path(), ManifestAt::First),
+        &crate::common::archive::pack_dir(dir.path(), ManifestAt::First),
         Compression::Zstd,
     );
     server.route("/corrupt.tar.zst", Route::file(corrupt));
@@ -525,7 +450,7 @@ fn http_corrupt_and_truncated_are_refused() {
 
 #[test]
 fn http_oversize_with_and_without_content_length() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     let big = big_archive();
     assert!(big.len() > 600 << 10);
@@ -575,7 +500,7 @@ fn http_oversize_with_and_without_content_length() {
 
 #[test]
 fn http_too_slow_times_out_and_the_next_source_is_tried() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     let archive = big_archive();
     server.route(
@@ -610,7 +535,7 @@ fn http_too_slow_times_out_and_the_next_source_is_tried() {
 
 #[test]
 fn http_dropped_connection_resumes_with_range() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     let archive = big_archive();
     let len = archive.len();
@@ -646,7 +571,7 @@ fn http_dropped_connection_resumes_with_range() {
 
 #[test]
 fn http_server_ignoring_range_restarts_cleanly() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     let archive = big_archive();
     let len = archive.len();
@@ -685,7 +610,7 @@ fn http_part_is_resumed_by_the_next_stage_or_restarted_when_the_file_changed() {
     );
     let sources = settings(&[&server.url("/o.tar.zst")]);
 
-    let host = Host::new();
+    let host = BareHost::new(key());
     let err = host.stage(&sources).unwrap_err();
     assert!(
         matches!(
@@ -705,7 +630,7 @@ fn http_part_is_resumed_by_the_next_stage_or_restarted_when_the_file_changed() {
     host.assert_store_clean(false);
 
     // A second host whose part is of an older file: If-Range makes the server send it whole.
-    let host = Host::new();
+    let host = BareHost::new(key());
     server.route(
         "/o.tar.zst",
         Route {
@@ -726,7 +651,7 @@ fn http_part_is_resumed_by_the_next_stage_or_restarted_when_the_file_changed() {
 
 #[test]
 fn gc_keeps_the_listed_kernels_and_the_newest_others() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     let store = host.store();
     let kernels = [
         "6.1.0-9-cloud-amd64",
@@ -792,7 +717,7 @@ fn gc_keeps_the_listed_kernels_and_the_newest_others() {
 
 #[test]
 fn two_stagers_at_once_take_turns() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     host.put("/srv/o.tar.zst", &big_archive());
     let sources = settings(&["/srv/o.tar.zst"]);
     let outcomes: Vec<ImportOutcome> = std::thread::scope(|s| {
@@ -814,11 +739,11 @@ mod cli {
     use super::*;
     use std::process::Output;
 
-    fn agent(host: &Host, args: &[&str]) -> Output {
-        common::agent::run(host.root.path(), args)
+    fn agent(host: &BareHost, args: &[&str]) -> Output {
+        crate::common::agent::run(host.root.path(), args)
     }
 
-    fn configure(host: &Host, extra: &str) {
+    fn configure(host: &BareHost, extra: &str) {
         host.put(
             "/etc/nvdriver-agent/config.toml",
             format!("[stage]\nsources = [\"/srv/missing/{{kernel}}\", \"/srv/{{kernel}}-{{driver}}.tar.zst\"]\n{extra}")
@@ -828,7 +753,7 @@ mod cli {
 
     #[test]
     fn fetch_reports_the_source_and_what_was_tried() {
-        let host = Host::new();
+        let host = BareHost::new(key());
         configure(&host, "[driver]\nversion = \"570.124.06\"\n");
         host.put(
             &format!("/srv/{KVER}-{DRIVER}.tar.zst"),
@@ -862,7 +787,7 @@ mod cli {
 
     #[test]
     fn gc_never_removes_the_running_kernels_overlay() {
-        let host = Host::new();
+        let host = BareHost::new(key());
         configure(&host, "keep-extra = 0\n");
         host.put("/proc/sys/kernel/osrelease", format!("{KVER}\n").as_bytes());
         let src = tempfile::tempdir().unwrap();
@@ -885,7 +810,7 @@ mod cli {
 
     #[test]
     fn exit_codes() {
-        let host = Host::new();
+        let host = BareHost::new(key());
         configure(&host, "");
         let out = agent(&host, &["overlay", "fetch", "--kernel", KVER]);
         assert_eq!(
@@ -920,7 +845,7 @@ mod cli {
 
     #[test]
     fn help_names_the_commands() {
-        let host = Host::new();
+        let host = BareHost::new(key());
         let out = agent(&host, &["overlay", "--help"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("fetch") && text.contains("gc"), "{text}");
@@ -935,7 +860,7 @@ mod cli {
 
 #[test]
 fn archive_over_the_size_cap_is_refused_before_it_is_opened() {
-    let host = Host::new();
+    let host = BareHost::new(key());
     host.put(
         "/srv/o.tar.zst",
         &good_archive(Compression::Zstd, ManifestAt::First),
@@ -953,7 +878,7 @@ fn archive_over_the_size_cap_is_refused_before_it_is_opened() {
 #[test]
 fn http_redirects_are_bounded_and_stay_on_http() {
     use nvdriver_agent::overlay::source::http::MAX_REDIRECTS;
-    let host = Host::new();
+    let host = BareHost::new(key());
     let server = HttpServer::start();
     server.route(
         "/good.tar.gz",
@@ -977,7 +902,7 @@ fn http_redirects_are_bounded_and_stay_on_http() {
 
     // A loop, a file:// location and a local path outside the server are refused, and nothing
     // is read from this machine's files.
-    let host = Host::new();
+    let host = BareHost::new(key());
     host.put("/etc/secret", b"not for the network");
     server.route("/loop", Route::redirect("/loop"));
     server.route("/file", Route::redirect("file:///etc/passwd"));

@@ -2,16 +2,15 @@
 //! NFD files, the CDI spec, the load-failure fallback and `doctor`, all through the real binary
 //! on fake hosts.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::agent::{self, state, wait_for, Daemon};
-use common::bus::TestBus;
-use common::host::FakeHost;
-use common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::agent::{self, state, wait_for, Daemon};
+use crate::common::bus::TestBus;
+use crate::common::host::FakeHost;
+use crate::common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::tools::{root_or_skip, tool_or_skip};
 use zbus::blocking::{Connection, MessageIterator};
 use zbus::zvariant::OwnedValue;
 
@@ -499,7 +498,7 @@ fn doctor_judges_a_fake_host_without_touching_it() {
         "/sys/kernel/security/lockdown",
         "none [integrity] confidentiality\n",
     );
-    let http = common::http::HttpServer::start();
+    let http = crate::common::http::HttpServer::start();
     host.write(
         "/etc/nvdriver-agent/config.d/50-http.toml",
         &format!(
@@ -509,7 +508,7 @@ fn doctor_judges_a_fake_host_without_touching_it() {
     );
     http.route(
         &format!("/{OLD}.tar"),
-        common::http::Route::file(b"x".to_vec()),
+        crate::common::http::Route::file(b"x".to_vec()),
     );
     let (code, report) = doctor(&host);
     assert_eq!(code, 1, "{report}");
@@ -550,10 +549,17 @@ fn doctor_fails_without_an_overlay_for_the_running_kernel() {
     assert!(line(&report, "source").starts_with("warn"), "{report}");
 }
 
+/// The `setpriv` and `busctl` to run.
+struct Tools {
+    setpriv: PathBuf,
+    busctl: PathBuf,
+}
+
 /// `busctl` as user `nobody` against `bus`.
-fn busctl_as_nobody(bus: &TestBus, args: &[&str]) -> std::process::Output {
-    std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"])
+fn busctl_as_nobody(tools: &Tools, bus: &TestBus, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(&tools.setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&tools.busctl)
         .arg(format!("--address={}", bus.address))
         .args(args)
         .output()
@@ -564,26 +570,15 @@ fn busctl_as_nobody(bus: &TestBus, args: &[&str]) -> std::process::Output {
 /// the name; any user reads the properties and introspects, but only root calls the methods.
 #[test]
 fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Uid:")
-                .map(|ids| ids.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap();
-    let tools = ["setpriv", "busctl"].iter().all(|t| {
-        std::process::Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok()
-    });
-    if !euid || !tools {
-        assert!(
-            std::env::var_os("CI").is_none() || !tools,
-            "setpriv and busctl are required under CI"
-        );
-        eprintln!("skipping: needs root (to be root and nobody on the bus), setpriv and busctl");
+    let test = "the_dbus_policy_lets_anyone_read_and_only_root_act";
+    let (Some(setpriv), Some(busctl)) =
+        (tool_or_skip("setpriv", test), tool_or_skip("busctl", test))
+    else {
+        return;
+    };
+    let tools = Tools { setpriv, busctl };
+    // Root, to be both root and nobody on the bus.
+    if !root_or_skip(test) {
         return;
     }
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("units/org.nvdriveragent.Agent1.conf");
@@ -600,6 +595,7 @@ fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
     assert!(!daemon.log().contains("cannot serve"), "{}", daemon.log());
 
     let read = busctl_as_nobody(
+        &tools,
         &bus,
         &["get-property", NAME, PATH, NAME, "LoadedDriverVersion"],
     );
@@ -608,10 +604,10 @@ fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
         String::from_utf8_lossy(&read.stdout).trim(),
         format!("s \"{DRIVER}\"")
     );
-    let introspect = busctl_as_nobody(&bus, &["introspect", NAME, PATH]);
+    let introspect = busctl_as_nobody(&tools, &bus, &["introspect", NAME, PATH]);
     assert!(introspect.status.success(), "{}", agent::text(&introspect));
     for method in ["Stage", "Reload"] {
-        let call = busctl_as_nobody(&bus, &["call", NAME, PATH, NAME, method]);
+        let call = busctl_as_nobody(&tools, &bus, &["call", NAME, PATH, NAME, method]);
         assert!(!call.status.success(), "{}", agent::text(&call));
         assert!(
             String::from_utf8_lossy(&call.stderr).contains("denied"),

@@ -1,0 +1,30 @@
+//! The integration tests, as one test binary (`cargo test --test it`): one module per area, the
+//! fixture builders in `tests/common`. Filter by module: `cargo test --test it -- stage::`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cli;
+mod cli_docs;
+mod concurrency;
+mod crash;
+#[cfg(feature = "failpoints")]
+mod crash_failpoints;
+mod daemon;
+mod daemon_flatcar;
+mod dbus;
+mod faults;
+mod fuzz_regressions;
+mod hostile;
+mod load;
+mod modinfo_files;
+#[cfg(feature = "oci")]
+mod oci;
+mod operate;
+mod pack;
+mod stage;
+mod timeline;
+mod units;
+mod watch_flatcar;
+mod watch_generic;
+mod watch_ostree;
