@@ -19,12 +19,20 @@ use crate::overlay::{Store, StoreError};
 
 /// Exit codes, documented in docs/usage/status-and-exit-codes.md.
 pub mod exit {
+    /// Done, or nothing to do.
     pub const OK: u8 = 0;
+    /// An unexpected failure: I/O, the driver root or the toolkit config could not be written.
     pub const FAILURE: u8 = 1;
+    /// Bad configuration or bad arguments.
     pub const CONFIG: u8 = 2;
+    /// No overlay for the running kernel (or, for `stage`, no source has one).
     pub const NO_OVERLAY: u8 = 3;
+    /// The overlay is invalid: manifest, digest, unlisted file, module for another kernel, dependencies.
     pub const INVALID_OVERLAY: u8 = 4;
+    /// The host conflicts with the load: nouveau, unsigned modules under enforcement, another
+    /// driver version loaded.
     pub const HOST_CONFLICT: u8 = 5;
+    /// The kernel refused a module (the modules this run loaded were unloaded again).
     pub const KERNEL_REFUSED: u8 = 6;
     /// `status`: the driver is loaded, but the kernel booted next has no overlay staged.
     pub const NOT_READY_AFTER_REBOOT: u8 = 7;
@@ -32,36 +40,57 @@ pub mod exit {
     pub const NOT_READY: u8 = 8;
 }
 
+/// The error any command can end with; [`CommandError::exit_code`] maps it to an [`exit`] code.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
+    /// The configuration files could not be read, or are invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A fact about the host (os-release, the running kernel, its module state) could not be read.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// The overlay store could not be read, or holds a malformed overlay.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An overlay's tree does not match its manifest.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// A module file's `.modinfo` could not be read or is invalid.
     #[error(transparent)]
     Module(#[from] ModinfoError),
+    /// The load was refused while planning: a host conflict or an inconsistent overlay.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// Executing the load plan failed (boxed: [`LoadError`] is large).
     #[error(transparent)]
     Load(Box<LoadError>),
+    /// The container toolkit's `config.toml` could not be read, parsed or written.
     #[error("toolkit config: {0}")]
     Toolkit(RuntimeError),
+    /// The store has no overlay for the running kernel and `missing-overlay = "fail"`.
     #[error("no overlay for the running kernel {kernel_release} in {store}; stage one (`nvdriver-agent overlay import DIR`) or boot a kernel that has one")]
     NoOverlay {
+        /// The running kernel (`uname -r`).
         kernel_release: String,
+        /// The store directory that was searched, as a host path.
         store: PathBuf,
     },
+    /// Staging from the configured sources failed (boxed: [`SourceError`] is large).
     #[error(transparent)]
     Source(Box<SourceError>),
+    /// `stage` or `overlay fetch` was given no driver version: neither `--driver` nor
+    /// `driver.version` is set.
     #[error("no driver version to stage for kernel {kernel_release}: pass --driver VERSION or set driver.version in /etc/nvdriver-agent/config.toml")]
-    NoDriverVersion { kernel_release: String },
+    NoDriverVersion {
+        /// The kernel an overlay was to be staged for.
+        kernel_release: String,
+    },
+    /// A file the command needed (a module file, the driver root mount) could not be read.
     #[error("{path}: {error}")]
     Io {
+        /// The file, as a host path.
         path: PathBuf,
+        /// The underlying I/O error.
         error: std::io::Error,
     },
 }
@@ -86,6 +115,8 @@ impl From<LoadError> for CommandError {
 }
 
 impl CommandError {
+    /// The process exit code for this error (one of [`exit`]; see
+    /// docs/usage/status-and-exit-codes.md).
     pub fn exit_code(&self) -> u8 {
         use CommandError as E;
         match self {
@@ -115,16 +146,20 @@ impl CommandError {
 
 /// What the agent works with: where the host is and how it is configured.
 pub struct Context {
+    /// The filesystem root every host path is resolved under (`--root`).
     pub root: Root,
+    /// The merged, validated configuration.
     pub settings: Settings,
 }
 
 impl Context {
+    /// Load the configuration from `source` under `root`.
     pub fn new(root: Root, source: &config::ConfigSource) -> Result<Self, CommandError> {
         let settings = config::load(&root, source)?;
         Ok(Context { root, settings })
     }
 
+    /// The overlay store at the configured `store_dir`, under this context's root.
     pub fn store(&self) -> Store<'_> {
         Store::new(&self.root, &self.settings.store_dir)
     }

@@ -22,14 +22,17 @@ pub const IO_CHUNK: usize = 256 << 10;
 /// exposed its cause as a source would show it twice.
 #[derive(Debug)]
 pub struct PathIoError {
+    /// The path the operation was on, as the caller gave it.
     pub path: PathBuf,
     /// What was being done, as a verb phrase ("create directory", "write"); `None` when the
     /// path alone says enough.
     pub action: Option<&'static str>,
+    /// What the OS said.
     pub error: io::Error,
 }
 
 impl PathIoError {
+    /// An error on `path`, shown as `<path>: <error>`.
     pub fn new(path: impl Into<PathBuf>, error: io::Error) -> Self {
         PathIoError {
             path: path.into(),
@@ -38,6 +41,7 @@ impl PathIoError {
         }
     }
 
+    /// An error while doing `action` on `path`, shown as `cannot <action> <path>: <error>`.
     pub fn doing(action: &'static str, path: impl Into<PathBuf>, error: io::Error) -> Self {
         PathIoError {
             path: path.into(),
@@ -46,6 +50,7 @@ impl PathIoError {
         }
     }
 
+    /// The kind of the OS error, e.g. to tell `NotFound` apart.
     pub fn kind(&self) -> io::ErrorKind {
         self.error.kind()
     }
@@ -64,7 +69,9 @@ impl std::error::Error for PathIoError {}
 
 /// Attach a path (and an action) to an `io::Result`: `fs::read(p).with_path(p)?`.
 pub trait WithPath<T> {
+    /// Turn the error into a [`PathIoError`] on `path`, without an action.
     fn with_path(self, path: impl AsRef<Path>) -> Result<T, PathIoError>;
+    /// Turn the error into a [`PathIoError`] while doing `action` (a verb phrase) on `path`.
     fn with_action(self, action: &'static str, path: impl AsRef<Path>) -> Result<T, PathIoError>;
 }
 

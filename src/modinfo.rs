@@ -58,8 +58,11 @@ const XZ_MEMLIMIT: u64 = 256 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
+    /// A plain ELF file (anything without an xz or zstd magic).
     None,
+    /// An xz stream (`.ko.xz`).
     Xz,
+    /// A zstd frame (`.ko.zst`).
     Zstd,
 }
 
@@ -88,108 +91,190 @@ pub struct ModuleSignature {
     pub hash_algo: Option<String>,
 }
 
+/// What a module file says of itself: its `.modinfo` keys, signature trailer and compression.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ModInfo {
     /// The module name as the kernel spells it (underscores). From `name=`, or, for modules
     /// built before modpost wrote `name=` (Linux < 4.13), from the file name: see
     /// [`name_from_path`].
     pub name: String,
+    /// `vermagic=`, whole (`6.8.0-45-generic SMP preempt mod_unload modversions`); its first
+    /// word is the kernel release ([`vermagic_release`]).
     pub vermagic: String,
     /// `depends=`, split on commas; empty when the key is empty or absent. Spelled as modpost
     /// writes it (file-name form, which may contain hyphens).
     pub depends: Vec<String>,
+    /// `version=` (`MODULE_VERSION`; the driver version for NVIDIA's modules), if present.
     pub version: Option<String>,
+    /// `srcversion=`: modpost's checksum of the module's sources, if present.
     pub srcversion: Option<String>,
+    /// `license=` (the first one), if present.
     pub license: Option<String>,
     /// `parmtype=` entries: (parameter name, type).
     pub parameters: Vec<(String, String)>,
+    /// The appended signature, `None` for an unsigned module.
     pub signature: Option<ModuleSignature>,
+    /// How the file itself is compressed.
     pub compression: Compression,
 }
 
+/// Errors reading a module file or checking what it says; every `path` is the file as given
+/// to the reader.
 #[derive(Debug, thiserror::Error)]
 pub enum ModinfoError {
+    /// The file could not be opened, stat'ed or read.
     #[error("cannot read kernel module {path}: {error}")]
-    Read { path: PathBuf, error: io::Error },
+    Read {
+        /// The module file.
+        path: PathBuf,
+        /// The I/O error.
+        error: io::Error,
+    },
+    /// The file is larger than [`MAX_MODULE_SIZE`] (checked before reading it, and again while
+    /// reading).
     #[error(
         "{path}: file is {size} bytes, over the {limit}-byte limit for a kernel module; \
          check that the path names a module file"
     )]
     FileTooLarge {
+        /// The module file.
         path: PathBuf,
+        /// Its size in bytes (what was read, if it grew while being read).
         size: u64,
+        /// [`MAX_MODULE_SIZE`].
         limit: u64,
     },
+    /// The xz or zstd decoder failed: a truncated or damaged stream, or an xz dictionary
+    /// over the decoder's memory limit.
     #[error(
         "{path}: cannot decompress {compression} data: {error}; the file is truncated or \
          damaged, reinstall the overlay that provides it"
     )]
     Decompress {
+        /// The module file as given to the reader (a `module data` placeholder for [`decompress`]).
         path: PathBuf,
+        /// The format that failed to decode.
         compression: Compression,
+        /// The decoder's error.
         error: io::Error,
     },
+    /// The decompressed data would exceed the limit (a damaged file or a decompression bomb).
     #[error(
         "{path}: module data (compression: {compression}) is larger than {limit} bytes once \
          decompressed, the limit for a kernel module; the file is damaged or not a module"
     )]
     DecompressedTooLarge {
+        /// The module file as given to the reader (a `module data` placeholder for [`decompress`]).
         path: PathBuf,
+        /// The format being decoded.
         compression: Compression,
+        /// The output limit in bytes that was hit.
         limit: u64,
     },
+    /// The file ends with the signature magic, but the trailer's lengths reach back further
+    /// than the file (or the signature length is zero).
     #[error(
         "{path}: truncated signature: the trailer declares {declared} bytes of signature data \
          but only {available} bytes precede it; the file is damaged, reinstall the overlay"
     )]
     TruncatedSignature {
+        /// The module file.
         path: PathBuf,
+        /// Signature, signer and key-id bytes the trailer declares.
         declared: u64,
+        /// Bytes before the trailer's fixed-size header.
         available: u64,
     },
+    /// The signature trailer's `id_type` is none of PGP (0), X509 (1), PKCS#7 (2).
     #[error(
         "{path}: signature trailer has id type {id_type}, expected 0 (PGP), 1 (X509) or \
          2 (PKCS#7); the file is damaged"
     )]
-    UnknownSignatureType { path: PathBuf, id_type: u8 },
+    UnknownSignatureType {
+        /// The module file.
+        path: PathBuf,
+        /// The `id_type` byte found.
+        id_type: u8,
+    },
+    /// The (decompressed, signature-stripped) data does not start with the ELF magic.
     #[error(
         "{path}: not a kernel module: expected an ELF file (magic 7f 45 4c 46), found {found}"
     )]
-    NotElf { path: PathBuf, found: String },
+    NotElf {
+        /// The module file.
+        path: PathBuf,
+        /// What it starts with instead (`bytes 1f8b0800`, or `an empty file`).
+        found: String,
+    },
+    /// The ELF header or section table cannot be parsed, or the ELF class is neither 32 nor 64 bit.
     #[error(
         "{path}: not a kernel module: malformed ELF ({reason}); the file is truncated or damaged"
     )]
-    MalformedElf { path: PathBuf, reason: String },
+    MalformedElf {
+        /// The module file.
+        path: PathBuf,
+        /// What is wrong, from the ELF parser or the class check.
+        reason: String,
+    },
+    /// The file is ELF but not a relocatable object (`ET_REL`), e.g. an executable or shared
+    /// object.
     #[error(
         "{path}: not a kernel module: ELF type is {found}, expected a relocatable object \
          (ET_REL) as every .ko is"
     )]
-    NotRelocatable { path: PathBuf, found: String },
+    NotRelocatable {
+        /// The module file.
+        path: PathBuf,
+        /// The ELF type found (`ET_EXEC (an executable)`, …).
+        found: String,
+    },
+    /// The ELF object has no `.modinfo` section.
     #[error("{path}: not a kernel module: no .modinfo section")]
-    NoModinfo { path: PathBuf },
+    NoModinfo {
+        /// The module file.
+        path: PathBuf,
+    },
+    /// `.modinfo` has no `vermagic=` entry.
     #[error("{path}: not a kernel module: .modinfo has no vermagic= entry")]
-    NoVermagic { path: PathBuf },
+    NoVermagic {
+        /// The module file.
+        path: PathBuf,
+    },
+    /// `.modinfo` has no (non-empty) `name=` and [`name_from_path`] gets none from the path
+    /// (no file name, not UTF-8, or nothing before the `.ko` suffix).
     #[error(
         "{path}: .modinfo has no name= entry and the file name does not give one \
          (expected NAME.ko, NAME.ko.xz or NAME.ko.zst)"
     )]
-    NoName { path: PathBuf },
+    NoName {
+        /// The module file.
+        path: PathBuf,
+    },
+    /// [`check_vermagic`]: the module's vermagic names another kernel release.
     #[error(
         "module {module} was built for kernel {found:?} but the target kernel is {expected:?}; \
          use an overlay built for kernel {expected}"
     )]
     VermagicMismatch {
+        /// The module file.
         module: PathBuf,
+        /// The module's whole `vermagic=` string.
         found: String,
+        /// The kernel release it should have been built for.
         expected: String,
     },
+    /// The module's `name=` differs from the name its file name gives (raised by the overlay
+    /// source check, `overlay::source::check_modules`, not by this module's readers).
     #[error(
         "{path} is named for module {file_name} but its .modinfo says it is {claimed}; \
          the overlay is inconsistent, rebuild it"
     )]
     NameMismatch {
+        /// The module file.
         path: PathBuf,
+        /// The name from the file name ([`name_from_path`]: underscores, no `.ko*`).
         file_name: String,
+        /// The `name=` from `.modinfo`.
         claimed: String,
     },
 }

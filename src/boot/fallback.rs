@@ -17,17 +17,27 @@ use crate::fsutil;
 use crate::host::Root;
 use crate::state::{now_unix, AgentState, LoadRecord, LoadResult};
 
+/// Host path of the [`FallbackRecord`] (under `/var/lib`, so it survives the reboot a rollback
+/// causes).
 pub const FALLBACK_RECORD: &str = "/var/lib/nvdriver-agent/fallback.json";
 
+/// Errors acting on a failed boot load.
 #[derive(Debug, thiserror::Error)]
 pub enum FallbackError {
+    /// [`FALLBACK_RECORD`] could not be written: before a rollback (which is then not attempted),
+    /// or when noting a successful load after one.
     #[error("cannot record the rollback attempt in {path}: {error}; not rolling back (without the record the agent could roll back in a loop)")]
     Record {
+        /// [`FALLBACK_RECORD`] (host path).
         path: PathBuf,
+        /// The I/O error.
         error: std::io::Error,
     },
+    /// `rpm-ostree rollback --reboot` could not be started or exited non-zero; holds the spawn
+    /// error or its stderr.
     #[error("`rpm-ostree rollback --reboot` failed: {0}; run it by hand, or fix the driver (`nvdriver-agent doctor`)")]
     Rollback(String),
+    /// The agent's state file (where "not ready" is recorded) could not be written.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
 }
@@ -40,6 +50,7 @@ pub struct FallbackRecord {
     pub rolled_back_from: Vec<String>,
     /// Whether a boot load succeeded since the last rollback.
     pub loaded_since: bool,
+    /// When the last rollback was started, in seconds since the Unix epoch (0 before any).
     pub last_at: u64,
 }
 
@@ -55,6 +66,7 @@ impl FallbackRecord {
         }
     }
 
+    /// Write the record atomically to [`FALLBACK_RECORD`] under `root`, creating its directory.
     pub fn write(&self, root: &Root) -> Result<(), FallbackError> {
         let path = root.join(FALLBACK_RECORD);
         let err = |source| FallbackError::Record {
@@ -73,21 +85,35 @@ impl FallbackRecord {
 /// The facts the decision rests on.
 #[derive(Clone, Debug)]
 pub struct FallbackFacts<'a> {
+    /// `[fallback] on-load-failure` from the configuration.
     pub policy: LoadFailureFallback,
+    /// What the boot load ended with.
     pub load: &'a LoadRecord,
     /// The host is an rpm-ostree host (it has a previous deployment to roll back to).
     pub rpm_ostree: bool,
+    /// The rollbacks remembered across reboots.
     pub record: &'a FallbackRecord,
 }
 
+/// What [`plan_fallback`] decides to do about the boot load.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FallbackAction {
     /// The load did not fail, or the policy is off.
     Nothing,
     /// Say why and how to fix it; every output says "not ready".
-    MarkNotReady { why: String, fix: String },
+    MarkNotReady {
+        /// What failed, and why the agent does not roll back (when that applies).
+        why: String,
+        /// The commands that fix it.
+        fix: String,
+    },
     /// `rpm-ostree rollback --reboot`, away from `kernel_release`.
-    Rollback { kernel_release: String, why: String },
+    Rollback {
+        /// The running (failing) kernel, recorded in [`FallbackRecord::rolled_back_from`].
+        kernel_release: String,
+        /// What failed.
+        why: String,
+    },
 }
 
 /// Decide; pure.

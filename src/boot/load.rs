@@ -23,14 +23,21 @@ use crate::overlay::StoredOverlay;
 
 /// A plan ready to execute, with the module files it verified still open.
 pub struct PreparedLoad {
+    /// The plan for the running kernel's overlay.
     pub plan: LoadPlan,
+    /// Each module's file, keyed by its manifest path, opened and hashed during inspection.
     pub opened: BTreeMap<PathBuf, OpenedModule>,
 }
 
 /// The result of planning: a plan, or no overlay for this kernel.
 pub enum Prepared {
+    /// The store has an overlay for the running kernel, and the plan for it.
     Ready(Box<PreparedLoad>),
-    NoOverlay { kernel_release: String },
+    /// The store has no overlay for the running kernel.
+    NoOverlay {
+        /// The running kernel's release.
+        kernel_release: String,
+    },
 }
 
 /// Gather everything and plan the load for the running kernel. Touches nothing.
@@ -125,12 +132,18 @@ fn toolkit_state(root: &Root, config: &Path) -> Result<ToolkitState, CommandErro
 
 /// What `load` ended with.
 pub enum LoadOutcome {
+    /// The driver was loaded (or already was): the plan and what executing it did.
     Loaded {
+        /// The plan that was executed.
         plan: Box<LoadPlan>,
+        /// What executing it changed.
         report: LoadReport,
     },
     /// No overlay, and the policy says carry on.
-    NoOverlayWarned { kernel_release: String },
+    NoOverlayWarned {
+        /// The running kernel's release.
+        kernel_release: String,
+    },
 }
 
 /// Plan and execute the load for the running kernel.

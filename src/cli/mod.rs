@@ -1,6 +1,10 @@
 //! The command line: the clap tree (also the source of the man pages, see examples/man.rs) and
 //! the commands that only the command line runs. `src/main.rs` parses [`Cli`] and dispatches.
 
+// The doc comments below are also the `--help` text and the man pages, written for a terminal:
+// `<root>` and `[stage] sources` there are words, not HTML or links.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};

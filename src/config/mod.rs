@@ -15,8 +15,12 @@ use crate::host::Root;
 /// The defaults as shipped; compiled in so a host without `/usr/lib/nvdriver-agent` still has
 /// them, and read from the same file the packages install (one source of truth).
 pub const SHIPPED_DEFAULTS: &str = include_str!("../../dist/config.toml");
+/// Host path of the packaged defaults; read, when present, right after the built-in
+/// [`SHIPPED_DEFAULTS`].
 pub const SHIPPED_DEFAULTS_PATH: &str = "/usr/lib/nvdriver-agent/config.toml";
+/// Host path of the administrator's configuration, read after the defaults.
 pub const ETC_CONFIG_PATH: &str = "/etc/nvdriver-agent/config.toml";
+/// Host directory of drop-ins (`*.toml`), read last, in lexical order.
 pub const ETC_DROPIN_DIR: &str = "/etc/nvdriver-agent/config.d";
 
 /// `[trust] signatures`.
@@ -32,23 +36,35 @@ pub enum SignaturePolicy {
     Off,
 }
 
+/// Why the configuration could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A file is not valid TOML, or has an unknown key or a value of the wrong type.
     #[error("{file}:{line}: {message}")]
     Parse {
+        /// The file: a host path, the `--config` path as given, or the built-in defaults.
         file: PathBuf,
+        /// 1-based line of the error; 0 when the parser gave no position.
         line: usize,
+        /// The TOML parser's message.
         message: String,
     },
+    /// A file or the drop-in directory exists but could not be read.
     #[error("cannot read config {file}: {error}")]
     Read {
+        /// The path on this machine (under the root), or the `--config` path as given.
         file: PathBuf,
+        /// What the OS said.
         error: std::io::Error,
     },
+    /// A key is missing from every layer, or its merged value cannot be used.
     #[error("config key {key} (last set in {file}): {message}")]
     Invalid {
+        /// The key, dotted as in the file, e.g. `stage.sources`.
         key: String,
+        /// The file that set it last (the shipped defaults' path when it is missing).
         file: PathBuf,
+        /// What was expected and what was found.
         message: String,
     },
 }
@@ -57,8 +73,11 @@ pub enum ConfigError {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged)]
 pub enum ParamValue {
+    /// `true` or `false`, passed to the kernel as `1` or `0`.
     Bool(bool),
+    /// An integer, passed in decimal.
     Int(i64),
+    /// A string, passed as it is.
     Str(String),
 }
 
@@ -73,6 +92,8 @@ impl std::fmt::Display for ParamValue {
     }
 }
 
+/// What `load` does when the store has no overlay for the running kernel
+/// (`policy.missing-overlay`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MissingOverlayPolicy {
@@ -127,8 +148,11 @@ pub enum Detector {
     /// Chosen from the host: ostree when `/run/ostree-booted` exists or os-release names an
     /// rpm-ostree OS, Flatcar by os-release, otherwise the generic one.
     Auto,
+    /// rpm-ostree and other ostree hosts: the staged or default deployment.
     Ostree,
+    /// Flatcar: the kernel in the inactive USR slot.
     Flatcar,
+    /// Any other systemd host: the default boot entry, else the newest installed kernel.
     Generic,
     /// Load at boot only; never watch for updates.
     Off,
@@ -139,7 +163,11 @@ pub enum Detector {
 pub struct StageSettings {
     /// Source templates over `{kernel}`, `{driver}` and `{arch}`, tried in order.
     pub sources: Vec<String>,
+    /// `stage.max-download-bytes`: archives larger than this are refused, and what one unpacks to
+    /// is bounded at a multiple of it.
     pub max_download_bytes: u64,
+    /// `stage.download-timeout-secs`: a download still running after this long is abandoned and the
+    /// next source is tried.
     pub download_timeout: std::time::Duration,
     /// Allow `http://` sources (verification against the manifest happens either way).
     pub allow_http: bool,
@@ -260,23 +288,39 @@ struct PolicyFragment {
 /// [`Root`] before touching the disk.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Settings {
+    /// Host path of the overlay store (`store.dir`).
     pub store_dir: PathBuf,
     /// Pinned driver version, if any.
     pub driver_version: Option<String>,
+    /// Host path where the overlay's tree is exposed for the container toolkit when it carries user
+    /// space (`driver.root`).
     pub driver_root: PathBuf,
     /// Overlay modules to load, as configured (file-name spelling, e.g. `nvidia-uvm`).
     pub modules: Vec<String>,
+    /// The OS's own modules NVIDIA needs (`driver.os-modules`), loaded first with the system's
+    /// modprobe where present.
     pub os_modules: Vec<String>,
     /// Per module (normalised to underscores), parameter name → value.
     pub parameters: BTreeMap<String, BTreeMap<String, ParamValue>>,
+    /// Host path of the NVIDIA container toolkit's `config.toml` (`toolkit.config`).
     pub toolkit_config: PathBuf,
+    /// Whether the agent sets `[nvidia-container-cli] root` in that file (`toolkit.manage`, default
+    /// true).
     pub manage_toolkit: bool,
+    /// Host path of the GPU Operator's `driver-ready` file (`readiness.driver-ready`).
     pub driver_ready: PathBuf,
+    /// `policy.missing-overlay` (default `warn`).
     pub missing_overlay: MissingOverlayPolicy,
+    /// `policy.missing-next-overlay` (default `warn`).
     pub missing_next_overlay: MissingNextOverlayPolicy,
+    /// `[stage]`, with `[trust]` and `[oci]`: where next-kernel overlays come from and how they are
+    /// checked.
     pub stage: StageSettings,
+    /// `watch.detector` (default `auto`).
     pub detector: Detector,
+    /// `[outputs]`: files kept up to date for other software.
     pub outputs: OutputSettings,
+    /// `fallback.on-load-failure` (default `off`).
     pub on_load_failure: LoadFailureFallback,
     /// The files that were read, in order (host paths, or the `--config` path as given).
     pub sources: Vec<PathBuf>,

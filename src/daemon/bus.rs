@@ -15,6 +15,8 @@ use crate::report::bus::{AgentProperties, AGENT_INTERFACE, AGENT_NAME, AGENT_PAT
 /// The daemon could not serve its object; it goes on without it.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// Connecting to the system bus, serving the object, taking the name or emitting
+    /// `PropertiesChanged` failed.
     #[error("cannot serve {AGENT_NAME} on the system bus: {0}; the agent goes on without its D-Bus object (is units/org.nvdriveragent.Agent1.conf installed in /usr/share/dbus-1/system.d/?)")]
     Serve(Box<zbus::Error>),
 }

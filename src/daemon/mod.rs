@@ -37,17 +37,22 @@ const SETTLE_MAX: Duration = Duration::from_secs(1);
 const RETRY_FIRST: Duration = Duration::from_secs(60);
 const RETRY_MAX: Duration = Duration::from_secs(3600);
 
+/// Why [`run`] ended early; a failed boot load is not one (it is recorded and the daemon stays up).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// Another daemon holds the instance lock, or the lock could not be taken.
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    /// A setup step failed: reading the host's facts, for one.
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// The handled signals could not be blocked for the signal thread.
     #[error("cannot set up signal handling: {0}")]
     Signals(nix::Error),
 }
 
 impl DaemonError {
+    /// The process exit code for this error (one of [`crate::app::exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Command(e) => e.exit_code(),

@@ -17,7 +17,9 @@ use crate::fsutil;
 use crate::handoff::output_file::{self, OutputError};
 use crate::host::Root;
 
+/// The CDI spec version the agent's minimal spec declares.
 pub const CDI_VERSION: &str = "0.6.0";
+/// The CDI device kind the spec declares (`nvidia.com/gpu=0`, `nvidia.com/gpu=all`, …).
 pub const CDI_KIND: &str = "nvidia.com/gpu";
 /// Where nvidia-ctk is looked for, under the root.
 const NVIDIA_CTK_DIRS: [&str; 4] = ["/usr/bin", "/usr/local/bin", "/usr/sbin", "/opt/bin"];
@@ -29,15 +31,26 @@ const LIBRARY_DIRS: [&str; 4] = [
     "usr/lib",
 ];
 
+/// Why the CDI spec could not be regenerated.
 #[derive(Debug, thiserror::Error)]
 pub enum CdiError {
+    /// The agent's minimal spec could not be written.
     #[error(transparent)]
     Write(#[from] OutputError),
+    /// `nvidia-ctk cdi generate` could not run, failed, or its output could not be moved into place.
     #[error("`{command}` failed: {detail}; containers asking for {CDI_KIND} devices will not get them until it works (or remove nvidia-ctk so the agent writes a minimal spec)")]
-    NvidiaCtk { command: String, detail: String },
+    NvidiaCtk {
+        /// The command line as run (`Debug` form).
+        command: String,
+        /// Its stderr, or the error that kept it from running or its output from moving.
+        detail: String,
+    },
+    /// A directory could not be listed (`/dev`) or created (the spec's directory).
     #[error("cannot read {path}: {error}")]
     Read {
+        /// The directory (joined onto the root).
         path: PathBuf,
+        /// The underlying I/O error.
         error: std::io::Error,
     },
 }
@@ -159,6 +172,7 @@ pub fn find_nvidia_ctk(root: &Root) -> Option<PathBuf> {
 /// Who wrote the spec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CdiOutcome {
+    /// `nvidia-ctk cdi generate` wrote it.
     NvidiaCtk,
     /// The agent's minimal spec.
     Minimal,

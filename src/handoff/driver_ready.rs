@@ -27,53 +27,94 @@ const DRIVER_ROOT_CTR_PATH: &str = "/driver-root";
 const FILE_MODE: u32 = 0o644;
 const DIR_MODE: u32 = 0o755;
 
+/// Why the `driver-ready` file could not be written or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadinessError {
+    /// A path for the file is relative or has characters a shell would interpret.
     #[error(
         "expected {field} in the driver readiness file to be an absolute path of plain characters \
          (letters, digits, `/._+@:,=-`), found {found:?}; the file is sourced by shell scripts, \
          so use a plain path for the driver root"
     )]
-    UnsafePath { field: &'static str, found: String },
+    UnsafePath {
+        /// The variable it was for (`NVIDIA_DRIVER_ROOT` or `NVIDIA_DEV_ROOT`).
+        field: &'static str,
+        /// The offending path.
+        found: String,
+    },
+    /// `is_host_driver` is set but the driver root or the device root is not `/`.
     #[error(
         "a host-installed driver (IS_HOST_DRIVER=true) must have its driver and device roots at \
          `/`, found driver root {driver_root:?} and device root {dev_root:?}; use \
          `DriverReady::for_driver_root` or set is_host_driver to false"
     )]
     HostDriverNotAtRoot {
+        /// The driver root given.
         driver_root: String,
+        /// The device root given.
         dev_root: String,
     },
+    /// The device root is neither `/` nor the driver root, the only two the operator can mount.
     #[error(
         "expected the device root to be `/` or the driver root {driver_root:?}, found \
          {dev_root:?}; the GPU Operator can only mount one of those two into its containers"
     )]
     UnsupportedDevRoot {
+        /// The driver root given.
         driver_root: String,
+        /// The device root given.
         dev_root: String,
     },
+    /// A directory sits where the readiness file goes.
     #[error(
         "expected {path} to be a regular file, found a directory; remove it so the driver \
          readiness file can be written there"
     )]
-    NotAFile { path: PathBuf },
+    NotAFile {
+        /// The readiness file (joined onto the root).
+        path: PathBuf,
+    },
+    /// The existing file could not be read (to compare it with the new text).
     #[error("cannot read {path}: {error}; expected a readable regular file or nothing there")]
-    Read { path: PathBuf, error: io::Error },
+    Read {
+        /// The readiness file (joined onto the root).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
+    /// The file's directory could not be created.
     #[error(
         "cannot create directory {path} for the driver readiness file: {error}; check that /run \
          is writable and no regular file is in the way"
     )]
-    CreateDir { path: PathBuf, error: io::Error },
+    CreateDir {
+        /// The directory (joined onto the root).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
+    /// The atomic write failed.
     #[error(
         "cannot write {path}: {error}; the GPU Operator's operands will keep waiting for the \
          driver. Check that the directory is writable"
     )]
-    Write { path: PathBuf, error: io::Error },
+    Write {
+        /// The readiness file (joined onto the root).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
+    /// The file could not be examined or removed.
     #[error(
         "cannot remove {path}: {error}; the GPU Operator's operands may start against a driver \
          that is not ready. Remove the file by hand"
     )]
-    Remove { path: PathBuf, error: io::Error },
+    Remove {
+        /// The readiness file (joined onto the root).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
 }
 
 /// Where the driver is, in the terms of the GPU Operator's `driver-ready` file.
@@ -94,8 +135,11 @@ pub enum ReadinessError {
 /// so it is `/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DriverReady {
+    /// `NVIDIA_DRIVER_ROOT`: where the driver's files are, as a host path.
     pub driver_root: String,
+    /// `NVIDIA_DEV_ROOT`: where the `/dev/nvidia*` nodes are, as a host path (`/` for the agent).
     pub dev_root: String,
+    /// `IS_HOST_DRIVER`: the driver is installed in the host's own root (driver root `/`).
     pub is_host_driver: bool,
 }
 

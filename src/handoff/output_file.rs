@@ -9,12 +9,17 @@ use tracing::debug;
 use crate::fsutil;
 use crate::host::Root;
 
+/// Why an output file could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
+    /// The atomic write failed.
     #[error("cannot write {path}: {error}; check that its directory is writable (set outputs.{key} = \"\" to turn it off)")]
     Write {
+        /// The file, as a host path.
         path: PathBuf,
+        /// Its `outputs.*` config key, named in the message so the user can turn the output off.
         key: &'static str,
+        /// The underlying I/O error.
         error: std::io::Error,
     },
 }

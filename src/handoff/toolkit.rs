@@ -28,6 +28,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/nvidia-container-runtime/config.toml
 
 /// The table and key the agent owns.
 pub const CLI_TABLE: &str = "nvidia-container-cli";
+/// The key in [`CLI_TABLE`] that holds the driver root.
 pub const ROOT_KEY: &str = "root";
 
 /// Mode of a config file the agent creates (an existing file keeps its own).
@@ -35,64 +36,118 @@ const CONFIG_MODE: u32 = 0o644;
 /// Mode of the parent directories the agent creates.
 const DIR_MODE: u32 = 0o755;
 
+/// Why the toolkit config could not be read or edited; on every one the file is left as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// The existing file is not valid TOML.
     #[error(
         "{path} is not valid TOML (line {line}, column {column}: {message}); it was left \
          untouched. Fix the syntax, or move the file aside so nvdriver-agent creates a minimal one"
     )]
     InvalidToml {
+        /// The config file (a path under the root, as read).
         path: PathBuf,
+        /// 1-based line of the parse error.
         line: usize,
+        /// 1-based column of the parse error.
         column: usize,
+        /// The parser's message.
         message: String,
     },
+    /// `nvidia-container-cli` exists but is not a table (e.g. a string or an array).
     #[error(
         "{path}: expected `{CLI_TABLE}` to be a table (`[{CLI_TABLE}]`), found {found}; it was left \
          untouched. Make `{CLI_TABLE}` a table so nvdriver-agent can set `{ROOT_KEY}` in it"
     )]
-    CliNotTable { path: PathBuf, found: &'static str },
+    CliNotTable {
+        /// The config file (a path under the root, as read).
+        path: PathBuf,
+        /// What it is instead ("a string", "an array", …).
+        found: &'static str,
+    },
+    /// `[nvidia-container-cli] root` exists but is not a string.
     #[error(
         "{path}: expected `[{CLI_TABLE}] {ROOT_KEY}` to be a string (a directory path), found \
          {found}; it was left untouched. Remove or fix that key so nvdriver-agent can set it"
     )]
-    RootNotString { path: PathBuf, found: &'static str },
+    RootNotString {
+        /// The config file (a path under the root, as read).
+        path: PathBuf,
+        /// What it is instead ("an integer", "a table", …).
+        found: &'static str,
+    },
+    /// The driver root to write is not an absolute path.
     #[error(
         "expected the driver root to be an absolute path, found {found:?}; fix the driver root in \
          the nvdriver-agent configuration"
     )]
-    InvalidDriverRoot { found: String },
+    InvalidDriverRoot {
+        /// The driver root as configured.
+        found: String,
+    },
+    /// The existing file is not UTF-8.
     #[error(
         "{path}: expected UTF-8 text, found invalid bytes; it was left untouched. Fix or move the \
          file aside so nvdriver-agent can edit it"
     )]
-    NotUtf8 { path: PathBuf },
+    NotUtf8 {
+        /// The config file (a path under the root, as read).
+        path: PathBuf,
+    },
+    /// Something other than a regular file (a directory, a device, …) sits at the config path.
     #[error(
         "expected {path} to be a regular file, found {found}; remove it (nvdriver-agent then \
          creates the file) or point the agent's container toolkit config path elsewhere"
     )]
-    NotAFile { path: PathBuf, found: &'static str },
+    NotAFile {
+        /// The config file (a path under the root, as read).
+        path: PathBuf,
+        /// "a directory" or "a special file".
+        found: &'static str,
+    },
+    /// A parent of the config path is a regular file (`ENOTDIR`).
     #[error(
         "expected the parents of {path} to be directories, found a file among them; it was left \
          untouched. Move that file aside or point the agent's container toolkit config path \
          elsewhere"
     )]
-    ParentNotDirectory { path: PathBuf },
+    ParentNotDirectory {
+        /// The config file (a path under the root, as read).
+        path: PathBuf,
+    },
+    /// The existing file could not be read (other than not existing).
     #[error(
         "cannot read {path}: {error}; expected a readable regular file or nothing at that path"
     )]
-    Read { path: PathBuf, error: io::Error },
+    Read {
+        /// The config file (a path under the root, as read).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
+    /// The parent directories of a new config file could not be created.
     #[error(
         "cannot create directory {path} for the container toolkit config: {error}; make sure \
          it can be created (is a parent a regular file, or the filesystem read-only?)"
     )]
-    CreateDir { path: PathBuf, error: io::Error },
+    CreateDir {
+        /// The directory that could not be created (under the root).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
+    /// The atomic write of the new text failed; the old file is intact.
     #[error(
         "cannot write {path}: {error}; the file is as it was or fully replaced, never half \
          written. Make it writable (is /etc read-only?) or point the agent's container toolkit \
          config path elsewhere"
     )]
-    Write { path: PathBuf, error: io::Error },
+    Write {
+        /// The config file (a path under the root, as read).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
 }
 
 /// What [`apply_cli_root`] did, or what [`plan_cli_root`] says it would do.
@@ -102,7 +157,10 @@ pub enum RootChange {
     /// `root` already had the value; the file was not touched.
     Unchanged,
     /// The file existed and `root` was set; `previous` is the old value, if there was one.
-    Updated { previous: Option<String> },
+    Updated {
+        /// The old `root` value; `None` when the key was absent.
+        previous: Option<String>,
+    },
     /// There was no file; a minimal one was created.
     Created,
 }
@@ -287,6 +345,7 @@ fn parse(path: &Path, text: &str) -> Result<DocumentMut, RuntimeError> {
     })
 }
 
+/// Like [`current_cli_root`], but errors name `path` (the file `text` was read from).
 pub fn current_cli_root_in(path: &Path, text: &str) -> Result<Option<String>, RuntimeError> {
     let doc = parse(path, text)?;
     let Some(item) = doc.get(CLI_TABLE) else {

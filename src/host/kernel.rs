@@ -10,15 +10,27 @@ use std::path::{Path, PathBuf};
 use super::{HostError, Root};
 use crate::modinfo::Compression;
 
+/// Host path of the running kernel's release string (what `uname -r` prints).
 pub const OSRELEASE: &str = "/proc/sys/kernel/osrelease";
+/// Host path of the kernel's list of loaded modules.
 pub const PROC_MODULES: &str = "/proc/modules";
+/// Host path of the directory with one `<name>/` per loaded (or built-in) module; `<name>/version`
+/// holds its version.
 pub const SYS_MODULE: &str = "/sys/module";
+/// Host path of the file naming the in-kernel module decompressor (absent on kernels without one).
 pub const MODULE_COMPRESSION: &str = "/sys/module/compression";
+/// Host path of the flag (`Y`/`N`) saying whether the kernel refuses unsigned modules.
 pub const SIG_ENFORCE: &str = "/sys/module/module/parameters/sig_enforce";
+/// Host path of the kernel lockdown mode file (`none [integrity] confidentiality`).
 pub const LOCKDOWN: &str = "/sys/kernel/security/lockdown";
+/// Host path of the `firmware_class.path` parameter: an extra directory the kernel loads firmware
+/// from.
 pub const FIRMWARE_PATH: &str = "/sys/module/firmware_class/parameters/path";
+/// Host path of the nouveau PCI driver's directory; its `0000:01:00.0`-like entries are the devices
+/// bound to it.
 pub const NOUVEAU_DRIVER: &str = "/sys/bus/pci/drivers/nouveau";
 
+/// Read the running kernel's release from [`OSRELEASE`] under `root`, trimmed.
 pub fn read_kernel_release(root: &Root) -> Result<String, HostError> {
     let path = root.join(OSRELEASE);
     fs::read_to_string(&path)
@@ -43,7 +55,10 @@ pub fn is_kernel_release(text: &str) -> bool {
 /// A module the kernel has loaded, as `/proc/modules` and `/sys/module/<name>/version` say.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LoadedModule {
+    /// The kernel's spelling of the name (underscores), as in `/proc/modules`.
     pub name: String,
+    /// The `version=` the module declared, from `/sys/module/<name>/version`; `None` when it has
+    /// none.
     pub version: Option<String>,
 }
 
@@ -54,6 +69,8 @@ pub struct KernelState {
     pub loaded: BTreeMap<String, LoadedModule>,
     /// Formats `finit_module(MODULE_INIT_COMPRESSED_FILE)` can decompress in-kernel.
     pub compression: Vec<Compression>,
+    /// Whether unsigned modules are refused (`sig_enforce` is `Y`); `false` when the file is
+    /// absent.
     pub sig_enforce: bool,
     /// The active lockdown mode (`integrity`, `confidentiality`), `None` when off or unknown.
     pub lockdown: Option<String>,
@@ -72,6 +89,9 @@ pub fn normalize_module_name(name: &str) -> String {
 }
 
 impl KernelState {
+    /// Read the whole state under `root`; `kernel_release` picks the OS module tree for
+    /// [`KernelState::os_modules`].
+    /// Missing files count as empty/off; only a file that exists but cannot be read is an error.
     pub fn read(root: &Root, kernel_release: &str) -> Result<Self, HostError> {
         let modules_text = read_optional(root, PROC_MODULES)?.unwrap_or_default();
         let mut loaded = BTreeMap::new();
@@ -103,6 +123,7 @@ impl KernelState {
         })
     }
 
+    /// The loaded module called `name` (hyphens or underscores), if the kernel has it loaded.
     pub fn is_loaded(&self, name: &str) -> Option<&LoadedModule> {
         self.loaded.get(&normalize_module_name(name))
     }

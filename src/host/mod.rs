@@ -21,6 +21,7 @@ pub struct Root {
 }
 
 impl Root {
+    /// A root at `path` (a directory on this machine; `/` for the real host).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Root { path: path.into() }
     }
@@ -30,10 +31,12 @@ impl Root {
         Root::new("/")
     }
 
+    /// The root's own directory on this machine.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Whether this is the real host's root (`/`), not a fake one.
     pub fn is_host(&self) -> bool {
         self.path == Path::new("/")
     }
@@ -76,23 +79,35 @@ impl Root {
 /// Everything the planners need to know about the host, gathered once at the edge.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct HostFacts {
+    /// The parsed os-release of the host.
     pub os: OsRelease,
+    /// The running kernel's release (`uname -r`), from `/proc/sys/kernel/osrelease` under the root.
     pub kernel_release: String,
+    /// This machine's architecture (`uname -m` spelling, e.g. `x86_64`), never read from the root.
     pub arch: String,
 }
 
+/// Errors reading facts about the host under a [`Root`].
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// The running kernel release could not be read (typically no `/proc` under the root).
     #[error("cannot read the running kernel release from {path}: {error}; is /proc mounted under the root?")]
     KernelRelease {
+        /// The file that was read, resolved under the root.
         path: PathBuf,
+        /// The I/O error from the read.
         error: std::io::Error,
     },
+    /// os-release was missing, unreadable or malformed.
     #[error(transparent)]
     OsRelease(#[from] os_release::OsReleaseError),
+    /// A kernel-state file (`/proc`, `/sys`, the OS's `modules.dep`) exists but could not be read;
+    /// a missing one is not an error.
     #[error("cannot read {path}: {error}")]
     Read {
+        /// The file that was read, resolved under the root.
         path: PathBuf,
+        /// The I/O error from the read.
         error: std::io::Error,
     },
 }

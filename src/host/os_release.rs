@@ -9,11 +9,18 @@ use super::Root;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OsFamily {
+    /// Fedora CoreOS (`ID=fedora`, `VARIANT_ID=coreos`).
     FedoraCoreos,
+    /// Red Hat Enterprise Linux CoreOS (`ID=rhcos`).
     Rhcos,
+    /// CentOS Stream CoreOS (`ID=scos`, or `ID=centos` with `VARIANT_ID=coreos`).
     CentosStreamCoreos,
+    /// Flatcar Container Linux (`ID=flatcar`).
     Flatcar,
+    /// Garden Linux (`ID=gardenlinux`).
     GardenLinux,
+    /// Any other OS; the `auto` detector watches it with the generic detector (ostree's on an ostree
+    /// host).
     Other,
 }
 
@@ -27,31 +34,49 @@ impl OsFamily {
     }
 }
 
+/// The fields of os-release(5) the agent uses, plus the OS family derived from them.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct OsRelease {
+    /// The family derived from `ID` and `VARIANT_ID` (`ID_LIKE` is not consulted).
     pub family: OsFamily,
+    /// `ID`, `linux` when absent (as os-release(5) specifies).
     pub id: String,
     /// Absent on Garden Linux, which has no `VERSION_ID`.
     pub version_id: Option<String>,
+    /// `VARIANT_ID`, if set.
     pub variant_id: Option<String>,
+    /// `PRETTY_NAME`, if set.
     pub pretty_name: Option<String>,
     /// Where it was read from (host path).
     pub source: PathBuf,
 }
 
+/// Errors reading or parsing os-release.
 #[derive(Debug, thiserror::Error)]
 pub enum OsReleaseError {
+    /// Neither `/etc/os-release` nor `/usr/lib/os-release` exists under the root.
     #[error("no os-release found: tried {tried}; expected an os-release(5) file under the root")]
-    Missing { tried: String },
+    Missing {
+        /// The candidates tried, as host paths joined with `, `.
+        tried: String,
+    },
+    /// An os-release file exists but could not be read.
     #[error("cannot read {path}: {error}")]
     Read {
+        /// The file, resolved under the root.
         path: PathBuf,
+        /// The I/O error from the read.
         error: std::io::Error,
     },
+    /// A non-blank, non-comment line is not `KEY=value` with a key of ASCII letters, digits and
+    /// `_`.
     #[error("{path}:{line}: expected KEY=value, found {text:?}")]
     Syntax {
+        /// The file, as a host path.
         path: PathBuf,
+        /// 1-based line number.
         line: usize,
+        /// The offending line, untrimmed.
         text: String,
     },
 }
@@ -59,6 +84,8 @@ pub enum OsReleaseError {
 const CANDIDATES: [&str; 2] = ["/etc/os-release", "/usr/lib/os-release"];
 
 impl OsRelease {
+    /// Read `/etc/os-release`, or `/usr/lib/os-release` when the first does not exist, under
+    /// `root`.
     pub fn read(root: &Root) -> Result<Self, OsReleaseError> {
         for candidate in CANDIDATES {
             let path = root.join(candidate);
@@ -78,6 +105,8 @@ impl OsRelease {
         })
     }
 
+    /// Parse os-release text; `source` is the host path it came from (recorded, and named in
+    /// errors).
     pub fn parse(text: &str, source: PathBuf) -> Result<Self, OsReleaseError> {
         let fields = parse_fields(text).map_err(|(line, text)| OsReleaseError::Syntax {
             path: source.clone(),

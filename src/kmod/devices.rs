@@ -7,17 +7,23 @@ use std::path::PathBuf;
 
 /// NVIDIA's fixed character major.
 pub const NVIDIA_MAJOR: u32 = 195;
+/// Minor of `/dev/nvidiactl` under [`NVIDIA_MAJOR`].
 pub const NVIDIACTL_MINOR: u32 = 255;
+/// Minor of `/dev/nvidia-modeset` under [`NVIDIA_MAJOR`].
 pub const NVIDIA_MODESET_MINOR: u32 = 254;
 /// The mode nvidia-modprobe gives the nodes by default.
 pub const NODE_MODE: u32 = 0o666;
 
+/// One character-device node to create under `/dev`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceNode {
     /// Host path, e.g. `/dev/nvidia0`.
     pub path: PathBuf,
+    /// Character major (from `/proc/devices`).
     pub major: u32,
+    /// Character minor.
     pub minor: u32,
+    /// Permission bits (always [`NODE_MODE`] from [`nodes_for`]).
     pub mode: u32,
 }
 
@@ -32,11 +38,16 @@ impl DeviceNode {
     }
 }
 
+/// Errors working out the device nodes.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    /// A loaded module registered no character device under the name expected in `/proc/devices`.
     #[error("{module} is loaded but /proc/devices has no {entry:?} character device; the module did not register, see dmesg")]
     NoMajor {
+        /// The module (kernel spelling).
         module: &'static str,
+        /// The `/proc/devices` name looked for (`nvidia`, also tried as `nvidia-frontend`; or
+        /// `nvidia-uvm`).
         entry: &'static str,
     },
 }

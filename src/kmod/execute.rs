@@ -24,46 +24,89 @@ use crate::modinfo::{self, Compression};
 /// An overlay module file opened (and hashed) during inspection, handed to `finit_module`
 /// as the same descriptor, so what was verified is what gets loaded.
 pub struct OpenedModule {
+    /// The open module file, positioned at the start.
     pub file: File,
+    /// The module's `vermagic=` (only [`crate::kmod::sys::SimulatedKernel`] checks it).
     pub vermagic: String,
+    /// Whether the file carries a module signature.
     pub signed: bool,
 }
 
+/// Why executing a load plan failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
         "the kernel refused module {module} ({path}): {hint}; `journalctl -k` says why. {cause}"
     )]
+    /// `finit_module` failed (other than `EEXIST`); the modules this run loaded were unloaded
+    /// again (best effort: a failed unload is only logged).
     Refused {
+        /// The module (kernel spelling).
         module: String,
+        /// The module file (host path).
         path: PathBuf,
+        /// A likely reason, from the errno.
         hint: &'static str,
+        /// The syscall error.
         cause: Box<SysError>,
     },
+    /// `modprobe` of an OS prerequisite module failed.
     #[error("cannot load the OS module {name} that the driver needs: {cause}")]
-    OsModule { name: String, cause: SysError },
+    OsModule {
+        /// The OS module (kernel spelling).
+        name: String,
+        /// The `modprobe` failure, with its stderr.
+        cause: SysError,
+    },
+    /// A module the kernel cannot decompress could not be decompressed here.
     #[error("cannot decompress {path} for loading: {cause}")]
     Decompress {
+        /// The module file (host path).
         path: PathBuf,
+        /// The decompression error.
         cause: modinfo::ModinfoError,
     },
+    /// Writing `firmware_class.path` failed.
     #[error("cannot set the firmware search path: {0}; the open modules will not find their GSP firmware")]
     Firmware(SysError),
+    /// A loaded module registered no character device in `/proc/devices`.
     #[error(transparent)]
     Devices(#[from] devices::DeviceError),
+    /// Creating (or replacing) a device node failed.
     #[error("cannot create device node {path}: {cause}")]
-    Node { path: PathBuf, cause: SysError },
+    Node {
+        /// The node (host path).
+        path: PathBuf,
+        /// The failed stat or mknod.
+        cause: SysError,
+    },
+    /// The driver root could not be mounted: it is not a directory, or unmount, mkdir or bind mount
+    /// failed.
     #[error("cannot expose the driver root {path}: {cause}")]
-    DriverRoot { path: PathBuf, cause: String },
+    DriverRoot {
+        /// The driver root (host path, `driver.root`).
+        path: PathBuf,
+        /// What went wrong.
+        cause: String,
+    },
+    /// The toolkit config could not be planned or written (checked before any syscall, then
+    /// applied).
     #[error(transparent)]
     Toolkit(#[from] toolkit::RuntimeError),
+    /// The GPU Operator's `driver-ready` file could not be read, checked or written.
     #[error(transparent)]
     Readiness(#[from] driver_ready::ReadinessError),
+    /// A file operation failed: reading a module to decompress it, removing a stale node, making a
+    /// `/dev/char` link.
     #[error("{path}: {error}")]
     Io {
+        /// The file: a host path for a module, a path under the root for nodes and links.
         path: PathBuf,
+        /// The I/O error.
         error: std::io::Error,
     },
+    /// The plan names a module (manifest path) that has no entry in the opened files: a bug in the
+    /// caller.
     #[error("internal: the plan names {0} but it was not opened")]
     NotOpened(PathBuf),
 }
@@ -71,14 +114,24 @@ pub enum LoadError {
 /// What `load` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LoadReport {
+    /// Modules this run loaded, in load order (kernel spelling).
     pub loaded: Vec<String>,
+    /// Modules already loaded: at planning time, or found loaded by `finit_module` (`EEXIST`).
     pub already_loaded: Vec<String>,
+    /// OS modules this run loaded with `modprobe`.
     pub os_modules_loaded: Vec<String>,
+    /// Whether `firmware_class.path` was written.
     pub firmware_path_set: bool,
+    /// Device nodes created or replaced (host paths).
     pub nodes_created: Vec<PathBuf>,
+    /// The driver root the toolkit and `driver-ready` were pointed at (host path; `/` without user
+    /// space).
     pub driver_root: PathBuf,
+    /// Whether the overlay was bind-mounted at the driver root by this run.
     pub driver_root_mounted: bool,
+    /// Whether the toolkit config was created or changed.
     pub toolkit_changed: bool,
+    /// Whether the `driver-ready` file was written (it was missing or differed).
     pub driver_ready_written: bool,
     /// Time spent inside `finit_module` (the kernel's own work: relocation, signature check,
     /// the modules' init functions), in microseconds; the rest of `load` is the agent's overhead.

@@ -1,4 +1,6 @@
-//! Kernel modules: reading `.modinfo`, planning the load, and the thin syscall edge.
+//! Kernel modules: planning the load ([`plan`], pure), the thin syscall edge ([`sys`]; a
+//! simulated kernel for tests), the device nodes ([`devices`]) and running a plan ([`execute`]).
+//! What a module file says of itself is [`crate::modinfo`].
 
 pub mod devices;
 pub mod execute;

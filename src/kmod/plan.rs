@@ -20,6 +20,7 @@ use crate::overlay::StoredOverlay;
 pub struct InspectedModule {
     /// The manifest path (relative to the overlay).
     pub relative_path: PathBuf,
+    /// What its `.modinfo` and signature trailer say.
     pub info: ModInfo,
 }
 
@@ -27,6 +28,7 @@ pub struct InspectedModule {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MountState {
+    /// Nothing is mounted there.
     NotMounted,
     /// The wanted overlay is mounted there.
     Wanted,
@@ -37,21 +39,34 @@ pub enum MountState {
 /// The container toolkit config as it is now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ToolkitState {
+    /// The config file does not exist (the plan creates it).
     Absent,
-    Present { root: Option<String> },
+    /// The config file exists.
+    Present {
+        /// `[nvidia-container-cli] root`, `None` when unset.
+        root: Option<String>,
+    },
 }
 
+/// Everything [`plan_load`] decides from, gathered at the edge (`boot::load::prepare_load`).
 pub struct PlanInputs<'a> {
+    /// The effective configuration.
     pub settings: &'a Settings,
+    /// The running kernel's release, the architecture and os-release.
     pub host: &'a HostFacts,
+    /// What the kernel has loaded and enforces now.
     pub kernel: &'a KernelState,
+    /// The store's overlay for the running kernel (its `dir` is a host path).
     pub overlay: &'a StoredOverlay,
+    /// Every module file of the overlay, opened and inspected.
     pub modules: &'a [InspectedModule],
+    /// The container toolkit's config as it is now.
     pub toolkit: ToolkitState,
     /// What is mounted at the driver root now.
     pub driver_root_mount: MountState,
 }
 
+/// What the load does with one overlay module.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModuleAction {
@@ -63,42 +78,59 @@ pub enum ModuleAction {
     AlreadyLoaded,
 }
 
+/// One overlay module to load (or leave alone), in load order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ModuleStep {
     /// The kernel's spelling (`nvidia_uvm`).
     pub name: String,
     /// Host path of the file.
     pub file: PathBuf,
+    /// The manifest path (relative to the overlay); keys the opened files handed to execute.
     #[serde(skip)]
     pub relative_path: PathBuf,
+    /// `version=` from `.modinfo` (the driver version), if any.
     pub version: Option<String>,
+    /// `depends=` from `.modinfo`, as modpost spells it (hyphens possible).
     pub depends: Vec<String>,
+    /// Parameters passed to `finit_module`: the configured ones, `key=value key=value`.
     pub parameters: String,
+    /// How the file is compressed.
     pub compression: Compression,
+    /// Whether the file carries a module signature.
     pub signed: bool,
+    /// What the load does with it.
     pub action: ModuleAction,
 }
 
+/// What the load does with an OS module the driver needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OsModuleAction {
+    /// Not loaded yet: load it with the system's `modprobe`.
     Modprobe,
+    /// Already in `/proc/modules`: left alone.
     AlreadyLoaded,
 }
 
+/// An OS prerequisite module (from the OS's own module tree, not the overlay).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OsModuleStep {
+    /// The kernel's spelling (underscores).
     pub name: String,
+    /// What the load does with it.
     pub action: OsModuleAction,
     /// Why it is loaded: configured, or named in an overlay module's `depends=`.
     pub reason: String,
 }
 
+/// Pointing the kernel's `firmware_class.path` at the overlay's firmware.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FirmwareStep {
     /// Host path handed to `firmware_class.path`.
     pub path: PathBuf,
+    /// `firmware_class.path` as it is now (empty when unset); it is replaced, not appended to.
     pub current: String,
+    /// Whether `current` differs from `path`, i.e. the load writes the parameter.
     pub change: bool,
 }
 
@@ -106,32 +138,42 @@ pub struct FirmwareStep {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MajorSource {
+    /// A fixed major (NVIDIA's 195).
     Fixed(u32),
     /// Registered at load time; read from `/proc/devices` under this name.
     ProcDevices(String),
 }
 
+/// A `/dev` node the load creates, as `nvdriver-agent plan` shows it (execute derives the real
+/// nodes from `/proc/devices`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodeSpec {
     /// `/dev/nvidia{minor}` stands for one node per GPU.
     pub path: String,
+    /// Where its major comes from.
     pub major: MajorSource,
     /// `None`: one per GPU, minors from `/proc/driver/nvidia/gpus/*/information`.
     pub minor: Option<u32>,
 }
 
+/// How the driver root (what the toolkit and GPU Operator see as the driver's `/`) is provided.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "action")]
 pub enum DriverRootStep {
     /// The overlay has user space: bind it read-only at `path`.
     Mount {
+        /// The overlay's top directory (host path): the mount source.
         source: PathBuf,
+        /// The configured driver root (host path, `driver.root`): the mount point.
         path: PathBuf,
         /// Something else is mounted there now and is unmounted first.
         replaces_other: bool,
     },
+    /// The overlay is already bind-mounted at the driver root: nothing to do.
     AlreadyMounted {
+        /// The overlay's top directory (host path).
         source: PathBuf,
+        /// The configured driver root (host path).
         path: PathBuf,
     },
     /// Kernel modules only: the driver's user space is the host's own, root `/`.
@@ -150,20 +192,31 @@ impl DriverRootStep {
     }
 }
 
+/// What the load does to the container toolkit's config.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "change")]
 pub enum ToolkitStep {
+    /// `[nvidia-container-cli] root` already names the driver root: nothing to write.
     Unchanged {
+        /// The toolkit's `config.toml` (host path).
         config: PathBuf,
+        /// The driver root it names.
         root: String,
     },
+    /// The config exists with another `root` (or none): set it.
     Set {
+        /// The toolkit's `config.toml` (host path).
         config: PathBuf,
+        /// The driver root to write.
         root: String,
+        /// The value it replaces, `None` when unset.
         previous: Option<String>,
     },
+    /// The config does not exist: create it with `root` set.
     Create {
+        /// The toolkit's `config.toml` (host path).
         config: PathBuf,
+        /// The driver root to write.
         root: String,
     },
     /// `toolkit.manage = false`.
@@ -182,21 +235,36 @@ impl ToolkitStep {
     }
 }
 
+/// Everything `load` will do for the running kernel, in order; printed by `nvdriver-agent plan`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LoadPlan {
+    /// The running kernel's release (every module's vermagic matches it).
     pub kernel_release: String,
+    /// The machine's architecture (the overlay's matches it).
     pub arch: String,
+    /// The overlay's top directory (host path).
     pub overlay: PathBuf,
+    /// The overlay's driver version, from its manifest.
     pub driver_version: String,
+    /// Open or proprietary modules, from the manifest.
     pub flavor: Flavor,
+    /// Set `firmware_class.path`; `None` when the overlay carries no firmware.
     pub firmware: Option<FirmwareStep>,
+    /// OS modules to `modprobe` first: configured (`driver.os-modules`) ones, then `depends=` ones.
     pub os_modules: Vec<OsModuleStep>,
     /// In load order.
     pub modules: Vec<ModuleStep>,
+    /// The device nodes the modules need, for display (execute computes its own from
+    /// `/proc/devices`).
     pub device_nodes: Vec<NodeSpec>,
+    /// How the driver root is provided.
     pub driver_root: DriverRootStep,
+    /// What happens to the toolkit's config.
     pub toolkit: ToolkitStep,
+    /// Host path of the GPU Operator's `driver-ready` file to write.
     pub driver_ready: PathBuf,
+    /// Non-fatal findings (unknown module parameters, open modules without firmware), logged by
+    /// `load`.
     pub warnings: Vec<String>,
 }
 
@@ -209,55 +277,100 @@ impl LoadPlan {
     }
 }
 
+/// Why the load cannot be planned; each message says what to do instead.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    /// The overlay is for another CPU architecture.
     #[error("overlay {overlay} is for {found} but this machine is {expected}; stage the {expected} build")]
     WrongArch {
+        /// The overlay's top directory (host path).
         overlay: PathBuf,
+        /// This machine's architecture.
         expected: String,
+        /// The manifest's architecture.
         found: String,
     },
+    /// A module's vermagic names another kernel than the running one.
     #[error("module {path} was built for kernel {found:?} (vermagic) but the target kernel is {expected:?}; use an overlay built for {expected}")]
     WrongKernel {
+        /// The module file (host path).
         path: PathBuf,
+        /// The module's whole vermagic.
         found: String,
+        /// The running kernel's release.
         expected: String,
     },
+    /// A module's `.modinfo` `name=` differs from its file name.
     #[error("{path} is named for module {file_name} but its .modinfo says it is {claimed}; the overlay is inconsistent, rebuild it")]
     NameMismatch {
+        /// The module file (host path).
         path: PathBuf,
+        /// The name from the file name, as in the file (hyphens kept).
         file_name: String,
+        /// The `name=` the module claims.
         claimed: String,
     },
+    /// Two files of the overlay are the same module (e.g. `nvidia.ko` and `nvidia.ko.xz`).
     #[error("overlay {overlay} has two files for module {name}: {first} and {second}")]
     DuplicateModule {
+        /// The overlay's top directory (host path).
         overlay: PathBuf,
+        /// The module name (underscores).
         name: String,
+        /// The first file (relative to the overlay).
         first: PathBuf,
+        /// The second file (relative to the overlay).
         second: PathBuf,
     },
+    /// A module configured in `driver.modules` has no file in the overlay.
     #[error("module {name} is configured (driver.modules) but overlay {overlay} has no {name}.ko*; it has: {available}")]
     NotInOverlay {
+        /// The configured module (hyphen spelling).
         name: String,
+        /// The overlay's top directory (host path).
         overlay: PathBuf,
+        /// The modules the overlay has, comma-separated (underscores).
         available: String,
     },
+    /// A wanted module's `depends=` names a module neither in the overlay, nor the OS's tree, nor
+    /// loaded.
     #[error("module {module} depends on {dependency}, which is neither in the overlay nor in the OS's modules for kernel {kernel_release}; install it or use an overlay that carries it")]
     MissingDependency {
+        /// The module that depends (underscores).
         module: String,
+        /// The dependency (underscores).
         dependency: String,
+        /// The running kernel's release whose module tree was searched.
         kernel_release: String,
     },
+    /// The wanted modules' `depends=` form a cycle (a module naming itself included).
     #[error("the overlay's modules depend on each other in a cycle: {cycle}; the overlay is broken, rebuild it")]
-    DependencyCycle { cycle: String },
+    DependencyCycle {
+        /// `a -> a` for a self-dependency, else every module left unordered, comma-separated.
+        cycle: String,
+    },
+    /// nouveau is loaded or bound to a GPU, so the NVIDIA driver cannot take it.
     #[error("nouveau is {state}; the NVIDIA driver cannot take the GPU while it does. The shipped /usr/lib/modprobe.d/nvdriver-agent.conf blacklists it: reboot, or unbind it (echo ADDR > /sys/bus/pci/drivers/nouveau/unbind; rmmod nouveau)")]
-    Nouveau { state: String },
+    Nouveau {
+        /// `loaded`, or `bound to <PCI addresses>`.
+        state: String,
+    },
+    /// Signatures are enforced (`sig_enforce` or lockdown) and modules still to load are unsigned.
     #[error("{reason} and these modules are unsigned: {modules}; the kernel would refuse them. Sign them with a key the kernel trusts (MOK/secure boot db) or use signed precompiled modules")]
-    Unsigned { reason: String, modules: String },
+    Unsigned {
+        /// What enforces signatures (`sig_enforce`, or the lockdown mode).
+        reason: String,
+        /// The unsigned modules still to load, comma-separated.
+        modules: String,
+    },
+    /// A module is loaded at another `version=` than the overlay's (both versions known).
     #[error("{name} is loaded at version {loaded} but the overlay has {wanted}; the running driver must be unloaded first (stop GPU workloads, `modprobe -r {name}`) or reboot")]
     OtherVersionLoaded {
+        /// The module (underscores).
         name: String,
+        /// The loaded version (`/sys/module/<name>/version`).
         loaded: String,
+        /// The overlay module's version.
         wanted: String,
     },
 }

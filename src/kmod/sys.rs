@@ -20,31 +20,50 @@ pub struct ModuleLoad<'a> {
     pub path: &'a Path,
     /// The open file (or a memfd with the decompressed image).
     pub file: &'a File,
+    /// Module parameters, `key=value key=value` (may be empty).
     pub params: &'a str,
     /// Pass `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses.
     pub kernel_decompresses: bool,
     // What the module says of itself; the real kernel reads it from the image, the
     // simulation needs it spelled out.
+    /// `version=`, which the simulation writes to `/sys/module/<name>/version`.
     pub version: Option<&'a str>,
+    /// `vermagic=`; the simulation refuses a module for another kernel (`ENOEXEC`).
     pub vermagic: &'a str,
+    /// `depends=`; the simulation refuses a module whose dependency is not loaded (`ENOENT`).
     pub depends: &'a [String],
+    /// Whether the file is signed; the simulation refuses an unsigned one under `sig_enforce`.
     pub signed: bool,
 }
 
 /// What is at a device-node path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeState {
+    /// Nothing there.
     Missing,
-    CharDevice { major: u32, minor: u32 },
+    /// A character device with these numbers.
+    CharDevice {
+        /// Character major.
+        major: u32,
+        /// Character minor.
+        minor: u32,
+    },
+    /// Something else: a regular file, directory, other device, or (simulated) unparsable content.
     Other,
 }
 
+/// A failed syscall (or `modprobe` run), with what it was done to.
 #[derive(Debug, thiserror::Error)]
 #[error("{operation} {target}: {errno}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
 pub struct SysError {
+    /// What was attempted (`finit_module`, `mknod`, `mount --bind`, `modprobe`, …).
     pub operation: &'static str,
+    /// What it was done to: a path or a module name.
     pub target: String,
+    /// The error number; a `modprobe` that exits non-zero reports `ENOENT` whatever the cause.
     pub errno: Errno,
+    /// More text when there is some: an I/O error's message, `modprobe`'s stderr, the simulation's
+    /// reason.
     pub detail: Option<String>,
 }
 
@@ -61,7 +80,9 @@ impl SysError {
 
 /// The syscalls of the load path. Paths are *resolved* paths (already under the root).
 pub trait Kernel {
+    /// Load a module from an open file (`finit_module(2)`).
     fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError>;
+    /// Create a character device node with exactly `mode` (the umask does not apply).
     fn mknod_char(
         &mut self,
         path: &Path,
@@ -69,10 +90,13 @@ pub trait Kernel {
         minor: u32,
         mode: u32,
     ) -> Result<(), SysError>;
+    /// What is at `path` now, without following a symlink on the real kernel.
     fn node_state(&self, path: &Path) -> Result<NodeState, SysError>;
     /// Is `source` mounted at `target`?
     fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError>;
+    /// Bind-mount `source` at `target`, then remount it read-only, `nosuid`, `nodev`.
     fn bind_mount_readonly(&mut self, source: &Path, target: &Path) -> Result<(), SysError>;
+    /// Lazily unmount whatever is at `target` (`MNT_DETACH`).
     fn unmount(&mut self, target: &Path) -> Result<(), SysError>;
     /// Write a sysfs attribute (no create, no truncate: sysfs takes one write).
     fn write_sysfs(&mut self, path: &Path, value: &str) -> Result<(), SysError>;
@@ -264,36 +288,61 @@ fn io_sys_error(operation: &'static str, path: &Path, e: std::io::Error) -> SysE
 }
 
 /// One recorded syscall.
+///
+/// [`SimulatedKernel`] also appends each as a JSON line to [`SIMULATION_LOG`]; paths are host
+/// paths.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "call", rename_all = "kebab-case")]
 pub enum Call {
+    /// `finit_module` of a module.
     FinitModule {
+        /// The module (kernel spelling).
         name: String,
+        /// The module file.
         path: PathBuf,
+        /// Module parameters.
         params: String,
+        /// Whether `MODULE_INIT_COMPRESSED_FILE` was passed.
         kernel_decompresses: bool,
     },
+    /// `mknod` of a character device.
     Mknod {
+        /// The node.
         path: PathBuf,
+        /// Character major.
         major: u32,
+        /// Character minor.
         minor: u32,
+        /// Permission bits.
         mode: u32,
     },
+    /// A read-only bind mount.
     BindMount {
+        /// What was mounted.
         source: PathBuf,
+        /// Where it was mounted.
         target: PathBuf,
     },
+    /// A (lazy) unmount.
     Unmount {
+        /// The mount point.
         target: PathBuf,
     },
+    /// A write to a sysfs attribute.
     WriteSysfs {
+        /// The attribute file.
         path: PathBuf,
+        /// The value written.
         value: String,
     },
+    /// A `modprobe` of an OS module.
     Modprobe {
+        /// The module name as given.
         name: String,
     },
+    /// A `delete_module` (undoing a partial load).
     DeleteModule {
+        /// The module name as given.
         name: String,
     },
 }
@@ -309,6 +358,7 @@ pub const SIMULATION_LOG: &str = "/run/nvdriver-agent/simulated-kernel.log";
 /// `sig_enforce` (EKEYREJECTED), one already loaded (EEXIST).
 pub struct SimulatedKernel {
     root: Root,
+    /// Every call made so far, in order (also appended to [`SIMULATION_LOG`]).
     pub calls: Vec<Call>,
     /// GPUs the simulated driver finds.
     pub gpus: u32,
@@ -319,6 +369,7 @@ pub struct SimulatedKernel {
 }
 
 impl SimulatedKernel {
+    /// A simulated kernel under `root`: one GPU, `nvidia-uvm` at major 507, no fault injection.
     pub fn new(root: Root) -> Self {
         SimulatedKernel {
             root,

@@ -12,6 +12,7 @@ use std::fs;
 use crate::host::kernel::{parse_lockdown, LOCKDOWN};
 use crate::host::Root;
 
+/// The running kernel's command line, read as the target's (see the module docs).
 pub const PROC_CMDLINE: &str = "/proc/cmdline";
 /// The EFI `SecureBoot` variable (4 bytes of attributes, then 1 when on).
 pub const SECURE_BOOT_VAR: &str =
@@ -20,10 +21,14 @@ pub const SECURE_BOOT_VAR: &str =
 /// What is known about the target kernel's signature policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TargetFacts {
+    /// The kernel command line (`/proc/cmdline`); empty when unreadable.
     pub cmdline: String,
     /// The kernel's build config (`/usr/lib/modules/<kver>/config`), when found.
     pub kconfig: Option<String>,
+    /// The active lockdown mode (`integrity`, `confidentiality`), or `None` when it is `none`
+    /// or the lockdown file is absent.
     pub lockdown: Option<String>,
+    /// Whether the EFI `SecureBoot` variable says Secure Boot is on.
     pub secure_boot: bool,
 }
 

@@ -25,33 +25,50 @@ use crate::overlay::verify::{sha256_reader, verify_tree, Generated};
 /// A manifest larger than this is not a manifest.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
+/// One kernel module found in the inspected overlay or image (modules whose `.modinfo`
+/// cannot be read are left out).
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ModuleSummary {
+    /// The module file, relative to the overlay (or image) root.
     pub path: PathBuf,
+    /// The module name from its `.modinfo`, as the kernel spells it (underscores).
     pub name: String,
+    /// Its `version=` from `.modinfo`, when it has one.
     pub version: Option<String>,
     /// The kernel release its vermagic names.
     pub kernel_release: String,
+    /// Whether the file carries an appended module signature (not checked against any key).
     pub signed: bool,
 }
 
+/// The headline facts of an overlay's manifest.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ManifestSummary {
+    /// The kernel release the overlay is for.
     pub kernel_release: String,
+    /// The NVIDIA driver version.
     pub driver_version: String,
+    /// The architecture.
     pub arch: String,
+    /// Open or proprietary modules.
     pub flavor: Flavor,
+    /// How many regular files the manifest lists.
     pub files: usize,
+    /// How many symlinks the manifest lists.
     pub symlinks: usize,
+    /// Whether it carries firmware ([`Manifest::has_firmware`]).
     pub firmware: bool,
+    /// Whether it carries user space ([`Manifest::has_userspace`]).
     pub userspace: bool,
 }
 
+/// What `overlay inspect` found; printed by [`render`] or serialised as JSON.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Inspection {
+    /// The reference, as given on the command line.
     pub source: String,
     /// `directory`, `archive`, `oci-overlay` (shape a) or `oci-image` (shape b).
     pub kind: &'static str,
@@ -63,32 +80,52 @@ pub struct Inspection {
     pub contents: String,
     /// The signature as the configured trust sees it (`require` reported like `if-present`).
     pub signature: String,
+    /// The kernel modules found: the manifest's (those present and readable) for an
+    /// overlay, every `nvidia*` module under `usr/lib/modules` or `lib/modules` for a plain
+    /// image.
     pub modules: Vec<ModuleSummary>,
 }
 
+/// Why an overlay could not be inspected at all. A tree or archive that does not match its
+/// manifest is no error: [`Inspection::contents`] says so.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
+    /// The reference is a local path that is neither a directory nor a regular file.
     #[error(
         "{0:?} is neither a directory, a tar archive, an http(s):// URL nor an oci:// reference"
     )]
     Unsupported(String),
+    /// An archive (local, downloaded, or an OCI overlay layer) has no `overlay.toml` at its
+    /// top.
     #[error("{source_ref}: no {MANIFEST_NAME} in the archive; an overlay archive holds {MANIFEST_NAME} at its top")]
-    NoManifest { source_ref: String },
+    NoManifest {
+        /// The reference, as given.
+        source_ref: String,
+    },
+    /// An archive's `overlay.toml` does not parse or validate.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// An archive is not a tar, or cannot be read while looking for its manifest.
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    /// Downloading an `http(s)://` reference failed.
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    /// A directory's manifest is missing, unreadable or invalid.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A directory's signature file could not be read, or the binary lacks `oci` support.
     #[error(transparent)]
     Attempt(#[from] AttemptError),
+    /// The trusted keys could not be loaded.
     #[error(transparent)]
     Signature(#[from] signature::SignatureError),
+    /// Resolving, fetching or unpacking an `oci://` reference failed.
     #[cfg(feature = "oci")]
     #[error(transparent)]
     Oci(#[from] crate::overlay::source::oci::OciError),
+    /// The local path could not be examined, or a temporary directory could not be made or
+    /// read.
     #[error(transparent)]
     Io(#[from] PathIoError),
 }

@@ -10,8 +10,12 @@ use crate::overlay::manifest::Manifest;
 /// Which overlay to stage.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OverlayKey {
+    /// The target kernel's release, as `uname -r` prints it (e.g. `5.14.0-427.el9.x86_64`).
     pub kernel_release: String,
+    /// The NVIDIA driver version (e.g. `550.54.15`).
     pub driver_version: String,
+    /// The machine architecture (e.g. `x86_64`, `aarch64`); compared verbatim with the
+    /// manifest's `arch`.
     pub arch: String,
 }
 

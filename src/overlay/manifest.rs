@@ -7,12 +7,15 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The manifest's file name, at the top of every overlay tree and archive.
 pub const MANIFEST_NAME: &str = "overlay.toml";
 /// The only manifest format this agent reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 /// Files a store generates inside an overlay after verification (not part of the manifest).
 pub const GENERATED_FILES: [&str; 1] = ["etc/ld.so.cache"];
 
+/// Which kind of NVIDIA kernel modules an overlay carries (`flavor = "open"` or
+/// `"proprietary"` in the manifest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Flavor {
@@ -22,12 +25,17 @@ pub enum Flavor {
     Proprietary,
 }
 
+/// One regular file of the overlay (a `[[file]]` table).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
+    /// Where the file lies, relative to the overlay root (normal form, no `..`).
     pub path: PathBuf,
+    /// Its expected size in bytes.
     pub size: u64,
+    /// Its expected SHA-256, as 64 lowercase hex digits.
     pub sha256: String,
+    /// Its permission bits; 0o644 when omitted, and never above 0o755.
     #[serde(default = "default_mode", skip_serializing_if = "is_default_mode")]
     pub mode: u32,
 }
@@ -40,80 +48,144 @@ fn is_default_mode(mode: &u32) -> bool {
     *mode == 0o644
 }
 
+/// One symbolic link of the overlay (a `[[symlink]]` table).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SymlinkEntry {
+    /// Where the link lies, relative to the overlay root.
     pub path: PathBuf,
+    /// What it points to: a relative target that must resolve inside the overlay.
     pub target: PathBuf,
 }
 
+/// A parsed and validated `overlay.toml`: what the overlay is for and every file and link
+/// it contains.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Manifest {
+    /// The manifest format version; must equal [`FORMAT_VERSION`].
     pub format: u32,
+    /// The kernel release the modules are built for (`kernel-release`).
     pub kernel_release: String,
+    /// The NVIDIA driver version (`driver-version`).
     pub driver_version: String,
+    /// The architecture the overlay is built for (e.g. `x86_64`).
     pub arch: String,
+    /// Open or proprietary kernel modules.
     pub flavor: Flavor,
+    /// The regular files (`[[file]]` tables), in manifest order.
     #[serde(default, rename = "file", skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileEntry>,
+    /// The symbolic links (`[[symlink]]` tables), in manifest order.
     #[serde(default, rename = "symlink", skip_serializing_if = "Vec::is_empty")]
     pub symlinks: Vec<SymlinkEntry>,
 }
 
+/// Why a manifest was rejected by [`Manifest::parse`]. Every variant's `file` is the
+/// manifest as the caller named it (`origin`).
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// The text is not valid TOML or does not match the manifest's schema (unknown key,
+    /// missing field, wrong type).
     #[error("{file}:{line}: {message}")]
     Syntax {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The 1-based line of the error, or 0 when the parser gave no position.
         line: usize,
+        /// The TOML parser's message.
         message: String,
     },
+    /// `format` is not [`FORMAT_VERSION`].
     #[error("{file}: manifest format {found} is not supported (this agent reads format {FORMAT_VERSION}); upgrade nvdriver-agent or rebuild the overlay")]
-    UnsupportedFormat { file: PathBuf, found: u32 },
+    UnsupportedFormat {
+        /// The manifest, as named by the caller.
+        file: PathBuf,
+        /// The `format` the manifest declares.
+        found: u32,
+    },
+    /// `kernel-release`, `driver-version` or `arch` is empty, longer than 128 bytes, starts
+    /// with `.` or has a character outside letters, digits and `. - _ + ~`.
     #[error("{file}: {field} {value:?} is not valid: {why}")]
     BadField {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The manifest key (`kernel-release`, `driver-version` or `arch`).
         field: &'static str,
+        /// The rejected value.
         value: String,
+        /// What a valid value looks like.
         why: &'static str,
     },
+    /// An entry's path is empty, absolute, not in normal form, contains `..` or a control
+    /// character, or is a name the agent reserves (the manifest, the signature, generated
+    /// files).
     #[error("{file}: entry {path:?} {why}; overlay paths must be relative, without \".\" or \"..\", and stay inside the overlay")]
     BadPath {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The rejected entry path.
         path: PathBuf,
+        /// What is wrong with it.
         why: &'static str,
     },
+    /// Two entries (files or links) share a path.
     #[error("{file}: {path:?} is listed twice")]
-    Duplicate { file: PathBuf, path: PathBuf },
+    Duplicate {
+        /// The manifest, as named by the caller.
+        file: PathBuf,
+        /// The path listed more than once.
+        path: PathBuf,
+    },
+    /// An entry lies beneath another entry's path, which would have to be a directory.
     #[error("{file}: {path:?} is listed as a file or link but {child:?} is listed beneath it")]
     NotADirectory {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The file or link entry that another entry lies beneath.
         path: PathBuf,
+        /// The entry beneath it.
         child: PathBuf,
     },
+    /// A symlink target is absolute, empty, or climbs above the overlay root.
     #[error("{file}: symlink {path:?} -> {target:?} leaves the overlay; links must be relative and resolve inside it")]
     EscapingSymlink {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The link's path.
         path: PathBuf,
+        /// Its target, as written.
         target: PathBuf,
     },
+    /// A file's mode has a bit outside 0o755.
     #[error("{file}: {path:?} has mode {mode:o}; only permission bits up to 0755 are allowed (no setuid, setgid, sticky or world-writable)")]
     BadMode {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The file entry's path.
         path: PathBuf,
+        /// The rejected mode.
         mode: u32,
     },
+    /// A file's `sha256` is not 64 lowercase hex digits.
     #[error("{file}: {path:?} sha256 {value:?} is not 64 lowercase hex digits")]
     BadDigest {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The file entry's path.
         path: PathBuf,
+        /// The rejected digest.
         value: String,
     },
+    /// A kernel module lies outside `usr/lib/modules/<kernel-release>/`, or the overlay
+    /// carries a module index (`modules.*` under `usr/lib/modules`).
     #[error("{file}: {path:?}: {why}")]
     Layout {
+        /// The manifest, as named by the caller.
         file: PathBuf,
+        /// The offending entry's path.
         path: PathBuf,
+        /// What the layout requires.
         why: String,
     },
 }
@@ -136,6 +208,8 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Serialise back to `overlay.toml` text (no validation; files in the default mode
+    /// omit `mode`).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("manifest serialises")
     }
@@ -283,6 +357,8 @@ impl Manifest {
             .any(|p| !p.starts_with("usr/lib/modules") && !p.starts_with("usr/lib/firmware"))
     }
 
+    /// The file entry listed at `path` (relative to the overlay root), if any; links are not
+    /// searched.
     pub fn file(&self, path: &Path) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.path == path)
     }

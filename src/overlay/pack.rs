@@ -43,6 +43,7 @@ pub struct PackInput {
 /// An overlay ready to write: its manifest and where each listed file's bytes come from.
 #[derive(Clone, Debug)]
 pub struct Packed {
+    /// The manifest of the overlay; [`Packed::manifest_text`] is its TOML.
     pub manifest: Manifest,
     /// `overlay.toml` as written (what a signature covers).
     pub manifest_text: String,
@@ -52,38 +53,76 @@ pub struct Packed {
     sources: Vec<(PathBuf, PathBuf)>,
 }
 
+/// Why `overlay pack` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
+    /// No `nvidia*` kernel module file was found under the modules directory.
     #[error("{dir}: no NVIDIA kernel modules (nvidia*.ko, .ko.xz, .ko.zst) found; point --modules at the kernel-open build output or a /lib/modules/<kver> tree")]
-    NoModules { dir: PathBuf },
+    NoModules {
+        /// The modules directory that was searched.
+        dir: PathBuf,
+    },
+    /// Modules were found, but none is `nvidia` itself, whose `version` gives the driver version.
     #[error("{dir}: no nvidia.ko among the modules; its `version` field is the driver version")]
-    NoNvidiaModule { dir: PathBuf },
+    NoNvidiaModule {
+        /// The modules directory that was searched.
+        dir: PathBuf,
+    },
+    /// `nvidia.ko` has no `version` field in its `.modinfo`.
     #[error("{path}: nvidia.ko has no `version` field; cannot tell the driver version")]
-    NoVersion { path: PathBuf },
+    NoVersion {
+        /// The module file.
+        path: PathBuf,
+    },
+    /// Two modules were built for different kernels (the releases in their `vermagic` differ).
     #[error("{path} was built for kernel {found}, but {first} was built for {expected}; pack modules of one kernel at a time")]
     MixedKernels {
+        /// The module built for another kernel.
         path: PathBuf,
+        /// Its kernel release.
         found: String,
+        /// The first module found.
         first: PathBuf,
+        /// The first module's kernel release.
         expected: String,
     },
+    /// Two module files under the modules directory have the same file name, so both would land on
+    /// the same overlay path.
     #[error("{first} and {second} both become {name}; keep one of them")]
     DuplicateModule {
+        /// The first one found.
         first: PathBuf,
+        /// The second one.
         second: PathBuf,
+        /// The file name they share.
         name: String,
     },
+    /// An input directory holds something other than a regular file, directory or symlink (a
+    /// socket, a FIFO, a device).
     #[error("{path}: only regular files, directories and symlinks can be packed")]
-    Unsupported { path: PathBuf },
+    Unsupported {
+        /// Its path.
+        path: PathBuf,
+    },
+    /// The output directory of [`Packed::write_dir`] already exists.
     #[error("{path} already exists; pack into a new directory")]
-    Exists { path: PathBuf },
+    Exists {
+        /// The output path.
+        path: PathBuf,
+    },
+    /// A module's `.modinfo` could not be read.
     #[error(transparent)]
     Module(#[from] ModinfoError),
+    /// The manifest made from the inputs fails the checks every reader of an overlay applies.
+    ///
     /// Not `#[from]`: the message carries the cause (see [`PathIoError`]), so it is no source.
     #[error("the packed manifest is not valid: {0}")]
     Manifest(ManifestError),
+    /// Signing the manifest failed: the secret key is unusable, or encrypted and no password was
+    /// given.
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    /// Reading an input or writing an output failed.
     #[error(transparent)]
     Io(#[from] PathIoError),
 }

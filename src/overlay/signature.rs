@@ -37,6 +37,7 @@ impl fmt::Display for KeyId {
 
 /// One trusted public key.
 pub struct TrustedKey {
+    /// The key's id, by which a signature names the key that made it.
     pub id: KeyId,
     /// The file it came from (host path).
     pub file: PathBuf,
@@ -57,7 +58,10 @@ impl fmt::Debug for TrustedKey {
 #[serde(rename_all = "kebab-case", tag = "status")]
 pub enum SignatureStatus {
     /// A good signature by a trusted key.
-    Verified { key_id: String },
+    Verified {
+        /// The key's id, as minisign prints it (16 upper-case hex digits).
+        key_id: String,
+    },
     /// No signature (accepted by the policy).
     Unsigned,
     /// The policy is `off`.
@@ -74,25 +78,60 @@ impl fmt::Display for SignatureStatus {
     }
 }
 
+/// Why a signature check, a key file or signing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SignatureError {
+    /// The policy is `require` and the overlay has no signature.
     #[error("{origin}: no {SIGNATURE_NAME} beside the manifest, and trust.signatures = \"require\"; sign the overlay (nvdriver-agent overlay pack --sign KEY) or relax the policy")]
-    Missing { origin: String },
+    Missing {
+        /// Names the overlay in messages (the caller's `origin`).
+        origin: String,
+    },
+    /// The signature text cannot be decoded as a minisign signature.
     #[error("{origin}: {SIGNATURE_NAME} is not a minisign signature: {why}")]
-    Malformed { origin: String, why: String },
+    Malformed {
+        /// Names the overlay in messages (the caller's `origin`).
+        origin: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The signature was made by a key that is not among the trusted keys.
     #[error("{origin}: signed by key {key_id}, which is not trusted; put its public key into {KEYS_DIR}/ if it should be")]
-    UnknownKey { origin: String, key_id: KeyId },
+    UnknownKey {
+        /// Names the overlay in messages (the caller's `origin`).
+        origin: String,
+        /// The key the signature names.
+        key_id: KeyId,
+    },
+    /// The signature names a trusted key but does not verify over the manifest's bytes.
     #[error("{origin}: the signature by trusted key {key_id} ({file}) does not match {manifest}: the manifest changed after signing, or the signature is forged")]
     BadSignature {
+        /// Names the overlay in messages (the caller's `origin`).
         origin: String,
+        /// The trusted key the signature names.
         key_id: KeyId,
+        /// Host path of that key's file.
         file: PathBuf,
+        /// The manifest's file name (`overlay.toml`), for the message.
         manifest: &'static str,
     },
+    /// A key file cannot be used: a public key in [`KEYS_DIR`], or the secret key given for
+    /// signing.
     #[error("{file}: not a usable minisign key: {why}; expected the two-line .pub or .key file `minisign -G` writes")]
-    BadKey { file: PathBuf, why: String },
+    BadKey {
+        /// The key file: a host path under [`KEYS_DIR`], or the secret key's path as given.
+        file: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// [`KEYS_DIR`] or a key file in it could not be read.
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: io::Error },
+    Io {
+        /// Its path on this machine (under the root).
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
 }
 
 /// The key id a minisign signature or public key names: the 8 bytes after the 2-byte algorithm

@@ -23,30 +23,54 @@ use crate::host::Root;
 use crate::overlay::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 use crate::overlay::verify::{self, check_digest, verify_tree, Generated, VerifyError};
 
+/// Why a store operation failed, or an overlay directory is not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The directory has no `overlay.toml` at its top.
     #[error("{path}: no {MANIFEST_NAME}; an overlay directory holds {MANIFEST_NAME} at its top")]
-    NoManifest { path: PathBuf },
+    NoManifest {
+        /// The directory (a real path).
+        path: PathBuf,
+    },
+    /// The manifest could not be parsed, or breaks a rule of the format.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The tree does not match its manifest.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// A stored overlay's manifest names another kernel or driver than the directory it sits in.
     #[error("{path}: the manifest says kernel {found_kernel} / driver {found_driver}, but the store keeps it as {expected_kernel}/{expected_driver}; remove it and import it again")]
     Misplaced {
+        /// Host path of the overlay directory.
         path: PathBuf,
+        /// The kernel release its directory stands for.
         expected_kernel: String,
+        /// The driver version its directory stands for.
         expected_driver: String,
+        /// The kernel release its manifest names.
         found_kernel: String,
+        /// The driver version its manifest names.
         found_driver: String,
     },
+    /// The pinned driver version has no overlay for the kernel, though other versions do.
     #[error("driver version {version} is pinned (driver.version) but the store has no overlay for it for kernel {kernel_release}; it has: {available}")]
     PinnedMissing {
+        /// The pinned driver version (`driver.version`).
         version: String,
+        /// The kernel the overlay was looked for.
         kernel_release: String,
+        /// The driver versions stored for that kernel, comma-separated.
         available: String,
     },
+    /// The store's lock file could not be locked (`flock`).
     #[error("{path}: cannot lock the store: {error}")]
-    Lock { path: PathBuf, error: io::Error },
+    Lock {
+        /// Real path of the lock file.
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// Any other I/O error, with its path.
     #[error(transparent)]
     Io(#[from] PathIoError),
 }
@@ -56,6 +80,7 @@ pub enum StoreError {
 pub struct StoredOverlay {
     /// Host path of the overlay's top directory.
     pub dir: PathBuf,
+    /// Its parsed `overlay.toml`.
     pub manifest: Manifest,
 }
 
@@ -64,11 +89,20 @@ pub struct StoredOverlay {
 #[serde(rename_all = "kebab-case", tag = "result")]
 pub enum ImportOutcome {
     /// A new overlay was placed in the store.
-    Imported { dir: PathBuf },
+    Imported {
+        /// Host path of the overlay in the store.
+        dir: PathBuf,
+    },
     /// The store already held the same manifest; nothing changed.
-    AlreadyPresent { dir: PathBuf },
+    AlreadyPresent {
+        /// Host path of the overlay in the store.
+        dir: PathBuf,
+    },
     /// A different overlay for the same kernel and driver was replaced atomically.
-    Replaced { dir: PathBuf },
+    Replaced {
+        /// Host path of the overlay in the store.
+        dir: PathBuf,
+    },
 }
 
 /// Proof that this process holds the store's exclusive lock (`<store>/.lock`); released on drop.
@@ -82,6 +116,8 @@ pub const LOCK_NAME: &str = ".lock";
 /// Directory under the store where partial downloads are kept for resuming.
 pub const DOWNLOADS_DIR: &str = ".downloads";
 
+/// The overlay store under one root: `<dir>/<kernel release>/<driver version>/`, one verified
+/// overlay each. A handle only: nothing is read or created until a method needs it.
 pub struct Store<'a> {
     root: &'a Root,
     /// Host path of the store directory.
@@ -111,6 +147,7 @@ pub fn verify_source(real_dir: &Path) -> Result<Manifest, StoreError> {
 }
 
 impl<'a> Store<'a> {
+    /// The store at the host path `dir` (the `store.dir` setting) under `root`.
     pub fn new(root: &'a Root, dir: impl Into<PathBuf>) -> Self {
         Store {
             root,
@@ -306,6 +343,8 @@ impl<'a> Store<'a> {
         Some(overlay)
     }
 
+    /// Host path of the overlay directory for (`kernel_release`, `driver_version`), whether or not
+    /// it exists.
     pub fn overlay_dir(&self, kernel_release: &str, driver_version: &str) -> PathBuf {
         self.dir.join(kernel_release).join(driver_version)
     }
@@ -317,7 +356,6 @@ impl<'a> Store<'a> {
         Ok(releases)
     }
 
-    /// Driver versions stored for a kernel, oldest first (temporary siblings skipped).
     /// Every kernel release in the store with its driver versions (each list sorted as above).
     pub fn inventory(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
         self.kernel_releases()?
@@ -329,6 +367,7 @@ impl<'a> Store<'a> {
             .collect()
     }
 
+    /// Driver versions stored for a kernel, oldest first (temporary siblings skipped).
     pub fn driver_versions(&self, kernel_release: &str) -> Result<Vec<String>, StoreError> {
         let mut versions = self.subdirectories(&self.dir.join(kernel_release))?;
         versions.sort_by(|a, b| version_cmp(a, b));

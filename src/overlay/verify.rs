@@ -16,48 +16,90 @@ use crate::overlay::manifest::{FileEntry, Manifest, GENERATED_FILES, MANIFEST_NA
 /// A tree with more directories than this is refused rather than walked forever.
 const MAX_DIRECTORIES: usize = 100_000;
 
+/// Why a tree does not match its manifest (the first difference found). From [`verify_tree`]
+/// every `path` is the entry's path on disk (under the verified directory); in an archive's
+/// errors it is relative to the overlay root.
+
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// A file or link the manifest lists is absent from the tree.
     #[error("{path}: listed in the manifest but missing from the overlay")]
-    Missing { path: PathBuf },
+    Missing {
+        /// Where the entry should be.
+        path: PathBuf,
+    },
+    /// A regular file or symlink in the tree that the manifest does not list (the manifest
+    /// and signature at the top, and generated files when allowed, are skipped).
     #[error(
         "{path}: not listed in the manifest; an overlay holds exactly the files its manifest lists"
     )]
-    Unlisted { path: PathBuf },
+    Unlisted {
+        /// The unexpected entry.
+        path: PathBuf,
+    },
+    /// A file's size differs from the manifest's (or the file grew while it was hashed).
     #[error("{path}: size is {found} bytes, the manifest says {expected}: the file is truncated or altered")]
     Size {
+        /// The file.
         path: PathBuf,
+        /// The size the manifest lists.
         expected: u64,
+        /// The size found (when hashing, at most `expected + 1`: reading stops there).
         found: u64,
     },
+    /// A file's SHA-256 differs from the manifest's.
     #[error(
         "{path}: sha256 is {found}, the manifest says {expected}: the file is corrupt or altered"
     )]
     Digest {
+        /// The file.
         path: PathBuf,
+        /// The digest the manifest lists (lowercase hex).
         expected: String,
+        /// The digest computed (lowercase hex).
         found: String,
     },
+    /// An entry has the wrong kind: a directory where a file or link is listed, a symlink
+    /// where a regular file is listed, or a device node, fifo or socket anywhere.
     #[error("{path}: {found}, the manifest lists {expected}")]
     WrongType {
+        /// The entry.
         path: PathBuf,
+        /// What was expected, as a noun phrase ("a regular file").
         expected: &'static str,
+        /// What was found, as a noun phrase ("a directory", "a fifo").
         found: String,
     },
+    /// A symlink points somewhere other than the manifest's target.
     #[error("{path}: symlink points to {found:?}, the manifest says {expected:?}")]
     LinkTarget {
+        /// The link.
         path: PathBuf,
+        /// The target the manifest lists.
         expected: PathBuf,
+        /// The target read from disk.
         found: PathBuf,
     },
+    /// A regular file on disk has its setuid, setgid, sticky or world-writable bit set.
     #[error("{path}: mode {mode:o} carries setuid, setgid, sticky or world-writable bits; overlays may not")]
-    Mode { path: PathBuf, mode: u32 },
+    Mode {
+        /// The file.
+        path: PathBuf,
+        /// Its mode on disk (permission and special bits, `& 0o7777`).
+        mode: u32,
+    },
+    /// The tree has more than 100,000 directories; the walk stops rather than run on.
     #[error("{dir}: more than {MAX_DIRECTORIES} directories; refusing to walk it")]
-    TooLarge { dir: PathBuf },
+    TooLarge {
+        /// The tree's root, as passed to [`verify_tree`].
+        dir: PathBuf,
+    },
+    /// Reading a directory, an entry's metadata, a link or a file failed.
     #[error(transparent)]
     Io(#[from] PathIoError),
 }
 
+/// Whether [`verify_tree`] tolerates the files a store generates after verification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Generated {
     /// A source tree: only what the manifest lists.
@@ -254,6 +296,7 @@ pub fn sha256_reader(reader: impl Read, limit: u64) -> io::Result<(u64, String)>
     Ok((total, hex::encode(hasher.finalize())))
 }
 
+/// The SHA-256 of `bytes`, as 64 lowercase hex digits.
 pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }

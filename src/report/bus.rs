@@ -7,12 +7,17 @@ use zbus::blocking::{connection, Connection};
 
 use crate::report::status::StatusReport;
 
+/// The well-known bus name the daemon owns on the system bus.
 pub const AGENT_NAME: &str = "org.nvdriveragent.Agent1";
+/// The object path of the agent's object.
 pub const AGENT_PATH: &str = "/org/nvdriveragent/Agent1";
+/// The interface that carries the agent's properties.
 pub const AGENT_INTERFACE: &str = "org.nvdriveragent.Agent1";
 
+/// Why the daemon's properties could not be read over D-Bus.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentBusError {
+    /// Connecting to the system bus or the `GetAll` call failed (no daemon, no bus, timeout).
     #[error("cannot read {AGENT_NAME}'s properties: {0}")]
     Read(Box<zbus::Error>),
 }
@@ -20,16 +25,23 @@ pub enum AgentBusError {
 /// The properties as D-Bus carries them: strings, empty for "none" (D-Bus has no null).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentProperties {
+    /// `RunningKernel`: the running kernel's release.
     pub running_kernel: String,
+    /// `LoadedDriverVersion`: the NVIDIA driver version loaded now.
     pub loaded_driver_version: String,
+    /// `PendingKernel`: the kernel the host boots next, when it differs from the running one.
     pub pending_kernel: String,
     /// The store directory of the overlay staged for the pending kernel.
     pub staged_overlay: String,
+    /// `PolicyState`: `ok`, `held: …`, `not-ready-after-reboot: …` or `not-ready: …`.
     pub policy_state: String,
+    /// `LastError`: the most recent error (see [`StatusReport::last_error`]).
     pub last_error: String,
 }
 
 impl AgentProperties {
+    /// The properties a `status` report implies; `StagedOverlay` only when the last stage was for
+    /// the pending kernel and it is staged.
     pub fn from_report(report: &StatusReport) -> AgentProperties {
         let staged_overlay = match (&report.pending, &report.last_stage) {
             (Some(next), Some(stage))

@@ -22,16 +22,22 @@ const MODPROBE_DIRS: [&str; 3] = ["/etc/modprobe.d", "/run/modprobe.d", "/usr/li
 /// How long one source may take to answer a HEAD request.
 const SOURCE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How one check came out; `doctor` exits non-zero when any check fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
+    /// Nothing to do.
     Ok,
+    /// Works now, but something may go wrong (e.g. on the next boot); the detail says what to do.
     Warn,
+    /// Broken now; the detail says what to do.
     Fail,
 }
 
+/// One line of `doctor`'s output.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Check {
+    /// How it came out.
     pub verdict: Verdict,
     /// What was checked (`os`, `kernel`, `nouveau`, …).
     pub what: &'static str,
@@ -44,39 +50,59 @@ pub struct Check {
 pub enum SourceProbe {
     /// A directory or file that exists.
     Present,
+    /// Nothing exists at that path under the root.
     Absent,
     /// An HTTP status code.
     Http(u16),
+    /// The HTTP(S) HEAD request failed (DNS, connection, TLS, timeout); the error text.
     Unreachable(String),
 }
 
 /// Everything the checks judge.
 #[derive(Clone, Debug, Default)]
 pub struct DoctorFacts {
+    /// The OS's `PRETTY_NAME` (or its `ID` when there is none).
     pub os_pretty: String,
+    /// The OS family whose detector watches for the next kernel; `None` when watching is off.
     pub family: Option<Family>,
+    /// The running kernel's release.
     pub kernel_release: String,
+    /// Whether `/usr/lib/modules/<running kernel>` exists.
     pub module_tree: bool,
+    /// The kernel the host boots next, when it differs from the running one.
     pub pending: Option<NextBoot>,
+    /// Why the next kernel could not be read, if it could not.
     pub pending_error: Option<String>,
     /// `[none] integrity confidentiality` style, when the file exists.
     pub lockdown: Option<String>,
+    /// Whether `module.sig_enforce` is on.
     pub sig_enforce: bool,
+    /// Secure Boot per its EFI variable; `None` without one (no EFI, or efivarfs not mounted).
     pub secure_boot: Option<bool>,
+    /// Whether nouveau is loaded now.
     pub nouveau_loaded: bool,
     /// The modprobe.d file that blacklists nouveau, if any.
     pub nouveau_blacklisted_in: Option<PathBuf>,
+    /// How many IOMMU units `/sys/class/iommu` lists.
     pub iommu_units: usize,
+    /// `firmware_class.path`, empty when unset.
     pub firmware_path: String,
+    /// The NVIDIA driver version loaded now, if any.
     pub loaded_driver: Option<String>,
+    /// Which of `/dev/nvidiactl`, `/dev/nvidia-uvm` and `/dev/nvidia0` exist.
     pub dev_nodes: Vec<String>,
     /// `[nvidia-container-cli] root` in the toolkit config; `None` when absent, `Some(None)`
     /// when the file has no such key.
     pub toolkit_root: Option<Option<String>>,
+    /// `toolkit.manage`: whether the agent keeps the toolkit config pointed at the driver root.
     pub manage_toolkit: bool,
+    /// The driver root the toolkit config should name (the configured `driver-root`).
     pub expected_driver_root: PathBuf,
+    /// The toolkit config file, as a host path.
     pub toolkit_config: PathBuf,
+    /// The store's inventory: each kernel release with its driver versions.
     pub store: Vec<(String, Vec<String>)>,
+    /// Why the store could not be read, if it could not.
     pub store_error: Option<String>,
     /// (source as configured, as expanded, probe).
     pub sources: Vec<(String, String, SourceProbe)>,

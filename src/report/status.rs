@@ -14,27 +14,37 @@ use crate::host::{HostFacts, KernelState};
 use crate::state::{AgentState, HoldRecord, LoadRecord, LoadResult, StageRecord, StageResult};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
 
+/// The `format` of `status --json`; bumped only if a field changes meaning (fields are only added).
 pub const STATUS_FORMAT: u32 = 1;
 
+/// Everything `status` reports; serialized as `status --json`.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct StatusReport {
+    /// [`STATUS_FORMAT`].
     pub format: u32,
+    /// The running kernel's release (`uname -r`).
     pub running_kernel: String,
     /// The NVIDIA driver version the kernel has loaded now, if any.
     pub loaded_driver: Option<String>,
     /// The daemon's pid, when it runs.
     pub daemon_pid: Option<u32>,
+    /// The OS family whose detector watches for the next kernel; `None` when watching is off.
     pub detector: Option<Family>,
     /// The kernel the host boots next, when it differs from the running one: read from disk
     /// now (on Flatcar, as last reported by the daemon, since update_engine's word is needed).
     pub pending: Option<NextBoot>,
     /// Whether the store holds an overlay for the pending kernel.
     pub pending_staged: Option<bool>,
+    /// Each kernel release that has overlays in the store, with their driver versions.
     pub store: Vec<StoredKernel>,
+    /// The daemon's boot-path load in this boot (from the state file).
     pub load: Option<LoadRecord>,
+    /// The last stage pass for the next kernel (from the state file).
     pub last_stage: Option<StageRecord>,
+    /// An update the agent holds back, if any (from the state file).
     pub hold: Option<HoldRecord>,
+    /// The policy settings that shape readiness.
     pub policy: Policy,
     /// Why the pending kernel could not be read, if it could not.
     pub watch_error: Option<String>,
@@ -79,11 +89,15 @@ impl Readiness {
 /// The facts readiness is judged on.
 #[derive(Clone, Debug, Default)]
 pub struct ReadinessFacts<'a> {
+    /// The NVIDIA driver version loaded now, if any.
     pub loaded_driver: Option<&'a str>,
+    /// The daemon's boot-path load in this boot, if recorded.
     pub load: Option<&'a LoadRecord>,
     /// Set by the fallback policy.
     pub marked_not_ready: Option<&'a str>,
+    /// The kernel the host boots next, when it differs from the running one.
     pub pending_kernel: Option<&'a str>,
+    /// Whether the store has any overlay for the pending kernel.
     pub pending_staged: bool,
     /// The last stage decision, to see whether the OS covers the pending kernel itself.
     pub last_stage: Option<&'a StageRecord>,
@@ -172,17 +186,23 @@ fn last_error(
         .or_else(|| watch_error.map(str::to_string))
 }
 
+/// One kernel release in the store and the driver versions staged for it.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct StoredKernel {
+    /// The kernel release.
     pub kernel_release: String,
+    /// The driver versions with an overlay for it.
     pub driver_versions: Vec<String>,
 }
 
+/// The configuration `status` shows next to the state.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Policy {
+    /// `policy.missing-next-overlay`: what to do when the next kernel has no overlay.
     pub missing_next_overlay: MissingNextOverlayPolicy,
+    /// The overlay store directory, as a host path.
     pub store_dir: PathBuf,
 }
 

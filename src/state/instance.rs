@@ -17,11 +17,18 @@ pub const INSTANCE_LOCK: &str = "/run/nvdriver-agent/run.lock";
 /// The instance lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
+    /// Another process holds the instance lock.
     #[error("another `nvdriver-agent run` is already running on this host{}; stop it first (`systemctl stop nvdriver-agent`), or use `nvdriver-agent stage` to ask it to look again", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
-    AlreadyRunning { pid: Option<u32> },
+    AlreadyRunning {
+        /// That daemon's pid, when the lock file could be read.
+        pid: Option<u32>,
+    },
+    /// The lock file could not be created, opened, locked or written.
     #[error("cannot take the instance lock {path}: {error}; is /run writable?")]
     Lock {
+        /// The lock file, as a host path ([`INSTANCE_LOCK`]).
         path: PathBuf,
+        /// The underlying I/O error.
         error: std::io::Error,
     },
 }
@@ -32,6 +39,7 @@ pub struct InstanceLock {
 }
 
 impl InstanceLock {
+    /// Take the lock (without waiting) and write this process's pid into it.
     pub fn acquire(root: &Root) -> Result<InstanceLock, InstanceError> {
         let path = root.join(INSTANCE_LOCK);
         let lock_err = |source| InstanceError::Lock {

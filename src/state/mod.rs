@@ -18,13 +18,22 @@ use crate::host::Root;
 use crate::watch::flatcar::{self, UpdateEngineState};
 use crate::watch::NextBoot;
 
+/// The state file, as a host path.
 pub const STATE_FILE: &str = "/run/nvdriver-agent/state.json";
+/// The `format` this agent writes and reads; a file with another one is ignored.
 pub const STATE_FORMAT: u32 = 1;
 
+/// Why the state file could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// Creating `/run/nvdriver-agent` or the atomic write failed.
     #[error("cannot write the agent state {path}: {error}; is /run mounted and writable?")]
-    Write { path: PathBuf, error: io::Error },
+    Write {
+        /// The state file, as a host path ([`STATE_FILE`]).
+        path: PathBuf,
+        /// The underlying I/O error.
+        error: io::Error,
+    },
 }
 
 /// Seconds since the epoch, for records (the journal has the precise times).
@@ -35,9 +44,12 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Everything in the state file; [`AgentState::read`] and [`AgentState::write`] move it to and
+/// from disk.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct AgentState {
+    /// The file's version; always [`STATE_FORMAT`] once read.
     pub format: u32,
     /// The boot path's result in this boot.
     pub load: Option<LoadRecord>,
@@ -159,22 +171,33 @@ impl std::fmt::Display for StageResult {
     }
 }
 
+/// The daemon's boot-path load in this boot, as the state file keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct LoadRecord {
+    /// When it happened, in seconds since the epoch.
     pub at: u64,
+    /// The running kernel (empty when it could not be read).
     pub kernel_release: String,
+    /// How it ended.
     pub result: LoadResult,
+    /// The driver version loaded, when it was.
     pub driver_version: Option<String>,
+    /// The store directory of the overlay loaded, when it was.
     pub overlay: Option<PathBuf>,
+    /// Why it failed, when it did.
     pub error: Option<String>,
 }
 
+/// One stage pass for the next kernel, as the state file keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct StageRecord {
+    /// When it happened, in seconds since the epoch.
     pub at: u64,
+    /// The kernel staged for.
     pub kernel_release: String,
+    /// The driver version staged, when one was chosen.
     pub driver_version: Option<String>,
     /// A look that finds the overlay a `staged` record names already in the store leaves that
     /// record as it is.
@@ -188,16 +211,21 @@ pub struct StageRecord {
     /// For an `oci://` source: the digest its reference resolved to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Why it stood down, or why the overlay is missing or failed.
     pub detail: Option<String>,
+    /// How long the pass took, in milliseconds.
     pub duration_ms: u64,
 }
 
+/// An update the agent holds back (policy `hold`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct HoldRecord {
     /// `ostree-finalization-lock` or `logind-shutdown-inhibitor`.
     pub mechanism: String,
+    /// The kernel whose update is held.
     pub kernel_release: String,
+    /// When the hold was taken, in seconds since the epoch.
     pub since: u64,
 }
 
@@ -226,6 +254,7 @@ impl AgentState {
         }
     }
 
+    /// An empty state at the current [`STATE_FORMAT`].
     pub fn fresh() -> AgentState {
         AgentState {
             format: STATE_FORMAT,
@@ -233,6 +262,7 @@ impl AgentState {
         }
     }
 
+    /// Write the state under `root` atomically, creating `/run/nvdriver-agent` if needed.
     pub fn write(&self, root: &Root) -> Result<(), StateError> {
         let path = root.join(STATE_FILE);
         let write = |source| StateError::Write {

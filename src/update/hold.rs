@@ -18,12 +18,16 @@ use tracing::info;
 use crate::fsutil;
 use crate::host::Root;
 
+/// ostree's finalization lock: while it exists, the staged deployment is not finalized at
+/// shutdown (the same file `rpm-ostree deploy --lock-finalization` creates).
 pub const OSTREE_FINALIZATION_LOCK: &str = "/run/ostree/staged-deployment-locked";
 /// Our mark that the lock above is ours; holds the kernel release it was taken for.
 pub const OSTREE_HOLD_MARK: &str = "/run/nvdriver-agent/ostree-hold";
 
+/// Why the ostree hold could not be taken or released.
 #[derive(Debug, thiserror::Error)]
 pub enum HoldError {
+    /// Creating or removing the lock, the mark or their directories failed.
     #[error(transparent)]
     Io(#[from] PathIoError),
 }
@@ -32,11 +36,14 @@ pub enum HoldError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HoldMechanism {
+    /// `/run/ostree/staged-deployment-locked` (a staged ostree deployment).
     OstreeFinalizationLock,
+    /// A logind `shutdown` block inhibitor held by the daemon (Flatcar).
     LogindShutdownInhibitor,
 }
 
 impl HoldMechanism {
+    /// The kebab-case name, as in the state file and on D-Bus.
     pub fn name(self) -> &'static str {
         match self {
             HoldMechanism::OstreeFinalizationLock => "ostree-finalization-lock",

@@ -19,20 +19,30 @@ use crate::state::{now_unix, AgentState, HoldRecord, StageRecord, StageResult, S
 use crate::update::hold::{self, HoldError, HoldMechanism, OstreeLockOutcome};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot, WatchError};
 
+/// Why a stage pass ([`stage_next`]) could not finish; a source that has no overlay is not an
+/// error but a [`StageResult::Missing`] record.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    /// The host's facts (os-release, running kernel, loaded modules) could not be read.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// The detector could not read which kernel boots next.
     #[error("cannot tell which kernel boots next: {0}")]
     Watch(WatchError),
+    /// The overlay store could not be read (its inventory, for choosing a driver version).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A source error; [`stage_next`] never returns it (it records source failures in the stage
+    /// record), so only other callers could.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The ostree hold could not be taken or released.
     #[error(transparent)]
     Hold(#[from] HoldError),
+    /// The state file could not be written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// `stage` without `--kernel` while `watch.detector = "off"`: there is no next kernel to detect.
     #[error(
         "watching is off (watch.detector = \"off\"); pass --kernel to stage for a given kernel"
     )]
@@ -47,6 +57,7 @@ impl From<WatchError> for StageError {
 }
 
 impl StageError {
+    /// The process exit code for this error (one of [`crate::app::exit`]).
     pub fn exit_code(&self) -> u8 {
         use crate::app::exit;
         match self {
@@ -67,25 +78,33 @@ pub enum StagePlan {
     NothingPending,
     /// The OS ships the driver for that kernel itself; the agent stays out of its way.
     StandDown {
+        /// The kernel the next boot runs.
         kernel_release: String,
+        /// Why the OS's own driver covers it (shown in the stage record).
         reason: String,
     },
     /// No driver version is pinned, loaded or staged, so the overlay to fetch is unknown.
     NoDriverVersion {
+        /// The kernel the next boot runs.
         kernel_release: String,
     },
+    /// Stage the overlay for this (kernel, driver version, arch) from the configured sources.
     Fetch(OverlayKey),
 }
 
 /// The facts [`plan_stage`] needs.
 pub struct StageInputs<'a> {
+    /// The kernel the next boot runs, `None` when it is the running one.
     pub next: Option<&'a NextBoot>,
     /// Why the OS's own driver covers the next kernel, if it does.
     pub os_driver: Option<String>,
+    /// The driver version to stage (see [`choose_driver_version`]), `None` when there is none.
     pub driver_version: Option<String>,
+    /// The host's architecture (`x86_64`, `aarch64`).
     pub arch: &'a str,
 }
 
+/// Decide what to stage for the next boot; pure.
 pub fn plan_stage(inputs: &StageInputs) -> StagePlan {
     let Some(next) = inputs.next else {
         return StagePlan::NothingPending;
@@ -136,12 +155,16 @@ pub enum NextBootReadiness {
 /// What to do about a hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HoldAction {
+    /// Take the hold with this mechanism.
     Take(HoldMechanism),
+    /// Let go of any hold of ours (the next boot is covered, or the policy is not `hold`).
     Release,
     /// Hold wanted, but this host has no way to hold this update.
     Unsupported,
 }
 
+/// Decide whether to hold the update: only when the next boot's overlay is missing, the
+/// policy is `hold` and the host has a way to hold it; release otherwise.
 pub fn plan_hold(
     policy: MissingNextOverlayPolicy,
     mechanism: Option<HoldMechanism>,
@@ -171,18 +194,26 @@ pub fn hold_mechanism(family: Family, next: &NextBoot) -> Option<HoldMechanism> 
 /// What one stage pass found and did.
 #[derive(Clone, Debug)]
 pub struct StageRun {
+    /// The kernel the next boot runs, `None` when it is the running one.
     pub pending: Option<NextBoot>,
+    /// The stage record of this pass (`None` when nothing is pending).
     pub record: Option<StageRecord>,
+    /// Whether the next boot has its driver.
     pub readiness: NextBootReadiness,
+    /// The hold planned; the ostree lock is already settled, a logind inhibitor is the caller's to take.
     pub hold: HoldAction,
 }
 
 /// What to stage for: the detected next boot, or a kernel the user named.
 pub enum Target {
+    /// Ask the OS family's detector which kernel boots next.
     Detect {
+        /// The OS family whose detector to use.
         family: Family,
+        /// What the daemon last heard from Flatcar's update_engine (used by the Flatcar detector).
         update_engine: UpdateEngineState,
     },
+    /// Stage for this kernel release (`stage --kernel`); nothing is pending if it is the running one.
     Kernel(String),
 }
 

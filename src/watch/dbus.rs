@@ -14,30 +14,46 @@ use zbus::blocking::{Connection, MessageIterator};
 use zbus::message::Type as MessageType;
 use zbus::MatchRule;
 
+/// rpm-ostreed's well-known bus name.
 pub const RPM_OSTREE_NAME: &str = "org.projectatomic.rpmostree1";
+/// Path namespace of every rpm-ostree object; property changes under it are hints.
 pub const RPM_OSTREE_PATH_NAMESPACE: &str = "/org/projectatomic/rpmostree1";
+/// update_engine's well-known bus name (Flatcar).
 pub const UPDATE_ENGINE_NAME: &str = "com.coreos.update1";
 /// The object update_engine exports (its XML says `/com/coreos/update1/Manager`, but
 /// `dbus_constants.h` and the running service use this path).
 pub const UPDATE_ENGINE_PATH: &str = "/com/coreos/update1";
+/// update_engine's interface: the `GetStatus` method and the `StatusUpdate` signal.
 pub const UPDATE_ENGINE_INTERFACE: &str = "com.coreos.update1.Manager";
+/// systemd-logind's well-known bus name.
 pub const LOGIND_NAME: &str = "org.freedesktop.login1";
+/// logind's manager object.
 pub const LOGIND_PATH: &str = "/org/freedesktop/login1";
+/// logind's manager interface, which has `Inhibit`.
 pub const LOGIND_INTERFACE: &str = "org.freedesktop.login1.Manager";
 
+/// Why a D-Bus connection, signal subscription or method call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DbusError {
+    /// The system bus could not be reached.
     #[error("cannot connect to the system bus: {0}; the agent goes on without D-Bus hints (file-system events still work)")]
     Connect(Box<zbus::Error>),
+    /// A match rule for signals could not be built or registered.
     #[error("cannot subscribe to {what} signals: {error}")]
     Subscribe {
+        /// Which signals, e.g. `rpm-ostree` or `update_engine`.
         what: &'static str,
+        /// zbus's error.
         error: Box<zbus::Error>,
     },
+    /// A method call failed, or its reply did not have the expected type.
     #[error("{service}.{method} failed: {error}")]
     Call {
+        /// Bus name of the service called.
         service: &'static str,
+        /// The method's name, e.g. `GetStatus` or `Inhibit`.
         method: &'static str,
+        /// zbus's error.
         error: Box<zbus::Error>,
     },
 }
@@ -48,7 +64,11 @@ pub enum Hint {
     /// rpm-ostree changed something (a deployment, a transaction): look at the sysroot again.
     RpmOstree,
     /// update_engine's status, from `GetStatus` or a `StatusUpdate` signal.
-    UpdateEngine { current_operation: String },
+    UpdateEngine {
+        /// update_engine's `current_operation`, e.g. `UPDATE_STATUS_UPDATED_NEED_REBOOT`;
+        /// [`crate::watch::flatcar::update_engine_state`] maps it.
+        current_operation: String,
+    },
     /// update_engine left or joined the bus; its last status is no longer known.
     UpdateEngineGone,
 }
@@ -56,6 +76,7 @@ pub enum Hint {
 /// update_engine's `GetStatus`/`StatusUpdate` payload, as its XML declares it (`xdssx`).
 pub type UpdateEngineStatus = (i64, f64, String, String, i64);
 
+/// Connect to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured).
 pub fn system_bus() -> Result<Connection, DbusError> {
     Connection::system().map_err(|e| DbusError::Connect(Box::new(e)))
 }
@@ -89,6 +110,7 @@ pub fn rpm_ostree_rule() -> zbus::Result<MatchRule<'static>> {
         .build())
 }
 
+/// update_engine's `StatusUpdate` signals from its manager object.
 pub fn update_engine_rule() -> zbus::Result<MatchRule<'static>> {
     Ok(MatchRule::builder()
         .msg_type(MessageType::Signal)

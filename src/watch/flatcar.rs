@@ -30,7 +30,10 @@ pub const USR_B_PARTUUID: &str = "e03dd35c-7c2d-4a47-b3fe-27f15780a57c";
 /// GPT partition type of both USR partitions ("CoreOS /usr").
 pub const USR_PARTITION_TYPE: &str = "5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6";
 
+/// The kernel command line, from which the booted USR slot is read.
 pub const CMDLINE: &str = "/proc/cmdline";
+/// Host directory on the EFI system partition (mounted at `/boot`) that holds each slot's kernel,
+/// `vmlinuz-a` and `vmlinuz-b`.
 pub const KERNEL_DIR: &str = "/boot/flatcar";
 
 /// How much of a kernel image is read: the real-mode setup code that holds the boot protocol
@@ -47,47 +50,108 @@ const MIN_PROTOCOL: u16 = 0x0200;
 /// terminator further away than this is not a version string.
 const VERSION_STRING_MAX: usize = 512;
 
+/// Why the next boot's kernel could not be read on Flatcar, or a kernel image's release could not
+/// be read (the generic detector reads bzImage headers with the same code).
 #[derive(Debug, thiserror::Error)]
 pub enum FlatcarError {
+    /// The image lacks the `HdrS` boot protocol magic at 0x202: it is not an x86 bzImage.
     #[error(
         "not an x86 bzImage: expected the boot protocol magic \"HdrS\" at 0x202, found {found}"
     )]
-    NotBzImage { found: String },
+    NotBzImage {
+        /// The four bytes found there, in hex.
+        found: String,
+    },
+    /// The image ends before a header field the parser needs.
     #[error("the kernel image is cut short: its header needs {needed} bytes, found {len}")]
-    Truncated { needed: usize, len: usize },
+    Truncated {
+        /// Bytes the image must have to hold that field.
+        needed: usize,
+        /// Bytes it has (at most the 64 KiB that are read).
+        len: usize,
+    },
+    /// The boot protocol is older than 2.00, which added the pointer to the version string.
     #[error("boot protocol {major}.{minor:02} is older than 2.00 and carries no version string")]
-    OldProtocol { major: u8, minor: u8 },
+    OldProtocol {
+        /// Major version of the boot protocol.
+        major: u8,
+        /// Minor version of the boot protocol.
+        minor: u8,
+    },
+    /// The header's `kernel_version` pointer is 0: the image has no version string.
     #[error("the bzImage header has no version string (kernel_version is 0)")]
     NoVersionString,
+    /// The version string pointer lies at or past the end of the bytes read.
     #[error("the bzImage version string should start at byte {offset}, past the {len} bytes read")]
-    VersionOutOfRange { offset: usize, len: usize },
+    VersionOutOfRange {
+        /// File offset the pointer names (`kernel_version` + 0x200).
+        offset: usize,
+        /// Bytes read.
+        len: usize,
+    },
+    /// No NUL ends the version string within its first 512 bytes.
     #[error("the bzImage version string at byte {offset} has no NUL terminator within {VERSION_STRING_MAX} bytes")]
-    VersionUnterminated { offset: usize },
+    VersionUnterminated {
+        /// File offset of the version string.
+        offset: usize,
+    },
+    /// The version string's first word is not a kernel release.
     #[error("the bzImage version string is not a kernel release: {found:?}")]
-    BadRelease { found: String },
+    BadRelease {
+        /// The whole version string, invalid UTF-8 replaced.
+        found: String,
+    },
+    /// A header error, with the image file it came from.
     #[error("{path}: {error}")]
     Image {
+        /// The image's path on this machine (already under the root).
         path: PathBuf,
+        /// What is wrong with its header.
         error: Box<FlatcarError>,
     },
+    /// A file (the kernel command line, a kernel image) could not be read.
     #[error("cannot read {path}: {error}")]
-    Read { path: PathBuf, error: io::Error },
+    Read {
+        /// Its path on this machine (under the root).
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// No parameter of the kernel command line names a USR slot: probably not a Flatcar host.
     #[error("cannot tell the active USR partition from the kernel command line: expected verity.usr=, mount.usr= or usr= naming PARTUUID={USR_A_PARTUUID}/{USR_B_PARTUUID} or PARTLABEL=USR-A/USR-B, or BOOT_IMAGE=/flatcar/vmlinuz-a/-b; found {cmdline:?}. Is this a Flatcar host? Set [watch] detector to match the OS")]
-    NoUsrSlot { cmdline: String },
+    NoUsrSlot {
+        /// The command line, trimmed.
+        cmdline: String,
+    },
+    /// Two parameters of the kernel command line name different USR slots.
     #[error("the kernel command line names both USR-A and USR-B as /usr ({first} and {second}); fix the boot entry")]
-    ConflictingUsrSlot { first: String, second: String },
+    ConflictingUsrSlot {
+        /// The first parameter that named a slot, e.g. `verity.usr=PARTUUID=…`.
+        first: String,
+        /// A later parameter that names the other slot.
+        second: String,
+    },
+    /// update_engine says an update waits for a reboot, but the inactive slot has no kernel.
     #[error("update_engine says an update waits for a reboot, but {path} is missing; the update in slot {slot} looks incomplete: check `journalctl -u update-engine`")]
-    MissingKernel { path: PathBuf, slot: UsrSlot },
+    MissingKernel {
+        /// Host path of the missing kernel (`/boot/flatcar/vmlinuz-<slot>`).
+        path: PathBuf,
+        /// The inactive slot the update was written into.
+        slot: UsrSlot,
+    },
 }
 
 /// One of the two `/usr` slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum UsrSlot {
+    /// `USR-A`, booted with `/boot/flatcar/vmlinuz-a`.
     A,
+    /// `USR-B`, booted with `/boot/flatcar/vmlinuz-b`.
     B,
 }
 
 impl UsrSlot {
+    /// The other slot: the inactive one when `self` is the booted one.
     pub fn other(self) -> UsrSlot {
         match self {
             UsrSlot::A => UsrSlot::B,

@@ -13,8 +13,11 @@ use tracing::debug;
 
 use crate::host::Root;
 
+/// Why the file-system watcher could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum FsWatchError {
+    /// `inotify_init1` failed, most often because the per-user limit on inotify instances is
+    /// reached.
     #[error("cannot start inotify: {0}; is fs.inotify.max_user_instances exhausted?")]
     Init(std::io::Error),
 }

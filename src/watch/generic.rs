@@ -46,6 +46,7 @@ pub const LOADER_CONFS: [&str; 3] = [
     "/boot/efi/loader/loader.conf",
     "/boot/loader/loader.conf",
 ];
+/// Host directory of the installed kernels' module trees, one `<kernel release>/` each.
 pub const MODULES_DIR: &str = "/usr/lib/modules";
 
 /// A UKI's PE headers (DOS stub, NT headers, section table) lie in its first bytes.
@@ -57,42 +58,79 @@ const OSREL_MAX: u32 = 16 * 1024;
 /// A type #1 entry is a handful of lines.
 const ENTRY_MAX: u64 = 64 * 1024;
 
+/// Why the generic detector could not read the next boot's kernel, or a UKI's release.
 #[derive(Debug, thiserror::Error)]
 pub enum GenericError {
+    /// A UKI's first 64 KiB are neither a PE32+ nor a PE32 image.
     #[error("not a PE image (a UKI is an EFI PE executable): {detail}")]
-    NotPe { detail: String },
+    NotPe {
+        /// The PE32+ parser's error.
+        detail: String,
+    },
+    /// A PE section's file range runs past the end of the image.
     #[error(
         "the PE section {section} lies at bytes {offset}..{end}, past the {len} bytes of the image"
     )]
     SectionOutOfRange {
+        /// The section's name: `.uname`, `.osrel` or `.linux`.
         section: &'static str,
+        /// Where the section starts in the file.
         offset: u64,
+        /// Where the bytes to read would end: `offset` plus the size to read.
         end: u64,
+        /// The image's size in bytes.
         len: u64,
     },
+    /// The `.uname` section is larger than 256 bytes, too large to hold a kernel release.
     #[error("the PE section .uname holds {size} bytes; a kernel release is at most 64")]
-    UnameTooLarge { size: u32 },
+    UnameTooLarge {
+        /// The section's size in bytes.
+        size: u32,
+    },
+    /// A UKI has neither a `.uname` section nor a `.linux` section to read its release from.
     #[error("the image has neither a .uname section nor a .linux section with a bzImage header; rebuild the UKI with `ukify build --uname=…`")]
     NoUname,
+    /// The `.uname` section's text is not a kernel release.
     #[error("the .uname section is not a kernel release: {found:?}")]
-    BadUname { found: String },
+    BadUname {
+        /// The section's text, invalid UTF-8 replaced.
+        found: String,
+    },
+    /// A UKI without `.uname`: the bzImage header at the start of its `.linux` section could not be
+    /// read.
     #[error("the .linux section's bzImage header: {0}")]
     EmbeddedKernel(crate::watch::flatcar::FlatcarError),
+    /// An error in one image, with that image's path. Nothing in this module constructs it at
+    /// present: `read_boot_entries` keeps per-entry errors as text in [`BootEntry::release`].
     #[error("{path}: {error}")]
     Image {
+        /// Path of the image.
         path: PathBuf,
+        /// What is wrong with it.
         error: Box<GenericError>,
     },
+    /// A directory, boot entry or UKI could not be read.
     #[error("cannot read {path}: {error}")]
-    Read { path: PathBuf, error: io::Error },
+    Read {
+        /// Its path on this machine (under the root).
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The default boot entry's kernel release could not be read.
     #[error(
         "the default boot entry {entry} boots {kernel}, whose release cannot be read: {reason}"
     )]
     DefaultUnreadable {
+        /// Host path of the entry file (the `.conf` or the `.efi`).
         entry: PathBuf,
+        /// Host path of the kernel it boots (the UKI itself for a type #2 entry).
         kernel: PathBuf,
+        /// Why the release could not be read.
         reason: String,
     },
+    /// There is no boot entry, and no kernel under `/usr/lib/modules` has an image: nothing could
+    /// be the next kernel.
     #[error("no boot entry (UKI in EFI/Linux, type #1 in loader/entries) and no kernel under {MODULES_DIR} with an image in /boot or beside its modules")]
     NothingBootable,
 }
@@ -113,12 +151,19 @@ pub struct BootEntry {
     pub id: String,
     /// Host path of the entry file (the `.conf` or the `.efi`).
     pub path: PathBuf,
+    /// `sort-key` of a type #1 entry, or `IMAGE_ID` (else `ID`) of a UKI's `.osrel`; entries with
+    /// one sort first, by it.
     pub sort_key: Option<String>,
+    /// `machine-id` of a type #1 entry (always `None` for a UKI); compared after `sort_key`.
     pub machine_id: Option<String>,
+    /// `version` of a type #1 entry, or `IMAGE_VERSION`, `VERSION`, `VERSION_ID` or `BUILD_ID` of a
+    /// UKI's `.osrel`; newest first after `machine_id`.
     pub version: Option<String>,
     /// Boot counting (`name+LEFT-DONE.conf`): tries left and done, when counted.
     pub tries_left: Option<u32>,
+    /// Boot counting: tries done, when the file name counts them (`+LEFT-DONE`).
     pub tries_done: Option<u32>,
+    /// What kind of entry it is, and the kernel it boots.
     pub kernel: EntryKernel,
     /// The kernel's release, or why it could not be read.
     pub release: Result<String, String>,

@@ -41,17 +41,25 @@ use crate::host::{OsFamily, OsRelease, Root};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Family {
+    /// rpm-ostree and other ostree hosts: the staged or default deployment (`watch::ostree`).
     Ostree,
+    /// Flatcar: the kernel in the inactive USR slot (`watch::flatcar`).
     Flatcar,
+    /// Any other systemd host: the default boot entry, else the newest installed kernel
+    /// (`watch::generic`).
     Generic,
 }
 
+/// Why the next boot's kernel could not be read: the error of the detector that ran.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
+    /// The ostree detector failed.
     #[error(transparent)]
     Ostree(#[from] ostree::OstreeError),
+    /// The Flatcar detector failed.
     #[error(transparent)]
     Flatcar(#[from] flatcar::FlatcarError),
+    /// The generic detector failed.
     #[error(transparent)]
     Generic(#[from] generic::GenericError),
 }

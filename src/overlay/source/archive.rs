@@ -34,9 +34,13 @@ const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 /// How an archive is compressed, from its first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
+    /// A plain tar (`ustar` magic at byte 257).
     None,
+    /// gzip (`1f 8b`); concatenated members are read as one stream.
     Gzip,
+    /// xz (`fd 37 7a 58 5a 00`); concatenated streams are read as one.
     Xz,
+    /// zstd (`28 b5 2f fd`).
     Zstd,
 }
 
@@ -66,46 +70,101 @@ pub struct Limits {
     pub max_entries: u64,
 }
 
+/// Why an archive was refused or could not be unpacked. Every `archive` is the name the
+/// caller gave for messages (a path, a URL, or an OCI reference with its digest).
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
+    /// The first bytes match no supported compression and no tar header.
     #[error("{archive}: not a tar archive (plain, gzip, xz or zstd); the first bytes are {head}")]
-    NotAnArchive { archive: String, head: String },
+    NotAnArchive {
+        /// The archive's name for messages.
+        archive: String,
+        /// Its first (up to 8) bytes, in hex.
+        head: String,
+    },
+    /// Reading, decompressing or parsing the tar stream failed (corrupt or truncated input).
     #[error("{archive}: cannot read the archive: {error}; it is corrupt or truncated")]
-    Read { archive: String, error: io::Error },
+    Read {
+        /// The archive's name for messages.
+        archive: String,
+        /// The read or decoder error.
+        error: io::Error,
+    },
+    /// An entry is unsafe or malformed: an absolute path, `..`, a control character, a hard
+    /// link, device node or fifo, a setuid/setgid/sticky mode, an escaping symlink, a path
+    /// beneath a file or link, or a duplicate.
     #[error("{archive}: entry {entry:?} {why}; the archive is refused")]
     Refused {
+        /// The archive's name for messages.
         archive: String,
+        /// The entry's path (as in the archive when the path itself is the problem).
         entry: PathBuf,
+        /// What is wrong with it.
         why: Cow<'static, str>,
     },
+    /// The decompressed stream, the entry count, the manifest or the signature exceeds its
+    /// bound.
     #[error("{archive}: unpacks to more than {limit} {what}; raise stage.max-download-bytes if the overlay really is that large")]
     TooLarge {
+        /// The archive's name for messages.
         archive: String,
+        /// The bound that was exceeded.
         limit: u64,
+        /// Its unit: `bytes`, `entries`, `bytes of manifest` or `bytes of signature`.
         what: &'static str,
     },
+    /// A file's content ended before the size its tar header gives.
     #[error("{archive}: entry {entry:?} ends after {found} of its {expected} bytes: the archive is truncated")]
     Truncated {
+        /// The archive's name for messages.
         archive: String,
+        /// The file's path in the overlay.
         entry: PathBuf,
+        /// The size its header gives.
         expected: u64,
+        /// The bytes actually read.
         found: u64,
     },
+    /// The archive has no `overlay.toml` at its top.
     #[error("{archive}: no {MANIFEST_NAME} in the archive; an overlay archive holds {MANIFEST_NAME} at its top")]
-    NoManifest { archive: String },
+    NoManifest {
+        /// The archive's name for messages.
+        archive: String,
+    },
+    /// The archive's manifest is for another kernel release, driver version or architecture
+    /// than the key asked for.
     #[error("{archive}: {MANIFEST_NAME} says {field} {found:?}, but {expected:?} was asked for; the source template points at the wrong overlay")]
     WrongOverlay {
+        /// The archive's name for messages.
         archive: String,
+        /// The manifest key that differs (`kernel-release`, `driver-version` or `arch`).
         field: &'static str,
+        /// The key's value.
         expected: String,
+        /// The manifest's value.
         found: String,
     },
+    /// The archive's `overlay.toml` does not parse or validate.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The unpacked contents do not match the manifest (unlisted, missing, wrong size, digest,
+    /// type or link target); paths in `error` are relative to the overlay root.
     #[error("{archive}: {error}")]
-    Verify { archive: String, error: VerifyError },
+    Verify {
+        /// The archive's name for messages.
+        archive: String,
+        /// The mismatch.
+        error: VerifyError,
+    },
+    /// Creating, writing or syncing something in the staging directory failed: a problem of
+    /// this host, not of the archive.
     #[error("{path}: cannot write: {error}")]
-    Write { path: PathBuf, error: io::Error },
+    Write {
+        /// The file or directory in the staging directory.
+        path: PathBuf,
+        /// The OS error.
+        error: io::Error,
+    },
 }
 
 impl ArchiveError {
@@ -118,6 +177,7 @@ impl ArchiveError {
 /// What an archive unpacked to.
 #[derive(Debug)]
 pub struct Extracted {
+    /// The archive's parsed manifest (checked against the key).
     pub manifest: Manifest,
     /// Bytes of file content written.
     pub bytes: u64,

@@ -25,6 +25,7 @@ use crate::fsutil::write_atomic;
 /// have made progress).
 const MAX_ATTEMPTS: u32 = 5;
 
+/// The bounds every [`download`] runs under.
 #[derive(Clone, Copy, Debug)]
 pub struct FetchLimits {
     /// Bytes of the archive as served.
@@ -46,40 +47,85 @@ impl FetchLimits {
     }
 }
 
+/// Why a [`download`] failed. Every `url` is the URL as asked for (not where a redirect led).
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// The server answered 404 or 410; the part is removed. The source simply lacks the
+    /// overlay, so the next source is tried.
     #[error("{url}: the server has no such file (HTTP {status})")]
-    NotFound { url: String, status: u16 },
+    NotFound {
+        /// The URL asked for.
+        url: String,
+        /// The HTTP status (404 or 410).
+        status: u16,
+    },
+    /// The URL, or a redirect, is plain `http://` and `stage.allow-http` is off.
     #[error("{url}: plain http is refused; use https, or set stage.allow-http = true (the overlay is verified against its manifest either way)")]
-    HttpRefused { url: String },
+    HttpRefused {
+        /// The URL asked for.
+        url: String,
+    },
+    /// The server answered another status than 200, 206, 404, 410 or 416 (the part is
+    /// removed), or partial responses forced more than 5 restarts from zero.
     #[error("{url}: the server answered HTTP {status}; expected 200 or 206")]
-    Status { url: String, status: u16 },
+    Status {
+        /// The URL asked for.
+        url: String,
+        /// The last HTTP status received.
+        status: u16,
+    },
+    /// The file is larger than `stage.max-download-bytes`, as announced by the server or
+    /// found while receiving it; the part is removed.
     #[error("{url}: the archive is larger than stage.max-download-bytes ({limit} bytes){}; raise the limit if it really is that large", announced.map(|n| format!(": the server announces {n} bytes")).unwrap_or_default())]
     TooLarge {
+        /// The URL asked for.
         url: String,
+        /// The limit in bytes ([`FetchLimits::max_bytes`]).
         limit: u64,
+        /// The size the server announced, or `None` when the limit was crossed while
+        /// receiving.
         announced: Option<u64>,
     },
+    /// The whole download, resumes included, ran past [`FetchLimits::timeout`]; the part is
+    /// kept for the next call to resume.
     #[error("{url}: not finished after {:?} (stage.download-timeout-secs), {received} bytes in; the part is kept and the next stage resumes it", timeout)]
     TimedOut {
+        /// The URL asked for.
         url: String,
+        /// The deadline that passed ([`FetchLimits::timeout`]).
         timeout: Duration,
+        /// Bytes the part held when time ran out.
         received: u64,
     },
+    /// The body ended early and could not be resumed: an attempt made no progress or 5
+    /// requests were used up. The part is kept for the next call.
     #[error("{url}: the connection dropped {attempts} times without finishing ({received} bytes in); the part is kept and the next stage resumes it: {error}")]
     Interrupted {
+        /// The URL asked for.
         url: String,
+        /// Requests made in this call (restarts from zero included).
         attempts: u32,
+        /// Bytes the part held when the last connection dropped.
         received: u64,
+        /// Why the last body read ended (`UnexpectedEof` when it just ended short).
         error: io::Error,
     },
+    /// The request failed before a status came back (DNS, connect, TLS, redirect loop, …).
     #[error("{url}: {error}")]
     Http {
+        /// The URL asked for.
         url: String,
+        /// ureq's error.
         error: Box<ureq::Error>,
     },
+    /// Writing the part file or its `.meta` file failed.
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: io::Error },
+    Io {
+        /// The part file (also named when its `.meta` file failed).
+        path: PathBuf,
+        /// The OS error.
+        error: io::Error,
+    },
 }
 
 /// What [`download`] did.

@@ -96,58 +96,103 @@ pub fn unknown_placeholders(template: &str) -> Vec<String> {
 /// Why one source did not give the overlay.
 #[derive(Debug, thiserror::Error)]
 pub enum AttemptError {
+    /// A local source (directory or archive) does not exist.
     #[error("{path} does not exist")]
-    Missing { path: PathBuf },
+    Missing {
+        /// The expanded source, as a host path (not under `--root`).
+        path: PathBuf,
+    },
+    /// A local source exists but (after following links) is neither a directory nor a
+    /// regular file.
     #[error("{path} is neither a directory nor a regular file")]
-    NotAFileOrDirectory { path: PathBuf },
+    NotAFileOrDirectory {
+        /// The expanded source, as a host path.
+        path: PathBuf,
+    },
+    /// The template has `{word}` placeholders other than `{kernel}`, `{driver}`, `{arch}` and
+    /// `{os}` (the list, as written).
     #[error("unknown placeholder {placeholders}; templates may use {{kernel}}, {{driver}}, {{arch}} and {{os}}", placeholders = .0.join(", "))]
     UnknownPlaceholder(Vec<String>),
+    /// The expanded source is neither an absolute path nor an `http(s)://` or `oci://` URL.
     #[error(
         "not a source: expected an absolute path (directory or tar archive), an https:// URL or an oci:// reference"
     )]
     Unsupported,
+    /// The source is `oci://` but this binary was built without the `oci` feature.
     #[error(
         "oci:// sources need nvdriver-agent built with the `oci` feature (the packages have it)"
     )]
     OciNotBuilt,
+    /// Resolving, fetching or unpacking an `oci://` reference failed.
     #[cfg(feature = "oci")]
     #[error(transparent)]
     Oci(#[from] crate::overlay::source::oci::OciError),
+    /// The source's manifest (a directory's, or the one generated from an image) is for
+    /// another kernel release, driver version or architecture than asked for.
     #[error("{path}: {MANIFEST} is for {field} {found:?}, but {expected:?} was asked for; the source template points at the wrong overlay", MANIFEST = crate::overlay::MANIFEST_NAME)]
     WrongOverlay {
+        /// The source directory (host path), or the image's reference and digest.
         path: PathBuf,
+        /// The manifest key that differs (`kernel-release`, `driver-version` or `arch`).
         field: &'static str,
+        /// The value asked for.
         expected: String,
+        /// The manifest's value.
         found: String,
     },
+    /// A local archive is larger than `stage.max-download-bytes`.
     #[error("{path}: the archive is {size} bytes, larger than stage.max-download-bytes ({limit})")]
     TooLarge {
+        /// The archive, as a host path.
         path: PathBuf,
+        /// Its size in bytes.
         size: u64,
+        /// `stage.max-download-bytes`.
         limit: u64,
     },
+    /// Downloading an `http(s)://` source failed (404 is a plain "not found").
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    /// An archive (local, downloaded, or an OCI overlay layer) was refused or could not be
+    /// unpacked.
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    /// Reading a directory's manifest, staging into or publishing to the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A directory source, or an overlay built from an image, does not match its manifest.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// A module cannot be read, was built for another kernel, or is not the module its file
+    /// name says ([`check_modules`]).
     #[error(transparent)]
     Module(#[from] ModinfoError),
+    /// The signature policy refused the overlay, or a signature file could not be read.
     #[error(transparent)]
     Signature(#[from] SignatureError),
+    /// The target kernel only loads signed modules (see [`crate::overlay::enforce`]) and some
+    /// of the overlay's modules carry no signature.
     #[error("kernel {kernel} only loads signed modules ({reason}), but these are unsigned: {modules}; sign them with a key the kernel trusts (enrolled MOK or built-in keyring) and repack")]
     UnsignedModules {
+        /// The target kernel release.
         kernel: String,
+        /// Why it enforces signatures ([`crate::overlay::enforce::enforcement_reason`]).
         reason: String,
+        /// The unsigned modules' overlay paths, comma-separated.
         modules: String,
     },
+    /// Building an overlay from a plain image's modules and firmware failed.
     #[error("building the overlay from the image: {0}")]
     Pack(Box<crate::overlay::pack::PackError>),
+    /// Opening a source or a download, reading a signature file, or creating a download or
+    /// scratch directory failed.
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: io::Error },
+    Io {
+        /// What was being opened, read or created.
+        path: PathBuf,
+        /// The OS error.
+        error: io::Error,
+    },
 }
 
 impl AttemptError {
@@ -186,6 +231,7 @@ impl AttemptError {
 pub struct SourceAttempt {
     /// The expanded source.
     pub source: String,
+    /// Why it did not give the overlay.
     pub error: AttemptError,
 }
 
@@ -205,6 +251,7 @@ impl fmt::Display for SourceAttempt {
 pub struct StageReport {
     /// The source the overlay came from (the store's directory when it was there already).
     pub source: String,
+    /// What the store did: imported, already present, or replaced.
     pub outcome: ImportOutcome,
     /// The sources tried before it, with why each did not give the overlay.
     pub tried: Vec<SourceAttempt>,
@@ -212,22 +259,32 @@ pub struct StageReport {
     pub digest: Option<String>,
 }
 
+/// Why [`stage`] did not put the overlay into the store.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// Every source said it does not have the overlay ([`AttemptError::is_not_found`]).
     #[error("no source has the overlay for {key}; tried:{}", list(tried))]
     NotFound {
+        /// The overlay asked for.
         key: OverlayKey,
+        /// Every source, in configured order, with its error.
         tried: Vec<SourceAttempt>,
     },
+    /// Every source failed, and at least one for another reason than not having it.
     #[error("no source gave a valid overlay for {key}; tried:{}", list(tried))]
     Failed {
+        /// The overlay asked for.
         key: OverlayKey,
+        /// Every source, in configured order, with its error.
         tried: Vec<SourceAttempt>,
     },
+    /// `[stage] sources` is empty.
     #[error("stage.sources is empty; add where overlays come from to [stage] sources in /etc/nvdriver-agent/config.toml")]
     NoSources,
+    /// Locking the store or removing an interrupted stage's leftovers failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The trusted keys could not be loaded.
     #[error(transparent)]
     Trust(#[from] SignatureError),
 }
@@ -324,7 +381,9 @@ pub fn stage(
 
 /// The signature policy with the trusted keys it checks against.
 pub struct Trust {
+    /// `trust.signatures`: whether a signature is ignored, checked when present, or required.
     pub policy: SignaturePolicy,
+    /// The keys a signature must be made with; empty when the policy is `off`.
     pub keys: Vec<TrustedKey>,
     /// Why the target kernel only loads signed modules (see [`crate::overlay::enforce`]), if it does.
     pub signed_modules_required: Option<String>,

@@ -51,7 +51,9 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 pub struct Reference {
     /// `host[:port]`.
     pub registry: String,
+    /// The repository path on the registry (`nvidia/driver`): lower-case, `/`-separated.
     pub repository: String,
+    /// The tag after the last `:`, when given.
     pub tag: Option<String>,
     /// `sha256:<hex>`.
     pub digest: Option<String>,
@@ -70,67 +72,141 @@ impl std::fmt::Display for Reference {
     }
 }
 
+/// Why an `oci://` reference could not be resolved, fetched or unpacked.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
+    /// The text is not `oci://registry/repository:tag` or `…@sha256:<hex>`.
     #[error("{reference:?} is not an OCI reference: {why}; expected oci://registry/repository:tag or oci://registry/repository@sha256:<64 hex digits>")]
     BadReference {
+        /// The text as given.
         reference: String,
+        /// Which part is wrong.
         why: &'static str,
     },
+    /// The registry answered 404 for a manifest or blob.
     #[error("{url}: not in the registry (HTTP {status})")]
-    NotFound { url: String, status: u16 },
+    NotFound {
+        /// The URL requested.
+        url: String,
+        /// The HTTP status (404).
+        status: u16,
+    },
+    /// The registry or its token service answered 401 or 403, after any auth challenge
+    /// was answered.
     #[error("{url}: the registry refused access (HTTP {status}){hint}")]
     Unauthorized {
+        /// The registry or token-service URL requested.
         url: String,
+        /// The HTTP status.
         status: u16,
+        /// What to do about the credentials, starting with `; `.
         hint: String,
     },
+    /// The registry answered another status than 200, 401, 403 or 404.
     #[error("{url}: the registry answered HTTP {status}; expected 200")]
-    Status { url: String, status: u16 },
+    Status {
+        /// The URL requested.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// A manifest or blob hashed to another digest than the one asked for (or, by tag, than
+    /// the registry's `Docker-Content-Digest`).
     #[error("{what}: sha256 is {found}, but {expected} was expected: the registry served different bytes than the manifest names (tampered or corrupt); nothing was staged")]
     DigestMismatch {
+        /// The manifest or blob, as `manifest <host/path>` or `blob <host/path>`.
         what: String,
+        /// The digest expected (`sha256:<hex>`).
         expected: String,
+        /// The digest computed (`sha256:<hex>`).
         found: String,
     },
+    /// A manifest, token response or blob is larger than allowed, the image's layers add up
+    /// to more than `stage.max-download-bytes`, or applying the layers exceeds its bounds.
     #[error("{what} is larger than {limit} bytes{}", hint)]
     TooLarge {
+        /// What was too large.
         what: String,
+        /// The bound in bytes (or entries, for an image's entry count).
         limit: u64,
+        /// A remedy or explanation to append (may be empty).
         hint: &'static str,
     },
+    /// The pull ran past its one deadline (`stage.download-timeout-secs`).
     #[error("{reference}: not finished after {timeout:?} (stage.download-timeout-secs)")]
     TimedOut {
+        /// The reference being pulled.
         reference: String,
+        /// The deadline that passed.
         timeout: Duration,
     },
+    /// The image index has no `linux/<arch>` entry.
     #[error("{url}: the image index has no linux/{arch} image (it has: {found})")]
     NoPlatform {
+        /// The index, as `host/v2/<repository>/manifests/<ref>`.
         url: String,
+        /// The OCI architecture looked for (`amd64`, `arm64`, …).
         arch: String,
+        /// The `os/architecture` pairs the index lists, comma-separated.
         found: String,
     },
+    /// A manifest is not JSON, has no layers or malformed digests, or a Bearer challenge or
+    /// token response is unusable (no realm, plain-http realm, not JSON).
     #[error("{url}: not a usable image manifest: {why}")]
-    BadManifest { url: String, why: String },
-    #[error("{path}: not a containers auth.json: {why}")]
-    BadAuthFile { path: PathBuf, why: String },
-    #[error("{reference}: the image has no NVIDIA modules for kernel {kernel} (looked in lib/modules/{kernel} and usr/lib/modules/{kernel})")]
-    NoModules { reference: String, kernel: String },
-    #[error("{layer}: entry {entry:?} {why}; the image is refused")]
-    Layer {
-        layer: String,
-        entry: PathBuf,
+    BadManifest {
+        /// The manifest, endpoint or token URL concerned.
+        url: String,
+        /// What is wrong.
         why: String,
     },
+    /// `auth.json` is not valid JSON or an `auth` value is not base64 of `user:password`.
+    #[error("{path}: not a containers auth.json: {why}")]
+    BadAuthFile {
+        /// The file, as a host path ([`AUTH_FILE`]).
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A plain image (shape b) has no module directory for the target kernel, or no NVIDIA
+    /// modules in it.
+    #[error("{reference}: the image has no NVIDIA modules for kernel {kernel} (looked in lib/modules/{kernel} and usr/lib/modules/{kernel})")]
+    NoModules {
+        /// The reference with its digest.
+        reference: String,
+        /// The target kernel release.
+        kernel: String,
+    },
+    /// A layer entry's path is absolute, contains `..` or a control character, or resolves
+    /// through too many or unreadable symlinks.
+    #[error("{layer}: entry {entry:?} {why}; the image is refused")]
+    Layer {
+        /// The layer blob's file name.
+        layer: String,
+        /// The entry's path.
+        entry: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Every endpoint (mirrors, then the registry) failed; each with its own error.
     #[error("every endpoint failed:{}", .tried.iter().map(|(host, e)| format!("\n    {host}: {e}")).collect::<String>())]
-    Endpoints { tried: Vec<(String, OciError)> },
+    Endpoints {
+        /// `(host[:port], error)` per endpoint, in the order tried.
+        tried: Vec<(String, OciError)>,
+    },
+    /// A layer blob is not a tar in a supported compression, or its stream could not be
+    /// decoded.
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    /// A request failed before a status came back (DNS, connect, TLS, redirects, …).
     #[error("{url}: {error}")]
     Http {
+        /// The URL requested.
         url: String,
+        /// ureq's error.
         error: Box<ureq::Error>,
     },
+    /// Reading `auth.json`, a response body or a layer, or writing a blob or the scratch
+    /// tree, failed.
     #[error(transparent)]
     Io(#[from] PathIoError),
 }
@@ -320,17 +396,25 @@ impl Credentials {
 /// An OCI descriptor (the fields used).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Descriptor {
+    /// `mediaType`; empty when absent. Not looked at: a layer's content decides its shape.
+
     #[serde(rename = "mediaType", default)]
     pub media_type: String,
+    /// The content's digest, `sha256:<hex>` (checked before use).
     pub digest: String,
+    /// The content's size in bytes, as the manifest gives it.
     pub size: u64,
+    /// In an image index: the platform the entry is for.
     #[serde(default)]
     pub platform: Option<Platform>,
 }
 
+/// The platform of an image-index entry (the fields used).
 #[derive(Clone, Debug, Deserialize)]
 pub struct Platform {
+    /// OCI's architecture name (`amd64`, `arm64`; see [`oci_arch`]).
     pub architecture: String,
+    /// The operating system (`linux`).
     pub os: String,
 }
 
@@ -353,6 +437,7 @@ pub struct Resolved {
     pub digest: String,
     /// Digest of the platform's image manifest.
     pub manifest_digest: String,
+    /// The image's layers, in the order they apply.
     pub layers: Vec<Descriptor>,
 }
 
@@ -380,6 +465,8 @@ pub struct Client<'a> {
 }
 
 impl<'a> Client<'a> {
+    /// A client for pulling `reference` (named in timeout messages): `timeout` is the
+    /// deadline for the whole pull, starting now; `max_bytes` bounds the sum of the layers.
     pub fn new(
         settings: &'a OciSettings,
         credentials: &'a Credentials,
@@ -938,7 +1025,9 @@ pub fn resolve_in(scratch: &Path, path: &Path) -> Result<PathBuf, &'static str> 
 /// Bounds on applying an image's layers.
 #[derive(Clone, Copy, Debug)]
 pub struct ApplyLimits {
+    /// Bytes of module and firmware files written (other files are not written or counted).
     pub max_unpacked_bytes: u64,
+    /// Entries of any kind, over all layers together.
     pub max_entries: u64,
 }
 

@@ -27,7 +27,9 @@ fn malformed(what: impl Into<String>) -> GVariantError {
 /// A `v` split into its type string and the serialised value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Variant<'a> {
+    /// The value's GVariant type string, e.g. `s`, `b` or `a{sv}`.
     pub type_string: &'a str,
+    /// The value's serialised bytes, without the NUL and the type string that follow them.
     pub data: &'a [u8],
 }
 

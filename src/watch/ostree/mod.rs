@@ -84,81 +84,153 @@ const BOOT_ENTRY_MAX_BYTES: u64 = 1 << 20;
 /// Symlink hops allowed while resolving a path under the root (the kernel's `ELOOP` limit).
 const MAX_SYMLINK_HOPS: usize = 40;
 
+/// Why the deployment the next boot runs, or its kernel release, could not be read on an ostree
+/// host.
 #[derive(Debug, thiserror::Error)]
 pub enum OstreeError {
+    /// A file, directory or symlink of the sysroot could not be read (a missing staged-deployment
+    /// record or entries directory is not an error).
     #[error("cannot read {path}: {error}")]
-    Read { path: PathBuf, error: io::Error },
+    Read {
+        /// Host path that could not be read.
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// Nothing names a deployment to boot: no staged-deployment record and no `ostree-*.conf`
+    /// bootloader entry.
     #[error(
         "no deployment to boot: no staged deployment ({STAGED_DEPLOYMENT}) and no ostree \
          bootloader entry (ostree-*.conf) in {entries}; expected at least one on an ostree \
          host; check `rpm-ostree status` (or `ostree admin status`) and that /boot is mounted"
     )]
-    NoDeployment { entries: PathBuf },
+    NoDeployment {
+        /// Host path of the bootloader entries directory that was searched ([`LOADER_ENTRIES`]).
+        entries: PathBuf,
+    },
+    /// The default bootloader entry has no `ostree=` kernel argument in its `options` line.
     #[error(
         "bootloader entry {path} has no ostree= kernel argument in its options line; expected \
          ostree=/ostree/boot.N/<stateroot>/<bootcsum>/<serial> as ostree writes it; the entry \
          was not written by ostree, or was edited"
     )]
-    NoOstreeArgument { path: PathBuf },
+    NoOstreeArgument {
+        /// Host path of the bootloader entry (`/boot/loader/entries/ostree-*.conf`).
+        path: PathBuf,
+    },
+    /// The default entry's `ostree=` argument is not
+    /// `/ostree/boot.N/<stateroot>/<bootcsum>/<serial>`.
     #[error(
         "invalid ostree= argument '{value}' in {path}: expected \
          /ostree/boot.N/<stateroot>/<bootcsum>/<serial> (N is 0 or 1)"
     )]
-    BadBootlink { path: PathBuf, value: String },
+    BadBootlink {
+        /// Host path of the bootloader entry (`/boot/loader/entries/ostree-*.conf`).
+        path: PathBuf,
+        /// The `ostree=` argument as found.
+        value: String,
+    },
+    /// The bootlink's symlink target does not end in a `<checksum>.<serial>` deployment name.
     #[error(
         "{path} points at '{name}', which is not a deployment name: expected <checksum>.<serial> \
          (lowercase hex, a dot, a number)"
     )]
-    BadDeploymentName { path: PathBuf, name: String },
+    BadDeploymentName {
+        /// Host path of the bootlink symlink (`/ostree/boot.N/<stateroot>/<bootcsum>/<serial>`).
+        path: PathBuf,
+        /// The symlink's whole target, as read.
+        name: String,
+    },
+    /// [`STAGED_DEPLOYMENT`] exists but is not a record libostree writes.
     #[error(
         "{path} is not the staged-deployment record libostree writes (a GVariant a{{sv}} with a \
          'target' a{{sv}} of strings 'name', 'osname', 'bootcsum'): {reason}; \
          `ostree admin status` shows what ostree makes of it"
     )]
-    StagedDeployment { path: PathBuf, reason: String },
+    StagedDeployment {
+        /// Host path of the record.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The staged-deployment record or a bootloader entry is larger than the agent reads (1 MiB).
     #[error(
         "{path} is {size} bytes, more than the {limit} a staged-deployment record can be; \
          refusing to read it"
     )]
     TooLarge {
+        /// Host path of the file.
         path: PathBuf,
+        /// Bytes read from it: reading stops at `limit` + 1, so this is not the file's full size.
         size: u64,
+        /// The largest size accepted, in bytes.
         limit: u64,
     },
+    /// The deployment directory that the staged-deployment record or the default bootloader entry
+    /// names does not exist.
     #[error(
         "the {which} deployment {deployment} does not exist (named by {named_by}); the sysroot \
          changed while it was read (read it again), or it is damaged: see `ostree admin status`"
     )]
     DeploymentMissing {
+        /// `"staged"` or `"default"`: which deployment it is.
         which: &'static str,
+        /// Host path of the deployment directory
+        /// (`/ostree/deploy/<stateroot>/deploy/<csum>.<serial>`).
         deployment: PathBuf,
+        /// Host path of what named it: the staged-deployment record or a bootloader entry.
         named_by: PathBuf,
     },
+    /// The next boot's deployment has no `usr/lib/modules` directory, so its kernel release is
+    /// unknown.
     #[error(
         "the {which} deployment {deployment} has no usr/lib/modules directory: expected \
          usr/lib/modules/<kernel release>/vmlinuz, where Fedora CoreOS and RHCOS ship the \
          kernel; its kernel release cannot be known"
     )]
     NoModuleTree {
+        /// `"staged"` or `"default"`: which deployment it is.
         which: &'static str,
+        /// Host path of the deployment directory.
         deployment: PathBuf,
     },
+    /// No directory in the deployment's `usr/lib/modules` holds a `vmlinuz`.
     #[error(
         "no kernel in {modules}: expected one directory <kernel release> holding a vmlinuz, \
          found {found}"
     )]
-    NoKernel { modules: PathBuf, found: String },
+    NoKernel {
+        /// Host path of that `usr/lib/modules` directory.
+        modules: PathBuf,
+        /// What it holds instead, for the message: "an empty directory" or the names found.
+        found: String,
+    },
+    /// More than one directory in the deployment's `usr/lib/modules` holds a `vmlinuz`.
     #[error(
         "several kernels in {modules} ({releases}): expected exactly one directory holding a \
          vmlinuz, as ostree requires; the deployment was not built for ostree"
     )]
-    SeveralKernels { modules: PathBuf, releases: String },
+    SeveralKernels {
+        /// Host path of that `usr/lib/modules` directory.
+        modules: PathBuf,
+        /// The kernel releases found, comma-separated.
+        releases: String,
+    },
+    /// A name in a deployment's `usr/lib/modules` is not UTF-8, so it cannot be a kernel release.
     #[error("name '{name}' in {dir} is not UTF-8; a kernel release or stateroot must be")]
-    NotUtf8 { dir: PathBuf, name: String },
+    NotUtf8 {
+        /// Host path of the directory holding it.
+        dir: PathBuf,
+        /// The name, with invalid bytes replaced.
+        name: String,
+    },
+    /// libostree could not load the sysroot (only with the cargo feature `ostree`).
     #[cfg(feature = "ostree")]
     #[error("libostree cannot load the sysroot {sysroot}: {error}")]
     Libostree {
+        /// Real path of the sysroot handed to libostree: the root directory.
         sysroot: PathBuf,
+        /// libostree's error.
         error: ::ostree::glib::Error,
     },
 }
@@ -192,6 +264,7 @@ impl DeploymentId {
 /// The deployment the next boot runs, and where that was read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingDeployment {
+    /// Which deployment: its stateroot, commit checksum and serial.
     pub id: DeploymentId,
     /// Host path of its root directory (libostree's `deployment_dirpath`, made absolute).
     pub dir: PathBuf,
@@ -215,7 +288,9 @@ impl PendingDeployment {
 /// The staged deployment as recorded in [`STAGED_DEPLOYMENT`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StagedDeployment {
+    /// The staged deployment: `target`'s `osname` and `name` (`<csum>.<serial>`).
     pub target: DeploymentId,
+    /// `target`'s `bootcsum`: the checksum of the deployment's kernel and initramfs.
     pub bootcsum: String,
     /// ostree ≥ 2023.8 keeps the finalization lock in the record too.
     pub locked: bool,
@@ -233,9 +308,13 @@ pub struct BootEntry {
 /// A parsed `ostree=/ostree/boot.N/<stateroot>/<bootcsum>/<serial>` kernel argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bootlink {
+    /// `N` of `boot.N`: which of ostree's two boot versions (0 or 1) the entry belongs to.
     pub bootversion: u8,
+    /// The stateroot ("osname"), e.g. `fedora-coreos`.
     pub stateroot: String,
+    /// The checksum of the deployment's kernel and initramfs.
     pub bootcsum: String,
+    /// Tells apart the deployments that share the same kernel and initramfs (`bootcsum`).
     pub treebootserial: u32,
 }
 
@@ -546,6 +625,7 @@ pub fn parse_deployment_name(name: &str) -> Option<(String, u32)> {
 /// One entry of a deployment's `usr/lib/modules`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModulesDirEntry {
+    /// The entry's file name: a kernel release when it holds a `vmlinuz`.
     pub name: String,
     /// The entry is a directory holding a `vmlinuz`.
     pub has_vmlinuz: bool,
