@@ -1087,6 +1087,12 @@ pub fn apply_layers(
                 continue;
             }
             if let Some(hidden) = file_name.strip_prefix(".wh.") {
+                // `.wh.`, `.wh..` and `.wh...` name no file: joined, they would remove the
+                // directory itself or the one above `scratch` (the OCI image spec's whiteouts
+                // name a sibling; a runtime refuses these too).
+                if matches!(hidden, "" | "." | "..") {
+                    return Err(refuse(&path, "is a whiteout that names no file"));
+                }
                 let target = scratch.join(&parent).join(hidden);
                 remove_any(&target).with_path(&target)?;
                 continue;
@@ -1202,6 +1208,52 @@ mod tests {
             format!("{creds:?}").contains("r.example") && !format!("{creds:?}").contains("u:p")
         );
         assert!(Credentials::parse(r#"{"auths": {"h": {"auth": "!!"}}}"#, Path::new("a")).is_err());
+    }
+
+    /// A layer of one empty file entry per name, plain tar.
+    fn layer_of(dir: &Path, names: &[&str]) -> PathBuf {
+        let path = dir.join("layer.tar");
+        let mut builder = tar::Builder::new(File::create(&path).unwrap());
+        for name in names {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(0);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            // set_path refuses `..`-looking names; the raw name field takes them as a hostile
+            // registry would send them.
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_cksum();
+            builder.append(&header, io::empty()).unwrap();
+        }
+        builder.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn whiteouts_that_name_no_file_are_refused_and_touch_nothing() {
+        let limits = ApplyLimits {
+            max_unpacked_bytes: 1 << 20,
+            max_entries: 100,
+        };
+        for name in [".wh..", ".wh...", ".wh.", "usr/.wh..."] {
+            let dir = tempfile::tempdir().unwrap();
+            let scratch = dir.path().join("scratch");
+            fs::create_dir_all(scratch.join("usr/lib")).unwrap();
+            let layer = layer_of(dir.path(), &[name]);
+            let err = apply_layers(std::slice::from_ref(&layer), &scratch, limits).unwrap_err();
+            assert!(
+                err.to_string().contains("whiteout that names no file"),
+                "{name}: {err}"
+            );
+            assert!(
+                layer.exists(),
+                "{name}: the layer beside scratch is still there"
+            );
+            assert!(
+                scratch.join("usr/lib").is_dir(),
+                "{name}: scratch is untouched"
+            );
+        }
     }
 
     #[test]
