@@ -164,9 +164,10 @@ pub enum OverlayCommand {
         #[arg(long, value_name = "VER")]
         driver: Option<String>,
     },
-    /// Remove overlays of kernels no longer needed: all but the running kernel's, the --keep
-    /// kernels' and the stage.keep-extra newest others; also removes leftovers of interrupted
-    /// stages.
+    /// Remove overlays of kernels no longer needed: all but the running kernel's, the next
+    /// boot's (found as the daemon finds it; when it cannot be read, every newer kernel's), the
+    /// --keep kernels' and the stage.keep-extra newest others; also removes leftovers of
+    /// interrupted stages.
     Gc {
         /// Kernel release whose overlays are kept (repeatable).
         #[arg(long, value_name = "KVER")]

@@ -808,6 +808,79 @@ mod cli {
         );
     }
 
+    /// A Debian-like host (the generic detector) running KVER with `/usr/lib/modules/<k>/vmlinuz`
+    /// for each of `images`, and an overlay in the store for each of `stored`.
+    fn generic_host(images: &[&str], stored: &[&str]) -> BareHost {
+        let host = BareHost::new(key());
+        configure(&host, "keep-extra = 0\n");
+        host.put("/etc/os-release", b"ID=debian\nVERSION_ID=12\n");
+        host.put("/proc/sys/kernel/osrelease", format!("{KVER}\n").as_bytes());
+        for kernel in images {
+            host.put(
+                &format!("/usr/lib/modules/{kernel}/vmlinuz"),
+                b"kernel image",
+            );
+        }
+        for kernel in stored {
+            let src = tempfile::tempdir().unwrap();
+            OverlayBuilder::nvidia(kernel).build(src.path());
+            host.store().import(src.path()).unwrap();
+        }
+        host
+    }
+
+    /// Two kernel updates before one reboot, `keep-extra = 0`: a manual GC keeps the overlay
+    /// of the kernel the host boots next (the newest installed one here), as the daemon's does.
+    #[test]
+    fn gc_keeps_the_next_boots_overlay() {
+        let (skipped, next) = ("6.1.0-98-cloud-amd64", "6.1.0-99-cloud-amd64");
+        let host = generic_host(&[KVER, skipped, next], &[KVER, skipped, next]);
+        let out = agent(&host, &["overlay", "gc"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("removed {STORE}/{skipped}")
+        );
+        let kept: Vec<String> = host
+            .assert_store_clean(false)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, [KVER, next]);
+    }
+
+    /// When the next boot cannot be read, GC keeps every kernel newer than the running one and
+    /// says why; older ones still go.
+    #[test]
+    fn gc_without_a_readable_next_boot_keeps_newer_kernels() {
+        let (older, newer) = ("6.1.0-1-cloud-amd64", "6.1.0-99-cloud-amd64");
+        // No kernel image at all: the generic detector finds nothing bootable.
+        let host = generic_host(&[], &[older, KVER, newer]);
+        let out = agent(&host, &["overlay", "gc"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("cannot tell which kernel boots next"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(newer), "{stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("removed {STORE}/{older}")
+        );
+        let kept: Vec<String> = host
+            .assert_store_clean(false)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, [KVER, newer]);
+    }
+
     #[test]
     fn exit_codes() {
         let host = BareHost::new(key());
