@@ -24,7 +24,10 @@ pub enum FsWatchError {
 
 /// Changes that say "look again".
 fn target_mask() -> WatchMask {
-    WatchMask::CREATE
+    // ATTRIB: ostree announces every deployment change by bumping the mtime of /ostree/deploy
+    // itself (`_ostree_sysroot_bump_mtime`, a `utimensat` on the directory), not by an entry.
+    WatchMask::ATTRIB
+        | WatchMask::CREATE
         | WatchMask::DELETE
         | WatchMask::MOVED_FROM
         | WatchMask::MOVED_TO

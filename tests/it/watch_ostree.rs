@@ -283,6 +283,43 @@ fn watch_paths_name_the_directories_that_change() {
     assert!(paths(&sysroot).contains(&"/run/ostree".to_string()));
 }
 
+/// ostree announces every change to the deployments by bumping the mtime of `/ostree/deploy`
+/// itself (`_ostree_sysroot_bump_mtime` in ostree's `src/libostree/ostree-sysroot.c`:
+/// `utimensat (self->sysroot_fd, "ostree/deploy", NULL, 0)`, "Allow other systems to monitor
+/// for changes"); that is an IN_ATTRIB on the directory, with no name. The daemon's watcher must
+/// wake up for it.
+#[test]
+fn the_deploy_mtime_bump_wakes_the_watcher() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let sysroot = OstreeSysroot::new("fedora-coreos");
+    sysroot.deploy(&sysroot.commit_kernel(OLD));
+    let (tx, rx) = mpsc::channel();
+    let root = sysroot.root.clone();
+    nvdriver_agent::watch::fswatch::spawn(
+        sysroot.root.clone(),
+        move || watch_paths(&root),
+        move |changed| {
+            let _ = tx.send(changed);
+        },
+    )
+    .unwrap();
+    // What ostree does after a deploy, an undeploy or a cleanup, and nothing else.
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &sysroot.path("/ostree/deploy"),
+        &nix::sys::time::TimeSpec::UTIME_NOW,
+        &nix::sys::time::TimeSpec::UTIME_NOW,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "no wake-up for the mtime bump of /ostree/deploy"
+    );
+}
+
 #[test]
 fn a_deploy_is_seen_by_the_watches() {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
