@@ -61,6 +61,7 @@ pub fn overlay_fetch(
         &ctx.store(),
         &ctx.settings.stage,
         &key,
+        None,
     )?)
 }
 

@@ -8,6 +8,7 @@
 //! OS unless an update changes them.
 
 use std::fs;
+use std::path::Path;
 
 use crate::host::kernel::{parse_lockdown, LOCKDOWN};
 use crate::host::Root;
@@ -34,17 +35,21 @@ pub struct TargetFacts {
 
 impl TargetFacts {
     /// Read the facts for `kernel_release` from the host under `root`; what is missing counts
-    /// as not enforcing.
-    pub fn read(root: &Root, kernel_release: &str) -> TargetFacts {
+    /// as not enforcing. `module_tree` is where the target's modules are when that is not the
+    /// running root's `/usr/lib/modules/<kver>` (an ostree host: the staged or pending
+    /// deployment's tree, a host path); its `config` is read first.
+    pub fn read(root: &Root, kernel_release: &str, module_tree: Option<&Path>) -> TargetFacts {
         let read = |path: &str| fs::read(root.join(path)).ok();
         let text = |path: &str| read(path).map(|b| String::from_utf8_lossy(&b).into_owned());
-        let kconfig = [
-            format!("/usr/lib/modules/{kernel_release}/config"),
-            format!("/lib/modules/{kernel_release}/config"),
-            format!("/boot/config-{kernel_release}"),
-        ]
-        .iter()
-        .find_map(|p| text(p));
+        let in_tree = module_tree.map(|tree| tree.join("config").to_string_lossy().into_owned());
+        let kconfig = in_tree
+            .into_iter()
+            .chain([
+                format!("/usr/lib/modules/{kernel_release}/config"),
+                format!("/lib/modules/{kernel_release}/config"),
+                format!("/boot/config-{kernel_release}"),
+            ])
+            .find_map(|p| text(&p));
         TargetFacts {
             cmdline: text(PROC_CMDLINE).unwrap_or_default(),
             kconfig,
@@ -122,14 +127,35 @@ mod tests {
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, bytes).unwrap();
         };
-        assert_eq!(TargetFacts::read(&root, "6.1.0"), TargetFacts::default());
+        assert_eq!(
+            TargetFacts::read(&root, "6.1.0", None),
+            TargetFacts::default()
+        );
         put(SECURE_BOOT_VAR, &[6, 0, 0, 0, 1]);
         put(
             "/usr/lib/modules/6.1.0/config",
             b"CONFIG_MODULE_SIG_FORCE=y\n",
         );
-        let facts = TargetFacts::read(&root, "6.1.0");
+        let facts = TargetFacts::read(&root, "6.1.0", None);
         assert!(facts.secure_boot);
         assert!(facts.kconfig.is_some());
+    }
+
+    /// On ostree the next kernel's tree (and its `config`) is in the staged deployment, not in
+    /// the running root's /usr/lib/modules.
+    #[test]
+    fn the_kernel_config_is_read_from_the_next_deployments_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let tree = Path::new("/ostree/deploy/fedora-coreos/deploy/abc.0/usr/lib/modules/6.12.0");
+        fs::create_dir_all(root.join(tree)).unwrap();
+        fs::write(
+            root.join(tree).join("config"),
+            "CONFIG_MODULE_SIG_FORCE=y\n",
+        )
+        .unwrap();
+        assert_eq!(TargetFacts::read(&root, "6.12.0", None).kconfig, None);
+        let facts = TargetFacts::read(&root, "6.12.0", Some(tree));
+        assert!(enforcement_reason(&facts).is_some_and(|r| r.contains("CONFIG_MODULE_SIG_FORCE")));
     }
 }

@@ -3,7 +3,7 @@
 //! [`plan_stage`] and [`plan_hold`] are pure; [`stage_next`] is the one edge that runs them,
 //! shared by the daemon and by `nvdriver-agent stage --now` at shutdown.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
@@ -255,11 +255,7 @@ pub fn stage_next(
         driver_version,
         arch: &host.arch,
     });
-    let kernel_release = pending
-        .as_ref()
-        .map(|n| n.kernel_release.clone())
-        .unwrap_or_default();
-    let (record, readiness) = carry_out(ctx, plan, &kernel_release, &host, &state);
+    let (record, readiness) = carry_out(ctx, plan, pending.as_ref(), &host, &state);
     let record = record.map(|mut r| {
         r.duration_ms = started.elapsed().as_millis() as u64;
         r
@@ -371,10 +367,13 @@ fn new_record(kernel_release: &str, result: StageResult) -> StageRecord {
 fn carry_out(
     ctx: &Context,
     plan: StagePlan,
-    kernel_release: &str,
+    pending: Option<&NextBoot>,
     host: &HostFacts,
     state: &AgentState,
 ) -> (Option<StageRecord>, NextBootReadiness) {
+    let kernel_release = pending
+        .map(|n| n.kernel_release.as_str())
+        .unwrap_or_default();
     match plan {
         StagePlan::NothingPending => (None, NextBootReadiness::Covered),
         StagePlan::StandDown {
@@ -398,21 +397,30 @@ fn carry_out(
         StagePlan::Fetch(key) => {
             let mut r = new_record(kernel_release, StageResult::Staged);
             r.driver_version = Some(key.driver_version.clone());
-            let readiness = fetch(ctx, &key, host, state, &mut r);
+            let module_tree = pending.and_then(|n| n.module_tree.as_deref());
+            let readiness = fetch(ctx, &key, module_tree, host, state, &mut r);
             (Some(r), readiness)
         }
     }
 }
 
 /// Stage `key` from the configured sources into the store, filling in the record.
+/// `module_tree` is the next kernel's module tree when it is not the running root's (ostree).
 fn fetch(
     ctx: &Context,
     key: &OverlayKey,
+    module_tree: Option<&Path>,
     host: &HostFacts,
     state: &AgentState,
     r: &mut StageRecord,
 ) -> NextBootReadiness {
-    match source::stage(&ctx.root, &ctx.store(), &ctx.settings.stage, key) {
+    match source::stage(
+        &ctx.root,
+        &ctx.store(),
+        &ctx.settings.stage,
+        key,
+        module_tree,
+    ) {
         Ok(report) => {
             r.result = match report.outcome {
                 ImportOutcome::AlreadyPresent { .. } => StageResult::AlreadyStaged,

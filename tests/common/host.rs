@@ -148,7 +148,7 @@ impl BareHost {
 
     /// Stage `self.key` into the store.
     pub fn stage(&self, settings: &StageSettings) -> Result<StageReport, SourceError> {
-        stage(&self.root, &self.store(), settings, &self.key)
+        stage(&self.root, &self.store(), settings, &self.key, None)
     }
 
     /// Where `self.key`'s overlay is, if the store holds it verified.

@@ -75,8 +75,14 @@ fn refusal(archive: &str, max_download_bytes: u64) -> String {
         driver_version: DRIVER.into(),
         arch: std::env::consts::ARCH.into(),
     };
-    let err =
-        stage(&root, &store, &settings(archive, max_download_bytes), &key).expect_err(archive);
+    let err = stage(
+        &root,
+        &store,
+        &settings(archive, max_download_bytes),
+        &key,
+        None,
+    )
+    .expect_err(archive);
     assert!(err.any_invalid(), "{archive}: {err}");
     let SourceError::Failed { tried, .. } = &err else {
         panic!("{archive}: {err}")

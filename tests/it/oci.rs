@@ -388,6 +388,7 @@ fn a_plain_image_becomes_an_overlay() {
         &Store::new(&host.root, STORE),
         &settings,
         &settings_key,
+        None,
     )
     .unwrap_err();
     assert!(matches!(err, SourceError::NotFound { .. }), "{err}");

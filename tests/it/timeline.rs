@@ -198,3 +198,44 @@ fn rpm_ostree_signals_make_the_daemon_look_again() {
         daemon.log()
     );
 }
+
+/// The next kernel's signature policy is read from its own tree, which on ostree is in the
+/// staged deployment (the running root has no `/usr/lib/modules/<next>`): a kernel built with
+/// `CONFIG_MODULE_SIG_FORCE=y` gets no unsigned overlay staged for it.
+#[test]
+fn the_next_kernels_config_in_the_staged_deployment_is_honoured() {
+    let host = fcos_host("warn");
+    let root = host.dir.path();
+    publish_overlay(root, NEXT);
+    let next = host.commit_tree(|tree| {
+        let modules = tree.join("usr/lib/modules").join(NEXT);
+        std::fs::create_dir_all(&modules).unwrap();
+        for (name, text) in [
+            ("vmlinuz", format!("kernel {NEXT}\n")),
+            ("initramfs.img", format!("initramfs {NEXT}\n")),
+            ("modules.dep", String::new()),
+            (
+                "config",
+                "CONFIG_MODULE_SIG=y\nCONFIG_MODULE_SIG_FORCE=y\n".into(),
+            ),
+        ] {
+            std::fs::write(modules.join(name), text).unwrap();
+        }
+    });
+    host.stage(&next);
+    assert!(!root.join(format!("usr/lib/modules/{NEXT}")).exists());
+
+    let out = agent::run(root, &["stage", "--now"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(4), "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("CONFIG_MODULE_SIG_FORCE"),
+        "{stdout}{stderr}"
+    );
+    assert!(!root
+        .join(format!("var/lib/nvdriver-agent/overlays/{NEXT}"))
+        .exists());
+}

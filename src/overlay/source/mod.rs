@@ -313,6 +313,7 @@ pub fn stage(
     store: &Store,
     settings: &StageSettings,
     key: &OverlayKey,
+    module_tree: Option<&Path>,
 ) -> Result<StageReport, SourceError> {
     if settings.sources.is_empty() {
         return Err(SourceError::NoSources);
@@ -320,8 +321,11 @@ pub fn stage(
     let lock = store.lock()?;
     store.clean_leftovers(&lock)?;
     let mut trust = Trust::load(root, settings.signatures)?;
-    trust.signed_modules_required =
-        enforce::enforcement_reason(&enforce::TargetFacts::read(root, &key.kernel_release));
+    trust.signed_modules_required = enforce::enforcement_reason(&enforce::TargetFacts::read(
+        root,
+        &key.kernel_release,
+        module_tree,
+    ));
     if let Some(existing) = store.verified(&key.kernel_release, &key.driver_version, &key.arch) {
         return Ok(StageReport {
             source: existing.dir.display().to_string(),
