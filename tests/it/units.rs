@@ -345,6 +345,23 @@ fn shutdown_stage_runs_before_ostree_finalizes() {
         values(&unit, "Service", "ExecStop"),
         ["/usr/bin/nvdriver-agent", "stage", "--now"]
     );
+    // The shutdown stage may download: the network and the resolver stop after it. Not
+    // network-online.target: that would hold the boot load (and containerd) for the network.
+    let after = values(&unit, "Unit", "After");
+    for target in ["network.target", "nss-lookup.target"] {
+        assert!(
+            after.contains(&target.to_owned()),
+            "After= lacks {target}: {after:?}"
+        );
+    }
+    assert!(
+        !after.contains(&"network-online.target".to_owned()),
+        "{after:?}"
+    );
+    assert!(
+        values(&unit, "Unit", "Wants").is_empty(),
+        "pulls nothing in"
+    );
     // The downloads need the network families.
     let families = values(&unit, "Service", "RestrictAddressFamilies").join(" ");
     for family in ["AF_UNIX", "AF_INET", "AF_INET6"] {
