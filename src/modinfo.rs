@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use object::elf;
-use object::read::elf::{FileHeader, SectionHeader};
+use object::read::elf::{FileHeader, SectionHeader, Sym};
 use object::{Endianness, ReadCache, ReadRef};
 
 /// Largest module file, compressed or decompressed, that we accept. NVIDIA's biggest module
@@ -116,6 +116,14 @@ pub struct ModInfo {
     pub signature: Option<ModuleSignature>,
     /// How the file itself is compressed.
     pub compression: Compression,
+    /// Symbols the module exports (`EXPORT_SYMBOL*`), from `__ksymtab_strings`, as depmod
+    /// reads them. Not part of `modinfo --json`.
+    #[serde(skip)]
+    pub exports: Vec<String>,
+    /// Symbols the module needs from the kernel or other modules: the undefined entries of its
+    /// `.symtab`, as depmod reads them. Not part of `modinfo --json`.
+    #[serde(skip)]
+    pub imports: Vec<String>,
 }
 
 /// Errors reading a module file or checking what it says; every `path` is the file as given
@@ -426,12 +434,13 @@ fn read_plain_in_parts(
     };
     // Reads (and caches) only the ranges the ELF parser asks for.
     let cache = ReadCache::new(file);
-    let modinfo = match head[EI_CLASS] {
+    let (modinfo, symbols) = match head[EI_CLASS] {
         ELFCLASS64 => modinfo_section_in::<elf::FileHeader64<Endianness>, _>(&cache, path)?,
         ELFCLASS32 => modinfo_section_in::<elf::FileHeader32<Endianness>, _>(&cache, path)?,
         _ => return Ok(None),
     };
-    let info = parse_modinfo_strings(modinfo, path, Compression::None, signature)?;
+    let mut info = parse_modinfo_strings(modinfo, path, Compression::None, signature)?;
+    (info.exports, info.imports) = symbols;
     tracing::debug!(module = %path.display(), name = %info.name, vermagic = %info.vermagic,
         signed = info.signature.is_some(), "read module info (in parts)");
     Ok(Some(info))
@@ -450,8 +459,9 @@ pub fn parse_module(bytes: &[u8], origin: &Path) -> Result<ModInfo, ModinfoError
         }
     };
     let (elf_bytes, signature) = split_signature(plain, origin)?;
-    let modinfo = modinfo_section(elf_bytes, origin)?;
-    let info = parse_modinfo_strings(modinfo, origin, compression, signature)?;
+    let (modinfo, symbols) = modinfo_section(elf_bytes, origin)?;
+    let mut info = parse_modinfo_strings(modinfo, origin, compression, signature)?;
+    (info.exports, info.imports) = symbols;
     tracing::debug!(
         module = %origin.display(),
         name = %info.name,
@@ -627,7 +637,10 @@ fn colon_hex(bytes: &[u8]) -> String {
 }
 
 /// The `.modinfo` section's bytes, after checking the file is an ELF relocatable object.
-fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], ModinfoError> {
+/// What a module exports and imports: (exported names, undefined symbol names).
+type Symbols = (Vec<String>, Vec<String>);
+
+fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<(&'a [u8], Symbols), ModinfoError> {
     if !bytes.starts_with(ELF_MAGIC) {
         let head = &bytes[..bytes.len().min(4)];
         let found = if head.is_empty() {
@@ -653,7 +666,7 @@ fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], Modinfo
     }
 }
 
-fn modinfo_section_in<'a, H, R>(bytes: R, path: &Path) -> Result<&'a [u8], ModinfoError>
+fn modinfo_section_in<'a, H, R>(bytes: R, path: &Path) -> Result<(&'a [u8], Symbols), ModinfoError>
 where
     H: FileHeader<Endian = Endianness>,
     R: ReadRef<'a>,
@@ -684,7 +697,47 @@ where
             path: path.to_path_buf(),
         });
     };
-    section.data(endian, bytes).map_err(malformed)
+    let modinfo = section.data(endian, bytes).map_err(malformed)?;
+    Ok((
+        modinfo,
+        symbols_in(&sections, endian, bytes).map_err(malformed)?,
+    ))
+}
+
+/// The module's exported symbols (`__ksymtab_strings`, NUL-separated names) and its undefined
+/// symbols (`.symtab` entries in no section), as kmod's depmod reads them
+/// (`kmod_elf_get_symbols`, `kmod_elf_get_dependency_symbols` in libkmod-elf.c): depmod derives
+/// `modules.dep` from these, not from `depends=`.
+fn symbols_in<'a, H, R>(
+    sections: &object::read::elf::SectionTable<'a, H, R>,
+    endian: Endianness,
+    bytes: R,
+) -> Result<Symbols, object::read::Error>
+where
+    H: FileHeader<Endian = Endianness>,
+    R: ReadRef<'a>,
+{
+    let exports = match sections.section_by_name(endian, b"__ksymtab_strings") {
+        Some((_, section)) => section
+            .data(endian, bytes)?
+            .split(|&b| b == 0)
+            .filter(|name| !name.is_empty())
+            .map(|name| String::from_utf8_lossy(name).into_owned())
+            .collect(),
+        None => Vec::new(),
+    };
+    let table = sections.symbols(endian, bytes, elf::SHT_SYMTAB)?;
+    let mut imports = Vec::new();
+    for symbol in table.iter() {
+        if symbol.st_shndx(endian) != elf::SHN_UNDEF {
+            continue;
+        }
+        let name = symbol.name(endian, table.strings())?;
+        if !name.is_empty() {
+            imports.push(String::from_utf8_lossy(name).into_owned());
+        }
+    }
+    Ok((exports, imports))
 }
 
 /// Interprets the `.modinfo` strings. For single-valued keys the first occurrence wins, as in
@@ -753,6 +806,8 @@ fn parse_modinfo_strings(
         parameters,
         signature,
         compression,
+        exports: Vec::new(),
+        imports: Vec::new(),
     })
 }
 
@@ -1130,6 +1185,28 @@ mod tests {
         parse_module(bytes, Path::new("/overlay/nvidia-uvm.ko"))
     }
 
+    /// Exports and imports as depmod reads them, in every form the module comes in (whole,
+    /// compressed, and read in parts).
+    #[test]
+    fn exported_and_undefined_symbols_are_read() {
+        let module = uvm()
+            .exports(&["nvUvmInterfaceRegisterGpu", "nv_uvm_helper"])
+            .imports(&["rm_gpu_ops_create_session", "printk"]);
+        for c in [Compression::None, Compression::Xz, Compression::Zstd] {
+            let info = parse(&module.bytes(c)).unwrap();
+            assert_eq!(
+                info.exports,
+                ["nvUvmInterfaceRegisterGpu", "nv_uvm_helper"],
+                "{c}"
+            );
+            let mut imports = info.imports.clone();
+            imports.sort();
+            assert_eq!(imports, ["printk", "rm_gpu_ops_create_session"], "{c}");
+        }
+        let plain = parse(&uvm().bytes(Compression::None)).unwrap();
+        assert!(plain.exports.is_empty() && plain.imports.is_empty());
+    }
+
     #[test]
     fn large_plain_modules_read_in_parts_say_what_whole_reads_say() {
         let dir = tempfile::tempdir().unwrap();
@@ -1137,6 +1214,10 @@ mod tests {
         for module in [
             uvm().padded(3 << 20, 3 << 20, 7),
             uvm().padded(3 << 20, 3 << 20, 7).signed(),
+            uvm()
+                .padded(3 << 20, 3 << 20, 7)
+                .exports(&["nv_uvm_helper"])
+                .imports(&["rm_gpu_ops_create_session"]),
         ] {
             let bytes = module.bytes(Compression::None);
             assert!(bytes.len() as u64 > READ_IN_PARTS_ABOVE);

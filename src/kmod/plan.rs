@@ -90,7 +90,8 @@ pub struct ModuleStep {
     pub relative_path: PathBuf,
     /// `version=` from `.modinfo` (the driver version), if any.
     pub version: Option<String>,
-    /// `depends=` from `.modinfo`, as modpost spells it (hyphens possible).
+    /// `depends=` from `.modinfo`, as modpost spells it (hyphens possible), then the overlay
+    /// modules it needs by symbol that `depends=` does not name (kernel spelling).
     pub depends: Vec<String>,
     /// Parameters passed to `finit_module`: the configured ones, `key=value key=value`.
     pub parameters: String,
@@ -396,10 +397,11 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
         });
     }
     let by_name = index_modules(modules, overlay, host)?;
-    let (wanted, mut os_needed) = wanted_modules(&by_name, inputs)?;
-    let order = dependency_order(&wanted, &by_name, &settings.modules)?;
+    let needs = overlay_dependencies(&by_name);
+    let (wanted, mut os_needed) = wanted_modules(&by_name, &needs, inputs)?;
+    let order = dependency_order(&wanted, &needs)?;
     check_nouveau(kernel)?;
-    let steps = module_steps(&order, &by_name, inputs, &mut warnings)?;
+    let steps = module_steps(&order, &by_name, &needs, inputs, &mut warnings)?;
     check_signatures(kernel, &steps)?;
     let os_modules = os_module_steps(settings, kernel, &mut os_needed);
 
@@ -483,6 +485,7 @@ fn index_modules<'m>(
 /// their `depends=` names, each with the reason it is needed.
 fn wanted_modules(
     by_name: &BTreeMap<String, &InspectedModule>,
+    needs: &BTreeMap<String, BTreeSet<String>>,
     inputs: &PlanInputs<'_>,
 ) -> Result<(Vec<String>, BTreeMap<String, String>), PlanError> {
     let (kernel, overlay) = (inputs.kernel, inputs.overlay);
@@ -508,10 +511,11 @@ fn wanted_modules(
             continue;
         }
         let module = by_name[&name];
+        queue.extend(needs[&name].iter().cloned());
         for dependency in &module.info.depends {
             let dependency = normalize_module_name(dependency);
             if by_name.contains_key(&dependency) {
-                queue.push(dependency);
+                continue;
             } else if kernel.os_modules.contains(&dependency)
                 || kernel.loaded.contains_key(&dependency)
             {
@@ -548,6 +552,7 @@ fn check_nouveau(kernel: &KernelState) -> Result<(), PlanError> {
 fn module_steps(
     order: &[String],
     by_name: &BTreeMap<String, &InspectedModule>,
+    needs: &BTreeMap<String, BTreeSet<String>>,
     inputs: &PlanInputs<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<ModuleStep>, PlanError> {
@@ -570,7 +575,7 @@ fn module_steps(
             file: overlay.dir.join(&module.relative_path),
             relative_path: module.relative_path.clone(),
             version: info.version.clone(),
-            depends: info.depends.clone(),
+            depends: depends_with_derived(&info.depends, &needs[name]),
             parameters,
             compression: info.compression,
             signed: info.signature.is_some(),
@@ -578,6 +583,17 @@ fn module_steps(
         });
     }
     Ok(steps)
+}
+
+/// `depends=` as declared, then the overlay modules derived from symbols that it does not name.
+fn depends_with_derived(declared: &[String], needs: &BTreeSet<String>) -> Vec<String> {
+    let mut depends = declared.to_vec();
+    for need in needs {
+        if !declared.iter().any(|d| normalize_module_name(d) == *need) {
+            depends.push(need.clone());
+        }
+    }
+    depends
 }
 
 /// What to do with one module given what the kernel has loaded and can decompress.
@@ -717,43 +733,81 @@ fn os_step(kernel: &KernelState, name: &str, reason: String) -> OsModuleStep {
 
 /// Topological order (dependencies first). Ties go to the configured order, then the name, so
 /// the plan is the same on every run.
-fn dependency_order(
-    wanted: &[String],
+/// What each overlay module needs loaded before it, among the overlay's modules: its
+/// `depends=`, and, as depmod derives `modules.dep`, every module that exports a symbol it
+/// leaves undefined. `depends=` alone misses what modpost did not see: a real nvidia-drm or
+/// nvidia-peermem built in its own Kbuild pass carries an empty one while calling into
+/// nvidia-modeset or nvidia.
+fn overlay_dependencies(
     by_name: &BTreeMap<String, &InspectedModule>,
-    configured: &[String],
-) -> Result<Vec<String>, PlanError> {
-    let wanted_set: BTreeSet<&String> = wanted.iter().collect();
-    let rank = |name: &String| {
-        configured
-            .iter()
-            .position(|c| normalize_module_name(c) == *name)
-            .unwrap_or(usize::MAX)
-    };
-    let mut remaining: BTreeMap<&String, BTreeSet<String>> = wanted
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut exporter: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, module) in by_name {
+        for symbol in &module.info.exports {
+            exporter.entry(symbol.as_str()).or_insert(name.as_str());
+        }
+    }
+    by_name
         .iter()
-        .map(|name| {
-            let deps = by_name[name]
+        .map(|(name, module)| {
+            let declared = module
                 .info
                 .depends
                 .iter()
                 .map(|d| normalize_module_name(d))
-                .filter(|d| wanted_set.contains(d) && d != name)
-                .collect();
-            (name, deps)
+                .filter(|d| by_name.contains_key(d));
+            let derived = module
+                .info
+                .imports
+                .iter()
+                .filter_map(|symbol| exporter.get(symbol.as_str()))
+                .map(|exporter| exporter.to_string())
+                .filter(|exporter| exporter != name);
+            (name.clone(), declared.chain(derived).collect())
         })
-        .collect();
-    // A module that names itself in depends= is a cycle of one.
-    if let Some(name) = wanted.iter().find(|n| {
-        by_name[*n]
-            .info
-            .depends
+        .collect()
+}
+
+/// NVIDIA's own load order, for modules that do not depend on each other: what their
+/// installer and `nvidia-modprobe` do. Others follow, by name.
+const NVIDIA_ORDER: [&str; 5] = [
+    "nvidia",
+    "nvidia_modeset",
+    "nvidia_uvm",
+    "nvidia_drm",
+    "nvidia_peermem",
+];
+
+/// `wanted` in an order where every module follows what it needs (`needs`); ties in
+/// [`NVIDIA_ORDER`], not in the order a user happened to list them.
+fn dependency_order(
+    wanted: &[String],
+    needs: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<Vec<String>, PlanError> {
+    let wanted_set: BTreeSet<&String> = wanted.iter().collect();
+    let rank = |name: &String| {
+        NVIDIA_ORDER
             .iter()
-            .any(|d| normalize_module_name(d) == **n)
-    }) {
+            .position(|n| n == name)
+            .unwrap_or(NVIDIA_ORDER.len())
+    };
+    // A module that needs itself is a cycle of one.
+    if let Some(name) = wanted.iter().find(|n| needs[*n].contains(*n)) {
         return Err(PlanError::DependencyCycle {
             cycle: format!("{name} -> {name}"),
         });
     }
+    let mut remaining: BTreeMap<&String, BTreeSet<String>> = wanted
+        .iter()
+        .map(|name| {
+            let deps = needs[name]
+                .iter()
+                .filter(|d| wanted_set.contains(d))
+                .cloned()
+                .collect();
+            (name, deps)
+        })
+        .collect();
     let mut order = Vec::new();
     while !remaining.is_empty() {
         let mut ready: Vec<&String> = remaining

@@ -40,6 +40,10 @@ pub struct FixtureModule {
     /// Bytes of a large read-only section, to give the module a real module's size (nvidia.ko
     /// is tens of MB); empty for none.
     pub payload: Vec<u8>,
+    /// Symbols it exports (written to `__ksymtab_strings`, as `EXPORT_SYMBOL` does).
+    pub exports: Vec<String>,
+    /// Symbols it uses from elsewhere (undefined `.symtab` entries, as a real call leaves).
+    pub imports: Vec<String>,
 }
 
 impl FixtureModule {
@@ -54,7 +58,21 @@ impl FixtureModule {
             omitted_keys: Vec::new(),
             extra_entries: Vec::new(),
             payload: Vec::new(),
+            exports: Vec::new(),
+            imports: Vec::new(),
         }
+    }
+
+    /// Export `symbols` (`EXPORT_SYMBOL`).
+    pub fn exports(mut self, symbols: &[&str]) -> Self {
+        self.exports.extend(symbols.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Call `symbols` defined elsewhere (another module or the kernel), whatever `depends=` says.
+    pub fn imports(mut self, symbols: &[&str]) -> Self {
+        self.imports.extend(symbols.iter().map(|s| s.to_string()));
+        self
     }
 
     pub fn depends(mut self, deps: &[&str]) -> Self {
@@ -197,6 +215,32 @@ impl FixtureModule {
                 SectionKind::ReadOnlyData,
             );
             obj.append_section_data(section, &self.payload, 64);
+        }
+
+        if !self.exports.is_empty() {
+            let strings: Vec<u8> = self
+                .exports
+                .iter()
+                .flat_map(|name| name.bytes().chain([0]))
+                .collect();
+            let section = obj.add_section(
+                Vec::new(),
+                b"__ksymtab_strings".to_vec(),
+                SectionKind::ReadOnlyString,
+            );
+            obj.append_section_data(section, &strings, 1);
+        }
+        for name in &self.imports {
+            obj.add_symbol(object::write::Symbol {
+                name: name.as_bytes().to_vec(),
+                value: 0,
+                size: 0,
+                kind: object::SymbolKind::Text,
+                scope: object::SymbolScope::Linkage,
+                weak: false,
+                section: object::write::SymbolSection::Undefined,
+                flags: object::SymbolFlags::None,
+            });
         }
 
         let mut bytes = obj.write().expect("writing fixture ELF");
