@@ -397,7 +397,6 @@ impl Credentials {
 #[derive(Clone, Debug, Deserialize)]
 pub struct Descriptor {
     /// `mediaType`; empty when absent. Not looked at: a layer's content decides its shape.
-
     #[serde(rename = "mediaType", default)]
     pub media_type: String,
     /// The content's digest, `sha256:<hex>` (checked before use).
@@ -781,7 +780,9 @@ impl<'a> Client<'a> {
                 ),
             });
         }
-        let total: u64 = image.layers.iter().map(|l| l.size).sum();
+        // Checked: a hostile manifest's sizes could wrap a plain sum below the limit, and each
+        // blob's read is bounded by its own size only.
+        let total = layers_total(&image.layers).unwrap_or(u64::MAX);
         if total > self.max_bytes {
             return Err(OciError::TooLarge {
                 what: format!("{reference}: the image's layers ({total} bytes)"),
@@ -824,7 +825,10 @@ impl<'a> Client<'a> {
         let what = format!("blob {}{path}", resolved.endpoint);
         let response = self.get(&resolved.endpoint, repository, &path, None)?;
         let mut body = response.into_body();
-        let mut reader = body.with_config().limit(layer.size + 1).reader();
+        let mut reader = body
+            .with_config()
+            .limit(layer.size.saturating_add(1))
+            .reader();
         let mut file = File::create(dest).with_path(dest)?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 1 << 20];
@@ -965,6 +969,14 @@ fn wanted(resolved: &Path) -> bool {
     ]
     .iter()
     .any(|prefix| resolved.starts_with(prefix))
+}
+
+/// The layers' sizes added up; `None` when the sum does not fit in 64 bits (a hostile
+/// manifest).
+fn layers_total(layers: &[Descriptor]) -> Option<u64> {
+    layers
+        .iter()
+        .try_fold(0u64, |sum, l| sum.checked_add(l.size))
 }
 
 /// Resolve `path` (relative) inside the image tree at `scratch` the way the image's own root
@@ -1254,6 +1266,19 @@ mod tests {
                 "{name}: scratch is untouched"
             );
         }
+    }
+
+    #[test]
+    fn layer_sizes_that_overflow_are_not_summed_below_the_limit() {
+        let layer = |size| Descriptor {
+            media_type: String::new(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size,
+            platform: None,
+        };
+        assert_eq!(layers_total(&[layer(1), layer(2)]), Some(3));
+        // Wrapped, these two would add up to 1 byte.
+        assert_eq!(layers_total(&[layer(u64::MAX), layer(2)]), None);
     }
 
     #[test]
