@@ -697,25 +697,46 @@ pub fn next_boot(root: &Root, running_kernel: &str) -> Result<Option<NextBoot>, 
 /// - `/efi/EFI/Linux`, `/boot/EFI/Linux`, `/boot/efi/EFI/Linux`: a UKI is added, replaced or
 ///   removed.
 pub fn watch_paths() -> Vec<PathBuf> {
-    [
-        MODULES_DIR,
-        "/boot",
-        "/boot/loader",
-        "/boot/loader/entries",
-        "/efi/loader",
-        "/efi/loader/entries",
-        "/efi/EFI/Linux",
-        "/boot/EFI/Linux",
-        "/boot/efi/EFI/Linux",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .collect()
+    // Made from the lists the readers use, so a directory they read is never left unwatched
+    // (`/boot/efi/loader` was, once).
+    let loader_dirs = LOADER_CONFS
+        .iter()
+        .filter_map(|conf| Path::new(conf).parent());
+    let mut paths: Vec<PathBuf> = [Path::new(MODULES_DIR), Path::new("/boot")]
+        .into_iter()
+        .chain(loader_dirs)
+        .chain(ENTRY_DIRS.iter().map(Path::new))
+        .chain(UKI_DIRS.iter().map(Path::new))
+        .map(Path::to_path_buf)
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    paths.retain(|p| seen.insert(p.clone()));
+    paths
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every directory the readers look in is watched: an entry or a `loader.conf` change there
+    /// must wake the daemon.
+    #[test]
+    fn every_directory_read_is_watched() {
+        let watched = watch_paths();
+        let read = LOADER_CONFS
+            .iter()
+            .map(|conf| Path::new(conf).parent().unwrap())
+            .chain(ENTRY_DIRS.iter().map(Path::new))
+            .chain(UKI_DIRS.iter().map(Path::new))
+            .chain([Path::new(MODULES_DIR)]);
+        for dir in read {
+            assert!(
+                watched.iter().any(|w| w == dir),
+                "{} is not watched",
+                dir.display()
+            );
+        }
+    }
 
     #[test]
     fn boot_counters() {
