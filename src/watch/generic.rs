@@ -702,16 +702,15 @@ pub fn watch_paths() -> Vec<PathBuf> {
     let loader_dirs = LOADER_CONFS
         .iter()
         .filter_map(|conf| Path::new(conf).parent());
-    let mut paths: Vec<PathBuf> = [Path::new(MODULES_DIR), Path::new("/boot")]
+    // The lists name no directory twice; were one to, watching it again is a no-op
+    // (`fswatch` adds each inode's watch once).
+    [Path::new(MODULES_DIR), Path::new("/boot")]
         .into_iter()
         .chain(loader_dirs)
         .chain(ENTRY_DIRS.iter().map(Path::new))
         .chain(UKI_DIRS.iter().map(Path::new))
         .map(Path::to_path_buf)
-        .collect();
-    let mut seen = std::collections::BTreeSet::new();
-    paths.retain(|p| seen.insert(p.clone()));
-    paths
+        .collect()
 }
 
 #[cfg(test)]

@@ -835,23 +835,7 @@ mod cli {
     fn gc_keeps_the_next_boots_overlay() {
         let (skipped, next) = ("6.1.0-98-cloud-amd64", "6.1.0-99-cloud-amd64");
         let host = generic_host(&[KVER, skipped, next], &[KVER, skipped, next]);
-        let out = agent(&host, &["overlay", "gc"]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            format!("removed {STORE}/{skipped}")
-        );
-        let kept: Vec<String> = host
-            .assert_store_clean(false)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(kept, [KVER, next]);
+        gc_removes_only(&host, skipped, &[KVER, next]);
     }
 
     /// When the next boot cannot be read, GC keeps every kernel newer than the running one and
@@ -861,24 +845,31 @@ mod cli {
         let (older, newer) = ("6.1.0-1-cloud-amd64", "6.1.0-99-cloud-amd64");
         // No kernel image at all: the generic detector finds nothing bootable.
         let host = generic_host(&[], &[older, KVER, newer]);
-        let out = agent(&host, &["overlay", "gc"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let stderr = gc_removes_only(&host, older, &[KVER, newer]);
         assert!(
             stderr.contains("cannot tell which kernel boots next"),
             "{stderr}"
         );
         assert!(stderr.contains(newer), "{stderr}");
+    }
+
+    /// `overlay gc` succeeds, removes exactly `removed`'s overlays and leaves `kept`'s;
+    /// returns what it said on stderr.
+    fn gc_removes_only(host: &BareHost, removed: &str, kept: &[&str]) -> String {
+        let out = agent(host, &["overlay", "gc"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            format!("removed {STORE}/{older}")
+            format!("removed {STORE}/{removed}")
         );
-        let kept: Vec<String> = host
+        let stored: Vec<String> = host
             .assert_store_clean(false)
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        assert_eq!(kept, [KVER, newer]);
+        assert_eq!(stored, kept);
+        stderr
     }
 
     #[test]
