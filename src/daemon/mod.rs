@@ -22,10 +22,10 @@ use crate::host::HostFacts;
 use crate::kmod::sys::Kernel;
 use crate::report::bus::AgentProperties;
 use crate::state::instance::{InstanceError, InstanceLock};
-use crate::state::{now_unix, AgentState, HoldRecord, LoadRecord, LoadResult};
-use crate::update::hold::HoldMechanism;
-use crate::update::stage::{self, HoldAction, NextBootReadiness, Target};
-use crate::watch::dbus::{self, Hint, Inhibitor};
+use crate::state::{now_unix, AgentState, LoadRecord, LoadResult};
+use crate::update::hold::{HostLevers, LeverScope};
+use crate::update::stage::{self, NextBootReadiness, Target};
+use crate::watch::dbus::{self, Hint};
 use crate::watch::flatcar::{self, UpdateEngineState};
 use crate::watch::{self, fswatch, Family};
 
@@ -154,7 +154,7 @@ pub fn run(
         update_engine: UpdateEngineState::Unknown,
         unsaved_operation: None,
         bus: None,
-        inhibitor: None,
+        levers: HostLevers::new(ctx.root.clone(), LeverScope::Daemon),
         retry_at: None,
         retry_delay: RETRY_FIRST,
     };
@@ -188,6 +188,7 @@ pub fn run(
         while let Ok(event) = rx.try_recv() {
             if matches!(event, Event::Shutdown) {
                 daemon.save_operation();
+                daemon.release_for_stop();
                 return Ok(());
             }
             daemon.absorb(event);
@@ -198,6 +199,7 @@ pub fn run(
     }
     daemon.event_loop(&rx);
     info!("stopping");
+    daemon.release_for_stop();
     notify(&[libsystemd::daemon::NotifyState::Stopping]);
     Ok(())
 }
@@ -274,7 +276,8 @@ struct Daemon {
     /// once per batch of events, so a signal storm costs no file write per signal.
     unsaved_operation: Option<Option<String>>,
     bus: Option<zbus::blocking::Connection>,
-    inhibitor: Option<Inhibitor>,
+    /// The `hold` levers; the logind inhibitor's fd lives here.
+    levers: HostLevers,
     retry_at: Option<Instant>,
     retry_delay: Duration,
 }
@@ -521,7 +524,7 @@ impl Daemon {
             family,
             update_engine: self.update_engine,
         };
-        let run = match stage::stage_next(&self.ctx, &target, None) {
+        let run = match stage::stage_next(&self.ctx, &target, None, &mut self.levers) {
             Ok(run) => run,
             Err(e) => {
                 warn!("{e}");
@@ -529,10 +532,6 @@ impl Daemon {
                 return;
             }
         };
-        self.apply_logind_hold(
-            run.hold,
-            run.pending.as_ref().map(|n| n.kernel_release.as_str()),
-        );
         match (run.readiness, &run.pending) {
             (NextBootReadiness::Missing, Some(_)) => self.schedule_retry(),
             _ => {
@@ -556,44 +555,24 @@ impl Daemon {
         }
     }
 
-    fn apply_logind_hold(&mut self, action: HoldAction, kernel_release: Option<&str>) {
-        match action {
-            HoldAction::Take(HoldMechanism::LogindShutdownInhibitor)
-                if self.inhibitor.is_none() =>
-            {
-                let kernel_release = kernel_release.unwrap_or_default();
-                let Some(bus) = &self.bus else {
-                    warn!(KERNEL_RELEASE = %kernel_release, "policy.missing-next-overlay = hold, but the system bus is not reachable: cannot block the reboot");
-                    return;
-                };
-                let why = format!("no NVIDIA driver overlay for kernel {kernel_release} yet");
-                match dbus::inhibit_shutdown(bus, &why) {
-                    Ok(inhibitor) => {
-                        warn!(KERNEL_RELEASE = %kernel_release, "holding the reboot into {kernel_release}: {why} (policy.missing-next-overlay = hold); released when one is staged");
-                        self.inhibitor = Some(inhibitor);
-                        self.record_hold(Some(kernel_release));
-                    }
-                    Err(e) => {
-                        warn!(KERNEL_RELEASE = %kernel_release, "cannot block the reboot: {e}")
-                    }
-                }
-            }
-            HoldAction::Release if self.inhibitor.is_some() => {
-                self.inhibitor = None;
-                info!("the reboot is no longer blocked");
-                self.record_hold(None);
-            }
-            _ => {}
-        }
-    }
-
-    fn record_hold(&self, kernel_release: Option<&str>) {
+    /// Stopping: let go of what nobody would release once we are gone (see
+    /// [`HostLevers::release_for_stop`]) and record what is left.
+    fn release_for_stop(&mut self) {
+        let left = self.levers.release_for_stop();
         let mut state = AgentState::read(&self.ctx.root);
-        state.hold = kernel_release.map(|k| HoldRecord {
-            mechanism: HoldMechanism::LogindShutdownInhibitor.name().into(),
-            kernel_release: k.to_string(),
-            since: now_unix(),
-        });
+        let Some(hold) = &mut state.hold else { return };
+        let before = hold.levers.len();
+        hold.levers
+            .retain(|name| left.iter().any(|l| l.name() == name));
+        if hold.levers.len() == before {
+            return;
+        }
+        warn!(
+            KERNEL_RELEASE = %hold.kernel_release,
+            "the agent stops: the update to {} is no longer held by the logind inhibitor{}; the hold is taken again when the agent starts (`nvdriver-agent hold release` lets it go for good)",
+            hold.kernel_release,
+            if left.contains(&crate::update::hold::HoldLever::RebootRefusal) { "" } else { " or the reboot refusal" }
+        );
         if let Err(e) = state.write(&self.ctx.root) {
             warn!("{e}");
         }
