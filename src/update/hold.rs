@@ -489,6 +489,9 @@ impl HostLevers {
         if holds_ostree_lock(&self.root) {
             left.push(HoldLever::OstreeFinalizationLock);
         }
+        if !self.refusing && !holds_reboot_refusal(&self.root) {
+            return left;
+        }
         if self.system_stopping() {
             // The reboot is under way already; the refusal leaves with /run.
             if self.refusing {
@@ -609,5 +612,270 @@ mod tests {
         );
         assert!(!release_ostree_lock(&root).unwrap());
         assert!(root.join(OSTREE_FINALIZATION_LOCK).exists());
+    }
+
+    use crate::config::MissingNextOverlayPolicy::{Hold, Warn};
+
+    const NOW: u64 = 1_000_000;
+
+    fn inputs<'a>(
+        levers: &'a [HoldLever],
+        need: &'a HoldNeed,
+        current: Option<&'a HoldRecord>,
+        released: Option<&'a HoldRelease>,
+        max_hours: Option<u64>,
+    ) -> HoldInputs<'a> {
+        HoldInputs {
+            policy: Hold,
+            max_hours,
+            levers,
+            need,
+            current,
+            released,
+            now: NOW,
+        }
+    }
+
+    fn record(kernel: &str, since: u64) -> HoldRecord {
+        HoldRecord {
+            levers: vec!["reboot-refusal".into()],
+            kernel_release: kernel.into(),
+            since,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn levers_by_family() {
+        use HoldLever::*;
+        assert_eq!(
+            levers_for(Family::Ostree, Some(true)),
+            vec![OstreeFinalizationLock, LogindShutdownInhibitor]
+        );
+        // Not staged: the new deployment is the default already; only rpm-ostree's own reboot
+        // paths (which check inhibitors) can be stopped.
+        assert_eq!(
+            levers_for(Family::Ostree, Some(false)),
+            vec![LogindShutdownInhibitor]
+        );
+        assert_eq!(
+            levers_for(Family::Ostree, None),
+            vec![OstreeFinalizationLock, LogindShutdownInhibitor]
+        );
+        for family in [Family::Flatcar, Family::Generic] {
+            for staged in [Some(true), Some(false), None] {
+                assert_eq!(
+                    levers_for(family, staged),
+                    vec![RebootRefusal, LogindShutdownInhibitor]
+                );
+            }
+        }
+        for lever in HoldLever::ALL {
+            assert_eq!(HoldLever::from_name(lever.name()), Some(lever));
+        }
+    }
+
+    #[test]
+    fn holds_only_when_missing_and_asked_to() {
+        let levers = levers_for(Family::Flatcar, Some(false));
+        let missing = HoldNeed::Missing("6.2".into());
+        assert_eq!(
+            plan_hold(&inputs(&levers, &missing, None, None, None)),
+            HoldAction::Take {
+                levers: levers.clone(),
+                kernel_release: "6.2".into(),
+                since: NOW
+            }
+        );
+        assert_eq!(
+            plan_hold(&inputs(&levers, &HoldNeed::Covered, None, None, None)),
+            HoldAction::Release
+        );
+        let warn = HoldInputs {
+            policy: Warn,
+            ..inputs(&levers, &missing, None, None, None)
+        };
+        assert_eq!(plan_hold(&warn), HoldAction::Release);
+        assert_eq!(
+            plan_hold(&inputs(&[], &missing, None, None, None)),
+            HoldAction::Unsupported
+        );
+    }
+
+    #[test]
+    fn a_detection_error_fails_closed() {
+        let levers = levers_for(Family::Generic, None);
+        let unknown = HoldNeed::Unknown("no boot entry".into());
+        assert_eq!(
+            plan_hold(&inputs(&levers, &unknown, None, None, None)),
+            HoldAction::Take {
+                levers: levers.clone(),
+                kernel_release: UNKNOWN_KERNEL.into(),
+                since: NOW
+            }
+        );
+        // Once the kernel is known, its own hold starts its own clock.
+        let was_unknown = record(UNKNOWN_KERNEL, 5);
+        let missing = HoldNeed::Missing("6.2".into());
+        assert_eq!(
+            plan_hold(&inputs(
+                &levers,
+                &missing,
+                Some(&was_unknown),
+                None,
+                Some(1)
+            )),
+            HoldAction::Take {
+                levers,
+                kernel_release: "6.2".into(),
+                since: NOW
+            }
+        );
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_first_hold_of_that_kernel() {
+        let levers = levers_for(Family::Flatcar, Some(false));
+        let missing = HoldNeed::Missing("6.2".into());
+        let held = record("6.2", NOW - 3 * 3600);
+        assert!(matches!(
+            plan_hold(&inputs(&levers, &missing, Some(&held), None, Some(4))),
+            HoldAction::Take { since, .. } if since == NOW - 3 * 3600
+        ));
+        assert_eq!(
+            plan_hold(&inputs(&levers, &missing, Some(&held), None, Some(3))),
+            HoldAction::LetThrough {
+                why: LetThrough::Deadline,
+                kernel_release: "6.2".into(),
+                since: NOW - 3 * 3600
+            }
+        );
+        // Another kernel's old hold does not count.
+        let other = record("6.1", 0);
+        assert!(matches!(
+            plan_hold(&inputs(&levers, &missing, Some(&other), None, Some(1))),
+            HoldAction::Take { since: NOW, .. }
+        ));
+        // No deadline set: held however long.
+        let ancient = record("6.2", 0);
+        assert!(matches!(
+            plan_hold(&inputs(&levers, &missing, Some(&ancient), None, None)),
+            HoldAction::Take { .. }
+        ));
+    }
+
+    #[test]
+    fn a_released_kernel_is_not_held_again_but_the_next_one_is() {
+        let levers = levers_for(Family::Ostree, Some(true));
+        let released = HoldRelease {
+            kernel_release: "6.2".into(),
+            by: "administrator".into(),
+            since: 7,
+            at: 9,
+        };
+        let missing = HoldNeed::Missing("6.2".into());
+        assert_eq!(
+            plan_hold(&inputs(&levers, &missing, None, Some(&released), None)),
+            HoldAction::LetThrough {
+                why: LetThrough::Administrator,
+                kernel_release: "6.2".into(),
+                since: 7
+            }
+        );
+        let newer = HoldNeed::Missing("6.3".into());
+        assert!(matches!(
+            plan_hold(&inputs(&levers, &newer, None, Some(&released), None)),
+            HoldAction::Take { .. }
+        ));
+        // Covered: nothing to let through, just release.
+        assert_eq!(
+            plan_hold(&inputs(
+                &levers,
+                &HoldNeed::Covered,
+                None,
+                Some(&released),
+                None
+            )),
+            HoldAction::Release
+        );
+    }
+
+    #[test]
+    fn reboot_refusal_drop_ins_are_ours_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        // Someone else's drop-ins beside ours, and a poweroff one: never touched.
+        let theirs = root.join("/run/systemd/system/reboot.target.d/10-admin.conf");
+        std::fs::create_dir_all(theirs.parent().unwrap()).unwrap();
+        std::fs::write(&theirs, "[Unit]\nDescription=theirs\n").unwrap();
+
+        assert!(!holds_reboot_refusal(&root));
+        assert!(write_reboot_refusal(&root).unwrap());
+        assert!(holds_reboot_refusal(&root));
+        for dropin in REBOOT_REFUSAL_DROPINS {
+            let text = std::fs::read_to_string(root.join(dropin)).unwrap();
+            assert_eq!(text, REBOOT_REFUSAL_TEXT);
+            assert!(text.contains("\n[Unit]\nRefuseManualStart=yes\n"), "{text}");
+            assert!(text.contains("nvdriver-agent hold release"), "{text}");
+        }
+        assert!(!root.join("/run/systemd/system/poweroff.target.d").exists());
+        // Unchanged content: no write, so no reload is asked for.
+        assert!(!write_reboot_refusal(&root).unwrap());
+        // Written atomically: no temporary file is left beside them.
+        let names: Vec<String> = std::fs::read_dir(theirs.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+
+        assert!(remove_reboot_refusal(&root).unwrap());
+        assert!(!holds_reboot_refusal(&root));
+        assert!(!remove_reboot_refusal(&root).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&theirs).unwrap(),
+            "[Unit]\nDescription=theirs\n"
+        );
+    }
+
+    /// Levers that only record what they were asked.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<String>,
+    }
+
+    impl HoldLevers for Recorder {
+        fn take(&mut self, levers: &[HoldLever], kernel: &str, _why: &str) -> Vec<HoldLever> {
+            self.calls.push(format!("take {kernel}"));
+            levers.to_vec()
+        }
+        fn release(&mut self) {
+            self.calls.push("release".into());
+        }
+    }
+
+    #[test]
+    fn the_administrator_release_is_recorded_for_that_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let mut levers = Recorder::default();
+        assert_eq!(release_by_administrator(&root, &mut levers).unwrap(), None);
+        let mut state = AgentState::fresh();
+        state.hold = Some(record("6.2", 42));
+        state.write(&root).unwrap();
+        let released = release_by_administrator(&root, &mut levers)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                released.kernel_release.as_str(),
+                released.by.as_str(),
+                released.since
+            ),
+            ("6.2", "administrator", 42)
+        );
+        let state = AgentState::read(&root);
+        assert_eq!(state.hold, None);
+        assert_eq!(state.hold_released, Some(released));
+        assert_eq!(levers.calls, ["release", "release"]);
     }
 }
