@@ -243,3 +243,52 @@ fn the_next_kernels_config_in_the_staged_deployment_is_honoured() {
         .join(format!("var/lib/nvdriver-agent/overlays/{NEXT}"))
         .exists());
 }
+
+/// On ostree the hold is the finalization lock *and* a logind block inhibitor: Zincati stages
+/// with `--lock-finalization` (the lock is then Zincati's, never ours to claim or remove) and
+/// later runs `rpm-ostree finalize-deployment`, which rpm-ostreed refuses while a `shutdown`
+/// block inhibitor exists (rpm-ostree src/daemon/rpmostreed-transaction-types.cxx
+/// `finalize_deployment_transaction_execute` → `check_sd_inhibitor_locks`, before unlocking).
+#[test]
+fn hold_on_ostree_adds_the_inhibitor_that_stops_zincatis_finalize() {
+    use crate::common::bus::{LogindPeer, TestBus};
+    for zincati_locked in [false, true] {
+        let bus = TestBus::start();
+        let logind = LogindPeer::start(&bus);
+        let host = fcos_host("hold");
+        let root = host.dir.path();
+        if zincati_locked {
+            std::fs::create_dir_all(root.join("run/ostree")).unwrap();
+            std::fs::write(root.join(LOCK), "").unwrap();
+        }
+        let daemon = Daemon::start(root, |c| bus.env(c));
+        let next = host.commit_kernel(NEXT);
+        host.stage(&next);
+        let (held, s) = wait_for(
+            "the hold",
+            WAIT,
+            || (logind.active_inhibitors(), state(root)),
+            |(held, s)| held.len() == 1 && !s["hold"].is_null() && !s["last-stage"].is_null(),
+        );
+        assert!(held[0].starts_with("shutdown|nvdriver-agent|"), "{held:?}");
+        let levers = if zincati_locked {
+            serde_json::json!(["logind-shutdown-inhibitor"])
+        } else {
+            serde_json::json!(["ostree-finalization-lock", "logind-shutdown-inhibitor"])
+        };
+        assert_eq!(s["hold"]["levers"], levers, "{s:#}\n{}", daemon.log());
+        assert!(root.join(LOCK).exists());
+
+        publish_overlay(root, NEXT);
+        let out = agent::run(root, &["stage"]);
+        assert!(out.status.success(), "{}", agent::text(&out));
+        wait_for(
+            "the release",
+            WAIT,
+            || (logind.active_inhibitors(), state(root)),
+            |(held, s)| held.is_empty() && s["hold"].is_null(),
+        );
+        // Zincati's lock stays Zincati's; ours is gone.
+        assert_eq!(root.join(LOCK).exists(), zincati_locked, "{}", daemon.log());
+    }
+}
