@@ -285,10 +285,10 @@ fn hold_release(inv: &Invocation) -> anyhow::Result<u8> {
         None => println!("no update was held (any reboot refusal or ostree lock of ours is removed anyway)"),
     }
     if let Some(pid) = nvdriver_agent::state::instance::running_pid(&ctx.root) {
-        nvdriver_agent::state::instance::poke(pid).map_err(|e| {
+        nvdriver_agent::state::instance::poke_hold_released(pid).map_err(|e| {
             anyhow::anyhow!("cannot signal the daemon (pid {pid}) to drop its logind inhibitor: {e}; `systemctl restart nvdriver-agent` does")
         })?;
-        println!("asked the running daemon (pid {pid}) to let go of its logind inhibitor; it does when its current look ends");
+        println!("told the running daemon (pid {pid}) to drop its logind inhibitor");
     }
     Ok(exit::OK)
 }

@@ -23,7 +23,7 @@ use crate::kmod::sys::Kernel;
 use crate::report::bus::AgentProperties;
 use crate::state::instance::{InstanceError, InstanceLock};
 use crate::state::{now_unix, AgentState, LoadRecord, LoadResult};
-use crate::update::hold::{HostLevers, LeverScope};
+use crate::update::hold::{HostLevers, InhibitorSlot, LeverScope};
 use crate::update::stage::{self, NextBootReadiness, Target};
 use crate::watch::dbus::{self, Hint};
 use crate::watch::flatcar::{self, UpdateEngineState};
@@ -67,7 +67,8 @@ enum Event {
     Changed(String),
     /// update_engine's `current_operation`; `None` when it left the bus.
     UpdateEngine(Option<String>),
-    /// SIGUSR1 (`nvdriver-agent stage`) or the D-Bus `Stage()` method.
+    /// SIGUSR1 (`nvdriver-agent stage`) or the D-Bus `Stage()` method; SIGUSR2 (`hold release`)
+    /// too, after the signal thread dropped the inhibitor.
     Rescan,
     /// SIGHUP (`None`: read the configuration here) or D-Bus `Reload()` (the settings it
     /// already read and checked, so the caller could be told when they were invalid).
@@ -83,6 +84,7 @@ fn handled_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGUSR1,
+        Signal::SIGUSR2,
     ] {
         set.add(signal);
     }
@@ -90,8 +92,13 @@ fn handled_signals() -> SigSet {
 }
 
 /// Signals are blocked in every thread (threads inherit the mask, so this runs first) and
-/// taken synchronously by one thread: no handler runs in signal context.
-fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
+/// taken synchronously by one thread: no handler runs in signal context. SIGUSR2 (`hold
+/// release`) drops the logind inhibitor right here, while the main thread may be downloading.
+fn spawn_signal_thread(
+    tx: Sender<Event>,
+    root: crate::host::Root,
+    inhibitor: InhibitorSlot,
+) -> Result<(), DaemonError> {
     let set = handled_signals();
     set.thread_block().map_err(DaemonError::Signals)?;
     std::thread::Builder::new()
@@ -100,6 +107,10 @@ fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
             let event = match set.wait() {
                 Ok(Signal::SIGTERM | Signal::SIGINT) => Event::Shutdown,
                 Ok(Signal::SIGHUP) => Event::Reload(None),
+                Ok(Signal::SIGUSR2) => {
+                    drop_released_inhibitor(&root, &inhibitor);
+                    Event::Rescan
+                }
                 Ok(_) => Event::Rescan,
                 Err(_) => continue,
             };
@@ -112,6 +123,15 @@ fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// `hold release` wrote that the administrator let the hold go (and cleared it): drop the
+/// inhibitor now; the next look records the rest.
+fn drop_released_inhibitor(root: &crate::host::Root, inhibitor: &InhibitorSlot) {
+    let state = AgentState::read(root);
+    if state.hold.is_none() && state.hold_released.is_some() && inhibitor.drop_now() {
+        warn!("hold released by the administrator: the logind shutdown inhibitor is dropped");
+    }
+}
+
 /// Run the daemon until SIGTERM. `source` is where the configuration is read again from on
 /// SIGHUP or D-Bus `Reload()`.
 pub fn run(
@@ -120,7 +140,8 @@ pub fn run(
     kernel: &mut dyn Kernel,
 ) -> Result<(), DaemonError> {
     let (tx, rx) = mpsc::channel();
-    spawn_signal_thread(tx.clone())?;
+    let levers = HostLevers::new(ctx.root.clone(), LeverScope::Daemon);
+    spawn_signal_thread(tx.clone(), ctx.root.clone(), levers.inhibitor_slot())?;
     let _instance = InstanceLock::acquire(&ctx.root)?;
 
     let mut state = AgentState::read(&ctx.root);
@@ -154,7 +175,7 @@ pub fn run(
         update_engine: UpdateEngineState::Unknown,
         unsaved_operation: None,
         bus: None,
-        levers: HostLevers::new(ctx.root.clone(), LeverScope::Daemon),
+        levers,
         retry_at: None,
         retry_delay: RETRY_FIRST,
     };

@@ -406,8 +406,30 @@ pub struct HostLevers {
     root: Root,
     scope: LeverScope,
     bus: Option<dbus::Connection>,
-    inhibitor: Option<Inhibitor>,
+    inhibitor: InhibitorSlot,
     refusing: bool,
+}
+
+/// Where the daemon's logind inhibitor lives, shared with its signal thread so that
+/// `hold release` drops it at once, even while a download keeps the main thread busy.
+#[derive(Clone, Default)]
+pub struct InhibitorSlot(std::sync::Arc<std::sync::Mutex<Option<Inhibitor>>>);
+
+impl InhibitorSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Inhibitor>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Close the inhibitor's fd (logind then drops it); whether one was held.
+    pub fn drop_now(&self) -> bool {
+        self.lock().take().is_some()
+    }
+
+    fn is_held(&self) -> bool {
+        self.lock().is_some()
+    }
 }
 
 impl HostLevers {
@@ -417,7 +439,7 @@ impl HostLevers {
             root,
             scope,
             bus: None,
-            inhibitor: None,
+            inhibitor: InhibitorSlot::default(),
             refusing: false,
         }
     }
@@ -427,6 +449,11 @@ impl HostLevers {
             self.bus = Some(dbus::system_bus()?);
         }
         Ok(self.bus.as_ref().expect("connected above"))
+    }
+
+    /// The inhibitor's slot, for a thread that must be able to drop it ([`InhibitorSlot`]).
+    pub fn inhibitor_slot(&self) -> InhibitorSlot {
+        self.inhibitor.clone()
     }
 
     /// Whether systemd says the system is shutting down (`systemctl is-system-running` =
@@ -456,9 +483,9 @@ impl HostLevers {
             }
             _ if self.scope == LeverScope::OneShot => Ok(false),
             HoldLever::LogindShutdownInhibitor => {
-                if self.inhibitor.is_none() {
+                if !self.inhibitor.is_held() {
                     let inhibitor = dbus::inhibit_shutdown(self.bus()?, why)?;
-                    self.inhibitor = Some(inhibitor);
+                    *self.inhibitor.lock() = Some(inhibitor);
                 }
                 Ok(true)
             }
@@ -484,7 +511,7 @@ impl HostLevers {
     /// ostree lock stays: a reboot then boots the current deployment; `hold release` removes
     /// it). Returns the levers still in force.
     pub fn release_for_stop(&mut self) -> Vec<HoldLever> {
-        self.inhibitor = None;
+        self.inhibitor.drop_now();
         let mut left = Vec::new();
         if holds_ostree_lock(&self.root) {
             left.push(HoldLever::OstreeFinalizationLock);
@@ -540,7 +567,7 @@ impl HoldLevers for HostLevers {
     }
 
     fn release(&mut self) {
-        if self.inhibitor.take().is_some() {
+        if self.inhibitor.drop_now() {
             info!("the logind shutdown inhibitor is released");
         }
         if let Err(e) = release_ostree_lock(&self.root) {
@@ -558,7 +585,8 @@ impl HoldLevers for HostLevers {
 /// `nvdriver-agent hold release`: remove our levers (the ostree lock only if ours, the reboot
 /// refusal) and record that the administrator let the held kernel through, so no later pass
 /// holds it again. Returns that record, `None` when nothing was held. The daemon's inhibitor is
-/// its own: the caller pokes the daemon, whose next pass lets it go.
+/// its own: the caller tells the daemon ([`crate::state::instance::poke_hold_released`]), which
+/// drops it at once ([`InhibitorSlot::drop_now`]).
 pub fn release_by_administrator(
     root: &Root,
     levers: &mut dyn HoldLevers,

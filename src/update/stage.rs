@@ -258,8 +258,6 @@ pub fn stage_next(
     });
 
     let hold_action = family.map(|family| {
-        // `hold release` may have run during the fetch: what it wrote counts.
-        state.hold_released = AgentState::read(&ctx.root).hold_released;
         let need = match (&pending, readiness) {
             (Some(next), NextBootReadiness::Missing) => {
                 HoldNeed::Missing(next.kernel_release.clone())
@@ -546,6 +544,18 @@ fn settle_hold(
     };
     let available = levers_for(family, staged);
     let now = now_unix();
+    // `hold release` may have run since this pass read the state (during a download, say):
+    // what it wrote counts.
+    if let Some(released) = AgentState::read(&ctx.root).hold_released {
+        if state
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.kernel_release == released.kernel_release)
+        {
+            state.hold = None;
+        }
+        state.hold_released = Some(released);
+    }
     let action = plan_hold(&HoldInputs {
         policy: ctx.settings.missing_next_overlay,
         max_hours: ctx.settings.hold_max_hours,

@@ -335,3 +335,73 @@ fn a_stopped_agent_leaves_no_reboot_refusal_but_a_shutdown_keeps_it() {
         }
     }
 }
+
+/// `hold release` while the daemon is busy downloading: its signal thread drops the inhibitor
+/// at once (rpm-ostreed and logind see it gone), not when the download ends.
+#[test]
+fn hold_release_drops_the_inhibitor_at_once_even_mid_download() {
+    let server = HttpServer::start();
+    let (archive, _) = overlay_archive(
+        &OverlayBuilder::nvidia(NEXT),
+        Compression::Zstd,
+        ManifestAt::First,
+    );
+    // About fifteen seconds of download.
+    let chunk = archive.len() / 150 + 1;
+    let path = format!("/{NEXT}/{DRIVER}.tar.zst");
+    server.route(
+        &path,
+        Route {
+            pace: Some((chunk, Duration::from_millis(100))),
+            ..Route::file(archive)
+        },
+    );
+    let host = flatcar_host(&format!(
+        "[stage]\nallow-http = true\nsources = [\"{}\"]\n[policy]\nmissing-next-overlay = \"hold\"\n",
+        server.url("/{kernel}/{driver}.tar.zst")
+    ));
+    let w = world(&host, "running");
+    let root = host.dir.path();
+    let daemon = Daemon::start(root, |c| w.bus.env(c));
+    w.update_engine.set_status(NEED_REBOOT, "4152.2.0");
+    wait_held(&w, &host, NEXT);
+    wait_for(
+        "the download to start",
+        WAIT,
+        || server.requests(&path),
+        |r| !r.is_empty(),
+    );
+
+    let mut release = agent::command(root, &["hold", "release"]);
+    w.bus.env(&mut release);
+    let out = release.output().unwrap();
+    assert!(out.status.success(), "{}", agent::text(&out));
+    let started = std::time::Instant::now();
+    wait_for(
+        "the inhibitor and the refusal to go",
+        Duration::from_secs(5),
+        || (w.logind.active_inhibitors(), refusing(&host)),
+        |(held, refusing)| held.is_empty() && !refusing,
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Still downloading: the release did not wait for it.
+    assert!(
+        state(root)["last-stage"]["result"] != "staged",
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("the logind shutdown inhibitor is dropped"),
+        "{}",
+        daemon.log()
+    );
+    // The download ends (the daemon answers SIGTERM between looks, not during one).
+    wait_for(
+        "the download to end",
+        WAIT,
+        || state(root),
+        |s| s["last-stage"]["result"] == "staged",
+    );
+}

@@ -122,7 +122,8 @@ fn hold_locks_the_staged_deployment_until_the_overlay_lands() {
         "the hold",
         WAIT,
         || (state(root), root.join(LOCK).exists()),
-        |(s, locked)| *locked && !s["hold"].is_null(),
+        // The hold comes before the look at the sources, the stage record after it.
+        |(s, locked)| *locked && !s["hold"].is_null() && !s["last-stage"].is_null(),
     );
     t.mark("agent: overlay missing → staged deployment locked");
     assert_eq!(seen.0["last-stage"]["result"], "missing");
