@@ -42,7 +42,8 @@ pub enum StageError {
     /// record), so only other callers could.
     #[error(transparent)]
     Source(#[from] SourceError),
-    /// The ostree hold could not be taken or released.
+    /// A hold lever could not be taken or released; [`stage_next`] never returns it (it logs
+    /// lever failures and records only the levers held), so only other callers could.
     #[error(transparent)]
     Hold(#[from] HoldError),
     /// The state file could not be written.
