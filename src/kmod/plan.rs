@@ -1219,3 +1219,406 @@ fn node_specs(order: &[String]) -> Vec<NodeSpec> {
     }
     specs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::OsRelease;
+    use crate::overlay::Manifest;
+
+    const KVER: &str = "6.12.9-200.fc41.x86_64";
+
+    fn settings(extra: &str) -> Settings {
+        let layers = [
+            (
+                PathBuf::from("/usr/lib/nvdriver-agent/config.toml"),
+                include_str!("../../dist/config.toml").to_string(),
+            ),
+            (
+                PathBuf::from("/etc/nvdriver-agent/config.toml"),
+                extra.to_string(),
+            ),
+        ];
+        crate::config::merge_layers(&layers).unwrap()
+    }
+
+    fn module(name: &str, depends: &[&str], exports: &[&str], imports: &[&str]) -> InspectedModule {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        InspectedModule {
+            relative_path: PathBuf::from(format!(
+                "usr/lib/modules/{KVER}/extra/{}.ko",
+                name.replace('_', "-")
+            )),
+            info: ModInfo {
+                name: name.to_string(),
+                vermagic: format!("{KVER} SMP preempt mod_unload "),
+                depends: strings(depends),
+                version: Some("580.95.05".into()),
+                srcversion: None,
+                license: Some("Dual MIT/GPL".into()),
+                parameters: Vec::new(),
+                signature: None,
+                compression: Compression::None,
+                exports: strings(exports),
+                imports: strings(imports),
+                softdeps: Vec::new(),
+            },
+        }
+    }
+
+    /// The open modules as built against a kernel with DRM and InfiniBand: nvidia-drm and
+    /// nvidia-peermem carry an empty `depends=` and call into nvidia-modeset, nvidia, DRM and
+    /// ib_core; `printk` is the kernel image's.
+    fn nvidia_modules() -> Vec<InspectedModule> {
+        vec![
+            module(
+                "nvidia",
+                &[],
+                &["nvidia_get_rm_ops", "nvidia_p2p_get_pages"],
+                &["printk", "i2c_transfer"],
+            ),
+            module(
+                "nvidia_modeset",
+                &["nvidia"],
+                &["nvKmsKapiGetFunctionsTable"],
+                &["nvidia_get_rm_ops", "printk"],
+            ),
+            module("nvidia_uvm", &["nvidia"], &[], &["nvidia_get_rm_ops"]),
+            module(
+                "nvidia_drm",
+                &[],
+                &[],
+                &[
+                    "nvKmsKapiGetFunctionsTable",
+                    "drm_dev_register",
+                    "drm_atomic_helper_check",
+                    "printk",
+                ],
+            ),
+            module(
+                "nvidia_peermem",
+                &[],
+                &[],
+                &["nvidia_p2p_get_pages", "ib_register_peer_memory_client"],
+            ),
+        ]
+    }
+
+    fn kernel() -> KernelState {
+        let mut kernel = KernelState::default();
+        for m in [
+            "i2c_core",
+            "ipmi_msghandler",
+            "drm",
+            "drm_kms_helper",
+            "ib_core",
+            "ecdh_generic",
+            "ecdsa_generic",
+            "i2c_algo_bit",
+        ] {
+            kernel.os_modules.insert(m.to_string());
+        }
+        for (symbol, module) in [
+            ("i2c_transfer", "i2c_core"),
+            ("drm_dev_register", "drm"),
+            ("drm_atomic_helper_check", "drm_kms_helper"),
+            ("ib_register_peer_memory_client", "ib_core"),
+            // An OS build of nvidia-modeset: the overlay's own export comes first.
+            ("nvKmsKapiGetFunctionsTable", "nvidia_modeset"),
+        ] {
+            kernel.os_symbols.insert(symbol.into(), module.into());
+        }
+        kernel
+    }
+
+    struct Case {
+        settings: Settings,
+        kernel: KernelState,
+        modules: Vec<InspectedModule>,
+        modprobe: ModprobeConfig,
+    }
+
+    impl Case {
+        fn new(config: &str) -> Self {
+            Case {
+                settings: settings(config),
+                kernel: kernel(),
+                modules: nvidia_modules(),
+                modprobe: ModprobeConfig::default(),
+            }
+        }
+
+        fn plan(&self) -> Result<LoadPlan, PlanError> {
+            let host = HostFacts {
+                os: OsRelease::parse("ID=fedora\n", "/etc/os-release".into()).unwrap(),
+                kernel_release: KVER.into(),
+                arch: "x86_64".into(),
+            };
+            let overlay = StoredOverlay {
+                dir: PathBuf::from(format!("/var/lib/nvdriver-agent/overlays/{KVER}/580.95.05")),
+                manifest: Manifest {
+                    format: 1,
+                    kernel_release: KVER.into(),
+                    driver_version: "580.95.05".into(),
+                    arch: "x86_64".into(),
+                    flavor: Flavor::Proprietary,
+                    files: Vec::new(),
+                    symlinks: Vec::new(),
+                },
+            };
+            plan_load(&PlanInputs {
+                settings: &self.settings,
+                host: &host,
+                kernel: &self.kernel,
+                overlay: &overlay,
+                modules: &self.modules,
+                toolkit: ToolkitState::Absent,
+                driver_root_mount: MountState::NotMounted,
+                modprobe: &self.modprobe,
+            })
+        }
+
+        fn module(&mut self, name: &str) -> &mut ModInfo {
+            &mut self
+                .modules
+                .iter_mut()
+                .find(|m| m.info.name == name)
+                .unwrap()
+                .info
+        }
+    }
+
+    const ALL: &str = "[driver]\nmodules = [\"nvidia-peermem\", \"nvidia-drm\", \"nvidia-uvm\"]\n";
+
+    fn names(plan: &LoadPlan) -> Vec<&str> {
+        plan.modules.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    fn os(steps: &[OsModuleStep]) -> Vec<(&str, &str, bool)> {
+        steps
+            .iter()
+            .map(|m| (m.name.as_str(), m.reason.as_str(), m.required))
+            .collect()
+    }
+
+    #[test]
+    fn os_prerequisites_found_through_modules_symbols() {
+        let plan = Case::new(ALL).plan().unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                "nvidia",
+                "nvidia_modeset",
+                "nvidia_uvm",
+                "nvidia_drm",
+                "nvidia_peermem"
+            ]
+        );
+        assert_eq!(
+            os(&plan.os_modules),
+            [
+                ("i2c_core", "driver.os-modules", true),
+                ("ipmi_msghandler", "driver.os-modules", true),
+                ("drm", "symbol drm_dev_register of nvidia_drm", true),
+                (
+                    "drm_kms_helper",
+                    "symbol drm_atomic_helper_check of nvidia_drm",
+                    true
+                ),
+                (
+                    "ib_core",
+                    "symbol ib_register_peer_memory_client of nvidia_peermem",
+                    true
+                ),
+            ]
+        );
+        assert!(plan.os_modules_after.is_empty());
+        // printk is listed nowhere: the kernel image's, not an error and not a step.
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn os_prerequisite_already_loaded_is_left_alone_and_unused_ones_are_not_loaded() {
+        let mut case = Case::new("[driver]\nmodules = [\"nvidia-drm\"]\nos-modules = []\n");
+        case.kernel.loaded.insert(
+            "drm".into(),
+            crate::host::kernel::LoadedModule {
+                name: "drm".into(),
+                version: None,
+            },
+        );
+        let plan = case.plan().unwrap();
+        let actions: Vec<_> = plan
+            .os_modules
+            .iter()
+            .map(|m| (m.name.as_str(), m.action.clone()))
+            .collect();
+        // i2c_core is reached through nvidia's i2c_transfer; no ib_core without nvidia-peermem.
+        assert_eq!(
+            actions,
+            [
+                ("drm", OsModuleAction::AlreadyLoaded),
+                ("drm_kms_helper", OsModuleAction::Modprobe),
+                ("i2c_core", OsModuleAction::Modprobe),
+            ]
+        );
+    }
+
+    #[test]
+    fn softdep_from_modinfo_and_modprobe_d() {
+        let mut case = Case::new(ALL);
+        // NVIDIA's own, with a comma kmod does not split on: a name nothing has, skipped.
+        case.module("nvidia")
+            .softdeps
+            .push("pre: ecdh_generic,ecdsa_generic".into());
+        // Spaces: two OS modules, loaded before, not required.
+        case.module("nvidia_uvm")
+            .softdeps
+            .push("pre: ecdh_generic   ecdsa_generic post: i2c_algo_bit no_such".into());
+        // modprobe.d: uvm after drm (against NVIDIA's order), sorted before modules.softdep.
+        case.modprobe.add_file(
+            "50-nv.conf",
+            "/etc/modprobe.d/50-nv.conf",
+            "softdep nvidia_peermem pre: nvidia-drm\nsoftdep nvidia_drm post: nvidia-uvm\n",
+        );
+        let plan = case.plan().unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                "nvidia",
+                "nvidia_modeset",
+                "nvidia_drm",
+                "nvidia_uvm",
+                "nvidia_peermem"
+            ]
+        );
+        let softdep_os: Vec<_> = os(&plan.os_modules)
+            .into_iter()
+            .filter(|(_, _, required)| !required)
+            .collect();
+        assert_eq!(
+            softdep_os,
+            [
+                (
+                    "ecdh_generic",
+                    "softdep pre: of nvidia_uvm (softdep= of nvidia_uvm)",
+                    false
+                ),
+                (
+                    "ecdsa_generic",
+                    "softdep pre: of nvidia_uvm (softdep= of nvidia_uvm)",
+                    false
+                ),
+            ]
+        );
+        assert_eq!(
+            os(&plan.os_modules_after),
+            [(
+                "i2c_algo_bit",
+                "softdep post: of nvidia_uvm (softdep= of nvidia_uvm)",
+                false
+            )]
+        );
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn modprobe_d_softdep_named_after_modules_softdep_loses_to_the_module_own() {
+        let mut case = Case::new("[driver]\nmodules = [\"nvidia\"]\n");
+        case.module("nvidia")
+            .softdeps
+            .push("pre: ecdh_generic".into());
+        case.modprobe.add_file(
+            "nvidia.conf",
+            "/etc/modprobe.d/nvidia.conf",
+            "softdep nvidia pre: i2c_algo_bit\n",
+        );
+        let plan = case.plan().unwrap();
+        let softdep_os: Vec<_> = plan
+            .os_modules
+            .iter()
+            .filter(|m| !m.required)
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(softdep_os, ["ecdh_generic"]);
+    }
+
+    #[test]
+    fn parameters_in_modprobe_order_with_sources() {
+        let mut case = Case::new(
+            "[parameters.nvidia]\nNVreg_A = 3\nNVreg_C = \"p q\"\n[parameters.nvidia-uvm]\nuvm_x = true\n",
+        );
+        case.modprobe.add_file(
+            "nvidia.conf",
+            "/usr/lib/modprobe.d/nvidia.conf",
+            "options nvidia NVreg_A=1 NVreg_B=\"x y\"\n",
+        );
+        case.modprobe
+            .add_cmdline("quiet nvidia.NVreg_A=2 nvidia_uvm.uvm_y=1 rd.nvidia.x=1\n");
+        case.module("nvidia").parameters.extend([
+            ("NVreg_A".into(), "int".into()),
+            ("NVreg_B".into(), "charp".into()),
+        ]);
+        let plan = case.plan().unwrap();
+        let nvidia = &plan.modules[0];
+        assert_eq!(
+            nvidia.parameters,
+            "NVreg_A=1 NVreg_B=\"x y\" NVreg_A=2 NVreg_A=3 NVreg_C=\"p q\""
+        );
+        let sources: Vec<_> = nvidia
+            .parameter_sources
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_deref(), p.source.as_str()))
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                ("NVreg_A", Some("1"), "/usr/lib/modprobe.d/nvidia.conf"),
+                ("NVreg_B", Some("x y"), "/usr/lib/modprobe.d/nvidia.conf"),
+                ("NVreg_A", Some("2"), "/proc/cmdline"),
+                ("NVreg_A", Some("3"), "config"),
+                ("NVreg_C", Some("p q"), "config"),
+            ]
+        );
+        assert_eq!(plan.modules[2].parameters, "uvm_y=1 uvm_x=1");
+        assert_eq!(
+            plan.warnings,
+            ["parameter NVreg_C from the config is set for nvidia but the module does not declare it; the kernel will ignore it"]
+        );
+    }
+
+    #[test]
+    fn cmdline_blacklist_skips_what_needs_the_module() {
+        let mut case = Case::new(ALL);
+        case.modprobe
+            .add_cmdline("modprobe.blacklist=nouveau,nvidia-modeset\n");
+        let plan = case.plan().unwrap();
+        // nvidia-drm needs nvidia-modeset (by symbol): not loaded; the rest are.
+        assert_eq!(names(&plan), ["nvidia", "nvidia_uvm", "nvidia_peermem"]);
+        assert_eq!(
+            plan.warnings,
+            ["nvidia_drm is not loaded: nvidia_modeset is blacklisted (modprobe.blacklist= in /proc/cmdline)"]
+        );
+        assert!(!plan.os_modules.iter().any(|m| m.name == "drm"));
+    }
+
+    #[test]
+    fn cmdline_blacklist_of_the_driver_refuses_the_plan() {
+        for cmdline in ["modprobe.blacklist=nvidia", "module_blacklist=nvidia"] {
+            let mut case = Case::new("");
+            case.modprobe.add_cmdline(cmdline);
+            let err = case.plan().unwrap_err();
+            assert!(matches!(err, PlanError::Blacklisted { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains("nvidia") && text.contains("/proc/cmdline"),
+                "{text}"
+            );
+        }
+        // A modprobe.d `blacklist nvidia` line applies to aliases only: still loaded.
+        let mut case = Case::new("");
+        case.modprobe
+            .add_file("b.conf", "/etc/modprobe.d/b.conf", "blacklist nvidia\n");
+        assert_eq!(names(&case.plan().unwrap())[0], "nvidia");
+    }
+}
