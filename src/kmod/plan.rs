@@ -1315,6 +1315,8 @@ mod tests {
             "ecdh_generic",
             "ecdsa_generic",
             "i2c_algo_bit",
+            "crc32c",
+            "sha256",
         ] {
             kernel.os_modules.insert(m.to_string());
         }
@@ -1474,7 +1476,7 @@ mod tests {
         // Spaces: two OS modules, loaded before, not required.
         case.module("nvidia_uvm")
             .softdeps
-            .push("pre: ecdh_generic   ecdsa_generic post: i2c_algo_bit no_such".into());
+            .push("pre: crc32c   sha256 post: i2c_algo_bit no_such".into());
         // modprobe.d: uvm after drm (against NVIDIA's order), sorted before modules.softdep.
         case.modprobe.add_file(
             "50-nv.conf",
@@ -1500,12 +1502,12 @@ mod tests {
             softdep_os,
             [
                 (
-                    "ecdh_generic",
+                    "crc32c",
                     "softdep pre: of nvidia_uvm (softdep= of nvidia_uvm)",
                     false
                 ),
                 (
-                    "ecdsa_generic",
+                    "sha256",
                     "softdep pre: of nvidia_uvm (softdep= of nvidia_uvm)",
                     false
                 ),
