@@ -448,3 +448,53 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
     }
     Ok(created)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kmod::sys::{Call, SimulatedKernel};
+
+    fn step(name: &str, required: bool) -> OsModuleStep {
+        OsModuleStep {
+            name: name.into(),
+            action: OsModuleAction::Modprobe,
+            reason: "test".into(),
+            required,
+        }
+    }
+
+    /// A softdep that modprobe cannot load is skipped (kmod ignores a softdep's failure); a
+    /// required OS module that it cannot load fails the load.
+    #[test]
+    fn only_required_os_modules_fail_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let write = |path: &str, text: &str| {
+            let path = root.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        };
+        write("/proc/sys/kernel/osrelease", "6.1.0\n");
+        write("/proc/modules", "");
+        write("/usr/lib/modules/6.1.0/modules.dep", "kernel/drm.ko:\n");
+        let mut kernel = SimulatedKernel::new(root.clone());
+        let mut report = LoadReport::default();
+        let steps = [step("absent", false), step("drm", true)];
+        modprobe_all(&steps, &mut kernel, &mut report).unwrap();
+        assert_eq!(report.os_modules_loaded, ["drm"]);
+        assert_eq!(
+            kernel.calls,
+            [
+                Call::Modprobe {
+                    name: "absent".into()
+                },
+                Call::Modprobe { name: "drm".into() }
+            ]
+        );
+        let err = modprobe_all(&[step("absent", true)], &mut kernel, &mut report).unwrap_err();
+        assert!(
+            matches!(err, LoadError::OsModule { ref name, .. } if name == "absent"),
+            "{err}"
+        );
+    }
+}
