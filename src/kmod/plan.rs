@@ -647,6 +647,29 @@ fn cmdline_blacklist(config: &ModprobeConfig) -> BTreeMap<&str, &'static str> {
     out
 }
 
+/// The blacklisted modules among `name` and what it needs, transitively, each with how.
+fn blocked_needs<'b>(
+    name: &str,
+    needs: &BTreeMap<String, BTreeSet<String>>,
+    blocked: &BTreeMap<&'b str, &'b str>,
+) -> Vec<(&'b str, &'b str)> {
+    let mut closure = vec![name.to_string()];
+    let mut i = 0;
+    while i < closure.len() {
+        for need in &needs[&closure[i]] {
+            if !closure.contains(need) {
+                closure.push(need.clone());
+            }
+        }
+        i += 1;
+    }
+    closure
+        .iter()
+        .filter_map(|m| blocked.get_key_value(m.as_str()))
+        .map(|(m, how)| (*m, *how))
+        .collect()
+}
+
 /// The configured modules without those the kernel command line blacklists (themselves or a
 /// module they need); refuses when none is left.
 fn unblocked_configured(
@@ -658,20 +681,7 @@ fn unblocked_configured(
     let mut kept = Vec::new();
     let mut hits: BTreeMap<&str, &str> = BTreeMap::new();
     for name in configured {
-        let mut closure = vec![name.clone()];
-        let mut i = 0;
-        while i < closure.len() {
-            for need in &needs[&closure[i]] {
-                if !closure.contains(need) {
-                    closure.push(need.clone());
-                }
-            }
-            i += 1;
-        }
-        let blocking: Vec<_> = closure
-            .iter()
-            .filter_map(|m| blocked.get_key_value(m.as_str()))
-            .collect();
+        let blocking = blocked_needs(&name, needs, blocked);
         if blocking.is_empty() {
             kept.push(name);
             continue;
@@ -736,10 +746,11 @@ fn wanted_modules(
         if wanted.modules.contains(&name) {
             continue;
         }
-        if let Some(how) = blocked.get(name.as_str()) {
-            // Only a softdep reaches a blacklisted module here: it is optional.
+        // Only a softdep reaches a module that is, or needs, a blacklisted one here (the
+        // configured ones and what they need were checked): it is optional.
+        if let Some((module, how)) = blocked_needs(&name, needs, &blocked).first() {
             warnings.push(format!(
-                "softdep module {name} is not loaded: blacklisted ({how})"
+                "softdep module {name} is not loaded: {module} is blacklisted ({how})"
             ));
             continue;
         }
@@ -1602,6 +1613,23 @@ mod tests {
             ["nvidia_drm is not loaded: nvidia_modeset is blacklisted (modprobe.blacklist= in /proc/cmdline)"]
         );
         assert!(!plan.os_modules.iter().any(|m| m.name == "drm"));
+    }
+
+    #[test]
+    fn softdep_module_needing_a_blacklisted_one_is_skipped() {
+        let mut case = Case::new("[driver]\nmodules = [\"nvidia\"]\n");
+        case.modprobe.add_file(
+            "nv.conf",
+            "/etc/modprobe.d/nv.conf",
+            "softdep nvidia post: nvidia-drm nvidia-uvm\n",
+        );
+        case.modprobe.add_cmdline("module_blacklist=nvidia_modeset");
+        let plan = case.plan().unwrap();
+        assert_eq!(names(&plan), ["nvidia", "nvidia_uvm"]);
+        assert_eq!(
+            plan.warnings,
+            ["softdep module nvidia_drm is not loaded: nvidia_modeset is blacklisted (module_blacklist= in /proc/cmdline)"]
+        );
     }
 
     #[test]
