@@ -187,13 +187,12 @@ fn list_pci_bindings(driver_dir: &Path) -> Vec<String> {
     out
 }
 
+/// The OS's module names, and its symbols with the module exporting each.
+type OsModuleIndex = (BTreeSet<String>, BTreeMap<String, String>);
+
 /// Module names in the OS's own `modules.dep` and `modules.builtin` for `kernel_release`, and
 /// its `modules.symbols`.
-#[allow(clippy::type_complexity)]
-fn read_os_modules(
-    root: &Root,
-    kernel_release: &str,
-) -> Result<(BTreeSet<String>, BTreeMap<String, String>), HostError> {
+fn read_os_modules(root: &Root, kernel_release: &str) -> Result<OsModuleIndex, HostError> {
     let mut names = BTreeSet::new();
     let mut symbols = BTreeMap::new();
     for dir in ["/usr/lib/modules", "/lib/modules"] {

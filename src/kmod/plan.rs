@@ -289,8 +289,8 @@ pub struct LoadPlan {
     pub toolkit: ToolkitStep,
     /// Host path of the GPU Operator's `driver-ready` file to write.
     pub driver_ready: PathBuf,
-    /// Non-fatal findings (unknown module parameters, open modules without firmware), logged by
-    /// `load`.
+    /// Non-fatal findings (unknown module parameters, open modules without firmware, modules
+    /// left out because the kernel command line blacklists them), logged by `load`.
     pub warnings: Vec<String>,
 }
 
@@ -567,7 +567,8 @@ struct ResolvedSoftdep {
 /// is dropped without a word, as kmod's `lookup_dep` drops it: that is what becomes of the
 /// open modules' own `MODULE_SOFTDEP("pre: ecdh_generic,ecdsa_generic")`, whose comma kmod
 /// does not split on (`kmod_config_add_softdep` splits on whitespace), so `modprobe nvidia`
-/// loads neither (the kernel's crypto API loads them on demand anyway).
+/// loads neither; the kernel's crypto API requests them itself when first used, by the
+/// `crypto-ecdh`-style aliases `MODULE_ALIAS_CRYPTO` gives them (crypto/api.c).
 fn resolve_softdeps(
     by_name: &BTreeMap<String, &InspectedModule>,
     inputs: &PlanInputs<'_>,
