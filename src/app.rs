@@ -29,8 +29,8 @@ pub mod exit {
     pub const NO_OVERLAY: u8 = 3;
     /// The overlay is invalid: manifest, digest, unlisted file, module for another kernel, dependencies.
     pub const INVALID_OVERLAY: u8 = 4;
-    /// The host conflicts with the load: nouveau, unsigned modules under enforcement, another
-    /// driver version loaded.
+    /// The host conflicts with the load: nouveau, unsigned modules (or modules signed by a key
+    /// the kernel does not trust) under enforcement, another driver version loaded.
     pub const HOST_CONFLICT: u8 = 5;
     /// The kernel refused a module (the modules this run loaded were unloaded again).
     pub const KERNEL_REFUSED: u8 = 6;
@@ -133,6 +133,7 @@ impl CommandError {
             E::Plan(p) => match p {
                 PlanError::Nouveau { .. }
                 | PlanError::Unsigned { .. }
+                | PlanError::UntrustedKey { .. }
                 | PlanError::OtherVersionLoaded { .. } => exit::HOST_CONFLICT,
                 _ => exit::INVALID_OVERLAY,
             },

@@ -81,6 +81,9 @@ pub struct KernelState {
     /// Modules the OS's own tree for the running kernel provides (loadable or built in),
     /// normalised to underscores.
     pub os_modules: BTreeSet<String>,
+    /// The keys the kernel checks module signatures against; `None` when `/proc/keys` names no
+    /// trusted keyring (see [`super::keyring`]).
+    pub trusted_keys: Option<super::keyring::TrustedKeys>,
 }
 
 /// The kernel spells module names with underscores; files and `depends=` keep hyphens.
@@ -112,6 +115,7 @@ impl KernelState {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let os_modules = read_os_modules(root, kernel_release)?;
+        let trusted_keys = super::keyring::read_trusted_keys(root)?;
         Ok(KernelState {
             loaded,
             compression,
@@ -120,6 +124,7 @@ impl KernelState {
             nouveau_bound,
             firmware_path,
             os_modules,
+            trusted_keys,
         })
     }
 
