@@ -220,6 +220,11 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
             record.overlay = Some(plan.overlay.clone());
         }
         Ok(LoadOutcome::NoOverlayWarned { .. }) => record.result = LoadResult::NoOverlay,
+        // Logged by load::load with its MESSAGE_ID; not a failure of the overlay.
+        Err(e) if e.is_no_gpu() => {
+            record.result = LoadResult::NoGpu;
+            record.error = Some(e.to_string());
+        }
         Err(e) => {
             error!(KERNEL_RELEASE = %record.kernel_release, "loading the driver failed: {e}");
             record.result = LoadResult::Failed;

@@ -614,6 +614,106 @@ fn kernel_refusal_unloads_what_this_run_loaded() {
     assert!(!host.exists("/etc/nvidia-container-runtime/config.toml"));
 }
 
+/// Without a GPU the real nvidia.ko links and its init returns ENODEV ("NVRM: No NVIDIA GPU
+/// found.", open-gpu-kernel-modules kernel-open/nvidia/nv.c): its own state and exit code,
+/// not a broken overlay; what this run loaded is unloaded, nothing says ready.
+#[test]
+fn no_gpu_is_its_own_state_not_a_failure() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    let mut kernel = SimulatedKernel::new(host.root.clone());
+    kernel.gpus = 0;
+    let err = load::load(&ctx(&host), &mut kernel).err().expect("no GPU");
+    assert_eq!(err.exit_code(), exit::NO_GPU, "{err}");
+    assert!(err.is_no_gpu());
+    assert!(err.to_string().contains("no NVIDIA GPU"), "{err}");
+    assert!(err.to_string().contains("ENODEV"), "{err}");
+    let calls: Vec<_> = kernel
+        .calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::FinitModule { name, .. } => Some(format!("finit {name}")),
+            Call::DeleteModule { name } => Some(format!("delete {name}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        ["finit nvidia"],
+        "no module after nvidia's failed init"
+    );
+    assert!(!host.read("/proc/modules").contains("nvidia"));
+    assert!(!host.exists("/run/nvidia/validations/driver-ready"));
+    assert!(!host.exists("/etc/nvidia-container-runtime/config.toml"));
+}
+
+/// ENODEV from a module other than nvidia is a refusal like any other, and what was loaded
+/// before it is unloaded.
+#[test]
+fn enodev_from_another_module_is_a_kernel_refusal() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    let mut kernel = SimulatedKernel::new(host.root.clone());
+    kernel.refuse = Some(("nvidia_uvm".into(), nix::errno::Errno::ENODEV));
+    let err = load::load(&ctx(&host), &mut kernel).err().expect("refused");
+    assert_eq!(err.exit_code(), exit::KERNEL_REFUSED, "{err}");
+    assert!(!err.is_no_gpu());
+    assert!(kernel.calls.contains(&Call::DeleteModule {
+        name: "nvidia".into()
+    }));
+}
+
+/// The daemon on a host whose PCI bus has no NVIDIA device: the boot load records `no-gpu`,
+/// `status` says so (text, JSON, exit 9), the NFD labels and metrics do not say ready.
+#[test]
+fn no_gpu_host_status_says_so_with_its_exit_code() {
+    use crate::common::agent::{self, Daemon};
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/etc/os-release", "ID=gardenlinux\nNAME=\"Garden Linux\"\n");
+    host.write(&format!("/boot/vmlinuz-{KVER}"), "kernel image");
+    host.write("/sys/bus/pci/devices/0000:00:01.0/vendor", "0x8086\n");
+    host.mkdir("/etc/kubernetes/node-feature-discovery/features.d");
+    host.mkdir("/var/lib/node_exporter/textfile_collector");
+    let mut daemon = Daemon::start(host.dir.path(), |_| {});
+    assert_eq!(
+        agent::state(host.dir.path())["load"]["result"],
+        "no-gpu",
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("no NVIDIA GPU"), "{}", daemon.log());
+
+    let out = agent::run(host.dir.path(), &["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(exit::NO_GPU as i32),
+        "{}",
+        agent::text(&out)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NOT ready, no GPU"), "{text}");
+    let out = agent::run(host.dir.path(), &["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(exit::NO_GPU as i32),
+        "{}",
+        agent::text(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["readiness"], "no-gpu");
+    assert_eq!(report["load"]["result"], "no-gpu");
+    assert!(report["policy-state"]
+        .as_str()
+        .unwrap()
+        .starts_with("no-gpu: "));
+    assert!(!host.exists("/run/nvidia/validations/driver-ready"));
+    let nfd = host.read("/etc/kubernetes/node-feature-discovery/features.d/nvdriver-agent");
+    assert!(nfd.contains("nvdriver-agent.ready=false"), "{nfd}");
+    assert!(nfd.contains("nvdriver-agent.no-gpu=true"), "{nfd}");
+    let prom = host.read("/var/lib/node_exporter/textfile_collector/nvdriver_agent.prom");
+    assert!(prom.contains("nvdriver_agent_ready 0"), "{prom}");
+    assert!(prom.contains("nvdriver_agent_no_gpu 1"), "{prom}");
+    assert!(daemon.stop().success(), "{}", daemon.log());
+}
+
 #[test]
 fn no_overlay_follows_policy() {
     let host = FakeHost::new(KVER);
