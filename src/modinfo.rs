@@ -89,6 +89,11 @@ pub struct ModuleSignature {
     pub key_id: Option<String>,
     /// `sig_hashalgo`: `sha256`, `sha512`, … (a dotted OID when the algorithm is unknown).
     pub hash_algo: Option<String>,
+    /// Whether `key_id` is the key's subject key identifier (`sign-file -k`; then `signer` is
+    /// `None`) rather than the certificate's serial number; the kernel looks keys up by either
+    /// (crypto/asymmetric_keys/pkcs7_parser.c `pkcs7_sig_note_skid`, `pkcs7_sig_note_serial`).
+    #[serde(skip)]
+    pub key_id_is_skid: bool,
 }
 
 /// What a module file says of itself: its `.modinfo` keys, signature trailer and compression.
@@ -124,6 +129,11 @@ pub struct ModInfo {
     /// `.symtab`, as depmod reads them. Not part of `modinfo --json`.
     #[serde(skip)]
     pub imports: Vec<String>,
+    /// Every `softdep=` (`MODULE_SOFTDEP`), as written (`pre: a b post: c`), in order: depmod
+    /// copies each to a `softdep <module> <value>` line of `modules.softdep`
+    /// (`tools/depmod.c` `output_softdeps`). Not part of `modinfo --json`.
+    #[serde(skip)]
+    pub softdeps: Vec<String>,
 }
 
 /// Errors reading a module file or checking what it says; every `path` is the file as given
@@ -600,11 +610,13 @@ fn split_signature<'a>(
         signer: None,
         key_id: None,
         hash_algo: None,
+        key_id_is_skid: false,
     };
     if id_type == 2 {
         if let Some(p7) = pkcs7::signer_info(sig_data) {
             signature.signer = p7.signer;
             signature.key_id = p7.key_id;
+            signature.key_id_is_skid = p7.by_skid;
             signature.hash_algo = p7.hash_algo;
         } else {
             tracing::debug!(module = %path.display(), "PKCS#7 signature not understood");
@@ -755,6 +767,7 @@ fn parse_modinfo_strings(
     let mut srcversion = None;
     let mut license = None;
     let mut parameters = Vec::new();
+    let mut softdeps = Vec::new();
     for entry in section.split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let entry = String::from_utf8_lossy(entry);
         let Some((key, value)) = entry.split_once('=') else {
@@ -767,6 +780,10 @@ fn parse_modinfo_strings(
             "version" => &mut version,
             "srcversion" => &mut srcversion,
             "license" => &mut license,
+            "softdep" => {
+                softdeps.push(value.to_string());
+                continue;
+            }
             "parmtype" => {
                 if let Some((parm, ty)) = value.split_once(':') {
                     parameters.push((parm.to_string(), ty.to_string()));
@@ -808,6 +825,7 @@ fn parse_modinfo_strings(
         compression,
         exports: Vec::new(),
         imports: Vec::new(),
+        softdeps,
     })
 }
 
@@ -875,6 +893,7 @@ mod pkcs7 {
         pub signer: Option<String>,
         pub key_id: Option<String>,
         pub hash_algo: Option<String>,
+        pub by_skid: bool,
     }
 
     /// A cursor over a run of DER TLVs.
@@ -948,6 +967,7 @@ mod pkcs7 {
             }
             (CONTEXT_0_PRIMITIVE, skid) if !skid.is_empty() => {
                 out.key_id = Some(super::colon_hex(skid));
+                out.by_skid = true;
             }
             _ => return None,
         }
@@ -1121,6 +1141,7 @@ mod pkcs7 {
             let info = signer_info(&der).unwrap();
             assert_eq!(info.signer, None);
             assert_eq!(info.key_id.as_deref(), Some("DE:AD:BE:EF"));
+            assert!(info.by_skid);
             assert_eq!(info.hash_algo.as_deref(), Some("sha3-256"));
         }
 
@@ -1167,7 +1188,7 @@ mod pkcs7 {
 
 #[cfg(test)]
 #[path = "../tests/common/modules.rs"]
-mod fixture_modules;
+pub(crate) mod fixture_modules;
 
 #[cfg(test)]
 mod tests {
@@ -1489,6 +1510,20 @@ mod tests {
         let drm = FixtureModule::new("nvidia-drm", KVER, "1").depends(&["nvidia-modeset", "drm"]);
         let info = parse(&drm.elf_bytes()).unwrap();
         assert_eq!(info.depends, vec!["nvidia-modeset", "drm"]);
+    }
+
+    #[test]
+    fn softdeps_are_kept_in_order_as_written() {
+        let nvidia = FixtureModule::new("nvidia", KVER, "1")
+            .extra("softdep=pre: ecdh_generic,ecdsa_generic")
+            .extra("softdep=post: nvidia-uvm");
+        let info = parse(&nvidia.elf_bytes()).unwrap();
+        assert_eq!(
+            info.softdeps,
+            ["pre: ecdh_generic,ecdsa_generic", "post: nvidia-uvm"]
+        );
+        let plain = FixtureModule::new("nvidia", KVER, "1");
+        assert!(parse(&plain.elf_bytes()).unwrap().softdeps.is_empty());
     }
 
     #[test]

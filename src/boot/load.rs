@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use crate::app::{CommandError, Context};
 use crate::config::MissingOverlayPolicy;
 use crate::handoff::toolkit;
+use crate::host::modprobe::ModprobeConfig;
 use crate::host::{HostFacts, KernelState, Root};
 use crate::kmod::execute::{self, LoadReport, OpenedModule};
 use crate::kmod::plan::{self, InspectedModule, LoadPlan, PlanInputs, ToolkitState};
@@ -52,6 +53,7 @@ pub fn prepare_load(ctx: &Context, kernel: &dyn Kernel) -> Result<Prepared, Comm
         });
     };
     let kernel_state = KernelState::read(&ctx.root, &host.kernel_release)?;
+    let modprobe = ModprobeConfig::read(&ctx.root)?;
     let (inspected, opened) = inspect_modules(&ctx.root, &overlay)?;
     let toolkit = toolkit_state(&ctx.root, &ctx.settings.toolkit_config)?;
     let driver_root_mount = kernel
@@ -71,6 +73,7 @@ pub fn prepare_load(ctx: &Context, kernel: &dyn Kernel) -> Result<Prepared, Comm
         modules: &inspected,
         toolkit,
         driver_root_mount,
+        modprobe: &modprobe,
     })?;
     for warning in &plan.warnings {
         warn!(KERNEL_RELEASE = %plan.kernel_release, OVERLAY = %plan.overlay.display(), "{warning}");
@@ -169,7 +172,20 @@ pub fn load(ctx: &Context, kernel: &mut dyn Kernel) -> Result<LoadOutcome, Comma
         }
     };
     let PreparedLoad { plan, opened } = *prepared;
-    let report = execute::execute(&ctx.root, &plan, &opened, kernel)?;
+    let report = match execute::execute(&ctx.root, &plan, &opened, kernel) {
+        Ok(report) => report,
+        Err(e @ execute::LoadError::NoGpu { .. }) => {
+            warn!(
+                MESSAGE_ID = crate::app::NO_GPU_MESSAGE_ID,
+                KERNEL_RELEASE = %plan.kernel_release,
+                DRIVER_VERSION = %plan.driver_version,
+                OVERLAY = %plan.overlay.display(),
+                "{e}"
+            );
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     info!(
         KERNEL_RELEASE = %plan.kernel_release,
         DRIVER_VERSION = %plan.driver_version,

@@ -17,7 +17,7 @@ use crate::handoff::toolkit;
 use crate::host::kernel::FIRMWARE_PATH;
 use crate::host::Root;
 use crate::kmod::devices::{self, nodes_for, DeviceNode};
-use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction};
+use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction, OsModuleStep};
 use crate::kmod::sys::{Kernel, ModuleLoad, NodeState, SysError};
 use crate::modinfo::{self, Compression};
 
@@ -48,6 +48,18 @@ pub enum LoadError {
         /// A likely reason, from the errno.
         hint: &'static str,
         /// The syscall error.
+        cause: Box<SysError>,
+    },
+    /// The `nvidia` module linked, and its init found no NVIDIA GPU (`ENODEV`; the driver logs
+    /// "NVRM: No NVIDIA GPU found."): nothing is wrong with the overlay. The kernel freed
+    /// `nvidia` again; the modules this run loaded before it were unloaded.
+    #[error("no NVIDIA GPU on this host: the kernel loaded {module} ({path}) and its init found no GPU ({cause}); the overlay is fine. If a GPU should be there, check `lspci -d 10de:` and `journalctl -k | grep NVRM`")]
+    NoGpu {
+        /// The module whose init failed (`nvidia`).
+        module: String,
+        /// The module file (host path).
+        path: PathBuf,
+        /// The syscall error (`ENODEV`).
         cause: Box<SysError>,
     },
     /// `modprobe` of an OS prerequisite module failed.
@@ -168,17 +180,7 @@ pub fn execute(
         report.firmware_path_set = true;
     }
 
-    for step in &plan.os_modules {
-        if step.action == OsModuleAction::Modprobe {
-            kernel
-                .modprobe(&step.name)
-                .map_err(|cause| LoadError::OsModule {
-                    name: step.name.clone(),
-                    cause,
-                })?;
-            report.os_modules_loaded.push(step.name.clone());
-        }
-    }
+    modprobe_all(&plan.os_modules, kernel, &mut report)?;
 
     for step in &plan.modules {
         if step.action == ModuleAction::AlreadyLoaded {
@@ -206,6 +208,8 @@ pub fn execute(
             }
         }
     }
+
+    modprobe_all(&plan.os_modules_after, kernel, &mut report)?;
 
     let loaded: Vec<&str> = plan.modules.iter().map(|m| m.name.as_str()).collect();
     let proc_devices = read_to_string_or_empty(&root.join("/proc/devices"));
@@ -259,6 +263,33 @@ pub fn execute(
     Ok(report)
 }
 
+/// `modprobe` each OS module still to load. One that is not required (a softdep) and fails is
+/// logged and skipped, as kmod ignores a softdep's failure (`kmod_module_probe_insert_module`).
+fn modprobe_all(
+    steps: &[OsModuleStep],
+    kernel: &mut dyn Kernel,
+    report: &mut LoadReport,
+) -> Result<(), LoadError> {
+    for step in steps {
+        if step.action != OsModuleAction::Modprobe {
+            continue;
+        }
+        match kernel.modprobe(&step.name) {
+            Ok(()) => report.os_modules_loaded.push(step.name.clone()),
+            Err(cause) if !step.required => {
+                warn!(MODULE = %step.name, error = %cause, "optional OS module ({}) not loaded", step.reason);
+            }
+            Err(cause) => {
+                return Err(LoadError::OsModule {
+                    name: step.name.clone(),
+                    cause,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Check what can be checked before the first syscall, so a broken driver root or toolkit
 /// config is refused with the host untouched rather than after the modules are in.
 fn preflight(root: &Root, plan: &LoadPlan) -> Result<(), LoadError> {
@@ -309,6 +340,12 @@ fn load_one(
     match result {
         Ok(()) => Ok(true),
         Err(e) if e.errno == Errno::EEXIST => Ok(false),
+        // Only nvidia's own init probes for GPUs; ENODEV from another module is a failure.
+        Err(cause) if is_no_gpu(&step.name, cause.errno) => Err(LoadError::NoGpu {
+            module: step.name.clone(),
+            path: step.file.clone(),
+            cause: Box::new(cause),
+        }),
         Err(cause) => Err(LoadError::Refused {
             module: step.name.clone(),
             path: step.file.clone(),
@@ -316,6 +353,12 @@ fn load_one(
             cause: Box::new(cause),
         }),
     }
+}
+
+/// `finit_module` of `module` failing with `errno` means "no NVIDIA GPU": the `nvidia` module's
+/// init (`nvidia_init_module` → `nv_drivers_init` found no device) returns `-ENODEV`.
+pub fn is_no_gpu(module: &str, errno: Errno) -> bool {
+    module == "nvidia" && errno == Errno::ENODEV
 }
 
 fn refusal_hint(errno: Errno) -> &'static str {
@@ -427,4 +470,54 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
         })?;
     }
     Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kmod::sys::{Call, SimulatedKernel};
+
+    fn step(name: &str, required: bool) -> OsModuleStep {
+        OsModuleStep {
+            name: name.into(),
+            action: OsModuleAction::Modprobe,
+            reason: "test".into(),
+            required,
+        }
+    }
+
+    /// A softdep that modprobe cannot load is skipped (kmod ignores a softdep's failure); a
+    /// required OS module that it cannot load fails the load.
+    #[test]
+    fn only_required_os_modules_fail_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let write = |path: &str, text: &str| {
+            let path = root.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        };
+        write("/proc/sys/kernel/osrelease", "6.1.0\n");
+        write("/proc/modules", "");
+        write("/usr/lib/modules/6.1.0/modules.dep", "kernel/drm.ko:\n");
+        let mut kernel = SimulatedKernel::new(root.clone());
+        let mut report = LoadReport::default();
+        let steps = [step("absent", false), step("drm", true)];
+        modprobe_all(&steps, &mut kernel, &mut report).unwrap();
+        assert_eq!(report.os_modules_loaded, ["drm"]);
+        assert_eq!(
+            kernel.calls,
+            [
+                Call::Modprobe {
+                    name: "absent".into()
+                },
+                Call::Modprobe { name: "drm".into() }
+            ]
+        );
+        let err = modprobe_all(&[step("absent", true)], &mut kernel, &mut report).unwrap_err();
+        assert!(
+            matches!(err, LoadError::OsModule { ref name, .. } if name == "absent"),
+            "{err}"
+        );
+    }
 }

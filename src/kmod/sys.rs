@@ -360,11 +360,14 @@ pub const SIMULATION_LOG: &str = "/run/nvdriver-agent/simulated-kernel.log";
 /// seeded by the fake host, and what loaded modules exported), as
 /// `kernel/module/main.c` `simplify_symbols` → `resolve_symbol` does. So a plan that trusts
 /// `depends=` alone fails here as it would on a real kernel.
+///
+/// With no GPUs, `nvidia`'s init returns ENODEV and the kernel frees it again, as the real
+/// driver does ("NVRM: No NVIDIA GPU found.", open-gpu-kernel-modules kernel-open/nvidia/nv.c).
 pub struct SimulatedKernel {
     root: Root,
     /// Every call made so far, in order (also appended to [`SIMULATION_LOG`]).
     pub calls: Vec<Call>,
-    /// GPUs the simulated driver finds.
+    /// GPUs the simulated driver finds; with none, `nvidia`'s init fails with ENODEV.
     pub gpus: u32,
     /// The dynamic major the simulated `nvidia-uvm` registers.
     pub uvm_major: u32,
@@ -373,12 +376,15 @@ pub struct SimulatedKernel {
 }
 
 impl SimulatedKernel {
-    /// A simulated kernel under `root`: one GPU, `nvidia-uvm` at major 507, no fault injection.
+    /// A simulated kernel under `root`: `nvidia-uvm` at major 507, no fault injection, and one
+    /// GPU, or, when the root has a `/sys/bus/pci/devices`, as many as it lists with NVIDIA's
+    /// vendor id (`0x10de`), which may be none.
     pub fn new(root: Root) -> Self {
+        let gpus = simulated_gpus(&root);
         SimulatedKernel {
             root,
             calls: Vec::new(),
-            gpus: 1,
+            gpus,
             uvm_major: 507,
             refuse: None,
         }
@@ -514,6 +520,22 @@ fn read_image(file: &File) -> Result<crate::modinfo::ModInfo, String> {
     crate::modinfo::parse_module(&bytes, Path::new("<module image>")).map_err(|e| e.to_string())
 }
 
+/// Host path of the PCI devices the simulation counts GPUs in.
+pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+/// NVIDIA devices in the root's `/sys/bus/pci/devices` (what the driver's PCI probe would find);
+/// 1 when the root has no such directory.
+fn simulated_gpus(root: &Root) -> u32 {
+    let Ok(entries) = fs::read_dir(root.join(PCI_DEVICES)) else {
+        return 1;
+    };
+    let nvidia = entries
+        .flatten()
+        .filter(|e| fs::read_to_string(e.path().join("vendor")).is_ok_and(|v| v.trim() == "0x10de"))
+        .count();
+    u32::try_from(nvidia).unwrap_or(u32::MAX)
+}
+
 impl Kernel for SimulatedKernel {
     fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
         let call = Call::FinitModule {
@@ -561,6 +583,10 @@ impl Kernel for SimulatedKernel {
                 Errno::ENOENT,
                 format!("{name}: Unknown symbol {symbol} (err -2)"),
             ));
+        }
+        if name == "nvidia" && self.gpus == 0 {
+            // The module linked, its init ran and failed: the kernel frees it, nothing stays.
+            return Err(fail(Errno::ENODEV, "NVRM: No NVIDIA GPU found.".into()));
         }
         self.add_symbols(&name, &image.exports);
         self.append(

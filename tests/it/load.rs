@@ -127,6 +127,133 @@ fn plan_derives_dependencies_from_symbols_when_depends_is_empty() {
     assert_eq!(drm.depends, ["nvidia_modeset"], "derived, shown in plan");
 }
 
+/// What modprobe would do, done by the agent: nvidia-drm built against a kernel with DRM
+/// imports drm_dev_register, which the OS's `modules.symbols` says drm exports, so drm is
+/// modprobed before it (nothing in `depends=` says so); nvidia's parameters reach
+/// `finit_module` as modprobe would pass them: `modprobe.d` options (files sorted by name,
+/// /etc hiding /usr/lib), then `nvidia.<param>=` of /proc/cmdline, then the agent's
+/// `[parameters]`, the kernel keeping the last value of each.
+#[test]
+fn modprobe_semantics_reach_the_kernel() {
+    let m = |name: &str| FixtureModule::new(name, KVER, DRIVER);
+    let overlay = OverlayBuilder::nvidia(KVER)
+        .module(
+            m("nvidia")
+                .exports(&["nvidia_get_rm_ops"])
+                .parameter("NVreg_A", "int")
+                .parameter("NVreg_B", "charp"),
+            Packing::Plain,
+        )
+        .module(
+            m("nvidia-drm")
+                .depends(&["nvidia-modeset"])
+                .imports(&["drm_dev_register", "printk"]),
+            Packing::Plain,
+        );
+    let host = host_with(&overlay);
+    host.write(
+        &format!("/usr/lib/modules/{KVER}/modules.symbols"),
+        "# Aliases for symbols, used by symbol_request().\nalias symbol:drm_dev_register drm\n",
+    );
+    host.write(
+        "/usr/lib/modprobe.d/nvidia.conf",
+        "options nvidia NVreg_A=usr-hidden\n",
+    );
+    host.write("/etc/modprobe.d/nvidia.conf", "options nvidia NVreg_A=1\n");
+    host.write(
+        "/usr/lib/modprobe.d/10-nvidia.conf",
+        "options nvidia NVreg_B=\"a b\"\n",
+    );
+    host.write(
+        "/proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz root=/dev/vda1 nvidia.NVreg_A=2 quiet\n",
+    );
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        "[driver]\nmodules = [\"nvidia\", \"nvidia-drm\"]\nos-modules = []\n[parameters.nvidia]\nNVreg_A = 3\n",
+    );
+    let params = "NVreg_B=\"a b\" NVreg_A=1 NVreg_A=2 NVreg_A=3";
+    let plan = plan(&host).unwrap();
+    let os: Vec<_> = plan
+        .os_modules
+        .iter()
+        .map(|m| (m.name.as_str(), m.reason.as_str()))
+        .collect();
+    assert_eq!(os, [("drm", "symbol drm_dev_register of nvidia_drm")]);
+    let sources: Vec<_> = plan.modules[0]
+        .parameter_sources
+        .iter()
+        .map(|p| p.source.as_str())
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            "/usr/lib/modprobe.d/10-nvidia.conf",
+            "/etc/modprobe.d/nvidia.conf",
+            "/proc/cmdline",
+            "config"
+        ]
+    );
+
+    let (result, calls) = load(&host);
+    result.unwrap();
+    let modules = format!("{}/usr/lib/modules/{KVER}/extra/nvidia", overlay_dir());
+    let loads: Vec<_> = calls
+        .into_iter()
+        .filter(|c| matches!(c, Call::Modprobe { .. } | Call::FinitModule { .. }))
+        .collect();
+    assert_eq!(
+        loads,
+        [
+            Call::Modprobe { name: "drm".into() },
+            Call::FinitModule {
+                name: "nvidia".into(),
+                path: format!("{modules}/nvidia.ko").into(),
+                params: params.into(),
+                kernel_decompresses: false,
+            },
+            Call::FinitModule {
+                name: "nvidia_modeset".into(),
+                path: format!("{modules}/nvidia-modeset.ko").into(),
+                params: "".into(),
+                kernel_decompresses: false,
+            },
+            Call::FinitModule {
+                name: "nvidia_drm".into(),
+                path: format!("{modules}/nvidia-drm.ko").into(),
+                params: "".into(),
+                kernel_decompresses: false,
+            },
+        ]
+    );
+}
+
+/// `modprobe.blacklist=nvidia` on the kernel command line: the operator does not want the
+/// driver; `load` refuses with what to do, and changes nothing.
+#[test]
+fn driver_blacklisted_on_the_kernel_command_line_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/proc/cmdline", "quiet modprobe.blacklist=nouveau,nvidia\n");
+    let before = host.snapshot();
+    let (result, calls) = load(&host);
+    let err = match result {
+        Err(e) => e,
+        Ok(_) => panic!("loaded a blacklisted driver"),
+    };
+    assert!(
+        matches!(err, CommandError::Plan(PlanError::Blacklisted { .. })),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("modprobe.blacklist= in /proc/cmdline"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), exit::HOST_CONFLICT);
+    assert!(calls.is_empty(), "{calls:?}");
+    assert_eq!(host.snapshot(), before);
+}
+
 #[test]
 fn plan_touches_nothing() {
     let host = host_with(&OverlayBuilder::nvidia(KVER).with_userspace());
@@ -502,6 +629,87 @@ fn signed_modules_load_when_signatures_enforced() {
     result.unwrap();
 }
 
+/// The real GPU host's trusted keys (tests/fixtures/keys/): the kernel's build key in
+/// `.builtin_trusted_keys`, shown by its subject key id.
+fn with_h200_keys(host: &FakeHost) {
+    host.write("/sys/module/module/parameters/sig_enforce", "Y\n");
+    host.write(
+        "/proc/keys",
+        include_str!("../fixtures/keys/h200-proc-keys.txt"),
+    );
+    host.write(
+        "/run/nvdriver-agent/simulated-keyrings",
+        include_str!("../fixtures/keys/h200-simulated-keyrings"),
+    );
+}
+
+const H200_SKID: [u8; 20] = [
+    0x4d, 0x51, 0x6c, 0x58, 0xe5, 0x25, 0x77, 0x6e, 0x0d, 0xf5, 0x12, 0xe5, 0xa9, 0xf5, 0x03, 0x3c,
+    0x9d, 0x0b, 0xab, 0xe8,
+];
+
+fn signed_overlay(sign: impl Fn(FixtureModule) -> FixtureModule) -> OverlayBuilder {
+    let mut overlay = OverlayBuilder::nvidia(KVER);
+    overlay.modules = overlay
+        .modules
+        .into_iter()
+        .map(|(m, p)| (sign(m), p))
+        .collect();
+    overlay
+}
+
+/// Signed, but by a key none of the kernel's trusted keys can be: refused before any
+/// finit_module, naming the module's key id and the kernel's.
+#[test]
+fn module_signed_by_an_untrusted_key_is_refused_with_both_ids() {
+    let host = host_with(&signed_overlay(|m| {
+        m.signed_by_skid(&[0xDE, 0xAD, 0xBE, 0xEF])
+    }));
+    with_h200_keys(&host);
+    let msg = refused(&host, exit::HOST_CONFLICT);
+    assert!(msg.contains("does not trust"), "{msg}");
+    assert!(
+        msg.contains("nvidia_uvm") && msg.contains("DE:AD:BE:EF"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(
+            "Build time autogenerated kernel key: 4d516c58e525776e0df512e5a9f5033c9d0babe8"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains(".builtin_trusted_keys"), "{msg}");
+}
+
+#[test]
+fn module_signed_by_a_trusted_key_loads() {
+    let host = host_with(&signed_overlay(|m| m.signed_by_skid(&H200_SKID)));
+    with_h200_keys(&host);
+    assert!(plan(&host).unwrap().warnings.is_empty());
+    let (result, _) = load(&host);
+    result.unwrap();
+    assert!(host.read("/proc/modules").contains("nvidia_uvm"));
+}
+
+/// What the real NVIDIA modules on the GPU host look like: signed by issuer CN and serial,
+/// against a key shown by subject key id. The agent cannot tell, says so, and loads.
+#[test]
+fn module_key_that_proc_keys_cannot_decide_is_a_warning() {
+    let host = host_with(&signed_overlay(|m| {
+        m.signed_by("Build time autogenerated kernel key", &[0x01, 0x03, 0x93])
+    }));
+    with_h200_keys(&host);
+    let plan = plan(&host).unwrap();
+    assert_eq!(plan.warnings.len(), 3, "{:?}", plan.warnings);
+    assert!(
+        plan.warnings[0].contains("cannot tell") && plan.warnings[0].contains("01:03:93"),
+        "{:?}",
+        plan.warnings
+    );
+    let (result, _) = load(&host);
+    result.unwrap();
+}
+
 #[test]
 fn other_driver_version_loaded_is_refused() {
     let host = host_with(&OverlayBuilder::nvidia(KVER));
@@ -534,6 +742,106 @@ fn kernel_refusal_unloads_what_this_run_loaded() {
     assert!(!host.read("/proc/modules").contains("nvidia"));
     assert!(!host.exists("/run/nvidia/validations/driver-ready"));
     assert!(!host.exists("/etc/nvidia-container-runtime/config.toml"));
+}
+
+/// Without a GPU the real nvidia.ko links and its init returns ENODEV ("NVRM: No NVIDIA GPU
+/// found.", open-gpu-kernel-modules kernel-open/nvidia/nv.c): its own state and exit code,
+/// not a broken overlay; what this run loaded is unloaded, nothing says ready.
+#[test]
+fn no_gpu_is_its_own_state_not_a_failure() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    let mut kernel = SimulatedKernel::new(host.root.clone());
+    kernel.gpus = 0;
+    let err = load::load(&ctx(&host), &mut kernel).err().expect("no GPU");
+    assert_eq!(err.exit_code(), exit::NO_GPU, "{err}");
+    assert!(err.is_no_gpu());
+    assert!(err.to_string().contains("no NVIDIA GPU"), "{err}");
+    assert!(err.to_string().contains("ENODEV"), "{err}");
+    let calls: Vec<_> = kernel
+        .calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::FinitModule { name, .. } => Some(format!("finit {name}")),
+            Call::DeleteModule { name } => Some(format!("delete {name}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        ["finit nvidia"],
+        "no module after nvidia's failed init"
+    );
+    assert!(!host.read("/proc/modules").contains("nvidia"));
+    assert!(!host.exists("/run/nvidia/validations/driver-ready"));
+    assert!(!host.exists("/etc/nvidia-container-runtime/config.toml"));
+}
+
+/// ENODEV from a module other than nvidia is a refusal like any other, and what was loaded
+/// before it is unloaded.
+#[test]
+fn enodev_from_another_module_is_a_kernel_refusal() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    let mut kernel = SimulatedKernel::new(host.root.clone());
+    kernel.refuse = Some(("nvidia_uvm".into(), nix::errno::Errno::ENODEV));
+    let err = load::load(&ctx(&host), &mut kernel).err().expect("refused");
+    assert_eq!(err.exit_code(), exit::KERNEL_REFUSED, "{err}");
+    assert!(!err.is_no_gpu());
+    assert!(kernel.calls.contains(&Call::DeleteModule {
+        name: "nvidia".into()
+    }));
+}
+
+/// The daemon on a host whose PCI bus has no NVIDIA device: the boot load records `no-gpu`,
+/// `status` says so (text, JSON, exit 9), the NFD labels and metrics do not say ready.
+#[test]
+fn no_gpu_host_status_says_so_with_its_exit_code() {
+    use crate::common::agent::{self, Daemon};
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/etc/os-release", "ID=gardenlinux\nNAME=\"Garden Linux\"\n");
+    host.write(&format!("/boot/vmlinuz-{KVER}"), "kernel image");
+    host.write("/sys/bus/pci/devices/0000:00:01.0/vendor", "0x8086\n");
+    host.mkdir("/etc/kubernetes/node-feature-discovery/features.d");
+    host.mkdir("/var/lib/node_exporter/textfile_collector");
+    let mut daemon = Daemon::start(host.dir.path(), |_| {});
+    assert_eq!(
+        agent::state(host.dir.path())["load"]["result"],
+        "no-gpu",
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("no NVIDIA GPU"), "{}", daemon.log());
+
+    let out = agent::run(host.dir.path(), &["status"]);
+    assert_eq!(
+        out.status.code(),
+        Some(exit::NO_GPU as i32),
+        "{}",
+        agent::text(&out)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("NOT ready, no GPU"), "{text}");
+    let out = agent::run(host.dir.path(), &["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(exit::NO_GPU as i32),
+        "{}",
+        agent::text(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["readiness"], "no-gpu");
+    assert_eq!(report["load"]["result"], "no-gpu");
+    assert!(report["policy-state"]
+        .as_str()
+        .unwrap()
+        .starts_with("no-gpu: "));
+    assert!(!host.exists("/run/nvidia/validations/driver-ready"));
+    let nfd = host.read("/etc/kubernetes/node-feature-discovery/features.d/nvdriver-agent");
+    assert!(nfd.contains("nvdriver-agent.ready=false"), "{nfd}");
+    assert!(nfd.contains("nvdriver-agent.no-gpu=true"), "{nfd}");
+    let prom = host.read("/var/lib/node_exporter/textfile_collector/nvdriver_agent.prom");
+    assert!(prom.contains("nvdriver_agent_ready 0"), "{prom}");
+    assert!(prom.contains("nvdriver_agent_no_gpu 1"), "{prom}");
+    assert!(daemon.stop().success(), "{}", daemon.log());
 }
 
 #[test]
