@@ -20,8 +20,8 @@ use nvdriver_agent::kmod::plan::{
 };
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
 use nvdriver_agent::modinfo;
-use nvdriver_agent::overlay::{build, pack};
 use nvdriver_agent::overlay::store::ImportOutcome;
+use nvdriver_agent::overlay::{build, pack};
 use nvdriver_agent::report::{bus as agent_bus, doctor, status};
 use nvdriver_agent::update::stage::{self, NextBootReadiness, StageError, Target};
 use nvdriver_agent::watch;
@@ -427,7 +427,12 @@ fn overlay_pack(
     out_archive: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut packed = pack::plan(input)?;
-    write_packed(&mut packed, sign.as_deref(), out_dir.as_deref(), out_archive.as_deref())?;
+    write_packed(
+        &mut packed,
+        sign.as_deref(),
+        out_dir.as_deref(),
+        out_archive.as_deref(),
+    )?;
     Ok(())
 }
 
@@ -507,12 +512,23 @@ fn overlay_build(
         (None, Some(_)) => Some(built.work.path().join("overlay.tar.zst")),
         _ => archive,
     };
-    write_packed(&mut built.packed, sign.as_deref(), out.as_deref(), archive.as_deref())?;
+    write_packed(
+        &mut built.packed,
+        sign.as_deref(),
+        out.as_deref(),
+        archive.as_deref(),
+    )?;
     let manifest_digest =
         nvdriver_agent::overlay::verify::sha256_bytes(built.packed.manifest_text.as_bytes());
     println!("manifest sha256 {manifest_digest}");
     if let (Some((settings, credentials, reference)), Some(file)) = (push_target, &archive) {
-        push_archive(&settings, &credentials, &reference, file, &built.packed.manifest)?;
+        push_archive(
+            &settings,
+            &credentials,
+            &reference,
+            file,
+            &built.packed.manifest,
+        )?;
     }
     Ok(())
 }
@@ -550,7 +566,11 @@ fn push_archive(
     manifest: &nvdriver_agent::overlay::Manifest,
 ) -> anyhow::Result<()> {
     let pushed = nvdriver_agent::overlay::source::push::push(
-        settings, credentials, reference, archive, manifest,
+        settings,
+        credentials,
+        reference,
+        archive,
+        manifest,
     )?;
     println!(
         "pushed {} ({}; {} blob(s) already there)",

@@ -61,6 +61,14 @@ pub enum BuildError {
         /// The first line of `<cc> --version`.
         found: String,
     },
+    /// A path Kbuild cannot build in (make splits words on white space).
+    #[error("{path}: {what} has white space in its path, which Kbuild cannot build in; use a path without spaces (for the work directory: --work-dir, or TMPDIR)")]
+    Whitespace {
+        /// The path.
+        path: PathBuf,
+        /// Which one it is.
+        what: &'static str,
+    },
     /// A patch did not apply.
     #[error("patch {patch} does not apply to {source_dir} (patch -p1 in a copy; the source is untouched):\n{output}\nRebase the patch on this driver version, or drop it if the driver has the fix")]
     Patch {

@@ -165,8 +165,21 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
         Some(_) => Some(run::sign_file(&kernel)?),
         None => None,
     };
+    plan::check_path_words(&kernel.output, "the kernel tree")?;
+    plan::check_path_words(&kernel.source, "the kernel source tree")?;
+    if let Some(dir) = &request.work_dir {
+        plan::check_path_words(dir, "the work directory")?;
+    }
     let work = work_dir(request.work_dir.as_deref())?;
-    match build_in(request, &kernel, &cc, sign_file.as_deref(), &work, &progress) {
+    plan::check_path_words(work.path(), "the work directory")?;
+    match build_in(
+        request,
+        &kernel,
+        &cc,
+        sign_file.as_deref(),
+        &work,
+        &progress,
+    ) {
         Ok((packed, kind, make_seconds)) => Ok(Built {
             packed,
             log: work.path().join("build.log"),
@@ -246,7 +259,11 @@ fn build_in(
         }
     }
     if let (Some((key, cert)), Some(sign_file)) = (&request.sign_modules, sign_file) {
-        progress.step(5, STEPS, &format!("signing the modules ({})", kernel.sig_hash));
+        progress.step(
+            5,
+            STEPS,
+            &format!("signing the modules ({})", kernel.sig_hash),
+        );
         for module in &modules {
             run::sign_module(sign_file, &kernel.sig_hash, key, cert, module)?;
         }

@@ -56,7 +56,10 @@ pub fn config_value(text: &str, key: &str) -> Option<String> {
     text.lines().find_map(|line| {
         let line = line.trim();
         let value = match line.strip_prefix("#define") {
-            Some(rest) => rest.trim_start().strip_prefix(key)?.strip_prefix([' ', '\t'])?,
+            Some(rest) => rest
+                .trim_start()
+                .strip_prefix(key)?
+                .strip_prefix([' ', '\t'])?,
             None => line.strip_prefix(key)?.strip_prefix('=')?,
         };
         let value = value.trim();
@@ -128,6 +131,17 @@ pub fn kernel_tree(path: &Path, files: &KernelTreeFiles) -> Result<KernelTree, B
             .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
             .unwrap_or_else(|| "sha256".to_string()),
     })
+}
+
+/// Refuse a path make would split (`what` names it in the error).
+pub fn check_path_words(path: &Path, what: &'static str) -> Result<(), BuildError> {
+    if path.to_string_lossy().chars().any(char::is_whitespace) {
+        return Err(BuildError::Whitespace {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    Ok(())
 }
 
 /// The layouts of driver source `overlay build` knows.
@@ -258,8 +272,11 @@ pub const FIXED_BUILD_ENV: &[(&str, &str)] = &[
     ("KBUILD_BUILD_USER", "nvdriver-agent"),
     ("KBUILD_BUILD_HOST", "nvdriver-agent"),
     ("SOURCE_DATE_EPOCH", "0"),
-    // Compiler messages in English, so their `error:` can be found in the log.
+    // Compiler messages in English with ASCII quotes, so their `error:` can be found in the
+    // log (the kernel's Makefile unexports LC_ALL, so LANG and LC_MESSAGES too).
     ("LC_ALL", "C"),
+    ("LANG", "C"),
+    ("LC_MESSAGES", "C"),
 ];
 
 /// The make command for `kind` with its source copy at `copy`. The copy's path (a temporary
@@ -429,10 +446,22 @@ mod tests {
     }
 
     #[test]
+    fn paths_with_white_space_are_refused() {
+        assert!(check_path_words(Path::new("/tmp/a-b"), "the work directory").is_ok());
+        let err = check_path_words(Path::new("/tmp/a b"), "the work directory").unwrap_err();
+        assert!(err.to_string().contains("--work-dir"), "{err}");
+    }
+
+    #[test]
     fn source_layouts_are_told_apart() {
         let dir = Path::new("/src");
         let set = |paths: &[&'static str]| paths.iter().copied().collect::<BTreeSet<&str>>();
-        let repo = set(&["kernel-open/", "kernel-open/Makefile", "Makefile", "README.md"]);
+        let repo = set(&[
+            "kernel-open/",
+            "kernel-open/Makefile",
+            "Makefile",
+            "README.md",
+        ]);
         assert_eq!(
             detect_source(&repo, dir).unwrap(),
             SourceKind::OpenGpuKernelModules

@@ -89,7 +89,9 @@ fn find_source_root(dir: &Path) -> Result<(PathBuf, SourceKind), BuildError> {
 /// Put a copy of the driver source at `copy` (which must not exist) and tell its layout: a
 /// directory is copied, a tarball unpacked beside it first. The original is never written.
 pub fn copy_source(source: &Path, copy: &Path) -> Result<SourceKind, BuildError> {
-    let work = copy.parent().expect("the copy is inside the work directory");
+    let work = copy
+        .parent()
+        .expect("the copy is inside the work directory");
     let meta = fs::metadata(source).with_path(source)?;
     if meta.is_file() {
         let unpacked = work.join("unpacked");
@@ -152,7 +154,8 @@ pub fn compiler_version(cc: &str) -> Result<String, BuildError> {
 pub fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).any(|dir| {
-        fs::metadata(dir.join(program)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        fs::metadata(dir.join(program))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     })
 }
 
@@ -160,7 +163,13 @@ pub fn on_path(program: &str) -> bool {
 pub fn apply_patch(copy: &Path, patch: &Path, source: &Path) -> Result<(), BuildError> {
     let absolute = fs::canonicalize(patch).with_path(patch)?;
     let output = Command::new("patch")
-        .args(["-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d"])
+        .args([
+            "-p1",
+            "--batch",
+            "--forward",
+            "--no-backup-if-mismatch",
+            "-d",
+        ])
         .arg(copy)
         .arg("-i")
         .arg(&absolute)
@@ -231,7 +240,10 @@ pub fn run_make(plan: &MakePlan, log: &Path, progress: &Progress) -> Result<bool
         if let Some(end) = pending.rfind('\n') {
             let complete: String = pending.drain(..=end).collect();
             let mut last = None;
-            for line in complete.lines().filter(|l| l.trim_start().starts_with("CC")) {
+            for line in complete
+                .lines()
+                .filter(|l| l.trim_start().starts_with("CC"))
+            {
                 compiled += 1;
                 last = Some(line);
             }
@@ -256,7 +268,10 @@ pub fn collect_modules(dir: &Path, into: &Path) -> Result<Vec<PathBuf>, BuildErr
     while let Some(current) = pending.pop() {
         for entry in fs::read_dir(&current).with_path(&current)? {
             let path = entry.with_path(&current)?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             let meta = fs::symlink_metadata(&path).with_path(&path)?;
             if meta.is_dir() {
                 pending.push(path.clone());
@@ -283,7 +298,8 @@ pub fn strip_debug(module: &Path) -> Result<(), BuildError> {
 /// The tree's `scripts/sign-file`.
 pub fn sign_file(tree: &KernelTree) -> Result<PathBuf, BuildError> {
     let path = tree.output.join("scripts/sign-file");
-    let usable = fs::metadata(&path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let usable =
+        fs::metadata(&path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if !usable {
         return Err(BuildError::NoSignFile { path });
     }

@@ -106,7 +106,8 @@ enum BlobBody<'a> {
 /// sha256 of a file, and of what its zstd stream decompresses to (the layer's diff id).
 fn archive_digests(archive: &Path) -> Result<(String, u64, String), PushError> {
     let file = File::open(archive).with_path(archive)?;
-    let (size, digest) = crate::overlay::verify::sha256_reader(file, u64::MAX).with_path(archive)?;
+    let (size, digest) =
+        crate::overlay::verify::sha256_reader(file, u64::MAX).with_path(archive)?;
     let file = File::open(archive).with_path(archive)?;
     let mut decoder = zstd::stream::read::Decoder::new(file).with_path(archive)?;
     let mut hasher = Sha256::new();
@@ -197,9 +198,12 @@ impl Session<'_> {
                 why: e.to_string(),
             };
             let sent = match body {
-                None => self
-                    .agent
-                    .run(builder.header("Content-Length", "0").body(()).map_err(http)?),
+                None => self.agent.run(
+                    builder
+                        .header("Content-Length", "0")
+                        .body(())
+                        .map_err(http)?,
+                ),
                 Some(BlobBody::Bytes(bytes)) => self.agent.run(
                     builder
                         .header("Content-Length", bytes.len().to_string())
@@ -249,7 +253,9 @@ impl Session<'_> {
         if scheme.eq_ignore_ascii_case("basic") {
             return Ok(self.basic());
         }
-        let Some(realm) = params.get("realm").filter(|_| scheme.eq_ignore_ascii_case("bearer"))
+        let Some(realm) = params
+            .get("realm")
+            .filter(|_| scheme.eq_ignore_ascii_case("bearer"))
         else {
             return Ok(None);
         };
