@@ -500,3 +500,64 @@ fn pushes_to_a_registry_and_pulls_back_with_inspect() {
     );
     assert_eq!(json["contents"], "verified", "{json}");
 }
+
+#[cfg(feature = "oci")]
+#[test]
+fn a_push_takes_its_credentials_from_auth_json_under_the_root() {
+    use base64::Engine;
+    let Some(tree) = kernel_tree("build::a_push_takes_its_credentials") else {
+        return;
+    };
+    if tool_or_skip("docker-registry", "build::a_push_takes_its_credentials").is_none() {
+        return;
+    }
+    let registry = crate::common::registry::Registry::start(Some("builder:s3cret"));
+    let temp = tempfile::tempdir().unwrap();
+    let source = temp.path().join("src");
+    write_source(&source);
+    let root = temp.path().join("root");
+    let config = root.join("etc/nvdriver-agent/config.toml");
+    fs::create_dir_all(config.parent().unwrap()).unwrap();
+    fs::write(
+        &config,
+        format!("[oci]\ninsecure-registries = [\"{}\"]\n", registry.host()),
+    )
+    .unwrap();
+    let reference = format!("oci://{}/private/overlays:v1", registry.host());
+    let push = || {
+        let mut command = agent::command(
+            &root,
+            &[
+                "overlay",
+                "build",
+                "--kernel-tree",
+                tree.to_str().unwrap(),
+                "--source",
+                source.to_str().unwrap(),
+                "--push",
+                &reference,
+            ],
+        );
+        command.env_remove("CC").env_remove("CI").output().unwrap()
+    };
+    let err = failed(&push());
+    assert!(
+        err.contains("HTTP 401")
+            && err.contains(&format!("add credentials for {}", registry.host())),
+        "{err}"
+    );
+    let encoded = base64::engine::general_purpose::STANDARD.encode("builder:s3cret");
+    fs::write(
+        root.join("etc/nvdriver-agent/auth.json"),
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{encoded}"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let out = ok(&push());
+    assert!(
+        out.contains(&format!("pushed {reference} (sha256:")),
+        "{out}"
+    );
+}
