@@ -338,6 +338,7 @@ fn overlay(inv: &Invocation, command: OverlayCommand) -> anyhow::Result<u8> {
             out_archive,
             arch,
             sign,
+            push,
         } => {
             let input = pack::PackInput {
                 modules,
@@ -345,7 +346,7 @@ fn overlay(inv: &Invocation, command: OverlayCommand) -> anyhow::Result<u8> {
                 userspace,
                 arch: arch.unwrap_or_else(nvdriver_agent::host::machine_arch),
             };
-            overlay_pack(&input, sign, out_dir, out_archive)?;
+            overlay_pack(inv, &input, sign, out_dir, out_archive, push)?;
         }
         OverlayCommand::Build {
             kernel_tree,
@@ -421,18 +422,33 @@ fn overlay_verify(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// `overlay pack`: plan, sign, then write a directory and/or an archive.
 fn overlay_pack(
+    inv: &Invocation,
     input: &pack::PackInput,
     sign: Option<PathBuf>,
     out_dir: Option<PathBuf>,
     out_archive: Option<PathBuf>,
+    push: Option<String>,
 ) -> anyhow::Result<()> {
+    let push_target = push
+        .as_deref()
+        .map(|text| push_target(inv, text))
+        .transpose()?;
     let mut packed = pack::plan(input)?;
+    // Without --out-archive, a push sends an archive written in a temporary directory.
+    let temp = tempfile::tempdir()?;
+    let archive = match (&out_archive, &push_target) {
+        (None, Some(_)) => Some(temp.path().join("overlay.tar.zst")),
+        _ => out_archive,
+    };
     write_packed(
         &mut packed,
         sign.as_deref(),
         out_dir.as_deref(),
-        out_archive.as_deref(),
+        archive.as_deref(),
     )?;
+    if let (Some((settings, credentials, reference)), Some(file)) = (push_target, &archive) {
+        push_archive(&settings, &credentials, &reference, file, &packed.manifest)?;
+    }
     Ok(())
 }
 

@@ -141,7 +141,7 @@ pub enum OverlayCommand {
         #[arg(long, value_name = "DIR")]
         userspace: Option<PathBuf>,
         /// Write the overlay tree here (must not exist).
-        #[arg(long, value_name = "DIR", required_unless_present = "out_archive")]
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["out_archive", "push"])]
         out_dir: Option<PathBuf>,
         /// Write the overlay as a .tar.zst here.
         #[arg(long, value_name = "FILE")]
@@ -153,6 +153,11 @@ pub enum OverlayCommand {
         /// NVDRIVER_AGENT_SIGN_PASSWORD).
         #[arg(long, value_name = "KEYFILE")]
         sign: Option<PathBuf>,
+        /// Push the archive to a registry as a one-layer OCI image (oci://REGISTRY/REPO:TAG;
+        /// credentials from auth.json under --root, plain HTTP only for [oci]
+        /// insecure-registries).
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
     },
     /// Build the NVIDIA kernel modules for one kernel from source and pack them as `pack`
     /// does: check the compiler against the kernel's, copy the source to a work directory,
@@ -200,8 +205,8 @@ pub enum OverlayCommand {
         /// Parallel make jobs; defaults to the number of CPUs.
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
-        /// Build in this directory (created; emptied of an earlier build) instead of a
-        /// temporary one, which is removed afterwards.
+        /// Build in this directory (created; an earlier build's src/, unpacked/ and modules/
+        /// removed) and keep it, instead of a temporary one (removed, or kept after a failure).
         #[arg(long, value_name = "DIR")]
         work_dir: Option<PathBuf>,
         /// Write the overlay tree here (must not exist).
@@ -211,7 +216,8 @@ pub enum OverlayCommand {
         #[arg(long, value_name = "FILE")]
         archive: Option<PathBuf>,
         /// Push the archive to a registry as a one-layer OCI image (oci://REGISTRY/REPO:TAG;
-        /// credentials from the same auth.json the agent pulls with).
+        /// credentials from auth.json under --root, plain HTTP only for [oci]
+        /// insecure-registries).
         #[arg(long, value_name = "REF")]
         push: Option<String>,
         /// Target architecture (uname -m); defaults to this machine's.

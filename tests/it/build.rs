@@ -463,7 +463,13 @@ fn pushes_to_a_registry_and_pulls_back_with_inspect() {
         args.extend_from_slice(extra);
         ok(&build(&tree, &source, &args))
     };
-    let first = push(&["--archive", archive.to_str().unwrap()]);
+    let overlay = temp.path().join("overlay");
+    let first = push(&[
+        "--archive",
+        archive.to_str().unwrap(),
+        "--out",
+        overlay.to_str().unwrap(),
+    ]);
     assert!(first.contains("0 blob(s) already there"), "{first}");
     let pushed_digest = first
         .split("pushed ")
@@ -499,6 +505,27 @@ fn pushes_to_a_registry_and_pulls_back_with_inspect() {
         "{json}"
     );
     assert_eq!(json["contents"], "verified", "{json}");
+
+    // `overlay pack --push` of the same modules pushes the very same image.
+    let packed_ref = format!("oci://{}/nvidia/packed:test-tag", registry.host());
+    let pack = agent::run(
+        Path::new("/"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "overlay",
+            "pack",
+            "--modules",
+            overlay.join("usr/lib/modules").to_str().unwrap(),
+            "--push",
+            &packed_ref,
+        ],
+    );
+    let pack = ok(&pack);
+    assert!(
+        pack.contains(&format!("pushed {packed_ref} ({pushed_digest};")),
+        "{pack}\n{first}"
+    );
 }
 
 #[cfg(feature = "oci")]
