@@ -41,6 +41,9 @@ pub struct Cli {
 }
 
 /// The subcommands (each has its own man page, `nvdriver-agent-NAME(8)`).
+// Parsed once per process: `overlay build`'s many options make a large variant, and boxing it
+// would only obscure the clap tree.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print what `load` would do for the running kernel, touching nothing.

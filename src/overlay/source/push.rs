@@ -397,10 +397,7 @@ pub fn push(
     };
     let (layer_digest, layer_size, diff_id) = archive_digests(archive)?;
     let (config, image) = image_documents(manifest, &layer_digest, layer_size, &diff_id);
-    let insecure = settings
-        .insecure_registries
-        .iter()
-        .any(|r| *r == reference.registry);
+    let insecure = settings.insecure_registries.contains(&reference.registry);
     let mut session = Session {
         agent: crate::overlay::source::http::http_agent(false, None),
         scheme: if insecure { "http" } else { "https" },
