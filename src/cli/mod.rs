@@ -171,9 +171,11 @@ pub enum OverlayCommand {
     #[command(group(clap::ArgGroup::new("output").required(true).multiple(true).args(["out", "archive", "push"])))]
     Build {
         /// The kernel's build tree: /usr/src/linux-headers-<kver>, /usr/src/kernels/<kver> or
-        /// /lib/modules/<kver>/build (the release is read from include/config/kernel.release).
-        #[arg(long, value_name = "PATH")]
-        kernel_tree: PathBuf,
+        /// /lib/modules/<kver>/build (the release is its UTS_RELEASE); or the packages holding
+        /// it, unpacked together into the work directory (repeatable): a kernel-devel .rpm, or
+        /// Debian's linux-headers-<kver>, linux-headers-<kver>-common and linux-kbuild .debs.
+        #[arg(long, value_name = "PATH", required = true)]
+        kernel_tree: Vec<PathBuf>,
         /// The NVIDIA source: an open-gpu-kernel-modules tree, its kernel-open directory,
         /// Debian's nvidia-open-kernel tree, a plain Kbuild external-module tree, or a tarball
         /// of any of these. Never modified: the build runs in a copy.
