@@ -319,6 +319,8 @@ pub struct MakePlan {
     pub env: Vec<(String, String)>,
     /// Where the built modules are (searched recursively).
     pub output: PathBuf,
+    /// The source copy, left out of the progress line's paths.
+    pub copy: PathBuf,
 }
 
 /// Fixed values for what Kbuild would take from the clock, the user and the host.
@@ -383,7 +385,12 @@ pub fn make_plan(
         kcflags.push_str(&format!(" -ffile-prefix-map={}=", root.display()));
     }
     env.push(("KCFLAGS".into(), kcflags));
-    MakePlan { args, env, output }
+    MakePlan {
+        args,
+        env,
+        output,
+        copy: copy.to_path_buf(),
+    }
 }
 
 /// At most this many compiler errors are reported.

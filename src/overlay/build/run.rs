@@ -334,7 +334,8 @@ pub fn run_make(plan: &MakePlan, log: &Path, progress: &Progress) -> Result<bool
                 last = Some(line);
             }
             if let Some(line) = last {
-                progress.compiling(compiled, line);
+                let prefix = format!("{}/", plan.copy.display());
+                progress.compiling(compiled, &line.replace(&prefix, ""));
             }
         }
         if let Some(status) = finished {
