@@ -654,6 +654,17 @@ fn a_kernel_given_as_debian_packages_builds_the_same_modules_as_installed() {
     };
     let source = temp.path().join("src");
     write_source(&source);
+    // The arch package alone is refused, naming what is missing (not built against the
+    // host's installed -common half).
+    let err = failed(&build(
+        &packages[0],
+        &source,
+        &["--archive", temp.path().join("x.tar.zst").to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("which none of the packages holds") && err.contains("-common"),
+        "{err}"
+    );
     let installed = temp.path().join("installed.tar.zst");
     let first = ok(&build(
         &tree,

@@ -121,15 +121,28 @@ pub fn read_unpacked_kernel(root: &Path) -> Result<KernelTree, BuildError> {
         });
     };
     let tree = root.join("usr/src").join(tree);
+    let incomplete = |why: String| BuildError::KernelTree {
+        path: tree.clone(),
+        why,
+    };
     let makefile = tree.join("Makefile");
     if let Some(text) = read_optional(&makefile)? {
         if let Some(source) = plan::makefile_include(&text) {
             let unpacked = plan::reroot(&source, root);
-            if unpacked.is_dir() {
-                let text = format!("include {}/Makefile\n", unpacked.display());
-                fs::write(&makefile, text).with_action("write", &makefile)?;
+            if !unpacked.is_dir() {
+                return Err(incomplete(format!(
+                    "its Makefile includes {}, which none of the packages holds; add that package (Debian: linux-headers-<kver>-common) as another --kernel-tree",
+                    source.display()
+                )));
             }
+            let text = format!("include {}/Makefile\n", unpacked.display());
+            fs::write(&makefile, text).with_action("write", &makefile)?;
         }
+    }
+    if !tree.join("scripts").is_dir() {
+        return Err(incomplete(
+            "its scripts/ is missing or a dangling link; add the package holding it (Debian: linux-kbuild-<version>) as another --kernel-tree".into(),
+        ));
     }
     let mut kernel = read_kernel_tree(&tree)?;
     kernel.unpacked_in = Some(fs::canonicalize(root).with_path(root)?);
