@@ -211,7 +211,7 @@ pub enum OverlayCommand {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
         /// Build in this directory (created; an earlier build's src/, unpacked/ and modules/
-        /// removed) and keep it, instead of a temporary one (removed, or kept after a failure).
+        /// removed) and keep it, instead of a temporary one (removed, or kept when make fails).
         #[arg(long, value_name = "DIR")]
         work_dir: Option<PathBuf>,
         /// Write the overlay tree here (must not exist).

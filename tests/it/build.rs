@@ -346,8 +346,19 @@ fn another_compiler_than_the_kernels_is_refused_unless_allowed() {
             archive.to_str().unwrap(),
         ],
     );
-    let out = command.env("CC", &fake).output().unwrap();
+    let tmpdir = temp.path().join("tmp");
+    fs::create_dir(&tmpdir).unwrap();
+    let out = command
+        .env("CC", &fake)
+        .env("TMPDIR", &tmpdir)
+        .output()
+        .unwrap();
     let err = failed(&out);
+    assert_eq!(
+        fs::read_dir(&tmpdir).unwrap().count(),
+        0,
+        "the temporary work directory is removed when make did not run"
+    );
     assert!(
         err.contains("says \"gcc-99 (Fake 99.1-1) 99.1.0\"")
             && err.contains("CONFIG_CC_VERSION_TEXT")

@@ -124,8 +124,8 @@ fn work_dir(given: Option<&Path>) -> Result<WorkDir, BuildError> {
     Ok(WorkDir::Given(fs::canonicalize(dir).with_path(dir)?))
 }
 
-/// Build and plan the overlay. On a failed build, a temporary work directory is kept so its
-/// log can be read (the error names it).
+/// Build and plan the overlay. When make fails, a temporary work directory is kept so its
+/// log can be read (the error names it); after any other failure it is removed.
 pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     let progress = Progress {
         terminal: request.terminal,
@@ -201,7 +201,10 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
             work,
         }),
         Err(e) => {
-            if let WorkDir::Temporary(temp) = work {
+            // Kept only when make ran: its log is what the error points at.
+            if let (WorkDir::Temporary(temp), true) =
+                (work, matches!(e, BuildError::Compile { .. }))
+            {
                 let kept = temp.keep();
                 warn!(work_dir = %kept.display(), "the failed build's work directory is kept");
             }
