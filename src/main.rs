@@ -20,8 +20,8 @@ use nvdriver_agent::kmod::plan::{
 };
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
 use nvdriver_agent::modinfo;
-use nvdriver_agent::overlay::pack;
 use nvdriver_agent::overlay::store::ImportOutcome;
+use nvdriver_agent::overlay::{build, pack};
 use nvdriver_agent::report::{bus as agent_bus, doctor, status};
 use nvdriver_agent::update::stage::{self, NextBootReadiness, StageError, Target};
 use nvdriver_agent::watch;
@@ -338,6 +338,7 @@ fn overlay(inv: &Invocation, command: OverlayCommand) -> anyhow::Result<u8> {
             out_archive,
             arch,
             sign,
+            push,
         } => {
             let input = pack::PackInput {
                 modules,
@@ -345,7 +346,43 @@ fn overlay(inv: &Invocation, command: OverlayCommand) -> anyhow::Result<u8> {
                 userspace,
                 arch: arch.unwrap_or_else(nvdriver_agent::host::machine_arch),
             };
-            overlay_pack(&input, sign, out_dir, out_archive)?;
+            overlay_pack(inv, &input, sign, out_dir, out_archive, push)?;
+        }
+        OverlayCommand::Build {
+            kernel_tree,
+            source,
+            patch,
+            firmware,
+            userspace,
+            sign_modules,
+            sign,
+            allow_compiler_mismatch,
+            keep_debug,
+            jobs,
+            work_dir,
+            out,
+            archive,
+            push,
+            arch,
+        } => {
+            let request = build::BuildRequest {
+                kernel_tree,
+                source,
+                patches: patch,
+                firmware,
+                userspace,
+                sign_modules: sign_modules.map(|pair| (pair[0].clone(), pair[1].clone())),
+                allow_compiler_mismatch,
+                keep_debug,
+                jobs: jobs.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+                }),
+                work_dir,
+                arch: arch.unwrap_or_else(nvdriver_agent::host::machine_arch),
+                env_cc: std::env::var("CC").ok(),
+                terminal: std::io::stderr().is_terminal() && std::env::var_os("CI").is_none(),
+            };
+            overlay_build(inv, &request, sign, out, archive, push)?;
         }
         OverlayCommand::Fetch { kernel, driver } => {
             overlay_fetch(&inv.context()?, &kernel, driver.as_deref())?
@@ -385,27 +422,61 @@ fn overlay_verify(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// `overlay pack`: plan, sign, then write a directory and/or an archive.
 fn overlay_pack(
+    inv: &Invocation,
     input: &pack::PackInput,
     sign: Option<PathBuf>,
     out_dir: Option<PathBuf>,
     out_archive: Option<PathBuf>,
+    push: Option<String>,
 ) -> anyhow::Result<()> {
+    let push_target = push
+        .as_deref()
+        .map(|text| push_target(inv, text))
+        .transpose()?;
     let mut packed = pack::plan(input)?;
-    if let Some(key_file) = &sign {
+    // Without --out-archive, a push sends an archive written in a temporary directory.
+    let temp = tempfile::tempdir()?;
+    let archive = match (&out_archive, &push_target) {
+        (None, Some(_)) => Some(temp.path().join("overlay.tar.zst")),
+        _ => out_archive,
+    };
+    write_packed(
+        &mut packed,
+        sign.as_deref(),
+        out_dir.as_deref(),
+        archive.as_deref(),
+    )?;
+    if let (Some((settings, credentials, reference)), Some(file)) = (push_target, &archive) {
+        push_archive(&settings, &credentials, &reference, file, &packed.manifest)?;
+    }
+    Ok(())
+}
+
+/// Sign the manifest when asked, write the directory and/or archive, and say what was written;
+/// returns the archive's sha256 when one was written.
+fn write_packed(
+    packed: &mut pack::Packed,
+    sign: Option<&std::path::Path>,
+    out_dir: Option<&std::path::Path>,
+    out_archive: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    if let Some(key_file) = sign {
         let secret = std::fs::read_to_string(key_file)
             .with_context(|| format!("{}: cannot read the secret key", key_file.display()))?;
         let password = std::env::var("NVDRIVER_AGENT_SIGN_PASSWORD").ok();
         packed.sign(&secret, password, key_file)?;
     }
-    if let Some(dir) = &out_dir {
+    if let Some(dir) = out_dir {
         packed.write_dir(dir)?;
         println!("wrote {}", dir.display());
     }
-    if let Some(file) = &out_archive {
+    let mut archive_digest = None;
+    if let Some(file) = out_archive {
         packed.write_archive(file)?;
         let digest =
             nvdriver_agent::overlay::verify::sha256_reader(std::fs::File::open(file)?, u64::MAX)?.1;
         println!("wrote {} (sha256 {digest})", file.display());
+        archive_digest = Some(digest);
     }
     let m = &packed.manifest;
     println!(
@@ -421,7 +492,118 @@ fn overlay_pack(
             ""
         }
     );
+    Ok(archive_digest)
+}
+
+/// `overlay build`: build, sign, write, push.
+fn overlay_build(
+    inv: &Invocation,
+    request: &build::BuildRequest,
+    sign: Option<PathBuf>,
+    out: Option<PathBuf>,
+    archive: Option<PathBuf>,
+    push: Option<String>,
+) -> anyhow::Result<()> {
+    // A bad reference or config is found before the build, not after minutes of it.
+    let push_target = match &push {
+        Some(text) => Some(push_target(inv, text)?),
+        None => None,
+    };
+    let mut built = build::build(request)?;
+    let (cc, check) = &built.compiler;
+    println!(
+        "built {} modules for kernel {} from {:?} with {cc} ({}) in {:.0} s; log {}",
+        built.packed.manifest.module_files().count(),
+        built.kernel.release,
+        built.kind,
+        match check {
+            build::CompilerCheck::Same => "the kernel's compiler",
+            build::CompilerCheck::Unknown => "unchecked: the kernel does not name its compiler",
+            build::CompilerCheck::Allowed { .. } => "NOT the kernel's compiler",
+        },
+        built.make_seconds,
+        built.log.display()
+    );
+    let archive = match (&archive, &push_target) {
+        (None, Some(_)) => Some(built.work.path().join("overlay.tar.zst")),
+        _ => archive,
+    };
+    write_packed(
+        &mut built.packed,
+        sign.as_deref(),
+        out.as_deref(),
+        archive.as_deref(),
+    )?;
+    let manifest_digest =
+        nvdriver_agent::overlay::verify::sha256_bytes(built.packed.manifest_text.as_bytes());
+    println!("manifest sha256 {manifest_digest}");
+    if let (Some((settings, credentials, reference)), Some(file)) = (push_target, &archive) {
+        push_archive(
+            &settings,
+            &credentials,
+            &reference,
+            file,
+            &built.packed.manifest,
+        )?;
+    }
     Ok(())
+}
+
+#[cfg(feature = "oci")]
+type PushTarget = (
+    nvdriver_agent::config::OciSettings,
+    nvdriver_agent::overlay::source::oci::Credentials,
+    nvdriver_agent::overlay::source::oci::Reference,
+);
+#[cfg(not(feature = "oci"))]
+type PushTarget = ((), (), ());
+
+/// The registry settings, credentials and reference of `--push`.
+#[cfg(feature = "oci")]
+fn push_target(inv: &Invocation, text: &str) -> anyhow::Result<PushTarget> {
+    use nvdriver_agent::overlay::source::oci::{Credentials, Reference};
+    let reference = Reference::parse(text)?;
+    let ctx = inv.context()?;
+    let credentials = Credentials::load(&ctx.root)?;
+    Ok((ctx.settings.stage.oci, credentials, reference))
+}
+
+#[cfg(not(feature = "oci"))]
+fn push_target(_: &Invocation, text: &str) -> anyhow::Result<PushTarget> {
+    anyhow::bail!("{text}: this build of nvdriver-agent has no OCI support (cargo feature `oci`)")
+}
+
+#[cfg(feature = "oci")]
+fn push_archive(
+    settings: &nvdriver_agent::config::OciSettings,
+    credentials: &nvdriver_agent::overlay::source::oci::Credentials,
+    reference: &nvdriver_agent::overlay::source::oci::Reference,
+    archive: &std::path::Path,
+    manifest: &nvdriver_agent::overlay::Manifest,
+) -> anyhow::Result<()> {
+    let pushed = nvdriver_agent::overlay::source::push::push(
+        settings,
+        credentials,
+        reference,
+        archive,
+        manifest,
+    )?;
+    println!(
+        "pushed {} ({}; {} blob(s) already there)",
+        pushed.reference, pushed.digest, pushed.skipped
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "oci"))]
+fn push_archive(
+    _: &(),
+    _: &(),
+    _: &(),
+    _: &std::path::Path,
+    _: &nvdriver_agent::overlay::Manifest,
+) -> anyhow::Result<()> {
+    unreachable!("push_target refuses without the oci feature")
 }
 
 /// `overlay fetch`.

@@ -141,7 +141,7 @@ pub enum OverlayCommand {
         #[arg(long, value_name = "DIR")]
         userspace: Option<PathBuf>,
         /// Write the overlay tree here (must not exist).
-        #[arg(long, value_name = "DIR", required_unless_present = "out_archive")]
+        #[arg(long, value_name = "DIR", required_unless_present_any = ["out_archive", "push"])]
         out_dir: Option<PathBuf>,
         /// Write the overlay as a .tar.zst here.
         #[arg(long, value_name = "FILE")]
@@ -153,6 +153,76 @@ pub enum OverlayCommand {
         /// NVDRIVER_AGENT_SIGN_PASSWORD).
         #[arg(long, value_name = "KEYFILE")]
         sign: Option<PathBuf>,
+        /// Push the archive to a registry as a one-layer OCI image (oci://REGISTRY/REPO:TAG;
+        /// credentials from auth.json under --root, plain HTTP only for [oci]
+        /// insecure-registries).
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+    },
+    /// Build the NVIDIA kernel modules for one kernel from source and pack them as `pack`
+    /// does: check the compiler against the kernel's, copy the source to a work directory,
+    /// apply patches, build with all cores, strip debug info, optionally sign each module and
+    /// the manifest, write a directory and/or a reproducible .tar.zst, optionally push it to
+    /// an OCI registry. Paths are not resolved under --root.
+    #[command(arg_required_else_help = true)]
+    #[command(group(clap::ArgGroup::new("output").required(true).multiple(true).args(["out", "archive", "push"])))]
+    Build {
+        /// The kernel's build tree: /usr/src/linux-headers-<kver>, /usr/src/kernels/<kver> or
+        /// /lib/modules/<kver>/build (the release is read from include/config/kernel.release).
+        #[arg(long, value_name = "PATH")]
+        kernel_tree: PathBuf,
+        /// The NVIDIA source: an open-gpu-kernel-modules tree, its kernel-open directory,
+        /// Debian's nvidia-open-kernel tree, a plain Kbuild external-module tree, or a tarball
+        /// of any of these. Never modified: the build runs in a copy.
+        #[arg(long, value_name = "PATH")]
+        source: PathBuf,
+        /// A patch applied with `patch -p1` to the copy of the source, in the order given
+        /// (repeatable).
+        #[arg(long, value_name = "FILE")]
+        patch: Vec<PathBuf>,
+        /// Directory with the driver's firmware files (gsp_*.bin).
+        #[arg(long, value_name = "DIR")]
+        firmware: Option<PathBuf>,
+        /// Root-shaped directory of user space to include as it is (usr/bin/…, usr/lib64/…).
+        #[arg(long, value_name = "DIR")]
+        userspace: Option<PathBuf>,
+        /// Sign every module with this private key and X.509 certificate (PEM), as the kernel's
+        /// scripts/sign-file does (sha256).
+        #[arg(long, num_args = 2, value_names = ["KEY", "CERT"])]
+        sign_modules: Option<Vec<PathBuf>>,
+        /// Sign the manifest with this minisign secret key (password of an encrypted key from
+        /// NVDRIVER_AGENT_SIGN_PASSWORD).
+        #[arg(long, value_name = "MINISIGN_KEY")]
+        sign: Option<PathBuf>,
+        /// Build even when the compiler is not the one the kernel was built with
+        /// (CONFIG_CC_VERSION_TEXT).
+        #[arg(long)]
+        allow_compiler_mismatch: bool,
+        /// Keep the modules' debug info (by default it is stripped with `strip --strip-debug`:
+        /// nvidia.ko is about 185 MB with it).
+        #[arg(long)]
+        keep_debug: bool,
+        /// Parallel make jobs; defaults to the number of CPUs.
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Build in this directory (created; an earlier build's src/, unpacked/ and modules/
+        /// removed) and keep it, instead of a temporary one (removed, or kept after a failure).
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// Write the overlay tree here (must not exist).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Write the overlay as a .tar.zst here.
+        #[arg(long, value_name = "FILE")]
+        archive: Option<PathBuf>,
+        /// Push the archive to a registry as a one-layer OCI image (oci://REGISTRY/REPO:TAG;
+        /// credentials from auth.json under --root, plain HTTP only for [oci]
+        /// insecure-registries).
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        /// Target architecture (uname -m); defaults to this machine's.
+        #[arg(long, value_name = "ARCH")]
+        arch: Option<String>,
     },
     /// Stage the overlay for a kernel from the configured [stage] sources into the store
     /// (tried in order; verified before it is published).

@@ -2,6 +2,7 @@
 //! manifest `overlay.toml`; verification of a tree against its manifest; the local store;
 //! the sources overlays are staged from (directories, tar archives, HTTP(S)).
 
+pub mod build;
 pub mod enforce;
 pub mod inspect;
 pub mod key;

@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod build;
 mod cli;
 mod cli_docs;
 mod concurrency;

@@ -33,6 +33,8 @@ pub mod archive;
 pub mod http;
 #[cfg(feature = "oci")]
 pub mod oci;
+#[cfg(feature = "oci")]
+pub mod push;
 
 /// An archive may unpack to at most this many times `stage.max-download-bytes`.
 pub const UNPACK_RATIO: u64 = 4;

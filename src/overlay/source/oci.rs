@@ -382,7 +382,8 @@ impl Credentials {
         }
     }
 
-    fn basic(&self, host: &str) -> Option<String> {
+    /// The Basic Authorization value for `host`, when auth.json has credentials for it.
+    pub(crate) fn basic(&self, host: &str) -> Option<String> {
         self.entries.get(host).map(|(user, password)| {
             let raw = format!("{user}:{password}");
             format!(
