@@ -132,6 +132,7 @@ impl CommandError {
             E::Store(_) | E::Verify(_) | E::Module(_) => exit::INVALID_OVERLAY,
             E::Plan(p) => match p {
                 PlanError::Nouveau { .. }
+                | PlanError::Blacklisted { .. }
                 | PlanError::Unsigned { .. }
                 | PlanError::OtherVersionLoaded { .. } => exit::HOST_CONFLICT,
                 _ => exit::INVALID_OVERLAY,

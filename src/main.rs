@@ -16,7 +16,7 @@ use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::daemon::{self, DaemonError};
 use nvdriver_agent::host::{HostFacts, Root};
 use nvdriver_agent::kmod::plan::{
-    DriverRootStep, LoadPlan, MajorSource, ModuleAction, OsModuleAction, ToolkitStep,
+    DriverRootStep, LoadPlan, MajorSource, ModuleAction, OsModuleAction, OsModuleStep, ToolkitStep,
 };
 use nvdriver_agent::kmod::sys::{Kernel, LinuxKernel, SimulatedKernel};
 use nvdriver_agent::modinfo;
@@ -654,12 +654,20 @@ fn render_plan(plan: &LoadPlan) -> String {
         plan.driver_version
     );
     let _ = writeln!(out, "firmware:     {}", render_firmware(plan));
-    for m in &plan.os_modules {
+    let os_line = |out: &mut String, label: &str, m: &OsModuleStep| {
         let action = match m.action {
             OsModuleAction::Modprobe => "modprobe",
             OsModuleAction::AlreadyLoaded => "already loaded",
         };
-        let _ = writeln!(out, "os module:    {} ({action}, {})", m.name, m.reason);
+        let optional = if m.required { "" } else { ", optional" };
+        let _ = writeln!(
+            out,
+            "{label:<13} {} ({action}, {}{optional})",
+            m.name, m.reason
+        );
+    };
+    for m in &plan.os_modules {
+        os_line(&mut out, "os module:", m);
     }
     for (i, m) in plan.modules.iter().enumerate() {
         let _ = writeln!(
@@ -672,6 +680,17 @@ fn render_plan(plan: &LoadPlan) -> String {
             m.parameters,
             if m.signed { " signed" } else { "" }
         );
+        for p in &m.parameter_sources {
+            let value = p
+                .value
+                .as_deref()
+                .map(|v| format!("={v}"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "  parameter:  {}{value} (from {})", p.name, p.source);
+        }
+    }
+    for m in &plan.os_modules_after {
+        os_line(&mut out, "os module after:", m);
     }
     for n in &plan.device_nodes {
         let major = match &n.major {

@@ -124,6 +124,11 @@ pub struct ModInfo {
     /// `.symtab`, as depmod reads them. Not part of `modinfo --json`.
     #[serde(skip)]
     pub imports: Vec<String>,
+    /// Every `softdep=` (`MODULE_SOFTDEP`), as written (`pre: a b post: c`), in order: depmod
+    /// copies each to a `softdep <module> <value>` line of `modules.softdep`
+    /// (`tools/depmod.c` `output_softdeps`). Not part of `modinfo --json`.
+    #[serde(skip)]
+    pub softdeps: Vec<String>,
 }
 
 /// Errors reading a module file or checking what it says; every `path` is the file as given
@@ -755,6 +760,7 @@ fn parse_modinfo_strings(
     let mut srcversion = None;
     let mut license = None;
     let mut parameters = Vec::new();
+    let mut softdeps = Vec::new();
     for entry in section.split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let entry = String::from_utf8_lossy(entry);
         let Some((key, value)) = entry.split_once('=') else {
@@ -767,6 +773,10 @@ fn parse_modinfo_strings(
             "version" => &mut version,
             "srcversion" => &mut srcversion,
             "license" => &mut license,
+            "softdep" => {
+                softdeps.push(value.to_string());
+                continue;
+            }
             "parmtype" => {
                 if let Some((parm, ty)) = value.split_once(':') {
                     parameters.push((parm.to_string(), ty.to_string()));
@@ -808,6 +818,7 @@ fn parse_modinfo_strings(
         compression,
         exports: Vec::new(),
         imports: Vec::new(),
+        softdeps,
     })
 }
 
@@ -1489,6 +1500,20 @@ mod tests {
         let drm = FixtureModule::new("nvidia-drm", KVER, "1").depends(&["nvidia-modeset", "drm"]);
         let info = parse(&drm.elf_bytes()).unwrap();
         assert_eq!(info.depends, vec!["nvidia-modeset", "drm"]);
+    }
+
+    #[test]
+    fn softdeps_are_kept_in_order_as_written() {
+        let nvidia = FixtureModule::new("nvidia", KVER, "1")
+            .extra("softdep=pre: ecdh_generic,ecdsa_generic")
+            .extra("softdep=post: nvidia-uvm");
+        let info = parse(&nvidia.elf_bytes()).unwrap();
+        assert_eq!(
+            info.softdeps,
+            ["pre: ecdh_generic,ecdsa_generic", "post: nvidia-uvm"]
+        );
+        let plain = FixtureModule::new("nvidia", KVER, "1");
+        assert!(parse(&plain.elf_bytes()).unwrap().softdeps.is_empty());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use crate::app::{CommandError, Context};
 use crate::config::MissingOverlayPolicy;
 use crate::handoff::toolkit;
+use crate::host::modprobe::ModprobeConfig;
 use crate::host::{HostFacts, KernelState, Root};
 use crate::kmod::execute::{self, LoadReport, OpenedModule};
 use crate::kmod::plan::{self, InspectedModule, LoadPlan, PlanInputs, ToolkitState};
@@ -52,6 +53,7 @@ pub fn prepare_load(ctx: &Context, kernel: &dyn Kernel) -> Result<Prepared, Comm
         });
     };
     let kernel_state = KernelState::read(&ctx.root, &host.kernel_release)?;
+    let modprobe = ModprobeConfig::read(&ctx.root)?;
     let (inspected, opened) = inspect_modules(&ctx.root, &overlay)?;
     let toolkit = toolkit_state(&ctx.root, &ctx.settings.toolkit_config)?;
     let driver_root_mount = kernel
@@ -71,6 +73,7 @@ pub fn prepare_load(ctx: &Context, kernel: &dyn Kernel) -> Result<Prepared, Comm
         modules: &inspected,
         toolkit,
         driver_root_mount,
+        modprobe: &modprobe,
     })?;
     for warning in &plan.warnings {
         warn!(KERNEL_RELEASE = %plan.kernel_release, OVERLAY = %plan.overlay.display(), "{warning}");

@@ -327,14 +327,15 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Parameters for one module as the kernel takes them: `key=value key=value`.
+    /// This config's `[parameters]` for one module as the kernel takes them: `key=value
+    /// key="value with spaces"` (the load plan puts modprobe.d's and /proc/cmdline's first).
     pub fn module_params(&self, module: &str) -> String {
         self.parameters
             .get(&crate::host::kernel::normalize_module_name(module))
             .map(|params| {
                 params
                     .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
+                    .map(|(k, v)| crate::host::modprobe::quote_param(k, &v.to_string()))
                     .collect::<Vec<_>>()
                     .join(" ")
             })

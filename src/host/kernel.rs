@@ -81,6 +81,10 @@ pub struct KernelState {
     /// Modules the OS's own tree for the running kernel provides (loadable or built in),
     /// normalised to underscores.
     pub os_modules: BTreeSet<String>,
+    /// Symbols the OS's loadable modules export, from depmod's `modules.symbols` for the running
+    /// kernel: symbol → module (underscores). The kernel image's own exports are not in it.
+    #[serde(skip)]
+    pub os_symbols: BTreeMap<String, String>,
 }
 
 /// The kernel spells module names with underscores; files and `depends=` keep hyphens.
@@ -111,7 +115,7 @@ impl KernelState {
         let firmware_path = read_optional(root, FIRMWARE_PATH)?
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        let os_modules = read_os_modules(root, kernel_release)?;
+        let (os_modules, os_symbols) = read_os_modules(root, kernel_release)?;
         Ok(KernelState {
             loaded,
             compression,
@@ -120,6 +124,7 @@ impl KernelState {
             nouveau_bound,
             firmware_path,
             os_modules,
+            os_symbols,
         })
     }
 
@@ -182,9 +187,14 @@ fn list_pci_bindings(driver_dir: &Path) -> Vec<String> {
     out
 }
 
-/// Module names in the OS's own `modules.dep` and `modules.builtin` for `kernel_release`.
-fn read_os_modules(root: &Root, kernel_release: &str) -> Result<BTreeSet<String>, HostError> {
+/// The OS's module names, and its symbols with the module exporting each.
+type OsModuleIndex = (BTreeSet<String>, BTreeMap<String, String>);
+
+/// Module names in the OS's own `modules.dep` and `modules.builtin` for `kernel_release`, and
+/// its `modules.symbols`.
+fn read_os_modules(root: &Root, kernel_release: &str) -> Result<OsModuleIndex, HostError> {
     let mut names = BTreeSet::new();
+    let mut symbols = BTreeMap::new();
     for dir in ["/usr/lib/modules", "/lib/modules"] {
         let base = PathBuf::from(dir).join(kernel_release);
         for index in ["modules.dep", "modules.builtin"] {
@@ -193,10 +203,34 @@ fn read_os_modules(root: &Root, kernel_release: &str) -> Result<BTreeSet<String>
             }
         }
         if !names.is_empty() {
+            let path = base.join("modules.symbols");
+            if let Some(text) = read_optional(root, &path.to_string_lossy())? {
+                symbols = parse_modules_symbols(&text);
+            }
             break;
         }
     }
-    Ok(names)
+    Ok((names, symbols))
+}
+
+/// depmod's `modules.symbols` (kmod `tools/depmod.c` `output_symbols`): lines
+/// `alias symbol:<symbol> <module>`; symbol → module (underscores). A symbol listed for two
+/// modules keeps the first, as `modprobe symbol:<name>` would load the first match.
+pub fn parse_modules_symbols(text: &str) -> BTreeMap<String, String> {
+    let mut symbols = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some("alias"), Some(alias), Some(module)) = (words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        if let Some(symbol) = alias.strip_prefix("symbol:") {
+            symbols
+                .entry(symbol.to_string())
+                .or_insert_with(|| normalize_module_name(module));
+        }
+    }
+    symbols
 }
 
 /// Module names from `modules.dep` (`kernel/drivers/i2c/i2c-core.ko.xz: dep…`) or
@@ -265,6 +299,21 @@ mod tests {
     }
 
     #[test]
+    fn modules_symbols_lines() {
+        let text = "# Aliases for symbols, used by symbol_request().\n\
+                    alias symbol:drm_dev_register drm\n\
+                    alias symbol:drm_atomic_helper_check drm_kms_helper\n\
+                    alias symbol:ib_register_client ib_core\n\
+                    alias symbol:drm_dev_register other\n\
+                    alias pci:v* nouveau\n";
+        let symbols = parse_modules_symbols(text);
+        assert_eq!(symbols["drm_dev_register"], "drm");
+        assert_eq!(symbols["drm_atomic_helper_check"], "drm_kms_helper");
+        assert_eq!(symbols["ib_register_client"], "ib_core");
+        assert_eq!(symbols.len(), 3);
+    }
+
+    #[test]
     fn compression_words() {
         assert_eq!(parse_compression("zstd\n"), vec![Compression::Zstd]);
         assert_eq!(parse_compression("gzip\n"), Vec::<Compression>::new());
@@ -289,6 +338,10 @@ mod tests {
             "/usr/lib/modules/6.1.0-28-cloud-amd64/modules.dep",
             "kernel/a/i2c-core.ko:\n",
         );
+        w(
+            "/usr/lib/modules/6.1.0-28-cloud-amd64/modules.symbols",
+            "alias symbol:i2c_transfer i2c_core\n",
+        );
         let kver = read_kernel_release(&root).unwrap();
         assert_eq!(kver, "6.1.0-28-cloud-amd64");
         let state = KernelState::read(&root, &kver).unwrap();
@@ -300,5 +353,6 @@ mod tests {
         assert_eq!(state.compression, vec![Compression::Xz]);
         assert_eq!(state.nouveau_bound, vec!["0000:01:00.0"]);
         assert!(state.os_modules.contains("i2c_core"));
+        assert_eq!(state.os_symbols["i2c_transfer"], "i2c_core");
     }
 }

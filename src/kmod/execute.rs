@@ -17,7 +17,7 @@ use crate::handoff::toolkit;
 use crate::host::kernel::FIRMWARE_PATH;
 use crate::host::Root;
 use crate::kmod::devices::{self, nodes_for, DeviceNode};
-use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction};
+use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction, OsModuleStep};
 use crate::kmod::sys::{Kernel, ModuleLoad, NodeState, SysError};
 use crate::modinfo::{self, Compression};
 
@@ -168,17 +168,7 @@ pub fn execute(
         report.firmware_path_set = true;
     }
 
-    for step in &plan.os_modules {
-        if step.action == OsModuleAction::Modprobe {
-            kernel
-                .modprobe(&step.name)
-                .map_err(|cause| LoadError::OsModule {
-                    name: step.name.clone(),
-                    cause,
-                })?;
-            report.os_modules_loaded.push(step.name.clone());
-        }
-    }
+    modprobe_all(&plan.os_modules, kernel, &mut report)?;
 
     for step in &plan.modules {
         if step.action == ModuleAction::AlreadyLoaded {
@@ -206,6 +196,8 @@ pub fn execute(
             }
         }
     }
+
+    modprobe_all(&plan.os_modules_after, kernel, &mut report)?;
 
     let loaded: Vec<&str> = plan.modules.iter().map(|m| m.name.as_str()).collect();
     let proc_devices = read_to_string_or_empty(&root.join("/proc/devices"));
@@ -257,6 +249,33 @@ pub fn execute(
     report.driver_ready_written =
         driver_ready::write_driver_ready(root, &plan.driver_ready, &ready)?;
     Ok(report)
+}
+
+/// `modprobe` each OS module still to load. One that is not required (a softdep) and fails is
+/// logged and skipped, as kmod ignores a softdep's failure (`kmod_module_probe_insert_module`).
+fn modprobe_all(
+    steps: &[OsModuleStep],
+    kernel: &mut dyn Kernel,
+    report: &mut LoadReport,
+) -> Result<(), LoadError> {
+    for step in steps {
+        if step.action != OsModuleAction::Modprobe {
+            continue;
+        }
+        match kernel.modprobe(&step.name) {
+            Ok(()) => report.os_modules_loaded.push(step.name.clone()),
+            Err(cause) if !step.required => {
+                warn!(MODULE = %step.name, error = %cause, "optional OS module ({}) not loaded", step.reason);
+            }
+            Err(cause) => {
+                return Err(LoadError::OsModule {
+                    name: step.name.clone(),
+                    cause,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Check what can be checked before the first syscall, so a broken driver root or toolkit
@@ -428,4 +447,54 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
         })?;
     }
     Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kmod::sys::{Call, SimulatedKernel};
+
+    fn step(name: &str, required: bool) -> OsModuleStep {
+        OsModuleStep {
+            name: name.into(),
+            action: OsModuleAction::Modprobe,
+            reason: "test".into(),
+            required,
+        }
+    }
+
+    /// A softdep that modprobe cannot load is skipped (kmod ignores a softdep's failure); a
+    /// required OS module that it cannot load fails the load.
+    #[test]
+    fn only_required_os_modules_fail_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let write = |path: &str, text: &str| {
+            let path = root.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        };
+        write("/proc/sys/kernel/osrelease", "6.1.0\n");
+        write("/proc/modules", "");
+        write("/usr/lib/modules/6.1.0/modules.dep", "kernel/drm.ko:\n");
+        let mut kernel = SimulatedKernel::new(root.clone());
+        let mut report = LoadReport::default();
+        let steps = [step("absent", false), step("drm", true)];
+        modprobe_all(&steps, &mut kernel, &mut report).unwrap();
+        assert_eq!(report.os_modules_loaded, ["drm"]);
+        assert_eq!(
+            kernel.calls,
+            [
+                Call::Modprobe {
+                    name: "absent".into()
+                },
+                Call::Modprobe { name: "drm".into() }
+            ]
+        );
+        let err = modprobe_all(&[step("absent", true)], &mut kernel, &mut report).unwrap_err();
+        assert!(
+            matches!(err, LoadError::OsModule { ref name, .. } if name == "absent"),
+            "{err}"
+        );
+    }
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::config::Settings;
 use crate::host::kernel::{normalize_module_name, KernelState};
+use crate::host::modprobe::{self, ModprobeConfig, Softdep, MODULES_SOFTDEP};
 use crate::host::HostFacts;
 use crate::modinfo::{vermagic_release, Compression, ModInfo};
 use crate::overlay::manifest::{module_stem, Flavor};
@@ -64,6 +65,8 @@ pub struct PlanInputs<'a> {
     pub toolkit: ToolkitState,
     /// What is mounted at the driver root now.
     pub driver_root_mount: MountState,
+    /// What `modprobe` would apply: `modprobe.d` options and softdeps, the kernel command line.
+    pub modprobe: &'a ModprobeConfig,
 }
 
 /// What the load does with one overlay module.
@@ -93,14 +96,29 @@ pub struct ModuleStep {
     /// `depends=` from `.modinfo`, as modpost spells it (hyphens possible), then the overlay
     /// modules it needs by symbol that `depends=` does not name (kernel spelling).
     pub depends: Vec<String>,
-    /// Parameters passed to `finit_module`: the configured ones, `key=value key=value`.
+    /// Parameters passed to `finit_module`, as `modprobe` would pass them: the `options` lines of
+    /// `modprobe.d`, then `<module>.<param>=` of `/proc/cmdline`, then `[parameters]` of the
+    /// agent's config; the kernel takes the last value of a repeated parameter.
     pub parameters: String,
+    /// Each parameter of [`ModuleStep::parameters`], in order, with where it came from.
+    pub parameter_sources: Vec<ParameterSource>,
     /// How the file is compressed.
     pub compression: Compression,
     /// Whether the file carries a module signature.
     pub signed: bool,
     /// What the load does with it.
     pub action: ModuleAction,
+}
+
+/// One module parameter and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ParameterSource {
+    /// The parameter's name.
+    pub name: String,
+    /// Its value as the kernel reads it (quotes removed); `None` for a bare `name`.
+    pub value: Option<String>,
+    /// A `modprobe.d` file's host path, `/proc/cmdline`, or `config` (`[parameters]`).
+    pub source: String,
 }
 
 /// What the load does with an OS module the driver needs.
@@ -120,8 +138,12 @@ pub struct OsModuleStep {
     pub name: String,
     /// What the load does with it.
     pub action: OsModuleAction,
-    /// Why it is loaded: configured, or named in an overlay module's `depends=`.
+    /// Why it is loaded: configured, named in an overlay module's `depends=`, exporting a symbol
+    /// an overlay module uses (`modules.symbols`), or a softdep.
     pub reason: String,
+    /// Whether the load fails when `modprobe` does; softdeps are not required (kmod ignores
+    /// their errors: `kmod_module_probe_insert_module`).
+    pub required: bool,
 }
 
 /// Pointing the kernel's `firmware_class.path` at the overlay's firmware.
@@ -251,10 +273,13 @@ pub struct LoadPlan {
     pub flavor: Flavor,
     /// Set `firmware_class.path`; `None` when the overlay carries no firmware.
     pub firmware: Option<FirmwareStep>,
-    /// OS modules to `modprobe` first: configured (`driver.os-modules`) ones, then `depends=` ones.
+    /// OS modules to `modprobe` first: configured (`driver.os-modules`) ones, then those the
+    /// overlay's modules need (`depends=`, their symbols, softdep `pre:`), by name.
     pub os_modules: Vec<OsModuleStep>,
     /// In load order.
     pub modules: Vec<ModuleStep>,
+    /// OS modules to `modprobe` after the overlay's modules: softdep `post:` ones.
+    pub os_modules_after: Vec<OsModuleStep>,
     /// The device nodes the modules need, for display (execute computes its own from
     /// `/proc/devices`).
     pub device_nodes: Vec<NodeSpec>,
@@ -264,8 +289,8 @@ pub struct LoadPlan {
     pub toolkit: ToolkitStep,
     /// Host path of the GPU Operator's `driver-ready` file to write.
     pub driver_ready: PathBuf,
-    /// Non-fatal findings (unknown module parameters, open modules without firmware), logged by
-    /// `load`.
+    /// Non-fatal findings (unknown module parameters, open modules without firmware, modules
+    /// left out because the kernel command line blacklists them), logged by `load`.
     pub warnings: Vec<String>,
 }
 
@@ -333,6 +358,15 @@ pub enum PlanError {
         /// The modules the overlay has, comma-separated (underscores).
         available: String,
     },
+    /// Every configured module is blacklisted on the kernel command line, itself or a module it
+    /// needs.
+    #[error("the kernel command line blacklists {modules} ({how}) and every module in driver.modules is or needs one of them, so nothing is loaded; remove the blacklist from the kernel command line to load the driver")]
+    Blacklisted {
+        /// The blacklisted modules the configured ones need, comma-separated.
+        modules: String,
+        /// `modprobe.blacklist=` or `module_blacklist=`, and that it is in `/proc/cmdline`.
+        how: String,
+    },
     /// A wanted module's `depends=` names a module neither in the overlay, nor the OS's tree, nor
     /// loaded.
     #[error("module {module} depends on {dependency}, which is neither in the overlay nor in the OS's modules for kernel {kernel_release}; install it or use an overlay that carries it")]
@@ -398,12 +432,18 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
     }
     let by_name = index_modules(modules, overlay, host)?;
     let needs = overlay_dependencies(&by_name);
-    let (wanted, mut os_needed) = wanted_modules(&by_name, &needs, inputs)?;
-    let order = dependency_order(&wanted, &needs)?;
+    let softdeps = resolve_softdeps(&by_name, inputs);
+    let mut wanted = wanted_modules(&by_name, &needs, &softdeps, inputs, &mut warnings)?;
+    let order = dependency_order(&wanted.modules, &wanted.order_after)?;
     check_nouveau(kernel)?;
     let steps = module_steps(&order, &by_name, &needs, inputs, &mut warnings)?;
     check_signatures(kernel, &steps)?;
-    let os_modules = os_module_steps(settings, kernel, &mut os_needed);
+    let os_modules = os_module_steps(settings, kernel, &mut wanted.os_before);
+    let os_modules_after = std::mem::take(&mut wanted.os_after)
+        .into_iter()
+        .filter(|(name, _)| !os_modules.iter().any(|m| &m.name == name))
+        .map(|(name, need)| os_step(kernel, &name, need))
+        .collect();
 
     let firmware = manifest.has_firmware().then(|| {
         let path = overlay.dir.join("usr/lib/firmware");
@@ -431,6 +471,7 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
         os_modules,
         device_nodes: node_specs(&order),
         modules: steps,
+        os_modules_after,
         driver_root,
         toolkit,
         driver_ready: settings.driver_ready.clone(),
@@ -481,23 +522,207 @@ fn index_modules<'m>(
     Ok(by_name)
 }
 
-/// The configured modules and, transitively, their overlay dependencies; also the OS modules
-/// their `depends=` names, each with the reason it is needed.
+/// Why an OS module is loaded, and whether the load fails without it.
+#[derive(Clone, Debug)]
+struct OsNeed {
+    reason: String,
+    required: bool,
+}
+
+impl OsNeed {
+    fn required(reason: String) -> Self {
+        OsNeed {
+            reason,
+            required: true,
+        }
+    }
+}
+
+/// Record that `name` is needed; a required need replaces a softdep's.
+fn need_os(needs: &mut BTreeMap<String, OsNeed>, name: String, need: OsNeed) {
+    match needs.get(&name) {
+        Some(old) if old.required || !need.required => {}
+        _ => {
+            needs.insert(name, need);
+        }
+    }
+}
+
+/// The softdep that applies to one overlay module, its names resolved.
+#[derive(Debug, Default)]
+struct ResolvedSoftdep {
+    /// Overlay modules to load before / after it.
+    pre_overlay: Vec<String>,
+    post_overlay: Vec<String>,
+    /// OS modules to modprobe before / after it.
+    pre_os: Vec<String>,
+    post_os: Vec<String>,
+    /// Where the softdep came from.
+    source: String,
+}
+
+/// For each overlay module, the softdep `modprobe` would apply to it
+/// ([`ModprobeConfig::softdep_for`]: `modprobe.d`, and its own first `softdep=`, which depmod
+/// writes to `modules.softdep`). A name that is neither an overlay module nor one of the OS's
+/// is dropped without a word, as kmod's `lookup_dep` drops it: that is what becomes of the
+/// open modules' own `MODULE_SOFTDEP("pre: ecdh_generic,ecdsa_generic")`, whose comma kmod
+/// does not split on (`kmod_config_add_softdep` splits on whitespace), so `modprobe nvidia`
+/// loads neither; the kernel's crypto API requests them itself when first used, by the
+/// `crypto-ecdh`-style aliases `MODULE_ALIAS_CRYPTO` gives them (crypto/api.c).
+fn resolve_softdeps(
+    by_name: &BTreeMap<String, &InspectedModule>,
+    inputs: &PlanInputs<'_>,
+) -> BTreeMap<String, ResolvedSoftdep> {
+    let kernel = inputs.kernel;
+    let mut out = BTreeMap::new();
+    for (name, module) in by_name {
+        let own = module.info.softdeps.first().map(|value| {
+            let source = format!("softdep= of {name}");
+            modprobe::parse_softdep(name, value, MODULES_SOFTDEP, &source)
+        });
+        let Some(softdep): Option<&Softdep> = inputs.modprobe.softdep_for(name, own.as_ref())
+        else {
+            continue;
+        };
+        let mut resolved = ResolvedSoftdep {
+            source: softdep.source.clone(),
+            ..ResolvedSoftdep::default()
+        };
+        for (names, overlay, os) in [
+            (
+                &softdep.pre,
+                &mut resolved.pre_overlay,
+                &mut resolved.pre_os,
+            ),
+            (
+                &softdep.post,
+                &mut resolved.post_overlay,
+                &mut resolved.post_os,
+            ),
+        ] {
+            for dep in names.iter().map(|d| normalize_module_name(d)) {
+                if by_name.contains_key(&dep) {
+                    overlay.push(dep);
+                } else if kernel.os_modules.contains(&dep) || kernel.loaded.contains_key(&dep) {
+                    os.push(dep);
+                }
+            }
+        }
+        out.insert(name.clone(), resolved);
+    }
+    out
+}
+
+/// What the load needs, found from the configured modules.
+struct Wanted {
+    /// Overlay modules to load, in discovery order.
+    modules: Vec<String>,
+    /// What each overlay module is loaded after: what it needs, its softdep `pre:` overlay
+    /// modules, and the modules whose softdep `post:` names it.
+    order_after: BTreeMap<String, BTreeSet<String>>,
+    /// OS modules to modprobe before the overlay's, with why.
+    os_before: BTreeMap<String, OsNeed>,
+    /// OS modules to modprobe after (softdep `post:`).
+    os_after: BTreeMap<String, OsNeed>,
+}
+
+/// The modules blacklisted on the kernel command line, each with how.
+///
+/// `modprobe.blacklist=` is kmod's (`kcmdline_parse_result`), and `modprobe nvidia` itself
+/// would ignore it: kmod applies blacklists to aliases only unless `-b`
+/// (`KMOD_PROBE_APPLY_BLACKLIST_ALIAS_ONLY` in tools/modprobe.c). But the agent loads at boot
+/// from configuration, as systemd-modules-load does, and that applies it
+/// (`KMOD_PROBE_APPLY_BLACKLIST`): an operator who puts `modprobe.blacklist=nvidia` on the
+/// kernel command line means "do not load it", and is obeyed. `module_blacklist=` is the
+/// kernel's own: it refuses those modules whoever loads them (kernel/module/main.c
+/// `blacklisted()`). `blacklist` lines of `modprobe.d` apply to aliases only, and the agent
+/// names modules: they are ignored, as `modprobe <name>` ignores them.
+fn cmdline_blacklist(config: &ModprobeConfig) -> BTreeMap<&str, &'static str> {
+    let mut out = BTreeMap::new();
+    for name in &config.kernel_blacklist {
+        out.insert(name.as_str(), "module_blacklist= in /proc/cmdline");
+    }
+    for name in &config.cmdline_blacklist {
+        out.insert(name.as_str(), "modprobe.blacklist= in /proc/cmdline");
+    }
+    out
+}
+
+/// The blacklisted modules among `name` and what it needs, transitively, each with how.
+fn blocked_needs<'b>(
+    name: &str,
+    needs: &BTreeMap<String, BTreeSet<String>>,
+    blocked: &BTreeMap<&'b str, &'b str>,
+) -> Vec<(&'b str, &'b str)> {
+    let mut closure = vec![name.to_string()];
+    let mut i = 0;
+    while i < closure.len() {
+        for need in &needs[&closure[i]] {
+            if !closure.contains(need) {
+                closure.push(need.clone());
+            }
+        }
+        i += 1;
+    }
+    closure
+        .iter()
+        .filter_map(|m| blocked.get_key_value(m.as_str()))
+        .map(|(m, how)| (*m, *how))
+        .collect()
+}
+
+/// The configured modules without those the kernel command line blacklists (themselves or a
+/// module they need); refuses when none is left.
+fn unblocked_configured(
+    configured: Vec<String>,
+    needs: &BTreeMap<String, BTreeSet<String>>,
+    blocked: &BTreeMap<&str, &str>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<String>, PlanError> {
+    let mut kept = Vec::new();
+    let mut hits: BTreeMap<&str, &str> = BTreeMap::new();
+    for name in configured {
+        let blocking = blocked_needs(&name, needs, blocked);
+        if blocking.is_empty() {
+            kept.push(name);
+            continue;
+        }
+        for (module, how) in blocking {
+            hits.insert(module, how);
+            warnings.push(format!(
+                "{name} is not loaded: {} is blacklisted ({how})",
+                module
+            ));
+        }
+    }
+    if kept.is_empty() && !hits.is_empty() {
+        let how: BTreeSet<&str> = hits.values().copied().collect();
+        return Err(PlanError::Blacklisted {
+            modules: hits.keys().copied().collect::<Vec<_>>().join(", "),
+            how: how.into_iter().collect::<Vec<_>>().join(", "),
+        });
+    }
+    Ok(kept)
+}
+
+/// The configured modules and, transitively, the overlay modules they need or name as
+/// softdeps; the OS modules they need (`depends=`, symbols found in the OS's
+/// `modules.symbols`, softdeps), each with the reason.
 fn wanted_modules(
     by_name: &BTreeMap<String, &InspectedModule>,
     needs: &BTreeMap<String, BTreeSet<String>>,
+    softdeps: &BTreeMap<String, ResolvedSoftdep>,
     inputs: &PlanInputs<'_>,
-) -> Result<(Vec<String>, BTreeMap<String, String>), PlanError> {
+    warnings: &mut Vec<String>,
+) -> Result<Wanted, PlanError> {
     let (kernel, overlay) = (inputs.kernel, inputs.overlay);
-    let mut wanted: Vec<String> = Vec::new();
-    let mut os_needed: BTreeMap<String, String> = BTreeMap::new();
-    let mut queue: Vec<String> = inputs
+    let configured: Vec<String> = inputs
         .settings
         .modules
         .iter()
         .map(|m| normalize_module_name(m))
         .collect();
-    for name in &queue {
+    for name in &configured {
         if !by_name.contains_key(name) {
             return Err(PlanError::NotInOverlay {
                 name: name.replace('_', "-"),
@@ -506,33 +731,121 @@ fn wanted_modules(
             });
         }
     }
+    let blocked = cmdline_blacklist(inputs.modprobe);
+    let mut queue = unblocked_configured(configured, needs, &blocked, warnings)?;
+    let exported: BTreeSet<&str> = by_name
+        .values()
+        .flat_map(|m| m.info.exports.iter().map(String::as_str))
+        .collect();
+    let mut wanted = Wanted {
+        modules: Vec::new(),
+        order_after: needs.clone(),
+        os_before: BTreeMap::new(),
+        os_after: BTreeMap::new(),
+    };
     while let Some(name) = queue.pop() {
-        if wanted.contains(&name) {
+        if wanted.modules.contains(&name) {
+            continue;
+        }
+        // Only a softdep reaches a module that is, or needs, a blacklisted one here (the
+        // configured ones and what they need were checked): it is optional.
+        if let Some((module, how)) = blocked_needs(&name, needs, &blocked).first() {
+            warnings.push(format!(
+                "softdep module {name} is not loaded: {module} is blacklisted ({how})"
+            ));
             continue;
         }
         let module = by_name[&name];
         queue.extend(needs[&name].iter().cloned());
-        for dependency in &module.info.depends {
-            let dependency = normalize_module_name(dependency);
-            if by_name.contains_key(&dependency) {
+        os_depends(&name, module, by_name, inputs, &mut wanted.os_before)?;
+        // Symbols no overlay module exports: an OS module's (depmod's `modules.symbols`), or,
+        // when listed nowhere, the kernel image's own (vmlinux exports are not in it).
+        for symbol in &module.info.imports {
+            if exported.contains(symbol.as_str()) {
                 continue;
-            } else if kernel.os_modules.contains(&dependency)
-                || kernel.loaded.contains_key(&dependency)
-            {
-                os_needed
-                    .entry(dependency)
-                    .or_insert_with(|| format!("depends= of {name}"));
-            } else {
-                return Err(PlanError::MissingDependency {
-                    module: name.clone(),
-                    dependency,
-                    kernel_release: inputs.host.kernel_release.clone(),
-                });
+            }
+            if let Some(os_module) = kernel.os_symbols.get(symbol) {
+                let reason = format!("symbol {symbol} of {name}");
+                need_os(
+                    &mut wanted.os_before,
+                    os_module.clone(),
+                    OsNeed::required(reason),
+                );
             }
         }
-        wanted.push(name);
+        if let Some(softdep) = softdeps.get(&name) {
+            apply_softdep(&name, softdep, &mut wanted, &mut queue);
+        }
+        wanted.modules.push(name);
     }
-    Ok((wanted, os_needed))
+    Ok(wanted)
+}
+
+/// The OS modules `name`'s `depends=` names; a name nowhere is refused.
+fn os_depends(
+    name: &str,
+    module: &InspectedModule,
+    by_name: &BTreeMap<String, &InspectedModule>,
+    inputs: &PlanInputs<'_>,
+    os_needed: &mut BTreeMap<String, OsNeed>,
+) -> Result<(), PlanError> {
+    let kernel = inputs.kernel;
+    for dependency in &module.info.depends {
+        let dependency = normalize_module_name(dependency);
+        if by_name.contains_key(&dependency) {
+            continue;
+        } else if kernel.os_modules.contains(&dependency) || kernel.loaded.contains_key(&dependency)
+        {
+            need_os(
+                os_needed,
+                dependency,
+                OsNeed::required(format!("depends= of {name}")),
+            );
+        } else {
+            return Err(PlanError::MissingDependency {
+                module: name.to_string(),
+                dependency,
+                kernel_release: inputs.host.kernel_release.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A softdep as modprobe applies it (`__kmod_module_fill_softdep`): `pre:` modules before the
+/// module, `post:` ones after; neither is required (their failures are ignored).
+fn apply_softdep(
+    name: &str,
+    softdep: &ResolvedSoftdep,
+    wanted: &mut Wanted,
+    queue: &mut Vec<String>,
+) {
+    for pre in &softdep.pre_overlay {
+        wanted
+            .order_after
+            .entry(name.to_string())
+            .or_default()
+            .insert(pre.clone());
+        queue.push(pre.clone());
+    }
+    for post in &softdep.post_overlay {
+        wanted
+            .order_after
+            .entry(post.clone())
+            .or_default()
+            .insert(name.to_string());
+        queue.push(post.clone());
+    }
+    let need = |when: &str| OsNeed {
+        reason: format!("softdep {when} of {name} ({})", softdep.source),
+        required: false,
+    };
+    for pre in &softdep.pre_os {
+        need_os(&mut wanted.os_before, pre.clone(), need("pre:"));
+    }
+    for post in &softdep.post_os {
+        need_os(&mut wanted.os_after, post.clone(), need("post:"));
+    }
 }
 
 /// nouveau loaded or bound to a device is a conflict on the host.
@@ -556,20 +869,13 @@ fn module_steps(
     inputs: &PlanInputs<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<ModuleStep>, PlanError> {
-    let (settings, kernel, overlay) = (inputs.settings, inputs.kernel, inputs.overlay);
+    let (kernel, overlay) = (inputs.kernel, inputs.overlay);
     let mut steps = Vec::new();
     for name in order {
         let module = by_name[name];
         let info = &module.info;
         let action = module_action(kernel, name, info)?;
-        let parameters = settings.module_params(name);
-        for (param, _) in settings.parameters.get(name).into_iter().flatten() {
-            if !info.parameters.is_empty() && !info.parameters.iter().any(|(p, _)| p == param) {
-                warnings.push(format!(
-                    "parameter {param} is configured for {name} but the module does not declare it; the kernel will ignore it"
-                ));
-            }
-        }
+        let (parameters, parameter_sources) = module_parameters(name, info, inputs, warnings);
         steps.push(ModuleStep {
             name: name.clone(),
             file: overlay.dir.join(&module.relative_path),
@@ -577,12 +883,68 @@ fn module_steps(
             version: info.version.clone(),
             depends: depends_with_derived(&info.depends, &needs[name]),
             parameters,
+            parameter_sources,
             compression: info.compression,
             signed: info.signature.is_some(),
             action,
         });
     }
     Ok(steps)
+}
+
+/// The parameter string `modprobe` would hand the kernel for `name`, and each parameter's
+/// source: `options` of `modprobe.d` and `/proc/cmdline` as written, concatenated in kmod's
+/// order (`kmod_module_get_options`, then the command line last, `kmod_config_new`), then the
+/// agent's `[parameters]`, quoted where the kernel's `next_arg()` needs it. A parameter set
+/// twice reaches the kernel twice; `parse_args` sets it twice, so the last one counts.
+fn module_parameters(
+    name: &str,
+    info: &ModInfo,
+    inputs: &PlanInputs<'_>,
+    warnings: &mut Vec<String>,
+) -> (String, Vec<ParameterSource>) {
+    let mut words: Vec<String> = Vec::new();
+    let mut sources = Vec::new();
+    for options in inputs.modprobe.options_for(name) {
+        words.push(options.options.clone());
+        for (param, value) in modprobe::split_params(&options.options) {
+            sources.push(ParameterSource {
+                name: param,
+                value,
+                source: options.source.clone(),
+            });
+        }
+    }
+    for (param, value) in inputs.settings.parameters.get(name).into_iter().flatten() {
+        let value = value.to_string();
+        words.push(modprobe::quote_param(param, &value));
+        sources.push(ParameterSource {
+            name: param.clone(),
+            value: Some(value),
+            source: "config".into(),
+        });
+    }
+    // The kernel takes `-` and `_` alike in parameter names (kernel/params.c `parameq`).
+    let declared = |p: &str| {
+        let p = normalize_module_name(p);
+        info.parameters
+            .iter()
+            .any(|(d, _)| normalize_module_name(d) == p)
+    };
+    for source in &sources {
+        if !info.parameters.is_empty() && !declared(&source.name) {
+            let (param, from) = (&source.name, &source.source);
+            let from = if from == "config" {
+                "the config"
+            } else {
+                from.as_str()
+            };
+            warnings.push(format!(
+                "parameter {param} from {from} is set for {name} but the module does not declare it; the kernel will ignore it"
+            ));
+        }
+    }
+    (words.join(" "), sources)
 }
 
 /// `depends=` as declared, then the overlay modules derived from symbols that it does not name.
@@ -647,11 +1009,12 @@ fn check_signatures(kernel: &KernelState, steps: &[ModuleStep]) -> Result<(), Pl
     })
 }
 
-/// OS prerequisites: the configured ones where the OS has them, then `depends=` ones.
+/// OS prerequisites: the configured ones where the OS has them, then those the overlay's
+/// modules need, by name.
 fn os_module_steps(
     settings: &Settings,
     kernel: &KernelState,
-    os_needed: &mut BTreeMap<String, String>,
+    os_needed: &mut BTreeMap<String, OsNeed>,
 ) -> Vec<OsModuleStep> {
     let mut os_modules = Vec::new();
     let mut seen = BTreeSet::new();
@@ -660,13 +1023,14 @@ fn os_module_steps(
         if kernel.os_modules.contains(&normalized) || kernel.loaded.contains_key(&normalized) {
             os_needed.remove(&normalized);
             if seen.insert(normalized.clone()) {
-                os_modules.push(os_step(kernel, &normalized, "driver.os-modules".into()));
+                let need = OsNeed::required("driver.os-modules".into());
+                os_modules.push(os_step(kernel, &normalized, need));
             }
         }
     }
-    for (name, reason) in std::mem::take(os_needed) {
+    for (name, need) in std::mem::take(os_needed) {
         if seen.insert(name.clone()) {
-            os_modules.push(os_step(kernel, &name, reason));
+            os_modules.push(os_step(kernel, &name, need));
         }
     }
     os_modules
@@ -719,7 +1083,7 @@ fn toolkit_step(inputs: &PlanInputs<'_>, driver_root: &DriverRootStep) -> Toolki
     }
 }
 
-fn os_step(kernel: &KernelState, name: &str, reason: String) -> OsModuleStep {
+fn os_step(kernel: &KernelState, name: &str, need: OsNeed) -> OsModuleStep {
     OsModuleStep {
         name: name.to_string(),
         action: if kernel.loaded.contains_key(name) {
@@ -727,7 +1091,8 @@ fn os_step(kernel: &KernelState, name: &str, reason: String) -> OsModuleStep {
         } else {
             OsModuleAction::Modprobe
         },
-        reason,
+        reason: need.reason,
+        required: need.required,
     }
 }
 
@@ -865,4 +1230,426 @@ fn node_specs(order: &[String]) -> Vec<NodeSpec> {
         }
     }
     specs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::OsRelease;
+    use crate::overlay::Manifest;
+
+    const KVER: &str = "6.12.9-200.fc41.x86_64";
+
+    fn settings(extra: &str) -> Settings {
+        let layers = [
+            (
+                PathBuf::from("/usr/lib/nvdriver-agent/config.toml"),
+                include_str!("../../dist/config.toml").to_string(),
+            ),
+            (
+                PathBuf::from("/etc/nvdriver-agent/config.toml"),
+                extra.to_string(),
+            ),
+        ];
+        crate::config::merge_layers(&layers).unwrap()
+    }
+
+    fn module(name: &str, depends: &[&str], exports: &[&str], imports: &[&str]) -> InspectedModule {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        InspectedModule {
+            relative_path: PathBuf::from(format!(
+                "usr/lib/modules/{KVER}/extra/{}.ko",
+                name.replace('_', "-")
+            )),
+            info: ModInfo {
+                name: name.to_string(),
+                vermagic: format!("{KVER} SMP preempt mod_unload "),
+                depends: strings(depends),
+                version: Some("580.95.05".into()),
+                srcversion: None,
+                license: Some("Dual MIT/GPL".into()),
+                parameters: Vec::new(),
+                signature: None,
+                compression: Compression::None,
+                exports: strings(exports),
+                imports: strings(imports),
+                softdeps: Vec::new(),
+            },
+        }
+    }
+
+    /// The open modules as built against a kernel with DRM and InfiniBand: nvidia-drm and
+    /// nvidia-peermem carry an empty `depends=` and call into nvidia-modeset, nvidia, DRM and
+    /// ib_core; `printk` is the kernel image's.
+    fn nvidia_modules() -> Vec<InspectedModule> {
+        vec![
+            module(
+                "nvidia",
+                &[],
+                &["nvidia_get_rm_ops", "nvidia_p2p_get_pages"],
+                &["printk", "i2c_transfer"],
+            ),
+            module(
+                "nvidia_modeset",
+                &["nvidia"],
+                &["nvKmsKapiGetFunctionsTable"],
+                &["nvidia_get_rm_ops", "printk"],
+            ),
+            module("nvidia_uvm", &["nvidia"], &[], &["nvidia_get_rm_ops"]),
+            module(
+                "nvidia_drm",
+                &[],
+                &[],
+                &[
+                    "nvKmsKapiGetFunctionsTable",
+                    "drm_dev_register",
+                    "drm_atomic_helper_check",
+                    "printk",
+                ],
+            ),
+            module(
+                "nvidia_peermem",
+                &[],
+                &[],
+                &["nvidia_p2p_get_pages", "ib_register_peer_memory_client"],
+            ),
+        ]
+    }
+
+    fn kernel() -> KernelState {
+        let mut kernel = KernelState::default();
+        for m in [
+            "i2c_core",
+            "ipmi_msghandler",
+            "drm",
+            "drm_kms_helper",
+            "ib_core",
+            "ecdh_generic",
+            "ecdsa_generic",
+            "i2c_algo_bit",
+            "crc32c",
+            "sha256",
+        ] {
+            kernel.os_modules.insert(m.to_string());
+        }
+        for (symbol, module) in [
+            ("i2c_transfer", "i2c_core"),
+            ("drm_dev_register", "drm"),
+            ("drm_atomic_helper_check", "drm_kms_helper"),
+            ("ib_register_peer_memory_client", "ib_core"),
+            // An OS build of nvidia-modeset: the overlay's own export comes first.
+            ("nvKmsKapiGetFunctionsTable", "nvidia_modeset"),
+        ] {
+            kernel.os_symbols.insert(symbol.into(), module.into());
+        }
+        kernel
+    }
+
+    struct Case {
+        settings: Settings,
+        kernel: KernelState,
+        modules: Vec<InspectedModule>,
+        modprobe: ModprobeConfig,
+    }
+
+    impl Case {
+        fn new(config: &str) -> Self {
+            Case {
+                settings: settings(config),
+                kernel: kernel(),
+                modules: nvidia_modules(),
+                modprobe: ModprobeConfig::default(),
+            }
+        }
+
+        fn plan(&self) -> Result<LoadPlan, PlanError> {
+            let host = HostFacts {
+                os: OsRelease::parse("ID=fedora\n", "/etc/os-release".into()).unwrap(),
+                kernel_release: KVER.into(),
+                arch: "x86_64".into(),
+            };
+            let overlay = StoredOverlay {
+                dir: PathBuf::from(format!("/var/lib/nvdriver-agent/overlays/{KVER}/580.95.05")),
+                manifest: Manifest {
+                    format: 1,
+                    kernel_release: KVER.into(),
+                    driver_version: "580.95.05".into(),
+                    arch: "x86_64".into(),
+                    flavor: Flavor::Proprietary,
+                    files: Vec::new(),
+                    symlinks: Vec::new(),
+                },
+            };
+            plan_load(&PlanInputs {
+                settings: &self.settings,
+                host: &host,
+                kernel: &self.kernel,
+                overlay: &overlay,
+                modules: &self.modules,
+                toolkit: ToolkitState::Absent,
+                driver_root_mount: MountState::NotMounted,
+                modprobe: &self.modprobe,
+            })
+        }
+
+        fn module(&mut self, name: &str) -> &mut ModInfo {
+            &mut self
+                .modules
+                .iter_mut()
+                .find(|m| m.info.name == name)
+                .unwrap()
+                .info
+        }
+    }
+
+    const ALL: &str = "[driver]\nmodules = [\"nvidia-peermem\", \"nvidia-drm\", \"nvidia-uvm\"]\n";
+
+    fn names(plan: &LoadPlan) -> Vec<&str> {
+        plan.modules.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    fn os(steps: &[OsModuleStep]) -> Vec<(&str, &str, bool)> {
+        steps
+            .iter()
+            .map(|m| (m.name.as_str(), m.reason.as_str(), m.required))
+            .collect()
+    }
+
+    #[test]
+    fn os_prerequisites_found_through_modules_symbols() {
+        let plan = Case::new(ALL).plan().unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                "nvidia",
+                "nvidia_modeset",
+                "nvidia_uvm",
+                "nvidia_drm",
+                "nvidia_peermem"
+            ]
+        );
+        assert_eq!(
+            os(&plan.os_modules),
+            [
+                ("i2c_core", "driver.os-modules", true),
+                ("ipmi_msghandler", "driver.os-modules", true),
+                ("drm", "symbol drm_dev_register of nvidia_drm", true),
+                (
+                    "drm_kms_helper",
+                    "symbol drm_atomic_helper_check of nvidia_drm",
+                    true
+                ),
+                (
+                    "ib_core",
+                    "symbol ib_register_peer_memory_client of nvidia_peermem",
+                    true
+                ),
+            ]
+        );
+        assert!(plan.os_modules_after.is_empty());
+        // printk is listed nowhere: the kernel image's, not an error and not a step.
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn os_prerequisite_already_loaded_is_left_alone_and_unused_ones_are_not_loaded() {
+        let mut case = Case::new("[driver]\nmodules = [\"nvidia-drm\"]\nos-modules = []\n");
+        case.kernel.loaded.insert(
+            "drm".into(),
+            crate::host::kernel::LoadedModule {
+                name: "drm".into(),
+                version: None,
+            },
+        );
+        let plan = case.plan().unwrap();
+        let actions: Vec<_> = plan
+            .os_modules
+            .iter()
+            .map(|m| (m.name.as_str(), m.action.clone()))
+            .collect();
+        // i2c_core is reached through nvidia's i2c_transfer; no ib_core without nvidia-peermem.
+        assert_eq!(
+            actions,
+            [
+                ("drm", OsModuleAction::AlreadyLoaded),
+                ("drm_kms_helper", OsModuleAction::Modprobe),
+                ("i2c_core", OsModuleAction::Modprobe),
+            ]
+        );
+    }
+
+    #[test]
+    fn softdep_from_modinfo_and_modprobe_d() {
+        let mut case = Case::new(ALL);
+        // NVIDIA's own, with a comma kmod does not split on: a name nothing has, skipped.
+        case.module("nvidia")
+            .softdeps
+            .push("pre: ecdh_generic,ecdsa_generic".into());
+        // Spaces: two OS modules, loaded before, not required.
+        case.module("nvidia_uvm")
+            .softdeps
+            .push("pre: crc32c   sha256 post: i2c_algo_bit no_such".into());
+        // modprobe.d: uvm after drm (against NVIDIA's order), sorted before modules.softdep.
+        case.modprobe.add_file(
+            "50-nv.conf",
+            "/etc/modprobe.d/50-nv.conf",
+            "softdep nvidia_peermem pre: nvidia-drm\nsoftdep nvidia_drm post: nvidia-uvm\n",
+        );
+        let plan = case.plan().unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                "nvidia",
+                "nvidia_modeset",
+                "nvidia_drm",
+                "nvidia_uvm",
+                "nvidia_peermem"
+            ]
+        );
+        let softdep_os: Vec<_> = os(&plan.os_modules)
+            .into_iter()
+            .filter(|(_, _, required)| !required)
+            .collect();
+        assert_eq!(
+            softdep_os,
+            [
+                (
+                    "crc32c",
+                    "softdep pre: of nvidia_uvm (softdep= of nvidia_uvm)",
+                    false
+                ),
+                (
+                    "sha256",
+                    "softdep pre: of nvidia_uvm (softdep= of nvidia_uvm)",
+                    false
+                ),
+            ]
+        );
+        assert_eq!(
+            os(&plan.os_modules_after),
+            [(
+                "i2c_algo_bit",
+                "softdep post: of nvidia_uvm (softdep= of nvidia_uvm)",
+                false
+            )]
+        );
+        assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn modprobe_d_softdep_named_after_modules_softdep_loses_to_the_module_own() {
+        let mut case = Case::new("[driver]\nmodules = [\"nvidia\"]\n");
+        case.module("nvidia")
+            .softdeps
+            .push("pre: ecdh_generic".into());
+        case.modprobe.add_file(
+            "nvidia.conf",
+            "/etc/modprobe.d/nvidia.conf",
+            "softdep nvidia pre: i2c_algo_bit\n",
+        );
+        let plan = case.plan().unwrap();
+        let softdep_os: Vec<_> = plan
+            .os_modules
+            .iter()
+            .filter(|m| !m.required)
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(softdep_os, ["ecdh_generic"]);
+    }
+
+    #[test]
+    fn parameters_in_modprobe_order_with_sources() {
+        let mut case = Case::new(
+            "[parameters.nvidia]\nNVreg_A = 3\nNVreg_C = \"p q\"\n[parameters.nvidia-uvm]\nuvm_x = true\n",
+        );
+        case.modprobe.add_file(
+            "nvidia.conf",
+            "/usr/lib/modprobe.d/nvidia.conf",
+            "options nvidia NVreg_A=1 NVreg_B=\"x y\"\n",
+        );
+        case.modprobe
+            .add_cmdline("quiet nvidia.NVreg_A=2 nvidia_uvm.uvm_y=1 rd.nvidia.x=1\n");
+        case.module("nvidia").parameters.extend([
+            ("NVreg_A".into(), "int".into()),
+            ("NVreg_B".into(), "charp".into()),
+        ]);
+        let plan = case.plan().unwrap();
+        let nvidia = &plan.modules[0];
+        assert_eq!(
+            nvidia.parameters,
+            "NVreg_A=1 NVreg_B=\"x y\" NVreg_A=2 NVreg_A=3 NVreg_C=\"p q\""
+        );
+        let sources: Vec<_> = nvidia
+            .parameter_sources
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_deref(), p.source.as_str()))
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                ("NVreg_A", Some("1"), "/usr/lib/modprobe.d/nvidia.conf"),
+                ("NVreg_B", Some("x y"), "/usr/lib/modprobe.d/nvidia.conf"),
+                ("NVreg_A", Some("2"), "/proc/cmdline"),
+                ("NVreg_A", Some("3"), "config"),
+                ("NVreg_C", Some("p q"), "config"),
+            ]
+        );
+        assert_eq!(plan.modules[2].parameters, "uvm_y=1 uvm_x=1");
+        assert_eq!(
+            plan.warnings,
+            ["parameter NVreg_C from the config is set for nvidia but the module does not declare it; the kernel will ignore it"]
+        );
+    }
+
+    #[test]
+    fn cmdline_blacklist_skips_what_needs_the_module() {
+        let mut case = Case::new(ALL);
+        case.modprobe
+            .add_cmdline("modprobe.blacklist=nouveau,nvidia-modeset\n");
+        let plan = case.plan().unwrap();
+        // nvidia-drm needs nvidia-modeset (by symbol): not loaded; the rest are.
+        assert_eq!(names(&plan), ["nvidia", "nvidia_uvm", "nvidia_peermem"]);
+        assert_eq!(
+            plan.warnings,
+            ["nvidia_drm is not loaded: nvidia_modeset is blacklisted (modprobe.blacklist= in /proc/cmdline)"]
+        );
+        assert!(!plan.os_modules.iter().any(|m| m.name == "drm"));
+    }
+
+    #[test]
+    fn softdep_module_needing_a_blacklisted_one_is_skipped() {
+        let mut case = Case::new("[driver]\nmodules = [\"nvidia\"]\n");
+        case.modprobe.add_file(
+            "nv.conf",
+            "/etc/modprobe.d/nv.conf",
+            "softdep nvidia post: nvidia-drm nvidia-uvm\n",
+        );
+        case.modprobe.add_cmdline("module_blacklist=nvidia_modeset");
+        let plan = case.plan().unwrap();
+        assert_eq!(names(&plan), ["nvidia", "nvidia_uvm"]);
+        assert_eq!(
+            plan.warnings,
+            ["softdep module nvidia_drm is not loaded: nvidia_modeset is blacklisted (module_blacklist= in /proc/cmdline)"]
+        );
+    }
+
+    #[test]
+    fn cmdline_blacklist_of_the_driver_refuses_the_plan() {
+        for cmdline in ["modprobe.blacklist=nvidia", "module_blacklist=nvidia"] {
+            let mut case = Case::new("");
+            case.modprobe.add_cmdline(cmdline);
+            let err = case.plan().unwrap_err();
+            assert!(matches!(err, PlanError::Blacklisted { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains("nvidia") && text.contains("/proc/cmdline"),
+                "{text}"
+            );
+        }
+        // A modprobe.d `blacklist nvidia` line applies to aliases only: still loaded.
+        let mut case = Case::new("");
+        case.modprobe
+            .add_file("b.conf", "/etc/modprobe.d/b.conf", "blacklist nvidia\n");
+        assert_eq!(names(&case.plan().unwrap())[0], "nvidia");
+    }
 }

@@ -184,8 +184,35 @@ fn status_json_validates_against_its_schema() {
 #[test]
 fn plan_json_validates_against_its_schema() {
     let host = loaded_host();
+    // Parameters from modprobe.d and the kernel command line, shown with their sources.
+    host.write("/etc/modprobe.d/nv.conf", "options nvidia NVreg_A=1 flag\n");
+    host.write("/proc/cmdline", "quiet nvidia.NVreg_B=\"x y\"\n");
     let plan = json_of(&host, &["plan", "--json"], &[0]);
     validate("plan.schema.json", &plan).unwrap();
+    assert_eq!(
+        plan["modules"][0]["parameter_sources"],
+        json!([
+            {"name": "NVreg_A", "value": "1", "source": "/etc/modprobe.d/nv.conf"},
+            {"name": "flag", "value": null, "source": "/etc/modprobe.d/nv.conf"},
+            {"name": "NVreg_B", "value": "x y", "source": "/proc/cmdline"},
+        ])
+    );
+    let out = crate::common::agent::run(host.dir.path(), &["plan"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("  parameter:  NVreg_A=1 (from /etc/modprobe.d/nv.conf)\n")
+            && shown.contains("  parameter:  flag (from /etc/modprobe.d/nv.conf)\n")
+            && shown.contains("  parameter:  NVreg_B=x y (from /proc/cmdline)\n"),
+        "{}",
+        text(&out)
+    );
+    let mut source = plan.clone();
+    source["modules"][0]["parameter_sources"][0]["source"] = json!(1);
+    assert_invalid(
+        "plan.schema.json",
+        &source,
+        "a number as a parameter's source",
+    );
 
     let mut missing = plan.clone();
     missing.as_object_mut().unwrap().remove("driver_root");

@@ -124,6 +124,133 @@ fn plan_derives_dependencies_from_symbols_when_depends_is_empty() {
     result.unwrap();
 }
 
+/// What modprobe would do, done by the agent: nvidia-drm built against a kernel with DRM
+/// imports drm_dev_register, which the OS's `modules.symbols` says drm exports, so drm is
+/// modprobed before it (nothing in `depends=` says so); nvidia's parameters reach
+/// `finit_module` as modprobe would pass them: `modprobe.d` options (files sorted by name,
+/// /etc hiding /usr/lib), then `nvidia.<param>=` of /proc/cmdline, then the agent's
+/// `[parameters]`, the kernel keeping the last value of each.
+#[test]
+fn modprobe_semantics_reach_the_kernel() {
+    let m = |name: &str| FixtureModule::new(name, KVER, DRIVER);
+    let overlay = OverlayBuilder::nvidia(KVER)
+        .module(
+            m("nvidia")
+                .exports(&["nvidia_get_rm_ops"])
+                .parameter("NVreg_A", "int")
+                .parameter("NVreg_B", "charp"),
+            Packing::Plain,
+        )
+        .module(
+            m("nvidia-drm")
+                .depends(&["nvidia-modeset"])
+                .imports(&["drm_dev_register", "printk"]),
+            Packing::Plain,
+        );
+    let host = host_with(&overlay);
+    host.write(
+        &format!("/usr/lib/modules/{KVER}/modules.symbols"),
+        "# Aliases for symbols, used by symbol_request().\nalias symbol:drm_dev_register drm\n",
+    );
+    host.write(
+        "/usr/lib/modprobe.d/nvidia.conf",
+        "options nvidia NVreg_A=usr-hidden\n",
+    );
+    host.write("/etc/modprobe.d/nvidia.conf", "options nvidia NVreg_A=1\n");
+    host.write(
+        "/usr/lib/modprobe.d/10-nvidia.conf",
+        "options nvidia NVreg_B=\"a b\"\n",
+    );
+    host.write(
+        "/proc/cmdline",
+        "BOOT_IMAGE=/vmlinuz root=/dev/vda1 nvidia.NVreg_A=2 quiet\n",
+    );
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        "[driver]\nmodules = [\"nvidia\", \"nvidia-drm\"]\nos-modules = []\n[parameters.nvidia]\nNVreg_A = 3\n",
+    );
+    let params = "NVreg_B=\"a b\" NVreg_A=1 NVreg_A=2 NVreg_A=3";
+    let plan = plan(&host).unwrap();
+    let os: Vec<_> = plan
+        .os_modules
+        .iter()
+        .map(|m| (m.name.as_str(), m.reason.as_str()))
+        .collect();
+    assert_eq!(os, [("drm", "symbol drm_dev_register of nvidia_drm")]);
+    let sources: Vec<_> = plan.modules[0]
+        .parameter_sources
+        .iter()
+        .map(|p| p.source.as_str())
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            "/usr/lib/modprobe.d/10-nvidia.conf",
+            "/etc/modprobe.d/nvidia.conf",
+            "/proc/cmdline",
+            "config"
+        ]
+    );
+
+    let (result, calls) = load(&host);
+    result.unwrap();
+    let modules = format!("{}/usr/lib/modules/{KVER}/extra/nvidia", overlay_dir());
+    let loads: Vec<_> = calls
+        .into_iter()
+        .filter(|c| matches!(c, Call::Modprobe { .. } | Call::FinitModule { .. }))
+        .collect();
+    assert_eq!(
+        loads,
+        [
+            Call::Modprobe { name: "drm".into() },
+            Call::FinitModule {
+                name: "nvidia".into(),
+                path: format!("{modules}/nvidia.ko").into(),
+                params: params.into(),
+                kernel_decompresses: false,
+            },
+            Call::FinitModule {
+                name: "nvidia_modeset".into(),
+                path: format!("{modules}/nvidia-modeset.ko").into(),
+                params: "".into(),
+                kernel_decompresses: false,
+            },
+            Call::FinitModule {
+                name: "nvidia_drm".into(),
+                path: format!("{modules}/nvidia-drm.ko").into(),
+                params: "".into(),
+                kernel_decompresses: false,
+            },
+        ]
+    );
+}
+
+/// `modprobe.blacklist=nvidia` on the kernel command line: the operator does not want the
+/// driver; `load` refuses with what to do, and changes nothing.
+#[test]
+fn driver_blacklisted_on_the_kernel_command_line_is_refused() {
+    let host = host_with(&OverlayBuilder::nvidia(KVER));
+    host.write("/proc/cmdline", "quiet modprobe.blacklist=nouveau,nvidia\n");
+    let before = host.snapshot();
+    let (result, calls) = load(&host);
+    let err = match result {
+        Err(e) => e,
+        Ok(_) => panic!("loaded a blacklisted driver"),
+    };
+    assert!(
+        matches!(err, CommandError::Plan(PlanError::Blacklisted { .. })),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("modprobe.blacklist= in /proc/cmdline"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), exit::HOST_CONFLICT);
+    assert!(calls.is_empty(), "{calls:?}");
+    assert_eq!(host.snapshot(), before);
+}
+
 #[test]
 fn plan_touches_nothing() {
     let host = host_with(&OverlayBuilder::nvidia(KVER).with_userspace());
