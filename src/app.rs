@@ -29,8 +29,8 @@ pub mod exit {
     pub const NO_OVERLAY: u8 = 3;
     /// The overlay is invalid: manifest, digest, unlisted file, module for another kernel, dependencies.
     pub const INVALID_OVERLAY: u8 = 4;
-    /// The host conflicts with the load: nouveau, unsigned modules under enforcement, another
-    /// driver version loaded.
+    /// The host conflicts with the load: nouveau, unsigned modules (or modules signed by a key
+    /// the kernel does not trust) under enforcement, another driver version loaded.
     pub const HOST_CONFLICT: u8 = 5;
     /// The kernel refused a module (the modules this run loaded were unloaded again).
     pub const KERNEL_REFUSED: u8 = 6;
@@ -38,7 +38,14 @@ pub mod exit {
     pub const NOT_READY_AFTER_REBOOT: u8 = 7;
     /// `status`: the driver is not loaded (or the fallback policy marked the node not ready).
     pub const NOT_READY: u8 = 8;
+    /// `load`, and `status` after such a boot load: the `nvidia` module's init found no NVIDIA
+    /// GPU (`ENODEV`); the overlay is fine, the host has no GPU for it.
+    pub const NO_GPU: u8 = 9;
 }
+
+/// The journal's `MESSAGE_ID` of "no NVIDIA GPU on this host" (`journalctl
+/// MESSAGE_ID=5b1d3c0e9a7f4e2b8c6d4a2f1e0b9c87`).
+pub const NO_GPU_MESSAGE_ID: &str = "5b1d3c0e9a7f4e2b8c6d4a2f1e0b9c87";
 
 /// The error any command can end with; [`CommandError::exit_code`] maps it to an [`exit`] code.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +122,12 @@ impl From<LoadError> for CommandError {
 }
 
 impl CommandError {
+    /// Whether this is "no NVIDIA GPU on this host" ([`LoadError::NoGpu`]), not a failure of
+    /// the overlay or the host.
+    pub fn is_no_gpu(&self) -> bool {
+        matches!(self, CommandError::Load(e) if matches!(**e, LoadError::NoGpu { .. }))
+    }
+
     /// The process exit code for this error (one of [`exit`]; see
     /// docs/usage/status-and-exit-codes.md).
     pub fn exit_code(&self) -> u8 {
@@ -134,9 +147,11 @@ impl CommandError {
                 PlanError::Nouveau { .. }
                 | PlanError::Blacklisted { .. }
                 | PlanError::Unsigned { .. }
+                | PlanError::UntrustedKey { .. }
                 | PlanError::OtherVersionLoaded { .. } => exit::HOST_CONFLICT,
                 _ => exit::INVALID_OVERLAY,
             },
+            E::Load(e) if matches!(**e, LoadError::NoGpu { .. }) => exit::NO_GPU,
             E::Load(e) if matches!(**e, LoadError::Refused { .. } | LoadError::OsModule { .. }) => {
                 exit::KERNEL_REFUSED
             }

@@ -89,6 +89,11 @@ pub struct ModuleSignature {
     pub key_id: Option<String>,
     /// `sig_hashalgo`: `sha256`, `sha512`, … (a dotted OID when the algorithm is unknown).
     pub hash_algo: Option<String>,
+    /// Whether `key_id` is the key's subject key identifier (`sign-file -k`; then `signer` is
+    /// `None`) rather than the certificate's serial number; the kernel looks keys up by either
+    /// (crypto/asymmetric_keys/pkcs7_parser.c `pkcs7_sig_note_skid`, `pkcs7_sig_note_serial`).
+    #[serde(skip)]
+    pub key_id_is_skid: bool,
 }
 
 /// What a module file says of itself: its `.modinfo` keys, signature trailer and compression.
@@ -605,11 +610,13 @@ fn split_signature<'a>(
         signer: None,
         key_id: None,
         hash_algo: None,
+        key_id_is_skid: false,
     };
     if id_type == 2 {
         if let Some(p7) = pkcs7::signer_info(sig_data) {
             signature.signer = p7.signer;
             signature.key_id = p7.key_id;
+            signature.key_id_is_skid = p7.by_skid;
             signature.hash_algo = p7.hash_algo;
         } else {
             tracing::debug!(module = %path.display(), "PKCS#7 signature not understood");
@@ -886,6 +893,7 @@ mod pkcs7 {
         pub signer: Option<String>,
         pub key_id: Option<String>,
         pub hash_algo: Option<String>,
+        pub by_skid: bool,
     }
 
     /// A cursor over a run of DER TLVs.
@@ -959,6 +967,7 @@ mod pkcs7 {
             }
             (CONTEXT_0_PRIMITIVE, skid) if !skid.is_empty() => {
                 out.key_id = Some(super::colon_hex(skid));
+                out.by_skid = true;
             }
             _ => return None,
         }
@@ -1132,6 +1141,7 @@ mod pkcs7 {
             let info = signer_info(&der).unwrap();
             assert_eq!(info.signer, None);
             assert_eq!(info.key_id.as_deref(), Some("DE:AD:BE:EF"));
+            assert!(info.by_skid);
             assert_eq!(info.hash_algo.as_deref(), Some("sha3-256"));
         }
 
@@ -1178,7 +1188,7 @@ mod pkcs7 {
 
 #[cfg(test)]
 #[path = "../tests/common/modules.rs"]
-mod fixture_modules;
+pub(crate) mod fixture_modules;
 
 #[cfg(test)]
 mod tests {

@@ -128,7 +128,8 @@ pub fn plan_fallback(facts: &FallbackFacts) -> FallbackAction {
         LoadResult::NoOverlay => {
             format!("the store has no driver overlay for the running kernel {kernel}")
         }
-        LoadResult::Loaded => return FallbackAction::Nothing,
+        // No GPU is no fault of the kernel or the overlay: nothing to roll back or mark.
+        LoadResult::Loaded | LoadResult::NoGpu => return FallbackAction::Nothing,
     };
     let fix = match load.result {
         LoadResult::NoOverlay => format!(
@@ -291,6 +292,8 @@ mod tests {
             LoadFailureFallback::Rollback,
         ] {
             assert_eq!(plan(policy, "loaded", true, &none), FallbackAction::Nothing);
+            // No GPU is not the overlay's or the kernel's fault: no rollback, no marking.
+            assert_eq!(plan(policy, "no-gpu", true, &none), FallbackAction::Nothing);
         }
         for result in ["failed", "no-overlay"] {
             assert_eq!(

@@ -172,7 +172,20 @@ pub fn load(ctx: &Context, kernel: &mut dyn Kernel) -> Result<LoadOutcome, Comma
         }
     };
     let PreparedLoad { plan, opened } = *prepared;
-    let report = execute::execute(&ctx.root, &plan, &opened, kernel)?;
+    let report = match execute::execute(&ctx.root, &plan, &opened, kernel) {
+        Ok(report) => report,
+        Err(e @ execute::LoadError::NoGpu { .. }) => {
+            warn!(
+                MESSAGE_ID = crate::app::NO_GPU_MESSAGE_ID,
+                KERNEL_RELEASE = %plan.kernel_release,
+                DRIVER_VERSION = %plan.driver_version,
+                OVERLAY = %plan.overlay.display(),
+                "{e}"
+            );
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     info!(
         KERNEL_RELEASE = %plan.kernel_release,
         DRIVER_VERSION = %plan.driver_version,

@@ -73,7 +73,8 @@ pub enum Command {
     ///
     /// Exit status: 0 ready now and after the next reboot; 7 ready now, but the kernel booted
     /// next has no overlay staged (or which kernel boots next cannot be told); 8 not ready now (driver not loaded, or marked not ready by
-    /// the [fallback] policy); 1 or 2 when status itself failed.
+    /// the [fallback] policy); 9 no NVIDIA GPU on this host (the boot load's nvidia init found
+    /// none); 1 or 2 when status itself failed.
     Status {
         /// Machine-readable output (format: docs/schema/status.schema.json).
         #[arg(long)]

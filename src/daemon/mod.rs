@@ -220,6 +220,11 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
             record.overlay = Some(plan.overlay.clone());
         }
         Ok(LoadOutcome::NoOverlayWarned { .. }) => record.result = LoadResult::NoOverlay,
+        // Logged by load::load with its MESSAGE_ID; not a failure of the overlay.
+        Err(e) if e.is_no_gpu() => {
+            record.result = LoadResult::NoGpu;
+            record.error = Some(e.to_string());
+        }
         Err(e) => {
             error!(KERNEL_RELEASE = %record.kernel_release, "loading the driver failed: {e}");
             record.result = LoadResult::Failed;
@@ -247,7 +252,8 @@ fn next_retry(
 /// Hand the pages that a stage pass freed (decompressor windows, unpack and hash buffers, one
 /// malloc arena per hashing thread) back to the kernel. glibc keeps them otherwise, and the
 /// daemon then idles a megabyte or two above what it needs until the next pass; musl's
-/// allocator returns them by itself. The crate's one `unsafe`: there is no safe binding.
+/// allocator returns them by itself. One of the crate's two `unsafe` blocks (the other: `keyctl` in
+/// `host::keyring`): there is no safe binding.
 #[allow(unsafe_code)]
 fn return_freed_memory() {
     #[cfg(target_env = "gnu")]

@@ -85,6 +85,9 @@ pub struct KernelState {
     /// kernel: symbol → module (underscores). The kernel image's own exports are not in it.
     #[serde(skip)]
     pub os_symbols: BTreeMap<String, String>,
+    /// The keys the kernel checks module signatures against; `None` when `/proc/keys` names no
+    /// trusted keyring (see [`super::keyring`]).
+    pub trusted_keys: Option<super::keyring::TrustedKeys>,
 }
 
 /// The kernel spells module names with underscores; files and `depends=` keep hyphens.
@@ -116,6 +119,7 @@ impl KernelState {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let (os_modules, os_symbols) = read_os_modules(root, kernel_release)?;
+        let trusted_keys = super::keyring::read_trusted_keys(root)?;
         Ok(KernelState {
             loaded,
             compression,
@@ -125,6 +129,7 @@ impl KernelState {
             firmware_path,
             os_modules,
             os_symbols,
+            trusted_keys,
         })
     }
 

@@ -2,6 +2,7 @@
 //! architecture, and the kernel's module/device state.
 
 pub mod kernel;
+pub mod keyring;
 pub mod modprobe;
 pub mod os_release;
 pub mod version;

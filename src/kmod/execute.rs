@@ -50,6 +50,18 @@ pub enum LoadError {
         /// The syscall error.
         cause: Box<SysError>,
     },
+    /// The `nvidia` module linked, and its init found no NVIDIA GPU (`ENODEV`; the driver logs
+    /// "NVRM: No NVIDIA GPU found."): nothing is wrong with the overlay. The kernel freed
+    /// `nvidia` again; the modules this run loaded before it were unloaded.
+    #[error("no NVIDIA GPU on this host: the kernel loaded {module} ({path}) and its init found no GPU ({cause}); the overlay is fine. If a GPU should be there, check `lspci -d 10de:` and `journalctl -k | grep NVRM`")]
+    NoGpu {
+        /// The module whose init failed (`nvidia`).
+        module: String,
+        /// The module file (host path).
+        path: PathBuf,
+        /// The syscall error (`ENODEV`).
+        cause: Box<SysError>,
+    },
     /// `modprobe` of an OS prerequisite module failed.
     #[error("cannot load the OS module {name} that the driver needs: {cause}")]
     OsModule {
@@ -329,6 +341,12 @@ fn load_one(
     match result {
         Ok(()) => Ok(true),
         Err(e) if e.errno == Errno::EEXIST => Ok(false),
+        // Only nvidia's own init probes for GPUs; ENODEV from another module is a failure.
+        Err(cause) if is_no_gpu(&step.name, cause.errno) => Err(LoadError::NoGpu {
+            module: step.name.clone(),
+            path: step.file.clone(),
+            cause: Box::new(cause),
+        }),
         Err(cause) => Err(LoadError::Refused {
             module: step.name.clone(),
             path: step.file.clone(),
@@ -336,6 +354,12 @@ fn load_one(
             cause: Box::new(cause),
         }),
     }
+}
+
+/// `finit_module` of `module` failing with `errno` means "no NVIDIA GPU": the `nvidia` module's
+/// init (`nvidia_init_module` → `nv_drivers_init` found no device) returns `-ENODEV`.
+pub fn is_no_gpu(module: &str, errno: Errno) -> bool {
+    module == "nvidia" && errno == Errno::ENODEV
 }
 
 fn refusal_hint(errno: Errno) -> &'static str {

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::config::Settings;
 use crate::host::kernel::{normalize_module_name, KernelState};
+use crate::host::keyring::{self, KeyTrust};
 use crate::host::modprobe::{self, ModprobeConfig, Softdep, MODULES_SOFTDEP};
 use crate::host::HostFacts;
 use crate::modinfo::{vermagic_release, Compression, ModInfo};
@@ -398,6 +399,17 @@ pub enum PlanError {
         /// The unsigned modules still to load, comma-separated.
         modules: String,
     },
+    /// Signatures are enforced and a module still to load is signed by a key the kernel does
+    /// not trust (none of the keys in its trusted keyrings can be the signer).
+    #[error("{reason} and these modules are signed by keys the kernel does not trust: {modules}; it trusts {trusted}. The kernel would refuse them: enroll the signing key (`mokutil --import CERT.der`, confirm at the next boot) or use modules signed by one of the trusted keys")]
+    UntrustedKey {
+        /// What enforces signatures (`sig_enforce`, or the lockdown mode).
+        reason: String,
+        /// Each untrusted module with its signer's name and key id, `, `-separated.
+        modules: String,
+        /// The trusted keyring and its keys (name, id and id kind).
+        trusted: String,
+    },
     /// A module is loaded at another `version=` than the overlay's (both versions known).
     #[error("{name} is loaded at version {loaded} but the overlay has {wanted}; the running driver must be unloaded first (stop GPU workloads, `modprobe -r {name}`) or reboot")]
     OtherVersionLoaded {
@@ -437,7 +449,7 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
     let order = dependency_order(&wanted.modules, &wanted.order_after)?;
     check_nouveau(kernel)?;
     let steps = module_steps(&order, &by_name, &needs, inputs, &mut warnings)?;
-    check_signatures(kernel, &steps)?;
+    check_signatures(kernel, &steps, &by_name, &mut warnings)?;
     let os_modules = os_module_steps(settings, kernel, &mut wanted.os_before);
     let os_modules_after = std::mem::take(&mut wanted.os_after)
         .into_iter()
@@ -982,8 +994,15 @@ fn module_action(
     })
 }
 
-/// Under signature enforcement or lockdown, every module still to load must be signed.
-fn check_signatures(kernel: &KernelState, steps: &[ModuleStep]) -> Result<(), PlanError> {
+/// Under signature enforcement or lockdown, every module still to load must be signed, by a
+/// key the kernel trusts (as far as `/proc/keys` can tell: [`keyring::signer_trust`]; what it
+/// cannot tell becomes a warning, the kernel decides).
+fn check_signatures(
+    kernel: &KernelState,
+    steps: &[ModuleStep],
+    by_name: &BTreeMap<String, &InspectedModule>,
+    warnings: &mut Vec<String>,
+) -> Result<(), PlanError> {
     let enforcing = if kernel.sig_enforce {
         Some("module signatures are enforced (module.sig_enforce=1)".to_string())
     } else {
@@ -995,17 +1014,60 @@ fn check_signatures(kernel: &KernelState, steps: &[ModuleStep]) -> Result<(), Pl
     let Some(reason) = enforcing else {
         return Ok(());
     };
-    let unsigned: Vec<_> = steps
-        .iter()
-        .filter(|s| !s.signed && s.action != ModuleAction::AlreadyLoaded)
+    let to_load = || {
+        steps
+            .iter()
+            .filter(|s| s.action != ModuleAction::AlreadyLoaded)
+    };
+    let unsigned: Vec<_> = to_load()
+        .filter(|s| !s.signed)
         .map(|s| s.name.clone())
         .collect();
-    if unsigned.is_empty() {
+    if !unsigned.is_empty() {
+        return Err(PlanError::Unsigned {
+            reason,
+            modules: unsigned.join(", "),
+        });
+    }
+    let Some(trusted) = &kernel.trusted_keys else {
+        return Ok(());
+    };
+    let (mut untrusted, mut platform) = (Vec::new(), false);
+    for step in to_load() {
+        let Some(signature) = by_name
+            .get(&step.name)
+            .and_then(|m| m.info.signature.as_ref())
+        else {
+            continue;
+        };
+        match keyring::signer_trust(signature, trusted) {
+            KeyTrust::Trusted(_) => {}
+            KeyTrust::NotTrusted(why) => {
+                platform |= why.contains(keyring::PLATFORM);
+                untrusted.push(format!("{} ({})", step.name, keyring::describe_signer(signature)));
+            }
+            KeyTrust::CannotTell(why) => warnings.push(format!(
+                "cannot tell whether the kernel trusts the key that signed {}: {why}; the kernel decides at load time",
+                step.name
+            )),
+        }
+    }
+    if untrusted.is_empty() {
         return Ok(());
     }
-    Err(PlanError::Unsigned {
+    Err(PlanError::UntrustedKey {
         reason,
-        modules: unsigned.join(", "),
+        modules: untrusted.join(", "),
+        trusted: format!(
+            "{} [{}]{}",
+            trusted.keyring,
+            keyring::list(&trusted.keys),
+            if platform {
+                " (a signing key is in .platform, which the kernel uses for kexec and IMA, not for modules)"
+            } else {
+                ""
+            }
+        ),
     })
 }
 

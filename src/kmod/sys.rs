@@ -355,12 +355,14 @@ pub const SIMULATION_LOG: &str = "/run/nvdriver-agent/simulated-kernel.log";
 /// `/sys/module/<name>/version`, `/proc/devices`, `/proc/driver/nvidia/gpus`,
 /// `/proc/self/mountinfo`), and refuses what a real one refuses: a module for another kernel
 /// (ENOEXEC), one whose dependency is not loaded (ENOENT), an unsigned one under
-/// `sig_enforce` (EKEYREJECTED), one already loaded (EEXIST).
+/// `sig_enforce` (EKEYREJECTED), one already loaded (EEXIST), and, with no GPUs, `nvidia`
+/// itself: its init returns ENODEV and the kernel frees it again, as the real driver does
+/// ("NVRM: No NVIDIA GPU found.", open-gpu-kernel-modules kernel-open/nvidia/nv.c).
 pub struct SimulatedKernel {
     root: Root,
     /// Every call made so far, in order (also appended to [`SIMULATION_LOG`]).
     pub calls: Vec<Call>,
-    /// GPUs the simulated driver finds.
+    /// GPUs the simulated driver finds; with none, `nvidia`'s init fails with ENODEV.
     pub gpus: u32,
     /// The dynamic major the simulated `nvidia-uvm` registers.
     pub uvm_major: u32,
@@ -369,12 +371,15 @@ pub struct SimulatedKernel {
 }
 
 impl SimulatedKernel {
-    /// A simulated kernel under `root`: one GPU, `nvidia-uvm` at major 507, no fault injection.
+    /// A simulated kernel under `root`: `nvidia-uvm` at major 507, no fault injection, and one
+    /// GPU, or, when the root has a `/sys/bus/pci/devices`, as many as it lists with NVIDIA's
+    /// vendor id (`0x10de`), which may be none.
     pub fn new(root: Root) -> Self {
+        let gpus = simulated_gpus(&root);
         SimulatedKernel {
             root,
             calls: Vec::new(),
-            gpus: 1,
+            gpus,
             uvm_major: 507,
             refuse: None,
         }
@@ -443,6 +448,22 @@ impl SimulatedKernel {
     }
 }
 
+/// Host path of the PCI devices the simulation counts GPUs in.
+pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+/// NVIDIA devices in the root's `/sys/bus/pci/devices` (what the driver's PCI probe would find);
+/// 1 when the root has no such directory.
+fn simulated_gpus(root: &Root) -> u32 {
+    let Ok(entries) = fs::read_dir(root.join(PCI_DEVICES)) else {
+        return 1;
+    };
+    let nvidia = entries
+        .flatten()
+        .filter(|e| fs::read_to_string(e.path().join("vendor")).is_ok_and(|v| v.trim() == "0x10de"))
+        .count();
+    u32::try_from(nvidia).unwrap_or(u32::MAX)
+}
+
 impl Kernel for SimulatedKernel {
     fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
         let call = Call::FinitModule {
@@ -483,6 +504,10 @@ impl Kernel for SimulatedKernel {
             return Err(fail(Errno::ENOENT, format!("Unknown symbol (needs {dep})")));
         }
         let name = hk::normalize_module_name(module.name);
+        if name == "nvidia" && self.gpus == 0 {
+            // The module linked, its init ran and failed: the kernel frees it, nothing stays.
+            return Err(fail(Errno::ENODEV, "NVRM: No NVIDIA GPU found.".into()));
+        }
         self.append(
             hk::PROC_MODULES,
             &format!("{name} 16384 0 - Live 0x0000000000000000 (OE)"),

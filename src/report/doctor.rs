@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::app::{CommandError, Context};
 use crate::config::Settings;
+use crate::host::keyring::{self, KeyTrust};
 use crate::host::{HostFacts, KernelState, Root};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
 
@@ -106,6 +107,22 @@ pub struct DoctorFacts {
     pub store_error: Option<String>,
     /// (source as configured, as expanded, probe).
     pub sources: Vec<(String, String, SourceProbe)>,
+    /// Each module of the running kernel's overlay and whether the kernel trusts its key.
+    pub module_keys: Vec<ModuleKey>,
+}
+
+/// One overlay module's signing key, judged against the running kernel's trusted keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleKey {
+    /// The module file, relative to the overlay.
+    pub module: String,
+    /// `signer "CN", key serial …`; `None` for an unsigned module.
+    pub signer: Option<String>,
+    /// The verdict; `None` when unsigned, unreadable, or when `/proc/keys` names no trusted
+    /// keyring.
+    pub trust: Option<KeyTrust>,
+    /// Why the module file could not be read, if it could not.
+    pub error: Option<String>,
 }
 
 /// Read everything; writes nothing.
@@ -182,6 +199,7 @@ pub fn gather(ctx: &Context) -> Result<DoctorFacts, CommandError> {
             (template.clone(), expanded, probe)
         })
         .collect();
+    let module_keys = module_keys(ctx, &host.kernel_release, &kernel);
     Ok(DoctorFacts {
         os_pretty: host
             .os
@@ -215,7 +233,42 @@ pub fn gather(ctx: &Context) -> Result<DoctorFacts, CommandError> {
         store,
         store_error,
         sources,
+        module_keys,
     })
+}
+
+/// The running kernel's overlay's modules, each with its signer and the kernel's verdict.
+fn module_keys(ctx: &Context, kernel_release: &str, kernel: &KernelState) -> Vec<ModuleKey> {
+    let pinned = ctx.settings.driver_version.as_deref();
+    let Ok(Some(overlay)) = ctx.store().select(kernel_release, pinned) else {
+        return Vec::new();
+    };
+    overlay
+        .manifest
+        .module_files()
+        .map(|entry| {
+            let module = entry.path.display().to_string();
+            let path = ctx.root.join(overlay.dir.join(&entry.path));
+            match crate::modinfo::read_module_file(&path) {
+                Ok(info) => ModuleKey {
+                    module,
+                    signer: info.signature.as_ref().map(keyring::describe_signer),
+                    trust: info
+                        .signature
+                        .as_ref()
+                        .zip(kernel.trusted_keys.as_ref())
+                        .map(|(sig, keys)| keyring::signer_trust(sig, keys)),
+                    error: None,
+                },
+                Err(e) => ModuleKey {
+                    module,
+                    signer: None,
+                    trust: None,
+                    error: Some(e.to_string()),
+                },
+            }
+        })
+        .collect()
 }
 
 fn expected_driver_root(settings: &Settings) -> PathBuf {
@@ -344,6 +397,46 @@ fn signing_checks(f: &DoctorFacts, c: &mut Checks) {
     } else {
         c.add(Ok, "module signing", why);
     }
+    for key in &f.module_keys {
+        module_key_check(key, enforcing, c);
+    }
+}
+
+/// One overlay module's key: trusted, not trusted, or cannot tell (and why).
+fn module_key_check(key: &ModuleKey, enforcing: bool, c: &mut Checks) {
+    use Verdict::*;
+    let module = &key.module;
+    if let Some(error) = &key.error {
+        c.add(
+            Fail,
+            "module key",
+            format!("{module}: cannot be read: {error}"),
+        );
+        return;
+    }
+    let Some(signer) = &key.signer else {
+        let verdict = if enforcing { Fail } else { Ok };
+        c.add(
+            verdict,
+            "module key",
+            format!(
+                "{module}: unsigned{}",
+                if enforcing {
+                    "; the kernel refuses it: use signed modules"
+                } else {
+                    " (signatures are not enforced)"
+                }
+            ),
+        );
+        return;
+    };
+    match &key.trust {
+        Some(KeyTrust::Trusted(by)) => c.add(Ok, "module key", format!("{module}: trusted ({signer}: {by})")),
+        Some(KeyTrust::NotTrusted(why)) if enforcing => c.add(Fail, "module key", format!("{module}: not trusted: {why}; the kernel refuses it: enroll its key (`mokutil --import CERT.der`) or use modules signed by a trusted key")),
+        Some(KeyTrust::NotTrusted(why)) => c.add(Warn, "module key", format!("{module}: not trusted: {why}; it loads only because signatures are not enforced (and taints the kernel)")),
+        Some(KeyTrust::CannotTell(why)) => c.add(Warn, "module key", format!("{module}: cannot tell whether it is trusted: {why}")),
+        None => c.add(Warn, "module key", format!("{module}: cannot tell whether it is trusted: {signer}; /proc/keys names no trusted keyring")),
+    }
 }
 
 /// nouveau, the IOMMU, the firmware path and the loaded driver.
@@ -425,4 +518,65 @@ pub fn render(checks: &[Check]) -> String {
         let _ = writeln!(out, "{verdict}  {}: {}", check.what, check.detail);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(signer: Option<&str>, trust: Option<KeyTrust>) -> ModuleKey {
+        ModuleKey {
+            module: "usr/lib/modules/6.1/extra/nvidia.ko".into(),
+            signer: signer.map(str::to_string),
+            trust,
+            error: None,
+        }
+    }
+
+    fn lines(f: &DoctorFacts) -> Vec<(Verdict, String)> {
+        diagnose(f)
+            .into_iter()
+            .filter(|c| c.what == "module key")
+            .map(|c| (c.verdict, c.detail))
+            .collect()
+    }
+
+    #[test]
+    fn each_overlay_module_key_gets_a_line_with_its_verdict() {
+        let mut f = DoctorFacts {
+            sig_enforce: true,
+            module_keys: vec![
+                key(
+                    Some("signer \"A\""),
+                    Some(KeyTrust::Trusted("A: 01 in .machine".into())),
+                ),
+                key(
+                    Some("signer \"B\""),
+                    Some(KeyTrust::NotTrusted("B is none of …".into())),
+                ),
+                key(
+                    Some("signer \"C\""),
+                    Some(KeyTrust::CannotTell("ids of two kinds".into())),
+                ),
+                key(None, None),
+            ],
+            ..DoctorFacts::default()
+        };
+        let got = lines(&f);
+        let verdicts: Vec<_> = got.iter().map(|(v, _)| *v).collect();
+        assert_eq!(
+            verdicts,
+            [Verdict::Ok, Verdict::Fail, Verdict::Warn, Verdict::Fail]
+        );
+        assert!(got[0].1.contains("trusted") && got[0].1.contains(".machine"));
+        assert!(got[1].1.contains("not trusted") && got[1].1.contains("mokutil"));
+        assert!(got[2].1.contains("cannot tell") && got[2].1.contains("two kinds"));
+        assert!(got[3].1.contains("unsigned"));
+        f.sig_enforce = false;
+        let verdicts: Vec<_> = lines(&f).iter().map(|(v, _)| *v).collect();
+        assert_eq!(
+            verdicts,
+            [Verdict::Ok, Verdict::Warn, Verdict::Warn, Verdict::Ok]
+        );
+    }
 }

@@ -57,7 +57,14 @@ pub fn metrics_text(report: &StatusReport) -> String {
         "gauge",
         "Whether the node is ready for GPU work now (driver loaded, not marked not ready).",
         &[],
-        bool_value(report.readiness != Readiness::NotReady),
+        bool_value(report.readiness.ready_now()),
+    );
+    metric(
+        "nvdriver_agent_no_gpu",
+        "gauge",
+        "Whether the boot load found no NVIDIA GPU on this host (nvidia's init returned ENODEV).",
+        &[],
+        bool_value(report.readiness == Readiness::NoGpu),
     );
     metric(
         "nvdriver_agent_update_pending",
@@ -136,8 +143,11 @@ pub fn nfd_features(report: &StatusReport) -> String {
     let _ = writeln!(
         out,
         "nvdriver-agent.ready={}",
-        bool_str(report.readiness != Readiness::NotReady)
+        bool_str(report.readiness.ready_now())
     );
+    if report.readiness == Readiness::NoGpu {
+        out.push_str("nvdriver-agent.no-gpu=true\n");
+    }
     let _ = writeln!(
         out,
         "nvdriver-agent.next-boot-ready={}",

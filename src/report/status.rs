@@ -73,6 +73,9 @@ pub enum Readiness {
     NotReadyAfterReboot,
     /// The driver is not loaded now (or the fallback policy marked the node not ready).
     NotReady,
+    /// The boot load found no NVIDIA GPU on this host (the `nvidia` module's init returned
+    /// `ENODEV`): not ready, and nothing is wrong with the overlay.
+    NoGpu,
 }
 
 impl Readiness {
@@ -82,7 +85,13 @@ impl Readiness {
             Readiness::Ready => crate::app::exit::OK,
             Readiness::NotReadyAfterReboot => crate::app::exit::NOT_READY_AFTER_REBOOT,
             Readiness::NotReady => crate::app::exit::NOT_READY,
+            Readiness::NoGpu => crate::app::exit::NO_GPU,
         }
+    }
+
+    /// Whether GPU work can run now (the driver is loaded and the node not marked not ready).
+    pub fn ready_now(self) -> bool {
+        matches!(self, Readiness::Ready | Readiness::NotReadyAfterReboot)
     }
 }
 
@@ -111,6 +120,16 @@ pub fn assess(facts: &ReadinessFacts) -> (Readiness, Option<String>) {
         return (Readiness::NotReady, Some(why.to_string()));
     }
     if facts.loaded_driver.is_none() {
+        if let Some(load) = facts.load.filter(|l| l.result == LoadResult::NoGpu) {
+            return (
+                Readiness::NoGpu,
+                Some(
+                    load.error
+                        .clone()
+                        .unwrap_or_else(|| "no NVIDIA GPU on this host".into()),
+                ),
+            );
+        }
         let why = match facts.load {
             Some(load) if load.result == LoadResult::Failed => format!(
                 "loading the driver failed: {}",
@@ -163,6 +182,7 @@ pub fn policy_state(
     let detail = detail.unwrap_or_default();
     match (readiness, hold) {
         (Readiness::NotReady, _) => format!("not-ready: {detail}"),
+        (Readiness::NoGpu, _) => format!("no-gpu: {detail}"),
         (_, Some(hold)) => format!(
             "held: the update to {} waits for its overlay ({})",
             hold.kernel_release, hold.mechanism
@@ -292,6 +312,7 @@ pub fn render(report: &StatusReport) -> String {
             Readiness::Ready => "ready now and after the next reboot",
             Readiness::NotReadyAfterReboot => "ready now, NOT after the next reboot",
             Readiness::NotReady => "NOT ready",
+            Readiness::NoGpu => "NOT ready, no GPU",
         },
         report
             .readiness_detail
@@ -480,6 +501,24 @@ mod tests {
         };
         assert_eq!(assess(&marked).0, Readiness::NotReady);
         assert_eq!(Readiness::NotReady.exit_code(), 8);
+        // The boot load found no GPU: its own readiness and exit code, the kernel's words.
+        let no_gpu = LoadRecord {
+            at: 1,
+            kernel_release: "6.1".into(),
+            result: LoadResult::NoGpu,
+            driver_version: None,
+            overlay: None,
+            error: Some("no NVIDIA GPU on this host: … ENODEV …".into()),
+        };
+        let (readiness, why) = assess(&ReadinessFacts {
+            load: Some(&no_gpu),
+            ..ReadinessFacts::default()
+        });
+        assert_eq!(readiness, Readiness::NoGpu);
+        assert!(why.unwrap().contains("ENODEV"));
+        assert!(!readiness.ready_now());
+        assert_eq!(Readiness::NoGpu.exit_code(), 9);
+        assert!(policy_state(Readiness::NoGpu, Some("x"), None).starts_with("no-gpu: "));
         // The next boot cannot be read: ready now, nothing promised after the reboot.
         let unknown = ReadinessFacts {
             next_boot_unknown: Some("no boot entry"),

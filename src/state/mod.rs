@@ -83,6 +83,9 @@ pub enum LoadResult {
     NoOverlay,
     /// The load failed; the record's `error` says why.
     Failed,
+    /// The `nvidia` module's own init found no NVIDIA GPU (`ENODEV`): the overlay is fine, the
+    /// host has nothing for it to drive. The record's `error` has the kernel's answer.
+    NoGpu,
 }
 
 impl LoadResult {
@@ -92,6 +95,7 @@ impl LoadResult {
             LoadResult::Loaded => "loaded",
             LoadResult::NoOverlay => "no-overlay",
             LoadResult::Failed => "failed",
+            LoadResult::NoGpu => "no-gpu",
         }
     }
 }
@@ -105,6 +109,7 @@ impl std::str::FromStr for LoadResult {
             LoadResult::Loaded,
             LoadResult::NoOverlay,
             LoadResult::Failed,
+            LoadResult::NoGpu,
         ]
         .into_iter()
         .find(|r| r.as_str() == word)

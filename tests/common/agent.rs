@@ -44,7 +44,7 @@ pub fn text(output: &Output) -> String {
     )
 }
 
-/// `status --json`, parsed (any of its three readiness exit codes: 0, 7, 8).
+/// `status --json`, parsed (any of its readiness exit codes but no-GPU: 0, 7, 8).
 pub fn status(root: &Path) -> serde_json::Value {
     let out = run(root, &["status", "--json"]);
     assert!(

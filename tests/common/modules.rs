@@ -33,6 +33,8 @@ pub struct FixtureModule {
     /// `parmtype=` entries (each also gets a `parm=` description).
     pub parameters: Vec<(String, String)>,
     pub signed: bool,
+    /// How the signature names its key (when `signed`).
+    pub key: FixtureKey,
     /// `.modinfo` keys to leave out (e.g. `name` to imitate pre-4.13 modules).
     pub omitted_keys: Vec<String>,
     /// Raw `key=value` entries appended to `.modinfo` after the usual ones.
@@ -55,6 +57,7 @@ impl FixtureModule {
             version: version.to_string(),
             parameters: Vec::new(),
             signed: false,
+            key: FixtureKey::default(),
             omitted_keys: Vec::new(),
             extra_entries: Vec::new(),
             payload: Vec::new(),
@@ -82,6 +85,23 @@ impl FixtureModule {
 
     pub fn signed(mut self) -> Self {
         self.signed = true;
+        self
+    }
+
+    /// Signed, the signature naming its key by issuer CN and serial (sign-file's default).
+    pub fn signed_by(mut self, cn: &str, serial: &[u8]) -> Self {
+        self.signed = true;
+        self.key = FixtureKey::Serial {
+            cn: cn.to_string(),
+            serial: serial.to_vec(),
+        };
+        self
+    }
+
+    /// Signed, the signature naming its key by subject key identifier (`sign-file -k`).
+    pub fn signed_by_skid(mut self, skid: &[u8]) -> Self {
+        self.signed = true;
+        self.key = FixtureKey::Skid(skid.to_vec());
         self
     }
 
@@ -245,7 +265,7 @@ impl FixtureModule {
 
         let mut bytes = obj.write().expect("writing fixture ELF");
         if self.signed {
-            append_signature(&mut bytes);
+            append_signature(&mut bytes, &self.key);
         }
         bytes
     }
@@ -277,10 +297,33 @@ impl FixtureModule {
     }
 }
 
+/// How a fixture signature names the signing key (the SignerInfo's `sid`).
+#[derive(Clone, Debug)]
+pub enum FixtureKey {
+    /// `issuerAndSerialNumber`: an issuer `O=Fixture, CN=cn` and the serial's bytes.
+    Serial { cn: String, serial: Vec<u8> },
+    /// `[0] subjectKeyIdentifier`.
+    Skid(Vec<u8>),
+}
+
+impl Default for FixtureKey {
+    fn default() -> Self {
+        FixtureKey::Serial {
+            cn: FIXTURE_SIGNER.to_string(),
+            serial: vec![0x1A, 0x2B, 0x3C],
+        }
+    }
+}
+
 /// Appends a fake-but-well-formed PKCS#7 signature, `struct module_signature` and the magic.
-fn append_signature(bytes: &mut Vec<u8>) {
-    let der = fixture_pkcs7();
-    bytes.extend_from_slice(&der);
+fn append_signature(bytes: &mut Vec<u8>, key: &FixtureKey) {
+    let der = fixture_pkcs7(key);
+    append_trailer(bytes, &der);
+}
+
+/// Appends `der` as the module's signature: the DER, `struct module_signature`, the magic.
+pub fn append_trailer(bytes: &mut Vec<u8>, der: &[u8]) {
+    bytes.extend_from_slice(der);
     // algo, hash, id_type = PKEY_ID_PKCS7, signer_len, key_id_len, pad[3], then __be32 sig_len.
     bytes.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
     bytes.extend_from_slice(&(der.len() as u32).to_be_bytes());
@@ -308,9 +351,10 @@ pub fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
 
 /// ContentInfo { signedData, SignedData { version 1, digestAlgorithms { sha256 },
 /// contentInfo { data }, signerInfos { SignerInfo { version 1, issuerAndSerialNumber {
-/// CN="Fixture signing key", serial 0x1A2B3C }, sha256, rsaEncryption, encryptedDigest } } } },
-/// shaped like `scripts/sign-file` output (detached, no certificates).
-fn fixture_pkcs7() -> Vec<u8> {
+/// CN="Fixture signing key", serial 0x1A2B3C } (or the key's), sha256, rsaEncryption,
+/// encryptedDigest } } } }, shaped like `scripts/sign-file` output (detached, no
+/// certificates; with `-k`, SignerInfo version 3 and a subject key identifier).
+fn fixture_pkcs7(key: &FixtureKey) -> Vec<u8> {
     const SEQ: u8 = 0x30;
     const SET: u8 = 0x31;
     const INT: u8 = 0x02;
@@ -330,16 +374,18 @@ fn fixture_pkcs7() -> Vec<u8> {
             &tlv(SEQ, &[tlv(OID, oid), tlv(0x0C, value.as_bytes())].concat()),
         )
     };
-    let issuer = tlv(
-        SEQ,
-        &[rdn(&oid_org, "Fixture"), rdn(&oid_cn, FIXTURE_SIGNER)].concat(),
-    );
-    let issuer_and_serial = tlv(SEQ, &[issuer, tlv(INT, &[0x1A, 0x2B, 0x3C])].concat());
+    let (version, sid) = match key {
+        FixtureKey::Serial { cn, serial } => {
+            let issuer = tlv(SEQ, &[rdn(&oid_org, "Fixture"), rdn(&oid_cn, cn)].concat());
+            (1, tlv(SEQ, &[issuer, tlv(INT, serial)].concat()))
+        }
+        FixtureKey::Skid(skid) => (3, tlv(0x80, skid)),
+    };
     let signer_info = tlv(
         SEQ,
         &[
-            tlv(INT, &[1]),
-            issuer_and_serial,
+            tlv(INT, &[version]),
+            sid,
             sha256.clone(),
             tlv(SEQ, &[tlv(OID, &oid_rsa), NULL.to_vec()].concat()),
             tlv(0x04, &[0x5A; 256]), // encryptedDigest: an RSA-2048-sized blob

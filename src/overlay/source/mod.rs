@@ -328,6 +328,9 @@ pub fn stage(
         &key.kernel_release,
         module_tree,
     ));
+    if trust.signed_modules_required.is_some() {
+        trust.running_kernel_keys = crate::host::keyring::read_trusted_keys(root).ok().flatten();
+    }
     if let Some(existing) = store.verified(&key.kernel_release, &key.driver_version, &key.arch) {
         return Ok(StageReport {
             source: existing.dir.display().to_string(),
@@ -393,6 +396,9 @@ pub struct Trust {
     pub keys: Vec<TrustedKey>,
     /// Why the target kernel only loads signed modules (see [`crate::overlay::enforce`]), if it does.
     pub signed_modules_required: Option<String>,
+    /// The keys the *running* kernel trusts for modules (see [`crate::host::keyring`]); only a
+    /// warning is drawn from them at stage time ([`enforce::next_kernel_key_warning`]).
+    pub running_kernel_keys: Option<crate::host::keyring::TrustedKeys>,
 }
 
 impl Trust {
@@ -407,6 +413,7 @@ impl Trust {
             policy,
             keys,
             signed_modules_required: None,
+            running_kernel_keys: None,
         })
     }
 
@@ -758,6 +765,16 @@ impl Attempt<'_> {
             .map(|(entry, _)| entry.path.display().to_string())
             .collect();
         if unsigned.is_empty() {
+            for (entry, info) in manifest.module_files().zip(&infos) {
+                let warning = enforce::next_kernel_key_warning(
+                    &self.key.kernel_release,
+                    info.signature.as_ref(),
+                    self.trust.running_kernel_keys.as_ref(),
+                );
+                if let Some(warning) = warning {
+                    tracing::warn!(KERNEL_RELEASE = %self.key.kernel_release, MODULE = %entry.path.display(), "{warning}");
+                }
+            }
             Ok(())
         } else {
             Err(AttemptError::UnsignedModules {
