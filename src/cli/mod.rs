@@ -41,6 +41,9 @@ pub struct Cli {
 }
 
 /// The subcommands (each has its own man page, `nvdriver-agent-NAME(8)`).
+// Parsed once per process: `overlay build`'s many options make a large variant, and boxing it
+// would only obscure the clap tree.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print what `load` would do for the running kernel, touching nothing.
@@ -169,9 +172,11 @@ pub enum OverlayCommand {
     #[command(group(clap::ArgGroup::new("output").required(true).multiple(true).args(["out", "archive", "push"])))]
     Build {
         /// The kernel's build tree: /usr/src/linux-headers-<kver>, /usr/src/kernels/<kver> or
-        /// /lib/modules/<kver>/build (the release is read from include/config/kernel.release).
-        #[arg(long, value_name = "PATH")]
-        kernel_tree: PathBuf,
+        /// /lib/modules/<kver>/build (the release is its UTS_RELEASE); or the packages holding
+        /// it, unpacked together into the work directory (repeatable): a kernel-devel .rpm, or
+        /// Debian's linux-headers-<kver>, linux-headers-<kver>-common and linux-kbuild .debs.
+        #[arg(long, value_name = "PATH", required = true)]
+        kernel_tree: Vec<PathBuf>,
         /// The NVIDIA source: an open-gpu-kernel-modules tree, its kernel-open directory,
         /// Debian's nvidia-open-kernel tree, a plain Kbuild external-module tree, or a tarball
         /// of any of these. Never modified: the build runs in a copy.
@@ -207,7 +212,7 @@ pub enum OverlayCommand {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
         /// Build in this directory (created; an earlier build's src/, unpacked/ and modules/
-        /// removed) and keep it, instead of a temporary one (removed, or kept after a failure).
+        /// removed) and keep it, instead of a temporary one (removed, or kept when make fails).
         #[arg(long, value_name = "DIR")]
         work_dir: Option<PathBuf>,
         /// Write the overlay tree here (must not exist).

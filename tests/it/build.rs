@@ -346,8 +346,19 @@ fn another_compiler_than_the_kernels_is_refused_unless_allowed() {
             archive.to_str().unwrap(),
         ],
     );
-    let out = command.env("CC", &fake).output().unwrap();
+    let tmpdir = temp.path().join("tmp");
+    fs::create_dir(&tmpdir).unwrap();
+    let out = command
+        .env("CC", &fake)
+        .env("TMPDIR", &tmpdir)
+        .output()
+        .unwrap();
     let err = failed(&out);
+    assert_eq!(
+        fs::read_dir(&tmpdir).unwrap().count(),
+        0,
+        "the temporary work directory is removed when make did not run"
+    );
     assert!(
         err.contains("says \"gcc-99 (Fake 99.1-1) 99.1.0\"")
             && err.contains("CONFIG_CC_VERSION_TEXT")
@@ -587,4 +598,120 @@ fn a_push_takes_its_credentials_from_auth_json_under_the_root() {
         out.contains(&format!("pushed {reference} (sha256:")),
         "{out}"
     );
+}
+
+/// Debian's three packages of a kernel tree (`linux-headers-<kver>`, its `-common` half and
+/// `linux-kbuild-<ver>`), rebuilt with `dpkg-deb` from the installed files; `None` where the
+/// tree is not Debian's split layout.
+fn debian_packages(tree: &Path, into: &Path) -> Option<Vec<PathBuf>> {
+    let wrapper = fs::read_to_string(tree.join("Makefile")).ok()?;
+    let common = PathBuf::from(
+        wrapper
+            .trim()
+            .strip_prefix("include ")?
+            .strip_suffix("/Makefile")?,
+    );
+    let kbuild = fs::canonicalize(tree.join("scripts"))
+        .ok()?
+        .parent()?
+        .to_path_buf();
+    let mut packages = Vec::new();
+    for (n, dir) in [tree.to_path_buf(), common, kbuild].iter().enumerate() {
+        let staging = into.join(format!("staging-{n}"));
+        let target = staging.join(dir.strip_prefix("/").unwrap());
+        fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(dir)
+            .arg(&target)
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        fs::create_dir_all(staging.join("DEBIAN")).unwrap();
+        fs::write(
+            staging.join("DEBIAN/control"),
+            format!("Package: test-kernel-part-{n}\nVersion: 1\nArchitecture: all\nMaintainer: test <test@example.org>\nDescription: part {n} of a kernel tree\n"),
+        )
+        .unwrap();
+        let deb = into.join(format!("part-{n}.deb"));
+        let out = Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-Znone", "--build"])
+            .arg(&staging)
+            .arg(&deb)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        fs::remove_dir_all(&staging).unwrap();
+        packages.push(deb);
+    }
+    Some(packages)
+}
+
+#[test]
+fn a_kernel_given_as_debian_packages_builds_the_same_modules_as_installed() {
+    let Some(tree) = kernel_tree("build::a_kernel_given_as_debian_packages") else {
+        return;
+    };
+    if tool_or_skip("dpkg-deb", "build::a_kernel_given_as_debian_packages").is_none() {
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let Some(packages) = debian_packages(&tree, temp.path()) else {
+        eprintln!(
+            "skipping build::a_kernel_given_as_debian_packages: {} is not Debian's split tree",
+            tree.display()
+        );
+        return;
+    };
+    let source = temp.path().join("src");
+    write_source(&source);
+    // The arch package alone is refused, naming what is missing (not built against the
+    // host's installed -common half).
+    let err = failed(&build(
+        &packages[0],
+        &source,
+        &["--archive", temp.path().join("x.tar.zst").to_str().unwrap()],
+    ));
+    assert!(
+        err.contains("which none of the packages holds") && err.contains("-common"),
+        "{err}"
+    );
+    let installed = temp.path().join("installed.tar.zst");
+    let first = ok(&build(
+        &tree,
+        &source,
+        &["--archive", installed.to_str().unwrap()],
+    ));
+
+    let work = temp.path().join("work");
+    let mut args = vec![
+        "overlay".to_string(),
+        "build".into(),
+        "--source".into(),
+        source.display().to_string(),
+        "--work-dir".into(),
+        work.display().to_string(),
+        "--archive".into(),
+        temp.path()
+            .join("from-packages.tar.zst")
+            .display()
+            .to_string(),
+    ];
+    for package in &packages {
+        args.extend(["--kernel-tree".to_string(), package.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut command = agent::command(Path::new("/"), &args);
+    let second = ok(&command.env_remove("CC").env_remove("CI").output().unwrap());
+    // make ran in the unpacked tree, not the installed one ...
+    let log = fs::read_to_string(work.join("build.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "Entering directory '{}",
+            work.join("kernel/usr/src").display()
+        )),
+        "{log}"
+    );
+    // ... and the modules are the same bytes (the unpack directory is mapped away).
+    assert_eq!(digest(&first), digest(&second), "{first}\n{second}");
 }

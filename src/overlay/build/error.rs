@@ -80,7 +80,7 @@ pub enum BuildError {
         output: String,
     },
     /// The driver does not compile against this kernel.
-    #[error("the driver source does not build against kernel {kernel_release}{}; full log: {log}{}",
+    #[error("the driver source does not build against kernel {kernel_release}{}\nfull log: {log}{}\nA kernel change the driver does not know yet: use a driver version that supports this kernel, or carry a fix as --patch",
         if errors.is_empty() { String::new() } else { format!(":{}", errors.iter().map(|e| format!("\n    {e}")).collect::<String>()) },
         if errors.is_empty() { format!("\nlast lines of the log:\n{tail}") } else { String::new() })]
     Compile {

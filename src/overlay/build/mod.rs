@@ -34,8 +34,8 @@ use run::Progress;
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct BuildRequest {
-    /// The kernel build tree.
-    pub kernel_tree: PathBuf,
+    /// The kernel build tree (one directory), or the packages holding it.
+    pub kernel_tree: Vec<PathBuf>,
     /// The driver source: a directory or a tarball.
     pub source: PathBuf,
     /// Patches for `patch -p1`, in order.
@@ -113,8 +113,9 @@ fn work_dir(given: Option<&Path>) -> Result<WorkDir, BuildError> {
             .with_action("create a temporary directory in", std::env::temp_dir())?;
         return Ok(WorkDir::Temporary(temp));
     };
+    plan::check_path_words(dir, "the work directory")?;
     fs::create_dir_all(dir).with_action("create directory", dir)?;
-    for name in ["src", "unpacked", "modules"] {
+    for name in ["src", "unpacked", "modules", "kernel"] {
         let old = dir.join(name);
         if fs::symlink_metadata(&old).is_ok() {
             fs::remove_dir_all(&old).with_action("remove", &old)?;
@@ -123,13 +124,28 @@ fn work_dir(given: Option<&Path>) -> Result<WorkDir, BuildError> {
     Ok(WorkDir::Given(fs::canonicalize(dir).with_path(dir)?))
 }
 
-/// Build and plan the overlay. On a failed build, a temporary work directory is kept so its
-/// log can be read (the error names it).
+/// Build and plan the overlay. When make fails, a temporary work directory is kept so its
+/// log can be read (the error names it); after any other failure it is removed.
 pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     let progress = Progress {
         terminal: request.terminal,
     };
-    let kernel = run::read_kernel_tree(&request.kernel_tree)?;
+    // A kernel given as packages is unpacked into the work directory, so it comes first.
+    let work = work_dir(request.work_dir.as_deref())?;
+    plan::check_path_words(work.path(), "the work directory")?;
+    let kernel = match plan::kernel_input(&request.kernel_tree)? {
+        plan::KernelInput::Tree(tree) => run::read_kernel_tree(&tree)?,
+        plan::KernelInput::Packages(packages) => {
+            let root = work.path().join("kernel");
+            progress.step(
+                1,
+                STEPS,
+                &format!("unpacking {} kernel package(s)", packages.len()),
+            );
+            run::unpack_packages(&packages, &root)?;
+            run::read_unpacked_kernel(&root)?
+        }
+    };
     progress.step(
         1,
         STEPS,
@@ -167,11 +183,6 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
     };
     plan::check_path_words(&kernel.output, "the kernel tree")?;
     plan::check_path_words(&kernel.source, "the kernel source tree")?;
-    if let Some(dir) = &request.work_dir {
-        plan::check_path_words(dir, "the work directory")?;
-    }
-    let work = work_dir(request.work_dir.as_deref())?;
-    plan::check_path_words(work.path(), "the work directory")?;
     match build_in(
         request,
         &kernel,
@@ -190,7 +201,10 @@ pub fn build(request: &BuildRequest) -> Result<Built, BuildError> {
             work,
         }),
         Err(e) => {
-            if let WorkDir::Temporary(temp) = work {
+            // Kept only when make ran: its log is what the error points at.
+            if let (WorkDir::Temporary(temp), true) =
+                (work, matches!(e, BuildError::Compile { .. }))
+            {
                 let kept = temp.keep();
                 warn!(work_dir = %kept.display(), "the failed build's work directory is kept");
             }

@@ -22,6 +22,10 @@ pub struct KernelTree {
     pub cc_version_text: Option<String>,
     /// `CONFIG_MODULE_SIG_HASH`, for `sign-file` (sha256 when the config names none).
     pub sig_hash: String,
+    /// The directory the tree's packages were unpacked in (`<work>/kernel`), when it was
+    /// given as packages: mapped to `/` in what the compiler writes, so the modules are those
+    /// of the same tree installed.
+    pub unpacked_in: Option<PathBuf>,
 }
 
 /// The files of a kernel tree [`kernel_tree`] looks at (`None`: absent).
@@ -88,6 +92,56 @@ pub fn makefile_include(text: &str) -> Option<PathBuf> {
         .flatten()
 }
 
+/// How the kernel tree is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelInput {
+    /// An installed tree (a directory).
+    Tree(PathBuf),
+    /// Packages to unpack together: `.deb` and/or `.rpm` files.
+    Packages(Vec<PathBuf>),
+}
+
+/// Whether `path` names a package file `overlay build` can unpack.
+pub fn is_package(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "deb" || e == "rpm")
+}
+
+/// One directory, or only package files (`is_dir` tells a directory).
+pub fn kernel_input(paths: &[PathBuf]) -> Result<KernelInput, BuildError> {
+    let bad = |path: &Path, why: &str| BuildError::KernelTree {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    match paths {
+        [] => Err(bad(Path::new(""), "none given")),
+        [one] if !is_package(one) => Ok(KernelInput::Tree(one.clone())),
+        many => match many.iter().find(|p| !is_package(p)) {
+            Some(other) => Err(bad(
+                other,
+                "with several --kernel-tree, each must be a .deb or .rpm package file",
+            )),
+            None => Ok(KernelInput::Packages(many.to_vec())),
+        },
+    }
+}
+
+/// `path` (absolute, as a package's Makefile names it) inside the unpacked `root`.
+pub fn reroot(path: &Path, root: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// The build trees among an unpacked root's `usr/src` entries (names relative to `usr/src`,
+/// each with whether it has `include/generated/utsrelease.h` or `include/config/kernel.release`):
+/// `kernels/<kver>` of a kernel-devel RPM, `linux-headers-<kver>` of Debian's arch package
+/// (its `-common` half has neither file).
+pub fn unpacked_trees(candidates: &[(String, bool)]) -> Vec<String> {
+    candidates
+        .iter()
+        .filter(|(_, configured)| *configured)
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 /// Read what a kernel tree says. The release is `UTS_RELEASE`, which module vermagic carries;
 /// `include/config/kernel.release` only when that is missing (Debian's headers have the
 /// upstream version there, `6.1.192`, not the package's `6.1.0-57-cloud-amd64`).
@@ -130,6 +184,7 @@ pub fn kernel_tree(path: &Path, files: &KernelTreeFiles) -> Result<KernelTree, B
         sig_hash: config_value(config, "CONFIG_MODULE_SIG_HASH")
             .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
             .unwrap_or_else(|| "sha256".to_string()),
+        unpacked_in: None,
     })
 }
 
@@ -264,6 +319,8 @@ pub struct MakePlan {
     pub env: Vec<(String, String)>,
     /// Where the built modules are (searched recursively).
     pub output: PathBuf,
+    /// The source copy, left out of the progress line's paths.
+    pub copy: PathBuf,
 }
 
 /// Fixed values for what Kbuild would take from the clock, the user and the host.
@@ -321,11 +378,19 @@ pub fn make_plan(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    env.push((
-        "KCFLAGS".into(),
-        format!("-ffile-prefix-map={}=.", copy.display()),
-    ));
-    MakePlan { args, env, output }
+    // The debug info is stripped, but the linker's build id was computed over it, and its
+    // DW_AT_comp_dir is the kernel tree make runs in.
+    let mut kcflags = format!("-ffile-prefix-map={}=.", copy.display());
+    if let Some(root) = &tree.unpacked_in {
+        kcflags.push_str(&format!(" -ffile-prefix-map={}=", root.display()));
+    }
+    env.push(("KCFLAGS".into(), kcflags));
+    MakePlan {
+        args,
+        env,
+        output,
+        copy: copy.to_path_buf(),
+    }
 }
 
 /// At most this many compiler errors are reported.
@@ -446,6 +511,46 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_is_one_directory_or_package_files() {
+        let paths = |p: &[&str]| p.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(
+            kernel_input(&paths(&["/usr/src/kernels/6.11"])).unwrap(),
+            KernelInput::Tree("/usr/src/kernels/6.11".into())
+        );
+        let debs = paths(&[
+            "a/linux-headers-6.1.0-57-cloud-amd64.deb",
+            "b/linux-headers-6.1.0-57-common.deb",
+            "linux-kbuild-6.1.deb",
+        ]);
+        assert_eq!(
+            kernel_input(&debs).unwrap(),
+            KernelInput::Packages(debs.clone())
+        );
+        let rpm = paths(&["kernel-devel-6.11.3-300.fc41.x86_64.rpm"]);
+        assert_eq!(
+            kernel_input(&rpm).unwrap(),
+            KernelInput::Packages(rpm.clone())
+        );
+        let mixed = paths(&["/usr/src/kernels/6.11", "x.deb"]);
+        assert!(kernel_input(&mixed)
+            .unwrap_err()
+            .to_string()
+            .contains(".deb or .rpm"));
+        assert_eq!(
+            reroot(
+                Path::new("/usr/src/linux-headers-6.1.0-57-common"),
+                Path::new("/w/kernel")
+            ),
+            Path::new("/w/kernel/usr/src/linux-headers-6.1.0-57-common")
+        );
+        let found = unpacked_trees(&[
+            ("linux-headers-6.1.0-57-cloud-amd64".into(), true),
+            ("linux-headers-6.1.0-57-common".into(), false),
+        ]);
+        assert_eq!(found, ["linux-headers-6.1.0-57-cloud-amd64"]);
+    }
+
+    #[test]
     fn paths_with_white_space_are_refused() {
         assert!(check_path_words(Path::new("/tmp/a-b"), "the work directory").is_ok());
         let err = check_path_words(Path::new("/tmp/a b"), "the work directory").unwrap_err();
@@ -550,6 +655,19 @@ mod tests {
         );
         let env: std::collections::BTreeMap<_, _> = kbuild.env.into_iter().collect();
         assert_eq!(env["KCFLAGS"], "-ffile-prefix-map=/w/src=.");
+        let unpacked = KernelTree {
+            unpacked_in: Some("/w/kernel".into()),
+            ..tree
+        };
+        let env: std::collections::BTreeMap<_, _> =
+            make_plan(SourceKind::Kbuild, &unpacked, copy, "gcc", 1)
+                .env
+                .into_iter()
+                .collect();
+        assert_eq!(
+            env["KCFLAGS"],
+            "-ffile-prefix-map=/w/src=. -ffile-prefix-map=/w/kernel="
+        );
         assert_eq!(env["KBUILD_BUILD_TIMESTAMP"], "1970-01-01");
         assert_eq!(env["LC_ALL"], "C");
     }

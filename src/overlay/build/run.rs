@@ -50,6 +50,105 @@ pub fn read_kernel_tree(path: &Path) -> Result<KernelTree, BuildError> {
     plan::kernel_tree(&path, &files)
 }
 
+/// Unpack kernel packages into `root` (created): `dpkg-deb -x` for a `.deb`, `rpm2cpio | cpio`
+/// for an `.rpm`.
+pub fn unpack_packages(packages: &[PathBuf], root: &Path) -> Result<(), BuildError> {
+    fs::create_dir_all(root).with_action("create directory", root)?;
+    for package in packages {
+        let absolute = fs::canonicalize(package).with_path(package)?;
+        if absolute.extension().is_some_and(|e| e == "deb") {
+            run_tool(
+                Command::new("dpkg-deb").arg("-x").arg(&absolute).arg(root),
+                "dpkg-deb",
+            )?;
+            continue;
+        }
+        let mut rpm2cpio = Command::new("rpm2cpio")
+            .arg(&absolute)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| spawn_error("rpm2cpio", e))?;
+        let stdout = rpm2cpio.stdout.take().expect("piped");
+        let mut cpio = Command::new("cpio");
+        cpio.args(["-idm", "--quiet", "--no-absolute-filenames"])
+            .current_dir(root)
+            .stdin(stdout);
+        let unpacked = run_tool(&mut cpio, "cpio");
+        let converted = rpm2cpio
+            .wait_with_output()
+            .map_err(|e| spawn_error("rpm2cpio", e))?;
+        if !converted.status.success() {
+            return Err(BuildError::Tool {
+                command: format!("rpm2cpio {}", absolute.display()),
+                status: converted.status.to_string(),
+                output: output_text(&converted),
+            });
+        }
+        unpacked?;
+    }
+    Ok(())
+}
+
+/// The kernel tree in unpacked packages: the one configured tree under `usr/src` (or
+/// `usr/src/kernels`). A Debian tree's wrapper Makefile names its `-common` half by absolute
+/// path; it is pointed at the unpacked one.
+pub fn read_unpacked_kernel(root: &Path) -> Result<KernelTree, BuildError> {
+    let mut candidates = Vec::new();
+    for base in ["usr/src", "usr/src/kernels"] {
+        let dir = root.join(base);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let configured = path.join("include/generated/utsrelease.h").is_file()
+                || path.join("include/config/kernel.release").is_file();
+            let name = path.strip_prefix(root.join("usr/src")).unwrap_or(&path);
+            candidates.push((name.display().to_string(), configured));
+        }
+    }
+    candidates.sort();
+    let trees = plan::unpacked_trees(&candidates);
+    let [tree] = trees.as_slice() else {
+        return Err(BuildError::KernelTree {
+            path: root.to_path_buf(),
+            why: format!(
+                "the packages hold {} configured kernel trees under usr/src ({}); give the headers of one kernel",
+                trees.len(),
+                trees.join(", ")
+            ),
+        });
+    };
+    let tree = root.join("usr/src").join(tree);
+    let incomplete = |why: String| BuildError::KernelTree {
+        path: tree.clone(),
+        why,
+    };
+    let makefile = tree.join("Makefile");
+    if let Some(text) = read_optional(&makefile)? {
+        if let Some(source) = plan::makefile_include(&text) {
+            let unpacked = plan::reroot(&source, root);
+            if !unpacked.is_dir() {
+                return Err(incomplete(format!(
+                    "its Makefile includes {}, which none of the packages holds; add that package (Debian: linux-headers-<kver>-common) as another --kernel-tree",
+                    source.display()
+                )));
+            }
+            let text = format!("include {}/Makefile\n", unpacked.display());
+            fs::write(&makefile, text).with_action("write", &makefile)?;
+        }
+    }
+    if !tree.join("scripts").is_dir() {
+        return Err(incomplete(
+            "its scripts/ is missing or a dangling link; add the package holding it (Debian: linux-kbuild-<version>) as another --kernel-tree".into(),
+        ));
+    }
+    let mut kernel = read_kernel_tree(&tree)?;
+    kernel.unpacked_in = Some(fs::canonicalize(root).with_path(root)?);
+    Ok(kernel)
+}
+
 fn probe(dir: &Path) -> BTreeSet<&'static str> {
     SOURCE_PROBES
         .iter()
@@ -248,7 +347,8 @@ pub fn run_make(plan: &MakePlan, log: &Path, progress: &Progress) -> Result<bool
                 last = Some(line);
             }
             if let Some(line) = last {
-                progress.compiling(compiled, line);
+                let prefix = format!("{}/", plan.copy.display());
+                progress.compiling(compiled, &line.replace(&prefix, ""));
             }
         }
         if let Some(status) = finished {

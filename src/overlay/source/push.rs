@@ -397,10 +397,7 @@ pub fn push(
     };
     let (layer_digest, layer_size, diff_id) = archive_digests(archive)?;
     let (config, image) = image_documents(manifest, &layer_digest, layer_size, &diff_id);
-    let insecure = settings
-        .insecure_registries
-        .iter()
-        .any(|r| *r == reference.registry);
+    let insecure = settings.insecure_registries.contains(&reference.registry);
     let mut session = Session {
         agent: crate::overlay::source::http::http_agent(false, None),
         scheme: if insecure { "http" } else { "https" },
@@ -472,5 +469,34 @@ mod tests {
         );
         // Deterministic: the same inputs, the same bytes.
         assert_eq!(image, image_documents(&manifest, &layer, 123, &diff).1);
+    }
+
+    #[test]
+    fn a_push_needs_a_tag_and_no_digest() {
+        let manifest = Manifest {
+            format: FORMAT_VERSION,
+            kernel_release: "k".into(),
+            driver_version: "d".into(),
+            arch: "x86_64".into(),
+            flavor: Flavor::Open,
+            files: vec![],
+            symlinks: vec![],
+        };
+        let pinned = format!(
+            "oci://registry.example/nvidia/overlay:v1@sha256:{}",
+            "0".repeat(64)
+        );
+        let reference = Reference::parse(&pinned).unwrap();
+        // Refused before the archive is read or the registry asked.
+        let err = push(
+            &OciSettings::default(),
+            &Credentials::default(),
+            &reference,
+            Path::new("/nonexistent.tar.zst"),
+            &manifest,
+        )
+        .unwrap_err();
+        assert!(matches!(err, PushError::NoTag { .. }), "{err}");
+        assert!(err.to_string().contains("no @digest"), "{err}");
     }
 }
