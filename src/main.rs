@@ -11,7 +11,7 @@ use tracing::error;
 use nvdriver_agent::app::{self, exit, CommandError, Context};
 use nvdriver_agent::boot::load::{self, LoadOutcome, Prepared};
 use nvdriver_agent::cli::overlay as overlay_cmd;
-use nvdriver_agent::cli::{Cli, Command, OverlayCommand};
+use nvdriver_agent::cli::{Cli, Command, HoldCommand, OverlayCommand};
 use nvdriver_agent::config::ConfigSource;
 use nvdriver_agent::daemon::{self, DaemonError};
 use nvdriver_agent::host::{HostFacts, Root};
@@ -23,6 +23,7 @@ use nvdriver_agent::modinfo;
 use nvdriver_agent::overlay::store::ImportOutcome;
 use nvdriver_agent::overlay::{build, pack};
 use nvdriver_agent::report::{bus as agent_bus, doctor, status};
+use nvdriver_agent::update::hold::{HostLevers, LeverScope};
 use nvdriver_agent::update::stage::{self, NextBootReadiness, StageError, Target};
 use nvdriver_agent::watch;
 
@@ -150,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             driver,
         } => stage_next(&inv, now, kernel, driver),
         Command::Status { json } => show_status(&inv, json),
+        Command::Hold(HoldCommand::Release) => hold_release(&inv),
         Command::Doctor { json } => doctor(&inv, json),
         Command::Overlay(command) => overlay(&inv, command),
         Command::Modinfo { files, json } => show_modinfo(&files, json),
@@ -242,7 +244,8 @@ fn stage_next(
             }
         }
     };
-    let run = stage::stage_next(&ctx, &target, driver.as_deref())?;
+    let mut levers = HostLevers::new(ctx.root.clone(), LeverScope::OneShot);
+    let run = stage::stage_next(&ctx, &target, driver.as_deref(), &mut levers)?;
     match (&run.pending, &run.record) {
         (None, _) => println!("no kernel update pending: nothing to stage"),
         (Some(next), Some(record)) => println!(
@@ -269,6 +272,25 @@ fn stage_next(
         NextBootReadiness::Missing if failed => exit::INVALID_OVERLAY,
         NextBootReadiness::Missing => exit::NO_OVERLAY,
     })
+}
+
+/// `hold release`: let a held update through, now and for good (for that kernel).
+fn hold_release(inv: &Invocation) -> anyhow::Result<u8> {
+    let ctx = inv.context()?;
+    let mut levers = HostLevers::new(ctx.root.clone(), LeverScope::OneShot);
+    let released = nvdriver_agent::update::hold::release_by_administrator(&ctx.root, &mut levers)?;
+    match &released {
+        Some(r) if r.kernel_release.is_empty() => println!("released the hold taken while the next kernel could not be told; it is not taken again for that"),
+        Some(r) => println!("released the hold on the update to {}; it is not held again for that kernel", r.kernel_release),
+        None => println!("no update was held (any reboot refusal or ostree lock of ours is removed anyway)"),
+    }
+    if let Some(pid) = nvdriver_agent::state::instance::running_pid(&ctx.root) {
+        nvdriver_agent::state::instance::poke_hold_released(pid).map_err(|e| {
+            anyhow::anyhow!("cannot signal the daemon (pid {pid}) to drop its logind inhibitor: {e}; `systemctl restart nvdriver-agent` does")
+        })?;
+        println!("told the running daemon (pid {pid}) to drop its logind inhibitor");
+    }
+    Ok(exit::OK)
 }
 
 /// `status`: from the daemon over D-Bus where it answers, from disk otherwise.

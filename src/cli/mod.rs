@@ -83,6 +83,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Work with a held update (policy.missing-next-overlay = "hold").
+    #[command(subcommand)]
+    Hold(HoldCommand),
     /// Check, read-only, everything the driver needs: OS, kernel, pending kernel, module
     /// signing, nouveau, IOMMU, firmware path, device nodes, toolkit config, the store and the
     /// sources. One `ok`/`warn`/`fail` line each; exit status 1 when any check fails.
@@ -103,6 +106,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The subcommands of `nvdriver-agent hold` (pages `nvdriver-agent-hold-NAME(8)`).
+#[derive(Debug, Subcommand)]
+pub enum HoldCommand {
+    /// Let the held update through now, without its overlay: remove the agent's reboot refusal
+    /// and its ostree finalization lock (never one someone else took), record that the
+    /// administrator released the hold for that kernel so it is not taken again, and ask the
+    /// running daemon to drop its logind inhibitor. A later kernel is held again as usual.
+    Release,
 }
 
 /// The subcommands of `nvdriver-agent overlay` (pages `nvdriver-agent-overlay-NAME(8)`).

@@ -109,8 +109,10 @@ pub enum MissingOverlayPolicy {
 pub enum MissingNextOverlayPolicy {
     /// Log it and show it in status; the update goes ahead.
     Warn,
-    /// Keep the update from taking effect until the overlay is staged: on ostree the staged
-    /// deployment is locked, on Flatcar a logind shutdown inhibitor is held.
+    /// Keep the update from taking effect until the overlay is staged (or `hold release`, or
+    /// `policy.hold-max-hours`): on ostree the staged deployment is locked and a logind shutdown
+    /// inhibitor held; on Flatcar and other systemd hosts reboot.target refuses a manual start
+    /// and the inhibitor is held.
     Hold,
 }
 
@@ -282,6 +284,7 @@ struct ReadinessFragment {
 struct PolicyFragment {
     missing_overlay: Option<MissingOverlayPolicy>,
     missing_next_overlay: Option<MissingNextOverlayPolicy>,
+    hold_max_hours: Option<u64>,
 }
 
 /// The validated, merged configuration. Paths are host paths (absolute); resolve them under a
@@ -313,6 +316,9 @@ pub struct Settings {
     pub missing_overlay: MissingOverlayPolicy,
     /// `policy.missing-next-overlay` (default `warn`).
     pub missing_next_overlay: MissingNextOverlayPolicy,
+    /// `policy.hold-max-hours`: after this many hours a held update is let through (default
+    /// unset: no deadline).
+    pub hold_max_hours: Option<u64>,
     /// `[stage]`, with `[trust]` and `[oci]`: where next-kernel overlays come from and how they are
     /// checked.
     pub stage: StageSettings,
@@ -457,6 +463,7 @@ struct Merged {
     driver_ready: Sourced<PathBuf>,
     missing_overlay: Sourced<MissingOverlayPolicy>,
     missing_next_overlay: Sourced<MissingNextOverlayPolicy>,
+    hold_max_hours: Sourced<u64>,
     sources: Sourced<Vec<String>>,
     max_download_bytes: Sourced<u64>,
     download_timeout_secs: Sourced<u64>,
@@ -510,6 +517,7 @@ impl Merged {
                 policy.missing_next_overlay,
                 file,
             );
+            set(&mut self.hold_max_hours, policy.hold_max_hours, file);
         }
         if let Some(stage) = fragment.stage {
             set(&mut self.sources, stage.sources, file);
@@ -572,6 +580,15 @@ impl Merged {
                 message: "expected a number of seconds above 0, found 0".into(),
             });
         }
+        if let Some((0, file)) = &self.hold_max_hours {
+            return Err(ConfigError::Invalid {
+                key: "policy.hold-max-hours".into(),
+                file: file.clone(),
+                message:
+                    "expected a number of hours above 0, found 0; leave it unset for no deadline"
+                        .into(),
+            });
+        }
         let stage = StageSettings {
             sources,
             max_download_bytes,
@@ -606,6 +623,7 @@ impl Merged {
                 .missing_next_overlay
                 .map(|(v, _)| v)
                 .unwrap_or(MissingNextOverlayPolicy::Warn),
+            hold_max_hours: self.hold_max_hours.map(|(v, _)| v),
             stage,
             detector: self.detector.map(|(v, _)| v).unwrap_or(Detector::Auto),
             outputs: OutputSettings {

@@ -22,10 +22,10 @@ use crate::host::HostFacts;
 use crate::kmod::sys::Kernel;
 use crate::report::bus::AgentProperties;
 use crate::state::instance::{InstanceError, InstanceLock};
-use crate::state::{now_unix, AgentState, HoldRecord, LoadRecord, LoadResult};
-use crate::update::hold::HoldMechanism;
-use crate::update::stage::{self, HoldAction, NextBootReadiness, Target};
-use crate::watch::dbus::{self, Hint, Inhibitor};
+use crate::state::{now_unix, AgentState, LoadRecord, LoadResult};
+use crate::update::hold::{HostLevers, InhibitorSlot, LeverScope};
+use crate::update::stage::{self, NextBootReadiness, Target};
+use crate::watch::dbus::{self, Hint};
 use crate::watch::flatcar::{self, UpdateEngineState};
 use crate::watch::{self, fswatch, Family};
 
@@ -67,7 +67,8 @@ enum Event {
     Changed(String),
     /// update_engine's `current_operation`; `None` when it left the bus.
     UpdateEngine(Option<String>),
-    /// SIGUSR1 (`nvdriver-agent stage`) or the D-Bus `Stage()` method.
+    /// SIGUSR1 (`nvdriver-agent stage`) or the D-Bus `Stage()` method; SIGUSR2 (`hold release`)
+    /// too, after the signal thread dropped the inhibitor.
     Rescan,
     /// SIGHUP (`None`: read the configuration here) or D-Bus `Reload()` (the settings it
     /// already read and checked, so the caller could be told when they were invalid).
@@ -83,6 +84,7 @@ fn handled_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGUSR1,
+        Signal::SIGUSR2,
     ] {
         set.add(signal);
     }
@@ -90,8 +92,13 @@ fn handled_signals() -> SigSet {
 }
 
 /// Signals are blocked in every thread (threads inherit the mask, so this runs first) and
-/// taken synchronously by one thread: no handler runs in signal context.
-fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
+/// taken synchronously by one thread: no handler runs in signal context. SIGUSR2 (`hold
+/// release`) drops the logind inhibitor right here, while the main thread may be downloading.
+fn spawn_signal_thread(
+    tx: Sender<Event>,
+    root: crate::host::Root,
+    inhibitor: InhibitorSlot,
+) -> Result<(), DaemonError> {
     let set = handled_signals();
     set.thread_block().map_err(DaemonError::Signals)?;
     std::thread::Builder::new()
@@ -100,6 +107,10 @@ fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
             let event = match set.wait() {
                 Ok(Signal::SIGTERM | Signal::SIGINT) => Event::Shutdown,
                 Ok(Signal::SIGHUP) => Event::Reload(None),
+                Ok(Signal::SIGUSR2) => {
+                    drop_released_inhibitor(&root, &inhibitor);
+                    Event::Rescan
+                }
                 Ok(_) => Event::Rescan,
                 Err(_) => continue,
             };
@@ -112,6 +123,15 @@ fn spawn_signal_thread(tx: Sender<Event>) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// `hold release` wrote that the administrator let the hold go (and cleared it): drop the
+/// inhibitor now; the next look records the rest.
+fn drop_released_inhibitor(root: &crate::host::Root, inhibitor: &InhibitorSlot) {
+    let state = AgentState::read(root);
+    if state.hold.is_none() && state.hold_released.is_some() && inhibitor.drop_now() {
+        warn!("hold released by the administrator: the logind shutdown inhibitor is dropped");
+    }
+}
+
 /// Run the daemon until SIGTERM. `source` is where the configuration is read again from on
 /// SIGHUP or D-Bus `Reload()`.
 pub fn run(
@@ -120,7 +140,8 @@ pub fn run(
     kernel: &mut dyn Kernel,
 ) -> Result<(), DaemonError> {
     let (tx, rx) = mpsc::channel();
-    spawn_signal_thread(tx.clone())?;
+    let levers = HostLevers::new(ctx.root.clone(), LeverScope::Daemon);
+    spawn_signal_thread(tx.clone(), ctx.root.clone(), levers.inhibitor_slot())?;
     let _instance = InstanceLock::acquire(&ctx.root)?;
 
     let mut state = AgentState::read(&ctx.root);
@@ -154,7 +175,7 @@ pub fn run(
         update_engine: UpdateEngineState::Unknown,
         unsaved_operation: None,
         bus: None,
-        inhibitor: None,
+        levers,
         retry_at: None,
         retry_delay: RETRY_FIRST,
     };
@@ -188,6 +209,7 @@ pub fn run(
         while let Ok(event) = rx.try_recv() {
             if matches!(event, Event::Shutdown) {
                 daemon.save_operation();
+                daemon.release_for_stop();
                 return Ok(());
             }
             daemon.absorb(event);
@@ -198,6 +220,7 @@ pub fn run(
     }
     daemon.event_loop(&rx);
     info!("stopping");
+    daemon.release_for_stop();
     notify(&[libsystemd::daemon::NotifyState::Stopping]);
     Ok(())
 }
@@ -280,7 +303,8 @@ struct Daemon {
     /// once per batch of events, so a signal storm costs no file write per signal.
     unsaved_operation: Option<Option<String>>,
     bus: Option<zbus::blocking::Connection>,
-    inhibitor: Option<Inhibitor>,
+    /// The `hold` levers; the logind inhibitor's fd lives here.
+    levers: HostLevers,
     retry_at: Option<Instant>,
     retry_delay: Duration,
 }
@@ -527,7 +551,7 @@ impl Daemon {
             family,
             update_engine: self.update_engine,
         };
-        let run = match stage::stage_next(&self.ctx, &target, None) {
+        let run = match stage::stage_next(&self.ctx, &target, None, &mut self.levers) {
             Ok(run) => run,
             Err(e) => {
                 warn!("{e}");
@@ -535,10 +559,6 @@ impl Daemon {
                 return;
             }
         };
-        self.apply_logind_hold(
-            run.hold,
-            run.pending.as_ref().map(|n| n.kernel_release.as_str()),
-        );
         match (run.readiness, &run.pending) {
             (NextBootReadiness::Missing, Some(_)) => self.schedule_retry(),
             _ => {
@@ -562,44 +582,24 @@ impl Daemon {
         }
     }
 
-    fn apply_logind_hold(&mut self, action: HoldAction, kernel_release: Option<&str>) {
-        match action {
-            HoldAction::Take(HoldMechanism::LogindShutdownInhibitor)
-                if self.inhibitor.is_none() =>
-            {
-                let kernel_release = kernel_release.unwrap_or_default();
-                let Some(bus) = &self.bus else {
-                    warn!(KERNEL_RELEASE = %kernel_release, "policy.missing-next-overlay = hold, but the system bus is not reachable: cannot block the reboot");
-                    return;
-                };
-                let why = format!("no NVIDIA driver overlay for kernel {kernel_release} yet");
-                match dbus::inhibit_shutdown(bus, &why) {
-                    Ok(inhibitor) => {
-                        warn!(KERNEL_RELEASE = %kernel_release, "holding the reboot into {kernel_release}: {why} (policy.missing-next-overlay = hold); released when one is staged");
-                        self.inhibitor = Some(inhibitor);
-                        self.record_hold(Some(kernel_release));
-                    }
-                    Err(e) => {
-                        warn!(KERNEL_RELEASE = %kernel_release, "cannot block the reboot: {e}")
-                    }
-                }
-            }
-            HoldAction::Release if self.inhibitor.is_some() => {
-                self.inhibitor = None;
-                info!("the reboot is no longer blocked");
-                self.record_hold(None);
-            }
-            _ => {}
-        }
-    }
-
-    fn record_hold(&self, kernel_release: Option<&str>) {
+    /// Stopping: let go of what nobody would release once we are gone (see
+    /// [`HostLevers::release_for_stop`]) and record what is left.
+    fn release_for_stop(&mut self) {
+        let left = self.levers.release_for_stop();
         let mut state = AgentState::read(&self.ctx.root);
-        state.hold = kernel_release.map(|k| HoldRecord {
-            mechanism: HoldMechanism::LogindShutdownInhibitor.name().into(),
-            kernel_release: k.to_string(),
-            since: now_unix(),
-        });
+        let Some(hold) = &mut state.hold else { return };
+        let before = hold.levers.len();
+        hold.levers
+            .retain(|name| left.iter().any(|l| l.name() == name));
+        if hold.levers.len() == before {
+            return;
+        }
+        warn!(
+            KERNEL_RELEASE = %hold.kernel_release,
+            "the agent stops: the update to {} is no longer held by the logind inhibitor{}; the hold is taken again when the agent starts (`nvdriver-agent hold release` lets it go for good)",
+            hold.kernel_release,
+            if left.contains(&crate::update::hold::HoldLever::RebootRefusal) { "" } else { " or the reboot refusal" }
+        );
         if let Err(e) = state.write(&self.ctx.root) {
             warn!("{e}");
         }

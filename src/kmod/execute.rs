@@ -332,7 +332,6 @@ fn load_one(
         kernel_decompresses,
         version: step.version.as_deref(),
         vermagic: &module.vermagic,
-        depends: &step.depends,
         signed: module.signed,
     };
     let started = Instant::now();

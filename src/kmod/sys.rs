@@ -30,8 +30,6 @@ pub struct ModuleLoad<'a> {
     pub version: Option<&'a str>,
     /// `vermagic=`; the simulation refuses a module for another kernel (`ENOEXEC`).
     pub vermagic: &'a str,
-    /// `depends=`; the simulation refuses a module whose dependency is not loaded (`ENOENT`).
-    pub depends: &'a [String],
     /// Whether the file is signed; the simulation refuses an unsigned one under `sig_enforce`.
     pub signed: bool,
 }
@@ -353,11 +351,18 @@ pub const SIMULATION_LOG: &str = "/run/nvdriver-agent/simulated-kernel.log";
 /// A kernel simulated inside a fake root: it records every call (host paths) and makes the
 /// effects a real kernel would make visible under the root (`/proc/modules`,
 /// `/sys/module/<name>/version`, `/proc/devices`, `/proc/driver/nvidia/gpus`,
-/// `/proc/self/mountinfo`), and refuses what a real one refuses: a module for another kernel
-/// (ENOEXEC), one whose dependency is not loaded (ENOENT), an unsigned one under
-/// `sig_enforce` (EKEYREJECTED), one already loaded (EEXIST), and, with no GPUs, `nvidia`
-/// itself: its init returns ENODEV and the kernel frees it again, as the real driver does
-/// ("NVRM: No NVIDIA GPU found.", open-gpu-kernel-modules kernel-open/nvidia/nv.c).
+/// `/proc/self/mountinfo`, `/proc/kallsyms`), and refuses what a real one refuses: a module
+/// for another kernel (ENOEXEC), one with a symbol that nothing loaded exports (ENOENT), an
+/// unsigned one under `sig_enforce` (EKEYREJECTED), one already loaded (EEXIST).
+///
+/// Like the real kernel it never looks at `depends=`: it reads the module image it is handed
+/// and resolves each undefined symbol against `/proc/kallsyms` (the kernel image's exports,
+/// seeded by the fake host, and what loaded modules exported), as
+/// `kernel/module/main.c` `simplify_symbols` → `resolve_symbol` does. So a plan that trusts
+/// `depends=` alone fails here as it would on a real kernel.
+///
+/// With no GPUs, `nvidia`'s init returns ENODEV and the kernel frees it again, as the real
+/// driver does ("NVRM: No NVIDIA GPU found.", open-gpu-kernel-modules kernel-open/nvidia/nv.c).
 pub struct SimulatedKernel {
     root: Root,
     /// Every call made so far, in order (also appended to [`SIMULATION_LOG`]).
@@ -448,6 +453,73 @@ impl SimulatedKernel {
     }
 }
 
+impl SimulatedKernel {
+    /// Record what a module exports in `/proc/kallsyms`, tagged with the module as the real
+    /// file tags module symbols.
+    fn add_symbols(&self, module: &str, exports: &[String]) {
+        for symbol in exports {
+            self.append(
+                KALLSYMS,
+                &format!("0000000000000000 T {symbol}\t[{module}]"),
+            );
+        }
+    }
+
+    /// Forget what an unloaded module exported.
+    fn remove_symbols(&self, module: &str) {
+        let tag = format!("[{module}]");
+        let text = self.read(KALLSYMS);
+        let kept: String = text
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) != Some(tag.as_str()))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        self.write(KALLSYMS, &kept);
+    }
+}
+
+/// The kernel's symbol list, which the simulation keeps: the kernel image's exports (seeded by
+/// the fake host) and each loaded module's.
+pub const KALLSYMS: &str = "/proc/kallsyms";
+
+/// Symbol names in `/proc/kallsyms` text (`ADDRESS TYPE NAME [MODULE]`).
+fn kallsyms_names(text: &str) -> std::collections::HashSet<&str> {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect()
+}
+
+/// What depmod's `modules.symbols` says `module` exports (`alias symbol:NAME MODULE` lines).
+fn os_module_exports(text: &str, module: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (alias, symbol, owner) = (words.next()?, words.next()?, words.next()?);
+            (alias == "alias" && hk::normalize_module_name(owner) == module)
+                .then(|| symbol.strip_prefix("symbol:").map(str::to_string))
+                .flatten()
+        })
+        .collect()
+}
+
+/// The module image as the kernel receives it (decompressed when it is compressed), parsed for
+/// its symbols. Read with `pread` so the file offset the real syscall would use is untouched.
+fn read_image(file: &File) -> Result<crate::modinfo::ModInfo, String> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file
+            .read_at(&mut buf, bytes.len() as u64)
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    crate::modinfo::parse_module(&bytes, Path::new("<module image>")).map_err(|e| e.to_string())
+}
+
 /// Host path of the PCI devices the simulation counts GPUs in.
 pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 
@@ -500,14 +572,23 @@ impl Kernel for SimulatedKernel {
         if self.is_loaded(module.name) {
             return Err(fail(Errno::EEXIST, "already loaded".into()));
         }
-        if let Some(dep) = module.depends.iter().find(|d| !self.is_loaded(d)) {
-            return Err(fail(Errno::ENOENT, format!("Unknown symbol (needs {dep})")));
-        }
+        let image = read_image(module.file)
+            .map_err(|e| fail(Errno::ENOEXEC, format!("invalid module format: {e}")))?;
         let name = hk::normalize_module_name(module.name);
+        let kallsyms = self.read(KALLSYMS);
+        let known = kallsyms_names(&kallsyms);
+        if let Some(symbol) = image.imports.iter().find(|s| !known.contains(s.as_str())) {
+            // The real kernel's words (kernel/module/main.c, resolve_symbol_wait).
+            return Err(fail(
+                Errno::ENOENT,
+                format!("{name}: Unknown symbol {symbol} (err -2)"),
+            ));
+        }
         if name == "nvidia" && self.gpus == 0 {
             // The module linked, its init ran and failed: the kernel frees it, nothing stays.
             return Err(fail(Errno::ENODEV, "NVRM: No NVIDIA GPU found.".into()));
         }
+        self.add_symbols(&name, &image.exports);
         self.append(
             hk::PROC_MODULES,
             &format!("{name} 16384 0 - Live 0x0000000000000000 (OE)"),
@@ -658,6 +739,8 @@ impl Kernel for SimulatedKernel {
                 hk::PROC_MODULES,
                 &format!("{normalized} 16384 0 - Live 0x0"),
             );
+            let symbols = self.read(&format!("/usr/lib/modules/{running}/modules.symbols"));
+            self.add_symbols(&normalized, &os_module_exports(&symbols, &normalized));
             return Ok(());
         }
         Err(SysError {
@@ -682,6 +765,7 @@ impl Kernel for SimulatedKernel {
             .map(|l| format!("{l}\n"))
             .collect();
         self.write(hk::PROC_MODULES, &kept);
+        self.remove_symbols(&normalized);
         let _ = fs::remove_dir_all(self.root.join(format!("/sys/module/{normalized}")));
         Ok(())
     }

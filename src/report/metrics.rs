@@ -90,9 +90,17 @@ pub fn metrics_text(report: &StatusReport) -> String {
     metric(
         "nvdriver_agent_update_held",
         "gauge",
-        "Whether the agent holds a kernel update back until its overlay is staged.",
+        "Whether the agent holds a kernel update back until its overlay is staged (a lever in force).",
         &[],
-        bool_value(report.hold.is_some()),
+        bool_value(update_held(report)),
+    );
+    let let_through = report.hold_released.as_ref();
+    metric(
+        "nvdriver_agent_hold_let_through",
+        "gauge",
+        "Whether a held update was let through without its overlay (by: administrator = hold release, deadline = policy.hold-max-hours).",
+        &[("by", let_through.map(|r| r.by.as_str()).unwrap_or("none"))],
+        bool_value(let_through.is_some()),
     );
     metric(
         "nvdriver_agent_stage_failures_total",
@@ -128,6 +136,11 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Whether some hold lever is in force now (a record alone is not a hold).
+fn update_held(report: &StatusReport) -> bool {
+    report.hold_levers.iter().any(|l| l.in_force)
+}
+
 /// NFD's local feature file: `name=value` lines, each a node label
 /// `feature.node.kubernetes.io/nvdriver-agent.<name>`.
 pub fn nfd_features(report: &StatusReport) -> String {
@@ -157,6 +170,11 @@ pub fn nfd_features(report: &StatusReport) -> String {
         out,
         "nvdriver-agent.staged-for-next-kernel={}",
         bool_str(report.pending.is_none() || report.pending_staged == Some(true))
+    );
+    let _ = writeln!(
+        out,
+        "nvdriver-agent.update-held={}",
+        bool_str(update_held(report))
     );
     out
 }

@@ -11,7 +11,10 @@ use serde::Serialize;
 use crate::app::{CommandError, Context};
 use crate::config::MissingNextOverlayPolicy;
 use crate::host::{HostFacts, KernelState};
-use crate::state::{AgentState, HoldRecord, LoadRecord, LoadResult, StageRecord, StageResult};
+use crate::state::{
+    AgentState, HoldRecord, HoldRelease, LoadRecord, LoadResult, StageRecord, StageResult,
+};
+use crate::update::hold::{self as hold_levers, HoldLever};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
 
 /// The `format` of `status --json`; bumped only if a field changes meaning (fields are only added).
@@ -44,6 +47,11 @@ pub struct StatusReport {
     pub last_stage: Option<StageRecord>,
     /// An update the agent holds back, if any (from the state file).
     pub hold: Option<HoldRecord>,
+    /// Each lever the hold record names, whether it is in force now, and which reboot
+    /// callers it stops; empty when nothing is held.
+    pub hold_levers: Vec<LeverStatus>,
+    /// The last hold let go before its overlay came (`hold release`, `policy.hold-max-hours`).
+    pub hold_released: Option<HoldRelease>,
     /// The policy settings that shape readiness.
     pub policy: Policy,
     /// Why the pending kernel could not be read, if it could not.
@@ -61,6 +69,50 @@ pub struct StatusReport {
     pub stage_failures: u64,
     /// `daemon` when the running daemon answered over D-Bus, `disk` otherwise.
     pub read_from: String,
+}
+
+/// What no hold lever stops (shown with every hold).
+pub const HOLD_CANNOT_STOP: &str =
+    "systemctl reboot --force, reboot -ff, sysrq, a power cut; a poweroff and power-on boots the new kernel";
+
+/// One hold lever as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LeverStatus {
+    /// `ostree-finalization-lock`, `logind-shutdown-inhibitor` or `reboot-refusal`.
+    pub name: String,
+    /// Whether it is in force now: the lock or drop-ins on disk, the inhibitor with a daemon
+    /// running to hold it.
+    pub in_force: bool,
+    /// Which reboot callers it stops, and which not.
+    pub stops: String,
+}
+
+/// The levers a hold record names, each checked on disk (the inhibitor lives as long as the
+/// daemon).
+fn lever_status(ctx: &Context, hold: Option<&HoldRecord>, daemon_runs: bool) -> Vec<LeverStatus> {
+    let Some(hold) = hold else { return Vec::new() };
+    hold.levers
+        .iter()
+        .map(|name| {
+            let lever = HoldLever::from_name(name);
+            LeverStatus {
+                name: name.clone(),
+                in_force: match lever {
+                    Some(HoldLever::OstreeFinalizationLock) => {
+                        hold_levers::holds_ostree_lock(&ctx.root)
+                    }
+                    Some(HoldLever::RebootRefusal) => hold_levers::holds_reboot_refusal(&ctx.root),
+                    Some(HoldLever::LogindShutdownInhibitor) => daemon_runs,
+                    None => false,
+                },
+                stops: lever
+                    .map(HoldLever::stops)
+                    .unwrap_or("unknown lever")
+                    .into(),
+            }
+        })
+        .collect()
 }
 
 /// How ready the node is, now and after the next reboot.
@@ -183,12 +235,17 @@ pub fn policy_state(
     match (readiness, hold) {
         (Readiness::NotReady, _) => format!("not-ready: {detail}"),
         (Readiness::NoGpu, _) => format!("no-gpu: {detail}"),
-        (_, Some(hold)) => format!(
+        (_, Some(hold)) if !hold.levers.is_empty() => format!(
             "held: the update to {} waits for its overlay ({})",
-            hold.kernel_release, hold.mechanism
+            if hold.kernel_release.is_empty() {
+                "the next kernel (unknown)"
+            } else {
+                &hold.kernel_release
+            },
+            hold.levers.join(", ")
         ),
-        (Readiness::NotReadyAfterReboot, None) => format!("not-ready-after-reboot: {detail}"),
-        (Readiness::Ready, None) => "ok".into(),
+        (Readiness::NotReadyAfterReboot, _) => format!("not-ready-after-reboot: {detail}"),
+        (Readiness::Ready, _) => "ok".into(),
     }
 }
 
@@ -272,6 +329,8 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         last_stage: state.last_stage.as_ref(),
         next_boot_unknown: watch_error.as_deref(),
     });
+    let daemon_pid = crate::state::instance::running_pid(&ctx.root);
+    let hold_levers = lever_status(ctx, state.hold.as_ref(), daemon_pid.is_some());
     Ok(StatusReport {
         format: STATUS_FORMAT,
         running_kernel: host.kernel_release,
@@ -286,7 +345,7 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         stage_failures: state.stage_failures,
         read_from: "disk".into(),
         loaded_driver,
-        daemon_pid: crate::state::instance::running_pid(&ctx.root),
+        daemon_pid,
         detector: family,
         pending,
         pending_staged,
@@ -294,12 +353,83 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         load: state.load,
         last_stage: state.last_stage,
         hold: state.hold,
+        hold_levers,
+        hold_released: state.hold_released,
         policy: Policy {
             missing_next_overlay: ctx.settings.missing_next_overlay,
             store_dir: ctx.settings.store_dir.clone(),
         },
         watch_error,
     })
+}
+
+/// The `update held:` lines of `status`: the levers in force and what each stops, or why
+/// nothing is held.
+fn render_hold(out: &mut String, report: &StatusReport) {
+    let label = |k: &str| {
+        if k.is_empty() {
+            "the next kernel (unknown)".to_string()
+        } else {
+            k.to_string()
+        }
+    };
+    let policy = match report.policy.missing_next_overlay {
+        MissingNextOverlayPolicy::Warn => "warn",
+        MissingNextOverlayPolicy::Hold => "hold",
+    };
+    match &report.hold {
+        Some(hold) if report.hold_levers.iter().any(|l| l.in_force) => {
+            let _ = writeln!(
+                out,
+                "update held:     yes, the update to {}{}",
+                label(&hold.kernel_release),
+                hold.detail
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            );
+            for lever in &report.hold_levers {
+                let _ = writeln!(
+                    out,
+                    "  {} {}: {}",
+                    if lever.in_force {
+                        "held by"
+                    } else {
+                        "NOT in force:"
+                    },
+                    lever.name,
+                    lever.stops
+                );
+            }
+            let _ = writeln!(out, "  no lever stops: {HOLD_CANNOT_STOP}");
+            let _ = writeln!(out, "  let it through now: nvdriver-agent hold release");
+        }
+        Some(hold) => {
+            let _ = writeln!(
+                out,
+                "update held:     NO: the hold on {} has no lever in force (the agent is not running?); `systemctl start nvdriver-agent` takes it again, `nvdriver-agent hold release` lets it go",
+                label(&hold.kernel_release)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "update held:     no (policy.missing-next-overlay = {policy})"
+            );
+        }
+    }
+    if let Some(released) = &report.hold_released {
+        let _ = writeln!(
+            out,
+            "hold let go:     the update to {} was let through without its overlay by {} (at {})",
+            label(&released.kernel_release),
+            match released.by.as_str() {
+                "deadline" => "policy.hold-max-hours",
+                _ => "the administrator (`nvdriver-agent hold release`)",
+            },
+            released.at
+        );
+    }
 }
 
 /// The human form of `status`.
@@ -363,25 +493,7 @@ pub fn render(report: &StatusReport) -> String {
                 .unwrap_or_default()
         );
     }
-    match &report.hold {
-        Some(hold) => {
-            let _ = writeln!(
-                out,
-                "update held:     yes, the update to {} ({})",
-                hold.kernel_release, hold.mechanism
-            );
-        }
-        None => {
-            let _ = writeln!(
-                out,
-                "update held:     no (policy.missing-next-overlay = {})",
-                match report.policy.missing_next_overlay {
-                    MissingNextOverlayPolicy::Warn => "warn",
-                    MissingNextOverlayPolicy::Hold => "hold",
-                }
-            );
-        }
-    }
+    render_hold(&mut out, report);
     if let Some(load) = &report.load {
         let _ = writeln!(
             out,
@@ -549,6 +661,8 @@ mod tests {
             load: None,
             last_stage: None,
             hold: None,
+            hold_levers: Vec::new(),
+            hold_released: None,
             policy: Policy {
                 missing_next_overlay: MissingNextOverlayPolicy::Warn,
                 store_dir: "/store".into(),
@@ -606,10 +720,11 @@ mod tests {
 
     #[test]
     fn policy_state_names_the_hold() {
-        let hold = HoldRecord {
-            mechanism: "ostree-finalization-lock".into(),
+        let mut hold = HoldRecord {
+            levers: vec!["ostree-finalization-lock".into()],
             kernel_release: "6.2".into(),
             since: 1,
+            detail: None,
         };
         assert_eq!(policy_state(Readiness::Ready, None, None), "ok");
         assert!(
@@ -619,6 +734,12 @@ mod tests {
         assert_eq!(
             policy_state(Readiness::NotReady, Some("why"), Some(&hold)),
             "not-ready: why"
+        );
+        // A record without a lever in force claims no hold.
+        hold.levers.clear();
+        assert_eq!(
+            policy_state(Readiness::NotReadyAfterReboot, Some("x"), Some(&hold)),
+            "not-ready-after-reboot: x"
         );
     }
 }

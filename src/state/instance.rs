@@ -92,3 +92,12 @@ pub fn poke(pid: u32) -> Result<(), nix::Error> {
         Some(Signal::SIGUSR1),
     )
 }
+
+/// Tell the running daemon that `hold release` let the held update go: it drops its logind
+/// inhibitor at once (SIGUSR2, taken by its signal thread) and looks again.
+pub fn poke_hold_released(pid: u32) -> Result<(), nix::Error> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        Some(Signal::SIGUSR2),
+    )
+}

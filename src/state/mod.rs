@@ -59,6 +59,10 @@ pub struct AgentState {
     pub last_stage: Option<StageRecord>,
     /// An update the agent is holding back (policy `hold`).
     pub hold: Option<HoldRecord>,
+    /// The last hold let go before its overlay came (`hold release`, `policy.hold-max-hours`):
+    /// not taken again for that kernel.
+    #[serde(default)]
+    pub hold_released: Option<HoldRelease>,
     /// Flatcar: update_engine's last reported `current_operation`, as the daemon heard it
     /// (so the shutdown-time `stage --now` knows whether an update waits for the reboot).
     #[serde(default)]
@@ -226,12 +230,31 @@ pub struct StageRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct HoldRecord {
-    /// `ostree-finalization-lock` or `logind-shutdown-inhibitor`.
-    pub mechanism: String,
-    /// The kernel whose update is held.
+    /// The levers held: `ostree-finalization-lock`, `logind-shutdown-inhibitor`,
+    /// `reboot-refusal` (`crate::update::hold::HoldLever`).
+    #[serde(default)]
+    pub levers: Vec<String>,
+    /// The kernel whose update is held; empty when the next kernel could not be told.
     pub kernel_release: String,
-    /// When the hold was taken, in seconds since the epoch.
+    /// When the hold for this kernel was first taken, in seconds since the epoch.
     pub since: u64,
+    /// Why, when it is not simply "no overlay yet": `next kernel unknown: <error>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A hold let go before its overlay came.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HoldRelease {
+    /// The kernel let through (empty: the unknown next kernel).
+    pub kernel_release: String,
+    /// `administrator` (`nvdriver-agent hold release`) or `deadline` (`policy.hold-max-hours`).
+    pub by: String,
+    /// When the hold for that kernel was first taken.
+    pub since: u64,
+    /// When it was let go, in seconds since the epoch.
+    pub at: u64,
 }
 
 impl AgentState {
@@ -309,9 +332,10 @@ mod tests {
         assert_eq!(AgentState::read(&root), AgentState::fresh());
         let mut state = AgentState::fresh();
         state.hold = Some(HoldRecord {
-            mechanism: "ostree-finalization-lock".into(),
+            levers: vec!["ostree-finalization-lock".into()],
             kernel_release: "6.1.0-29-cloud-amd64".into(),
             since: 7,
+            detail: None,
         });
         state.write(&root).unwrap();
         assert_eq!(AgentState::read(&root), state);

@@ -1,7 +1,8 @@
-//! Stage for the next kernel: detect it, decide, fetch, hold or release the update.
+//! Stage for the next kernel: detect it, decide, hold the update if its overlay is not in the
+//! store yet, fetch, and let the hold go once the overlay is published.
 //!
-//! [`plan_stage`] and [`plan_hold`] are pure; [`stage_next`] is the one edge that runs them,
-//! shared by the daemon and by `nvdriver-agent stage --now` at shutdown.
+//! [`plan_stage`] and [`crate::update::hold::plan_hold`] are pure; [`stage_next`] is the one edge
+//! that runs them, shared by the daemon and by `nvdriver-agent stage --now` at shutdown.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,14 +10,19 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::app::Context;
-use crate::config::MissingNextOverlayPolicy;
 use crate::host::version::version_cmp;
 use crate::host::{HostError, HostFacts, KernelState};
 use crate::overlay::source::{self, OverlayKey, SourceError};
 use crate::overlay::store::ImportOutcome;
 use crate::overlay::StoreError;
-use crate::state::{now_unix, AgentState, HoldRecord, StageRecord, StageResult, StateError};
-use crate::update::hold::{self, HoldError, HoldMechanism, OstreeLockOutcome};
+use crate::overlay::MANIFEST_NAME;
+use crate::state::{
+    now_unix, AgentState, HoldRecord, HoldRelease, StageRecord, StageResult, StateError,
+};
+use crate::update::hold::{
+    levers_for, plan_hold, HoldAction, HoldError, HoldInputs, HoldLever, HoldLevers, HoldNeed,
+    LetThrough,
+};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot, WatchError};
 
 /// Why a stage pass ([`stage_next`]) could not finish; a source that has no overlay is not an
@@ -36,7 +42,8 @@ pub enum StageError {
     /// record), so only other callers could.
     #[error(transparent)]
     Source(#[from] SourceError),
-    /// The ostree hold could not be taken or released.
+    /// A hold lever could not be taken or released; [`stage_next`] never returns it (it logs
+    /// lever failures and records only the levers held), so only other callers could.
     #[error(transparent)]
     Hold(#[from] HoldError),
     /// The state file could not be written.
@@ -152,45 +159,6 @@ pub enum NextBootReadiness {
     Missing,
 }
 
-/// What to do about a hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HoldAction {
-    /// Take the hold with this mechanism.
-    Take(HoldMechanism),
-    /// Let go of any hold of ours (the next boot is covered, or the policy is not `hold`).
-    Release,
-    /// Hold wanted, but this host has no way to hold this update.
-    Unsupported,
-}
-
-/// Decide whether to hold the update: only when the next boot's overlay is missing, the
-/// policy is `hold` and the host has a way to hold it; release otherwise.
-pub fn plan_hold(
-    policy: MissingNextOverlayPolicy,
-    mechanism: Option<HoldMechanism>,
-    readiness: NextBootReadiness,
-) -> HoldAction {
-    match (readiness, policy, mechanism) {
-        (NextBootReadiness::Missing, MissingNextOverlayPolicy::Hold, Some(m)) => {
-            HoldAction::Take(m)
-        }
-        (NextBootReadiness::Missing, MissingNextOverlayPolicy::Hold, None) => {
-            HoldAction::Unsupported
-        }
-        // Covered, or the policy no longer says hold: let any hold of ours go.
-        _ => HoldAction::Release,
-    }
-}
-
-/// How the update to `next` could be held on this host.
-pub fn hold_mechanism(family: Family, next: &NextBoot) -> Option<HoldMechanism> {
-    match family {
-        Family::Ostree if next.staged_deployment => Some(HoldMechanism::OstreeFinalizationLock),
-        Family::Flatcar => Some(HoldMechanism::LogindShutdownInhibitor),
-        _ => None,
-    }
-}
-
 /// What one stage pass found and did.
 #[derive(Clone, Debug)]
 pub struct StageRun {
@@ -200,8 +168,9 @@ pub struct StageRun {
     pub record: Option<StageRecord>,
     /// Whether the next boot has its driver.
     pub readiness: NextBootReadiness,
-    /// The hold planned; the ostree lock is already settled, a logind inhibitor is the caller's to take.
-    pub hold: HoldAction,
+    /// What was done about the hold (already done, through the levers passed in); `None` for a
+    /// kernel named on the command line, which never touches the hold.
+    pub hold: Option<HoldAction>,
 }
 
 /// What to stage for: the detected next boot, or a kernel the user named.
@@ -217,16 +186,36 @@ pub enum Target {
     Kernel(String),
 }
 
-/// Detect, decide, fetch, and settle the ostree hold (the logind one belongs to the daemon,
-/// which holds its fd: the caller acts on `StageRun::hold` for it). Writes the state file.
+/// Detect, decide, hold, fetch, release. With `policy.missing-next-overlay = "hold"` the update
+/// is held through `levers` *before* a fetch starts (a download may take many minutes) and let
+/// go only once the overlay is published; when the next kernel cannot be told, what needs no
+/// kernel is held ("fail closed") and the error returned. Writes the state file.
 pub fn stage_next(
     ctx: &Context,
     target: &Target,
     driver_override: Option<&str>,
+    levers: &mut dyn HoldLevers,
 ) -> Result<StageRun, StageError> {
     let started = Instant::now();
-    let host = HostFacts::read(&ctx.root)?;
-    let (pending, family) = pending_kernel(ctx, target, &host)?;
+    let family = match target {
+        Target::Detect { family, .. } => Some(*family),
+        Target::Kernel(_) => None,
+    };
+    let detected = HostFacts::read(&ctx.root)
+        .map_err(StageError::from)
+        .and_then(|host| Ok((pending_kernel(ctx, target, &host)?, host)));
+    let (pending, host) = match detected {
+        Ok(((pending, _), host)) => (pending, host),
+        Err(e) => {
+            if let Some(family) = family {
+                let mut state = AgentState::read(&ctx.root);
+                let need = HoldNeed::Unknown(e.to_string());
+                settle_hold(ctx, family, None, &need, &mut state, levers);
+                state.write(&ctx.root)?;
+            }
+            return Err(e);
+        }
+    };
     let mut state = AgentState::read(&ctx.root);
     if state.pending != pending {
         match &pending {
@@ -255,18 +244,29 @@ pub fn stage_next(
         driver_version,
         arch: &host.arch,
     });
+    if let (Some(family), Some(next)) = (family, &pending) {
+        if !in_store_before_fetch(ctx, &plan) {
+            // Held before the fetch, and shown: status reads the state during the download.
+            let need = HoldNeed::Missing(next.kernel_release.clone());
+            settle_hold(ctx, family, Some(next), &need, &mut state, levers);
+            state.write(&ctx.root)?;
+        }
+    }
     let (record, readiness) = carry_out(ctx, plan, pending.as_ref(), &host, &state);
     let record = record.map(|mut r| {
         r.duration_ms = started.elapsed().as_millis() as u64;
         r
     });
 
-    let mechanism = pending
-        .as_ref()
-        .zip(family)
-        .and_then(|(next, family)| hold_mechanism(family, next));
-    let hold_action = plan_hold(ctx.settings.missing_next_overlay, mechanism, readiness);
-    apply_ostree_hold(ctx, hold_action, pending.as_ref(), &mut state)?;
+    let hold_action = family.map(|family| {
+        let need = match (&pending, readiness) {
+            (Some(next), NextBootReadiness::Missing) => {
+                HoldNeed::Missing(next.kernel_release.clone())
+            }
+            _ => HoldNeed::Covered,
+        };
+        settle_hold(ctx, family, pending.as_ref(), &need, &mut state, levers)
+    });
 
     state.pending = pending.clone();
     if let Some(record) = &record {
@@ -279,6 +279,23 @@ pub fn stage_next(
         readiness,
         hold: hold_action,
     })
+}
+
+/// Whether the plan's overlay is in the store already (or nothing needs one), judged cheaply
+/// before the fetch; the fetch itself verifies.
+fn in_store_before_fetch(ctx: &Context, plan: &StagePlan) -> bool {
+    match plan {
+        StagePlan::Fetch(key) => ctx
+            .root
+            .join(
+                ctx.store()
+                    .overlay_dir(&key.kernel_release, &key.driver_version)
+                    .join(MANIFEST_NAME),
+            )
+            .exists(),
+        StagePlan::NoDriverVersion { .. } => false,
+        StagePlan::NothingPending | StagePlan::StandDown { .. } => true,
+    }
 }
 
 /// The kernel the next boot runs when it is not the running one, and the OS family that said
@@ -513,60 +530,158 @@ fn gc(ctx: &Context, running: &str, pending: &str) {
     }
 }
 
-/// The ostree side of the hold; the state file records it either way.
-fn apply_ostree_hold(
+/// Plan the hold for `need` and carry it out through `levers`; the state file records it.
+fn settle_hold(
     ctx: &Context,
-    action: HoldAction,
+    family: Family,
     pending: Option<&NextBoot>,
+    need: &HoldNeed,
     state: &mut AgentState,
-) -> Result<(), StageError> {
-    match action {
-        HoldAction::Take(HoldMechanism::OstreeFinalizationLock) => {
-            let next = pending.expect("a hold is only planned for a pending kernel");
-            match hold::take_ostree_lock(&ctx.root, &next.kernel_release)? {
-                OstreeLockOutcome::Taken | OstreeLockOutcome::AlreadyOurs => {
-                    if state.hold.is_none() {
-                        warn!(
-                            KERNEL_RELEASE = %next.kernel_release,
-                            "holding the update to {}: no overlay for it yet (policy.missing-next-overlay = hold); it is released when one is staged",
-                            next.kernel_release
-                        );
-                    }
-                    state.hold.get_or_insert(HoldRecord {
-                        mechanism: HoldMechanism::OstreeFinalizationLock.name().into(),
-                        kernel_release: next.kernel_release.clone(),
-                        since: now_unix(),
-                    });
-                }
-                OstreeLockOutcome::HeldByOther => info!(
-                    "{} already exists and is not ours: the update is held by someone else",
-                    hold::OSTREE_FINALIZATION_LOCK
-                ),
-            }
+    levers: &mut dyn HoldLevers,
+) -> HoldAction {
+    let staged = match need {
+        HoldNeed::Unknown(_) => None,
+        _ => Some(pending.is_some_and(|n| n.staged_deployment)),
+    };
+    let available = levers_for(family, staged);
+    let now = now_unix();
+    // `hold release` may have run since this pass read the state (during a download, say):
+    // what it wrote counts.
+    if let Some(released) = AgentState::read(&ctx.root).hold_released {
+        if state
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.kernel_release == released.kernel_release)
+        {
+            state.hold = None;
         }
-        HoldAction::Take(HoldMechanism::LogindShutdownInhibitor) => {}
+        state.hold_released = Some(released);
+    }
+    let action = plan_hold(&HoldInputs {
+        policy: ctx.settings.missing_next_overlay,
+        max_hours: ctx.settings.hold_max_hours,
+        levers: &available,
+        need,
+        current: state.hold.as_ref(),
+        released: state.hold_released.as_ref(),
+        now,
+    });
+    match &action {
+        HoldAction::Take {
+            levers: wanted,
+            kernel_release,
+            since,
+        } => take_hold(wanted, kernel_release, *since, need, state, levers),
         HoldAction::Release => {
-            if hold::release_ostree_lock(&ctx.root)? {
-                info!("the update is no longer held");
-            }
-            if state
-                .hold
-                .as_ref()
-                .is_some_and(|h| h.mechanism == HoldMechanism::OstreeFinalizationLock.name())
-            {
-                state.hold = None;
-            }
-        }
-        HoldAction::Unsupported => {
-            if let Some(next) = pending {
-                warn!(
-                    KERNEL_RELEASE = %next.kernel_release,
-                    "policy.missing-next-overlay = hold, but this update cannot be held on this host (only a staged ostree deployment or Flatcar's reboot can be); warning only"
+            levers.release();
+            if let Some(hold) = state.hold.take() {
+                info!(
+                    KERNEL_RELEASE = %hold.kernel_release,
+                    "the update is no longer held ({})",
+                    match need {
+                        HoldNeed::Covered => "the next boot has its driver, or nothing is pending",
+                        _ => "policy.missing-next-overlay is no longer hold",
+                    }
                 );
             }
         }
+        HoldAction::LetThrough {
+            why,
+            kernel_release,
+            since,
+        } => {
+            levers.release();
+            let held = state.hold.take().is_some();
+            let recorded = state
+                .hold_released
+                .as_ref()
+                .is_some_and(|r| &r.kernel_release == kernel_release);
+            if !recorded {
+                state.hold_released = Some(HoldRelease {
+                    kernel_release: kernel_release.clone(),
+                    by: why.as_str().into(),
+                    since: *since,
+                    at: now,
+                });
+            }
+            if held || !recorded {
+                let kernel = kernel_label(kernel_release);
+                match why {
+                    LetThrough::Deadline => warn!(
+                        KERNEL_RELEASE = %kernel_release,
+                        "letting the update to {kernel} through WITHOUT its NVIDIA overlay: policy.hold-max-hours = {} has passed since it was first held; the next boot may have no GPU driver unless an overlay is staged before it (`nvdriver-agent stage --kernel {kernel}`)",
+                        ctx.settings.hold_max_hours.unwrap_or_default()
+                    ),
+                    LetThrough::Administrator => warn!(
+                        KERNEL_RELEASE = %kernel_release,
+                        "the update to {kernel} is let through (`nvdriver-agent hold release`); it is not held again"
+                    ),
+                }
+            }
+        }
+        HoldAction::Unsupported => warn!(
+            "policy.missing-next-overlay = hold, but this host has no way to hold this update (detector off, or no lever for this OS); warning only"
+        ),
     }
-    Ok(())
+    action
+}
+
+/// Take the levers for `kernel_release` and record what is held.
+fn take_hold(
+    wanted: &[HoldLever],
+    kernel_release: &str,
+    since: u64,
+    need: &HoldNeed,
+    state: &mut AgentState,
+    levers: &mut dyn HoldLevers,
+) {
+    let kernel = kernel_label(kernel_release);
+    let why = match need {
+        HoldNeed::Unknown(error) => format!("next kernel unknown: {error}"),
+        _ => format!("no NVIDIA driver overlay for kernel {kernel} yet"),
+    };
+    let held = levers.take(wanted, kernel_release, &why);
+    let same_kernel = state
+        .hold
+        .as_ref()
+        .filter(|h| h.kernel_release == kernel_release);
+    // A one-shot `stage --now` holds fewer levers than the daemon: keep what the record says
+    // the daemon holds for the same kernel.
+    let mut names: Vec<String> = same_kernel.map(|h| h.levers.clone()).unwrap_or_default();
+    for lever in &held {
+        if !names.iter().any(|n| n == lever.name()) {
+            names.push(lever.name().into());
+        }
+    }
+    if names.is_empty() {
+        warn!(
+            KERNEL_RELEASE = %kernel_release,
+            "policy.missing-next-overlay = hold, but no hold lever could be taken ({why}): the update to {kernel} is NOT held"
+        );
+        return;
+    }
+    if same_kernel.is_none() {
+        warn!(
+            KERNEL_RELEASE = %kernel_release,
+            "holding the update to {kernel}: {why} (policy.missing-next-overlay = hold; held by {}); let go when the overlay is staged; to let it through now run `nvdriver-agent hold release`",
+            names.join(", ")
+        );
+    }
+    state.hold = Some(HoldRecord {
+        levers: names,
+        kernel_release: kernel_release.to_string(),
+        since,
+        detail: matches!(need, HoldNeed::Unknown(_)).then_some(why),
+    });
+}
+
+/// A kernel release for messages: the unknown one says so.
+fn kernel_label(kernel_release: &str) -> &str {
+    if kernel_release.is_empty() {
+        "the next kernel (unknown)"
+    } else {
+        kernel_release
+    }
 }
 
 #[cfg(test)]
@@ -638,44 +753,5 @@ mod tests {
             Some("570.1".into())
         );
         assert_eq!(choose_driver_version(None, None, &[], &[]), None);
-    }
-
-    #[test]
-    fn holds_only_when_missing_and_asked_to() {
-        use HoldMechanism::*;
-        use MissingNextOverlayPolicy::*;
-        use NextBootReadiness::*;
-        assert_eq!(
-            plan_hold(Hold, Some(OstreeFinalizationLock), Missing),
-            HoldAction::Take(OstreeFinalizationLock)
-        );
-        assert_eq!(plan_hold(Hold, None, Missing), HoldAction::Unsupported);
-        assert_eq!(
-            plan_hold(Hold, Some(OstreeFinalizationLock), Covered),
-            HoldAction::Release
-        );
-        assert_eq!(
-            plan_hold(Warn, Some(LogindShutdownInhibitor), Missing),
-            HoldAction::Release
-        );
-    }
-
-    #[test]
-    fn hold_mechanism_by_family() {
-        let staged = next("6.2.0");
-        let unstaged = NextBoot {
-            staged_deployment: false,
-            ..next("6.2.0")
-        };
-        assert_eq!(
-            hold_mechanism(Family::Ostree, &staged),
-            Some(HoldMechanism::OstreeFinalizationLock)
-        );
-        assert_eq!(hold_mechanism(Family::Ostree, &unstaged), None);
-        assert_eq!(
-            hold_mechanism(Family::Flatcar, &unstaged),
-            Some(HoldMechanism::LogindShutdownInhibitor)
-        );
-        assert_eq!(hold_mechanism(Family::Generic, &staged), None);
     }
 }

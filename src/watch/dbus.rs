@@ -1,5 +1,5 @@
-//! D-Bus edges: the OS update services' signals as hints, update_engine's status, and logind's
-//! shutdown inhibitor for the Flatcar `hold` policy.
+//! D-Bus edges: the OS update services' signals as hints, update_engine's status, and for the
+//! `hold` policy logind's shutdown inhibitor and systemd's `Reload()` and `SystemState`.
 //!
 //! Every listener runs on its own thread over a blocking zbus connection to the system bus
 //! (`DBUS_SYSTEM_BUS_ADDRESS` is honoured, which is how tests point it at their own bus). A
@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
-use zbus::blocking::{Connection, MessageIterator};
+pub use zbus::blocking::Connection;
+use zbus::blocking::MessageIterator;
 use zbus::message::Type as MessageType;
 use zbus::MatchRule;
 
@@ -31,6 +32,13 @@ pub const LOGIND_NAME: &str = "org.freedesktop.login1";
 pub const LOGIND_PATH: &str = "/org/freedesktop/login1";
 /// logind's manager interface, which has `Inhibit`.
 pub const LOGIND_INTERFACE: &str = "org.freedesktop.login1.Manager";
+
+/// systemd's (PID 1) well-known bus name.
+pub const SYSTEMD_NAME: &str = "org.freedesktop.systemd1";
+/// systemd's manager object.
+pub const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
+/// systemd's manager interface: `Reload()` and the `SystemState` property.
+pub const SYSTEMD_INTERFACE: &str = "org.freedesktop.systemd1.Manager";
 
 /// Why a D-Bus connection, signal subscription or method call failed.
 #[derive(Debug, thiserror::Error)]
@@ -285,4 +293,44 @@ pub fn inhibit_shutdown(conn: &Connection, why: &str) -> Result<Inhibitor, DbusE
         .map_err(call)?;
     let fd: zbus::zvariant::OwnedFd = reply.body().deserialize().map_err(call)?;
     Ok(Inhibitor { _fd: fd.into() })
+}
+
+/// Ask systemd to reload its unit files (`systemctl daemon-reload`), so a runtime drop-in
+/// written or removed under `/run/systemd/system` takes effect. systemd answers once the reload
+/// is done (systemd src/core/dbus-manager.c `method_reload`: the reply is sent after reloading).
+pub fn systemd_reload(conn: &Connection) -> Result<(), DbusError> {
+    conn.call_method(
+        Some(SYSTEMD_NAME),
+        SYSTEMD_PATH,
+        Some(SYSTEMD_INTERFACE),
+        "Reload",
+        &(),
+    )
+    .map(drop)
+    .map_err(|source| DbusError::Call {
+        service: SYSTEMD_NAME,
+        method: "Reload",
+        error: Box::new(source),
+    })
+}
+
+/// systemd's `SystemState` (what `systemctl is-system-running` prints): `running`, `degraded`,
+/// `stopping` once a shutdown or reboot is under way, and so on.
+pub fn systemd_system_state(conn: &Connection) -> Result<String, DbusError> {
+    let call = |source| DbusError::Call {
+        service: SYSTEMD_NAME,
+        method: "Get(SystemState)",
+        error: Box::new(source),
+    };
+    let reply = conn
+        .call_method(
+            Some(SYSTEMD_NAME),
+            SYSTEMD_PATH,
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &(SYSTEMD_INTERFACE, "SystemState"),
+        )
+        .map_err(call)?;
+    let value: zbus::zvariant::OwnedValue = reply.body().deserialize().map_err(call)?;
+    String::try_from(value).map_err(|e| call(zbus::Error::Variant(e)))
 }

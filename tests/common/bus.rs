@@ -1,5 +1,6 @@
 //! A private D-Bus bus (a real `dbus-daemon`) and test peers serving the interfaces of the real
-//! services the agent talks to: rpm-ostree's Sysroot, update_engine's Manager, logind's Inhibit.
+//! services the agent talks to: rpm-ostree's Sysroot, update_engine's Manager, logind's Inhibit,
+//! systemd's Manager (`Reload()`, `SystemState`).
 //! The agent under test is pointed at the bus with `DBUS_SYSTEM_BUS_ADDRESS`.
 
 use std::collections::HashMap;
@@ -356,6 +357,79 @@ impl LogindPeer {
             })
             .map(|(desc, _)| desc.clone())
             .collect()
+    }
+}
+
+pub const SYSTEMD_NAME: &str = "org.freedesktop.systemd1";
+pub const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
+
+/// systemd's Manager, the two members the agent uses, with upstream's signatures
+/// (man org.freedesktop.systemd1: `Reload();`, `readonly s SystemState`). Like systemd, `Reload()`
+/// answers once the reload is done; each reload records which of `watched` exist then (the
+/// drop-ins systemd would read).
+pub struct Systemd1Manager {
+    state: Arc<Mutex<SystemdSeen>>,
+}
+
+#[derive(Default)]
+struct SystemdSeen {
+    system_state: String,
+    watched: Vec<std::path::PathBuf>,
+    reloads: Vec<Vec<bool>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
+impl Systemd1Manager {
+    fn reload(&self) {
+        let mut seen = self.state.lock().unwrap();
+        let present = seen.watched.iter().map(|p| p.exists()).collect();
+        seen.reloads.push(present);
+    }
+
+    #[zbus(property)]
+    fn system_state(&self) -> String {
+        self.state.lock().unwrap().system_state.clone()
+    }
+}
+
+pub struct SystemdPeer {
+    #[allow(dead_code)]
+    pub conn: Connection,
+    state: Arc<Mutex<SystemdSeen>>,
+}
+
+impl SystemdPeer {
+    /// Serve the Manager in `system_state` (`running`, `stopping`, …); each `Reload()` notes
+    /// which of `watched` (real paths) exist.
+    pub fn start(
+        bus: &TestBus,
+        system_state: &str,
+        watched: Vec<std::path::PathBuf>,
+    ) -> SystemdPeer {
+        let state = Arc::new(Mutex::new(SystemdSeen {
+            system_state: system_state.into(),
+            watched,
+            reloads: Vec::new(),
+        }));
+        let conn = connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .name(SYSTEMD_NAME)
+            .unwrap()
+            .serve_at(
+                SYSTEMD_PATH,
+                Systemd1Manager {
+                    state: state.clone(),
+                },
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+        SystemdPeer { conn, state }
+    }
+
+    /// For each `Reload()` so far, which of the watched files existed.
+    pub fn reloads(&self) -> Vec<Vec<bool>> {
+        self.state.lock().unwrap().reloads.clone()
     }
 }
 

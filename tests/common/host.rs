@@ -19,6 +19,22 @@ pub const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 
 pub const FCOS_OS_RELEASE: &str = "NAME=\"Fedora Linux\"\nVERSION=\"41.20241109.3.0 (CoreOS)\"\nID=fedora\nVERSION_ID=41\nVARIANT_ID=coreos\nPRETTY_NAME=\"Fedora CoreOS 41.20241109.3.0\"\n";
 
+/// Symbols the fake kernel image exports (in its `/proc/kallsyms`).
+pub const KERNEL_IMAGE_SYMBOLS: [&str; 5] = [
+    "_printk",
+    "printk",
+    "__register_chrdev",
+    "__unregister_chrdev",
+    "pci_register_driver",
+];
+
+/// Symbols the fake OS modules export (`modules.symbols`), as (symbol, module).
+pub const OS_MODULE_SYMBOLS: [(&str, &str); 3] = [
+    ("drm_dev_register", "drm"),
+    ("drm_kms_helper_poll_init", "drm_kms_helper"),
+    ("ipmi_create_user", "ipmi_msghandler"),
+];
+
 pub struct FakeHost {
     pub dir: tempfile::TempDir,
     pub root: Root,
@@ -55,6 +71,22 @@ impl FakeHost {
         host.write(
             &format!("/usr/lib/modules/{kernel_release}/modules.builtin"),
             "kernel/drivers/video/backlight.ko\n",
+        );
+        // What depmod writes for the OS modules above: the symbols each exports.
+        host.write(
+            &format!("/usr/lib/modules/{kernel_release}/modules.symbols"),
+            &OS_MODULE_SYMBOLS
+                .iter()
+                .map(|(symbol, module)| format!("alias symbol:{symbol} {module}\n"))
+                .collect::<String>(),
+        );
+        // The kernel image's exports; the simulated kernel adds each loaded module's.
+        host.write(
+            "/proc/kallsyms",
+            &KERNEL_IMAGE_SYMBOLS
+                .iter()
+                .map(|symbol| format!("ffffffff81000000 T {symbol}\n"))
+                .collect::<String>(),
         );
         fs::create_dir_all(host.path("/dev/char")).unwrap();
         host

@@ -30,7 +30,9 @@ pub struct OverlayBuilder {
 
 impl OverlayBuilder {
     /// The usual NVIDIA set: nvidia, nvidia-modeset and nvidia-uvm (both on nvidia), nvidia-drm
-    /// (on nvidia-modeset and the OS's drm), with firmware.
+    /// (on nvidia-modeset and the OS's drm), with firmware. Each calls what it depends on, as
+    /// the real modules do (the symbols are NVIDIA's), so the simulated kernel, which resolves
+    /// symbols and never reads `depends=`, refuses a wrong order.
     pub fn nvidia(kernel_release: &str) -> Self {
         let m = |name: &str| FixtureModule::new(name, kernel_release, DRIVER);
         OverlayBuilder {
@@ -39,12 +41,36 @@ impl OverlayBuilder {
             arch: std::env::consts::ARCH.into(),
             modules: vec![
                 (
-                    m("nvidia-drm").depends(&["nvidia-modeset", "drm", "drm_kms_helper"]),
+                    m("nvidia-drm")
+                        .depends(&["nvidia-modeset", "drm", "drm_kms_helper"])
+                        .imports(&[
+                            "nvKmsKapiGetFunctionsTable",
+                            "drm_dev_register",
+                            "drm_kms_helper_poll_init",
+                            "_printk",
+                        ]),
                     Packing::Zstd,
                 ),
-                (m("nvidia-uvm").depends(&["nvidia"]), Packing::Xz),
-                (m("nvidia-modeset").depends(&["nvidia"]), Packing::Plain),
-                (m("nvidia").depends(&[]), Packing::Zstd),
+                (
+                    m("nvidia-uvm")
+                        .depends(&["nvidia"])
+                        .imports(&["nvUvmInterfaceRegisterGpu", "__register_chrdev"]),
+                    Packing::Xz,
+                ),
+                (
+                    m("nvidia-modeset")
+                        .depends(&["nvidia"])
+                        .exports(&["nvKmsKapiGetFunctionsTable"])
+                        .imports(&["nvidia_get_rm_ops"]),
+                    Packing::Plain,
+                ),
+                (
+                    m("nvidia")
+                        .depends(&[])
+                        .exports(&["nvidia_get_rm_ops", "nvUvmInterfaceRegisterGpu"])
+                        .imports(&["pci_register_driver", "__register_chrdev"]),
+                    Packing::Zstd,
+                ),
             ],
             firmware: true,
             userspace: false,

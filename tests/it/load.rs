@@ -109,6 +109,12 @@ fn plan_derives_dependencies_from_symbols_when_depends_is_empty() {
         "[driver]\nmodules = [\"nvidia-peermem\", \"nvidia-drm\"]\n",
     );
     let plan = plan(&host).unwrap();
+    // The simulated kernel resolves symbols and ignores depends=: a plan that followed
+    // depends= alone fails here with the kernel's "Unknown symbol".
+    let (result, _) = load(&host);
+    if let Err(e) = result {
+        panic!("load failed: {e}");
+    }
     assert_eq!(
         module_names(&plan),
         ["nvidia", "nvidia_modeset", "nvidia_drm", "nvidia_peermem"]
@@ -119,9 +125,6 @@ fn plan_derives_dependencies_from_symbols_when_depends_is_empty() {
         .find(|m| m.name == "nvidia_drm")
         .unwrap();
     assert_eq!(drm.depends, ["nvidia_modeset"], "derived, shown in plan");
-    // And the load itself goes through in that order on the simulated kernel.
-    let (result, _) = load(&host);
-    result.unwrap();
 }
 
 /// What modprobe would do, done by the agent: nvidia-drm built against a kernel with DRM
@@ -871,4 +874,81 @@ fn plan_error_types_are_specific() {
         plan(&host),
         Err(CommandError::Plan(PlanError::DependencyCycle { .. }))
     ));
+}
+
+/// The simulated kernel judges a module by its symbols, as a real one does, not by the
+/// `depends=` the plan read: nvidia-drm with an empty `depends=` (as real builds carry) loaded
+/// before nvidia-modeset is refused with the kernel's "Unknown symbol"; once nvidia-modeset is
+/// loaded it goes in; unloading nvidia-modeset takes its symbols away again.
+#[test]
+fn simulated_kernel_resolves_symbols_not_depends() {
+    use nvdriver_agent::kmod::sys::{Kernel, ModuleLoad};
+    let host = FakeHost::new(KVER);
+    let m = |name: &str| FixtureModule::new(name, KVER, DRIVER);
+    let modeset = m("nvidia-modeset").exports(&["nvKmsKapiGetFunctionsTable"]);
+    let drm = m("nvidia-drm").imports(&["nvKmsKapiGetFunctionsTable", "_printk"]);
+    let mut kernel = SimulatedKernel::new(host.root.clone());
+    let finit = |kernel: &mut SimulatedKernel, module: &FixtureModule| {
+        let path = host.path(format!("/tmp/{}.ko", module.name));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, module.bytes(crate::common::Compression::None)).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        kernel.finit_module(&ModuleLoad {
+            name: &module.kernel_name(),
+            path: &path,
+            file: &file,
+            params: "",
+            kernel_decompresses: false,
+            version: Some(DRIVER),
+            vermagic: &format!("{KVER} SMP preempt mod_unload modversions "),
+            signed: false,
+        })
+    };
+    let err = finit(&mut kernel, &drm).expect_err("nvidia-modeset is not loaded");
+    assert_eq!(err.errno, nix::errno::Errno::ENOENT);
+    assert!(
+        err.to_string()
+            .contains("nvidia_drm: Unknown symbol nvKmsKapiGetFunctionsTable"),
+        "{err}"
+    );
+    finit(&mut kernel, &modeset).unwrap();
+    finit(&mut kernel, &drm).unwrap();
+    assert!(host
+        .read("/proc/kallsyms")
+        .contains("nvKmsKapiGetFunctionsTable\t[nvidia_modeset]"));
+    kernel.delete_module("nvidia_drm").unwrap();
+    kernel.delete_module("nvidia_modeset").unwrap();
+    assert!(!host
+        .read("/proc/kallsyms")
+        .contains("nvKmsKapiGetFunctionsTable"));
+    let err = finit(&mut kernel, &drm).expect_err("its provider is gone");
+    assert_eq!(err.errno, nix::errno::Errno::ENOENT);
+}
+
+/// A module that needs a symbol nothing exports (neither the kernel image, nor the overlay,
+/// nor an OS module) is refused by the kernel mid-load: the load is undone and the host is
+/// left as it was.
+#[test]
+fn unresolved_symbol_is_refused_and_rolled_back() {
+    let m = |name: &str| FixtureModule::new(name, KVER, DRIVER);
+    let overlay = OverlayBuilder::nvidia(KVER).module(
+        m("nvidia-uvm")
+            .depends(&["nvidia"])
+            .imports(&["nvUvmInterfaceRegisterGpu", "hmm_range_fault"]),
+        Packing::Xz,
+    );
+    let host = host_with(&overlay);
+    let kallsyms_before = host.read("/proc/kallsyms");
+    let (result, calls) = load(&host);
+    let err = result.err().expect("refused");
+    assert_eq!(err.exit_code(), exit::KERNEL_REFUSED, "{err}");
+    assert!(err.to_string().contains("hmm_range_fault"), "{err}");
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, Call::DeleteModule { name } if name == "nvidia")));
+    // Nothing of the overlay's is left in the kernel's symbol table (the OS prerequisites
+    // modprobed first stay loaded, as modprobe leaves them).
+    let kallsyms = host.read("/proc/kallsyms");
+    assert!(kallsyms.starts_with(&kallsyms_before), "{kallsyms}");
+    assert!(!kallsyms.contains("[nvidia"), "{kallsyms}");
 }

@@ -13,6 +13,7 @@ mod crash;
 mod crash_failpoints;
 mod daemon;
 mod daemon_flatcar;
+mod daemon_hold;
 mod dbus;
 mod faults;
 mod fuzz_regressions;

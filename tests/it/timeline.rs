@@ -122,12 +122,17 @@ fn hold_locks_the_staged_deployment_until_the_overlay_lands() {
         "the hold",
         WAIT,
         || (state(root), root.join(LOCK).exists()),
-        |(s, locked)| *locked && !s["hold"].is_null(),
+        // The hold comes before the look at the sources, the stage record after it.
+        |(s, locked)| *locked && !s["hold"].is_null() && !s["last-stage"].is_null(),
     );
     t.mark("agent: overlay missing → staged deployment locked");
     assert_eq!(seen.0["last-stage"]["result"], "missing");
     assert_eq!(seen.0["hold"]["kernel-release"], NEXT);
-    assert_eq!(seen.0["hold"]["mechanism"], "ostree-finalization-lock");
+    // No logind on this host's (absent) bus: only the lock is held, and only it is claimed.
+    assert_eq!(
+        seen.0["hold"]["levers"],
+        serde_json::json!(["ostree-finalization-lock"])
+    );
     assert_eq!(status(root)["hold"]["kernel-release"], NEXT);
 
     publish_overlay(root, NEXT);
@@ -238,4 +243,53 @@ fn the_next_kernels_config_in_the_staged_deployment_is_honoured() {
     assert!(!root
         .join(format!("var/lib/nvdriver-agent/overlays/{NEXT}"))
         .exists());
+}
+
+/// On ostree the hold is the finalization lock *and* a logind block inhibitor: Zincati stages
+/// with `--lock-finalization` (the lock is then Zincati's, never ours to claim or remove) and
+/// later runs `rpm-ostree finalize-deployment`, which rpm-ostreed refuses while a `shutdown`
+/// block inhibitor exists (rpm-ostree src/daemon/rpmostreed-transaction-types.cxx
+/// `finalize_deployment_transaction_execute` → `check_sd_inhibitor_locks`, before unlocking).
+#[test]
+fn hold_on_ostree_adds_the_inhibitor_that_stops_zincatis_finalize() {
+    use crate::common::bus::{LogindPeer, TestBus};
+    for zincati_locked in [false, true] {
+        let bus = TestBus::start();
+        let logind = LogindPeer::start(&bus);
+        let host = fcos_host("hold");
+        let root = host.dir.path();
+        if zincati_locked {
+            std::fs::create_dir_all(root.join("run/ostree")).unwrap();
+            std::fs::write(root.join(LOCK), "").unwrap();
+        }
+        let daemon = Daemon::start(root, |c| bus.env(c));
+        let next = host.commit_kernel(NEXT);
+        host.stage(&next);
+        let (held, s) = wait_for(
+            "the hold",
+            WAIT,
+            || (logind.active_inhibitors(), state(root)),
+            |(held, s)| held.len() == 1 && !s["hold"].is_null() && !s["last-stage"].is_null(),
+        );
+        assert!(held[0].starts_with("shutdown|nvdriver-agent|"), "{held:?}");
+        let levers = if zincati_locked {
+            serde_json::json!(["logind-shutdown-inhibitor"])
+        } else {
+            serde_json::json!(["ostree-finalization-lock", "logind-shutdown-inhibitor"])
+        };
+        assert_eq!(s["hold"]["levers"], levers, "{s:#}\n{}", daemon.log());
+        assert!(root.join(LOCK).exists());
+
+        publish_overlay(root, NEXT);
+        let out = agent::run(root, &["stage"]);
+        assert!(out.status.success(), "{}", agent::text(&out));
+        wait_for(
+            "the release",
+            WAIT,
+            || (logind.active_inhibitors(), state(root)),
+            |(held, s)| held.is_empty() && s["hold"].is_null(),
+        );
+        // Zincati's lock stays Zincati's; ours is gone.
+        assert_eq!(root.join(LOCK).exists(), zincati_locked, "{}", daemon.log());
+    }
 }
