@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::boot::bzimage_with_release;
 use super::overlay::OverlayBuilder;
 use nvdriver_agent::config::StageSettings;
 use nvdriver_agent::fsutil::TEMP_PREFIX;
@@ -34,6 +35,9 @@ pub const OS_MODULE_SYMBOLS: [(&str, &str); 3] = [
     ("drm_kms_helper_poll_init", "drm_kms_helper"),
     ("ipmi_create_user", "ipmi_msghandler"),
 ];
+
+/// Flatcar's kernel command line when booted from the USR-B partition.
+pub const FLATCAR_CMDLINE_USR_B: &str = "BOOT_IMAGE=/flatcar/vmlinuz-b mount.usr=/dev/mapper/usr verity.usr=PARTUUID=e03dd35c-7c2d-4a47-b3fe-27f15780a57c root=LABEL=ROOT flatcar.oem.id=qemu\n";
 
 pub struct FakeHost {
     pub dir: tempfile::TempDir,
@@ -89,6 +93,22 @@ impl FakeHost {
                 .collect::<String>(),
         );
         fs::create_dir_all(host.path("/dev/char")).unwrap();
+        host
+    }
+
+    /// A Flatcar host booted from USR-B on `running`, with update_engine having written `next`'s
+    /// kernel to slot A (as it does before asking for a reboot); `config` is its
+    /// `/etc/nvdriver-agent/config.toml`.
+    pub fn flatcar(running: &str, next: &str, config: &str) -> Self {
+        let host = FakeHost::new(running);
+        host.write(
+            "/etc/os-release",
+            "NAME=\"Flatcar Container Linux by Kinvolk\"\nID=flatcar\nVERSION_ID=4081.2.0\n",
+        );
+        host.write("/proc/cmdline", FLATCAR_CMDLINE_USR_B);
+        host.write_bytes("/boot/flatcar/vmlinuz-b", &bzimage_with_release(running));
+        host.write_bytes("/boot/flatcar/vmlinuz-a", &bzimage_with_release(next));
+        host.write("/etc/nvdriver-agent/config.toml", config);
         host
     }
 

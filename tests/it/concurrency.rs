@@ -125,7 +125,6 @@ fn load_while_a_slow_stage_holds_the_store() {
 #[test]
 fn signal_storm_stages_once_and_stays_responsive() {
     use crate::common::agent::{state, wait_for, Daemon};
-    use crate::common::boot::bzimage_with_release;
     use crate::common::bus::{TestBus, UpdateEnginePeer};
 
     const RUNNING: &str = "6.6.60-flatcar";
@@ -134,19 +133,9 @@ fn signal_storm_stages_once_and_stays_responsive() {
     const RSS_LIMIT_KB: u64 = 64 << 10;
     let bus = TestBus::start();
     let update_engine = UpdateEnginePeer::start(&bus, "UPDATE_STATUS_IDLE");
-    let host = FakeHost::new(RUNNING);
-    host.write(
-        "/etc/os-release",
-        "NAME=\"Flatcar Container Linux by Kinvolk\"\nID=flatcar\nVERSION_ID=4081.2.0\n",
-    );
-    host.write("/proc/cmdline", "BOOT_IMAGE=/flatcar/vmlinuz-b mount.usr=/dev/mapper/usr verity.usr=PARTUUID=e03dd35c-7c2d-4a47-b3fe-27f15780a57c root=LABEL=ROOT\n");
-    host.write_bytes("/boot/flatcar/vmlinuz-b", &bzimage_with_release(RUNNING));
-    host.write_bytes(
-        "/boot/flatcar/vmlinuz-a",
-        &bzimage_with_release(FLATCAR_NEXT),
-    );
-    host.write(
-        "/etc/nvdriver-agent/config.toml",
+    let host = FakeHost::flatcar(
+        RUNNING,
+        FLATCAR_NEXT,
         &format!("[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/opt/overlays/{{kernel}}/{{driver}}\"]\n"),
     );
     let dir = host.path(format!("/opt/overlays/{FLATCAR_NEXT}/{DRIVER}"));

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use crate::common::agent::{self, state, wait_for, Daemon};
-use crate::common::boot::bzimage_with_release;
 use crate::common::bus::{LogindPeer, TestBus, UpdateEnginePeer};
 use crate::common::host::FakeHost;
 use crate::common::overlay::{OverlayBuilder, DRIVER};
@@ -13,21 +12,13 @@ use crate::common::overlay::{OverlayBuilder, DRIVER};
 const RUNNING: &str = "6.6.60-flatcar";
 const NEXT: &str = "6.6.95-flatcar";
 const WAIT: Duration = Duration::from_secs(20);
-const CMDLINE_USR_B: &str = "BOOT_IMAGE=/flatcar/vmlinuz-b mount.usr=/dev/mapper/usr verity.usr=PARTUUID=e03dd35c-7c2d-4a47-b3fe-27f15780a57c root=LABEL=ROOT flatcar.oem.id=qemu\n";
 const NEED_REBOOT: &str = "UPDATE_STATUS_UPDATED_NEED_REBOOT";
 
 /// Booted from USR-B on RUNNING; update_engine has written NEXT's kernel to slot A.
 fn flatcar_host(policy: &str, with_overlay: bool) -> FakeHost {
-    let host = FakeHost::new(RUNNING);
-    host.write(
-        "/etc/os-release",
-        "NAME=\"Flatcar Container Linux by Kinvolk\"\nID=flatcar\nVERSION_ID=4081.2.0\n",
-    );
-    host.write("/proc/cmdline", CMDLINE_USR_B);
-    host.write_bytes("/boot/flatcar/vmlinuz-b", &bzimage_with_release(RUNNING));
-    host.write_bytes("/boot/flatcar/vmlinuz-a", &bzimage_with_release(NEXT));
-    host.write(
-        "/etc/nvdriver-agent/config.toml",
+    let host = FakeHost::flatcar(
+        RUNNING,
+        NEXT,
         &format!("[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/opt/overlays/{{kernel}}/{{driver}}\"]\n[policy]\nmissing-next-overlay = \"{policy}\"\n"),
     );
     if with_overlay {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use crate::common::agent::{self, state, wait_for, Daemon};
 use crate::common::archive::{overlay_archive, Compression, ManifestAt};
-use crate::common::boot::bzimage_with_release;
 use crate::common::bus::{LogindPeer, SystemdPeer, TestBus, UpdateEnginePeer};
 use crate::common::host::FakeHost;
 use crate::common::http::{HttpServer, Route};
@@ -18,8 +17,6 @@ use crate::common::overlay::{OverlayBuilder, DRIVER};
 const RUNNING: &str = "6.6.60-flatcar";
 const NEXT: &str = "6.6.95-flatcar";
 const WAIT: Duration = Duration::from_secs(30);
-const CMDLINE_USR_B: &str =
-    "BOOT_IMAGE=/flatcar/vmlinuz-b mount.usr=/dev/mapper/usr root=LABEL=ROOT flatcar.oem.id=qemu\n";
 const NEED_REBOOT: &str = "UPDATE_STATUS_UPDATED_NEED_REBOOT";
 const DROPINS: [&str; 2] = [
     "/run/systemd/system/reboot.target.d/50-nvdriver-agent-hold.conf",
@@ -30,19 +27,40 @@ const METRICS: &str = "/var/lib/node_exporter/textfile_collector/nvdriver_agent.
 /// Booted from USR-B on RUNNING; update_engine wrote NEXT's kernel to slot A. `extra` is added
 /// to the configuration (sources, policy keys).
 fn flatcar_host(extra: &str) -> FakeHost {
-    let host = FakeHost::new(RUNNING);
-    host.write(
-        "/etc/os-release",
-        "NAME=\"Flatcar Container Linux by Kinvolk\"\nID=flatcar\nVERSION_ID=4081.2.0\n",
-    );
-    host.write("/proc/cmdline", CMDLINE_USR_B);
-    host.write_bytes("/boot/flatcar/vmlinuz-b", &bzimage_with_release(RUNNING));
-    host.write_bytes("/boot/flatcar/vmlinuz-a", &bzimage_with_release(NEXT));
-    host.write(
-        "/etc/nvdriver-agent/config.toml",
+    FakeHost::flatcar(
+        RUNNING,
+        NEXT,
         &format!("[driver]\nversion = \"{DRIVER}\"\n{extra}"),
+    )
+}
+
+/// An HTTP server that dribbles NEXT's overlay out in `chunks` pieces, 100 ms apart, and a
+/// Flatcar host under `hold` whose only source it is.
+fn paced_source_host(chunks: usize) -> (HttpServer, FakeHost) {
+    let server = HttpServer::start();
+    let (archive, _) = overlay_archive(
+        &OverlayBuilder::nvidia(NEXT),
+        Compression::Zstd,
+        ManifestAt::First,
     );
-    host
+    let chunk = archive.len() / chunks + 1;
+    server.route(
+        &paced_path(),
+        Route {
+            pace: Some((chunk, Duration::from_millis(100))),
+            ..Route::file(archive)
+        },
+    );
+    let host = flatcar_host(&format!(
+        "[stage]\nallow-http = true\nsources = [\"{}\"]\n[policy]\nmissing-next-overlay = \"hold\"\n",
+        server.url("/{kernel}/{driver}.tar.zst")
+    ));
+    (server, host)
+}
+
+/// Where [`paced_source_host`] serves the overlay.
+fn paced_path() -> String {
+    format!("/{NEXT}/{DRIVER}.tar.zst")
 }
 
 fn dir_sources(policy_extra: &str) -> String {
@@ -125,26 +143,8 @@ fn wait_released(w: &World, host: &FakeHost) -> serde_json::Value {
 
 #[test]
 fn levers_are_taken_before_the_download_and_let_go_after_publish() {
-    let server = HttpServer::start();
-    let (archive, _) = overlay_archive(
-        &OverlayBuilder::nvidia(NEXT),
-        Compression::Zstd,
-        ManifestAt::First,
-    );
     // Dribbled out over about three seconds: the download is under way long enough to look.
-    let chunk = archive.len() / 30 + 1;
-    let path = format!("/{NEXT}/{DRIVER}.tar.zst");
-    server.route(
-        &path,
-        Route {
-            pace: Some((chunk, Duration::from_millis(100))),
-            ..Route::file(archive)
-        },
-    );
-    let host = flatcar_host(&format!(
-        "[stage]\nallow-http = true\nsources = [\"{}\"]\n[policy]\nmissing-next-overlay = \"hold\"\n",
-        server.url("/{kernel}/{driver}.tar.zst")
-    ));
+    let (server, host) = paced_source_host(30);
     let w = world(&host, "running");
     let root = host.dir.path();
     let daemon = Daemon::start(root, |c| w.bus.env(c));
@@ -153,7 +153,7 @@ fn levers_are_taken_before_the_download_and_let_go_after_publish() {
     wait_for(
         "the download to start",
         WAIT,
-        || server.requests(&path),
+        || server.requests(&paced_path()),
         |r| !r.is_empty(),
     );
     // The body is still dribbling in: every lever must be in force already.
@@ -340,26 +340,8 @@ fn a_stopped_agent_leaves_no_reboot_refusal_but_a_shutdown_keeps_it() {
 /// at once (rpm-ostreed and logind see it gone), not when the download ends.
 #[test]
 fn hold_release_drops_the_inhibitor_at_once_even_mid_download() {
-    let server = HttpServer::start();
-    let (archive, _) = overlay_archive(
-        &OverlayBuilder::nvidia(NEXT),
-        Compression::Zstd,
-        ManifestAt::First,
-    );
     // About fifteen seconds of download.
-    let chunk = archive.len() / 150 + 1;
-    let path = format!("/{NEXT}/{DRIVER}.tar.zst");
-    server.route(
-        &path,
-        Route {
-            pace: Some((chunk, Duration::from_millis(100))),
-            ..Route::file(archive)
-        },
-    );
-    let host = flatcar_host(&format!(
-        "[stage]\nallow-http = true\nsources = [\"{}\"]\n[policy]\nmissing-next-overlay = \"hold\"\n",
-        server.url("/{kernel}/{driver}.tar.zst")
-    ));
+    let (server, host) = paced_source_host(150);
     let w = world(&host, "running");
     let root = host.dir.path();
     let daemon = Daemon::start(root, |c| w.bus.env(c));
@@ -368,7 +350,7 @@ fn hold_release_drops_the_inhibitor_at_once_even_mid_download() {
     wait_for(
         "the download to start",
         WAIT,
-        || server.requests(&path),
+        || server.requests(&paced_path()),
         |r| !r.is_empty(),
     );
 
