@@ -5,6 +5,7 @@
 mod common;
 
 mod build;
+mod caps;
 mod cli;
 mod cli_docs;
 mod concurrency;
