@@ -124,6 +124,17 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The mounted directories of `/proc/self/mountinfo` text (field 4: the path of the mount's root
+/// within its file system, octal escapes undone). The kernel computes it from the directory
+/// itself, so a bind mount's source that was renamed shows its new name.
+pub fn mount_roots(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .collect()
+}
+
 fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
