@@ -208,6 +208,9 @@ pub fn load(ctx: &Context, kernel: &mut dyn Kernel) -> Result<LoadOutcome, Comma
             spec,
             &plan.overlay,
             &plan.driver_root.root(),
+            &caps::workload_nodes(
+                &caps::read_nodes(&ctx.root, &ctx.settings.imex_channels).unwrap_or_default(),
+            ),
         ) {
             Ok(outcome) => {
                 debug!(OVERLAY = %plan.overlay.display(), "CDI spec {}: {outcome:?}", spec.display())

@@ -240,6 +240,17 @@ pub fn all_nodes(
     Ok(nodes)
 }
 
+/// The nodes a container's `all` device gets: MIG access caps (`gpuN/mig/…`) and IMEX
+/// channels; not `mig/config`, `mig/monitor` or `fabric-imex-mgmt`, which administer MIG or
+/// the fabric and are not a workload's to hold.
+pub fn workload_nodes(nodes: &[CapNode]) -> Vec<PathBuf> {
+    nodes
+        .iter()
+        .filter(|n| n.source.starts_with("gpu") || n.source.starts_with("imex-channel"))
+        .map(|n| n.path.clone())
+        .collect()
+}
+
 /// Read every regular file under [`CAPS_PROC_DIR`] (empty when the driver is not loaded).
 pub fn read_caps_tree(root: &Root) -> CapsTree {
     let base = root.join(CAPS_PROC_DIR);

@@ -263,7 +263,7 @@ impl<'a> Store<'a> {
     /// root), to tell a replaced copy that is still mounted.
     fn mounted_names(&self) -> Vec<String> {
         let text = fs::read_to_string(self.root.join("/proc/self/mountinfo")).unwrap_or_default();
-        crate::kmod::sys::mount_roots(&text)
+        crate::fsutil::mount_roots(&text)
             .iter()
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect()

@@ -6,6 +6,7 @@ mod common;
 
 mod build;
 mod caps;
+mod cdi;
 mod cli;
 mod cli_docs;
 mod concurrency;
