@@ -220,6 +220,40 @@ pub fn create_dir_all_mode(dir: &Path, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// The mounted directories of `/proc/self/mountinfo` text (field 4: the path of the mount's root
+/// within its file system, octal escapes undone). The kernel computes it from the directory
+/// itself, so a bind mount's source that was renamed shows its new name.
+pub fn mount_roots(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .collect()
+}
+
+/// Undo mountinfo's octal escapes (`\\040` for a space).
+pub fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value = u8::from_str_radix(&field[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -725,6 +725,7 @@ fn render_plan(plan: &LoadPlan) -> String {
             .unwrap_or_else(|| "<per GPU>".into());
         let _ = writeln!(out, "device node:  {} c {major}:{minor}", n.path);
     }
+    render_caps(&mut out, plan);
     let _ = writeln!(
         out,
         "driver root:  {}",
@@ -736,6 +737,36 @@ fn render_plan(plan: &LoadPlan) -> String {
         let _ = writeln!(out, "warning:      {w}");
     }
     out
+}
+
+/// The capability nodes: the ones procfs lists now, or when they will be known.
+fn render_caps(out: &mut String, plan: &LoadPlan) {
+    use std::fmt::Write as _;
+    if plan.caps_nodes.is_empty() {
+        let _ = writeln!(
+            out,
+            "cap nodes:    none listed now; made from {} after nvidia loads",
+            nvdriver_agent::kmod::caps::CAPS_PROC_DIR
+        );
+    }
+    for n in &plan.caps_nodes {
+        let _ = writeln!(
+            out,
+            "cap node:     {} c {}:{} {:04o} {}:{}{} (from {})",
+            n.path.display(),
+            n.major,
+            n.minor,
+            n.mode,
+            n.uid,
+            n.gid,
+            if n.modify {
+                ""
+            } else {
+                " left as it is (DeviceFileModify: 0)"
+            },
+            n.source
+        );
+    }
 }
 
 /// A module step's action in words (the JSON keeps the kebab-case names).

@@ -15,6 +15,7 @@ use crate::config::MissingOverlayPolicy;
 use crate::handoff::toolkit;
 use crate::host::modprobe::ModprobeConfig;
 use crate::host::{HostFacts, KernelState, Root};
+use crate::kmod::caps;
 use crate::kmod::execute::{self, LoadReport, OpenedModule};
 use crate::kmod::plan::{self, InspectedModule, LoadPlan, PlanInputs, ToolkitState};
 use crate::kmod::sys::Kernel;
@@ -74,6 +75,8 @@ pub fn prepare_load(ctx: &Context, kernel: &dyn Kernel) -> Result<Prepared, Comm
         toolkit,
         driver_root_mount,
         modprobe: &modprobe,
+        caps_nodes: caps::read_nodes(&ctx.root, &ctx.settings.imex_channels)
+            .map_err(|e| e.to_string()),
     })?;
     for warning in &plan.warnings {
         warn!(KERNEL_RELEASE = %plan.kernel_release, OVERLAY = %plan.overlay.display(), "{warning}");
@@ -205,6 +208,9 @@ pub fn load(ctx: &Context, kernel: &mut dyn Kernel) -> Result<LoadOutcome, Comma
             spec,
             &plan.overlay,
             &plan.driver_root.root(),
+            &caps::workload_nodes(
+                &caps::read_nodes(&ctx.root, &ctx.settings.imex_channels).unwrap_or_default(),
+            ),
         ) {
             Ok(outcome) => {
                 debug!(OVERLAY = %plan.overlay.display(), "CDI spec {}: {outcome:?}", spec.display())

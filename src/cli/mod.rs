@@ -53,6 +53,9 @@ pub enum Command {
         json: bool,
     },
     /// Load the driver for the running kernel from the store and hand it to containers.
+    ///
+    /// Idempotent: run it again after MIG reconfiguration (nvidia-smi mig, nvidia-mig-parted) to
+    /// make the new /dev/nvidia-caps nodes and rewrite the CDI spec; nothing else changes.
     Load,
     /// The daemon: load the driver for the running kernel, then watch for the kernel the host
     /// boots next and stage its overlay before the reboot (run by nvdriver-agent.service).

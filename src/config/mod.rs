@@ -264,6 +264,7 @@ struct DriverFragment {
     root: Option<PathBuf>,
     modules: Option<Vec<String>>,
     os_modules: Option<Vec<String>>,
+    imex_channels: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -303,6 +304,9 @@ pub struct Settings {
     /// The OS's own modules NVIDIA needs (`driver.os-modules`), loaded first with the system's
     /// modprobe where present.
     pub os_modules: Vec<String>,
+    /// IMEX channels whose `/dev/nvidia-caps-imex-channels/channel<N>` nodes the load makes
+    /// (`driver.imex-channels`); non-empty also makes the `fabric-imex-mgmt` capability node.
+    pub imex_channels: Vec<u32>,
     /// Per module (normalised to underscores), parameter name → value.
     pub parameters: BTreeMap<String, BTreeMap<String, ParamValue>>,
     /// Host path of the NVIDIA container toolkit's `config.toml` (`toolkit.config`).
@@ -457,6 +461,7 @@ struct Merged {
     driver_root: Sourced<PathBuf>,
     modules: Sourced<Vec<String>>,
     os_modules: Sourced<Vec<String>>,
+    imex_channels: Sourced<Vec<u32>>,
     parameters: BTreeMap<String, BTreeMap<String, ParamValue>>,
     toolkit_config: Sourced<PathBuf>,
     manage_toolkit: Sourced<bool>,
@@ -495,6 +500,7 @@ impl Merged {
             set(&mut self.driver_root, driver.root, file);
             set(&mut self.modules, driver.modules, file);
             set(&mut self.os_modules, driver.os_modules, file);
+            set(&mut self.imex_channels, driver.imex_channels, file);
         }
         // Parameters merge per module and per key, so a drop-in can change one parameter.
         for (module, params) in fragment.parameters.unwrap_or_default() {
@@ -611,6 +617,7 @@ impl Merged {
             driver_root,
             modules,
             os_modules,
+            imex_channels: self.imex_channels.map(|(v, _)| v).unwrap_or_default(),
             parameters: self.parameters,
             toolkit_config,
             manage_toolkit: self.manage_toolkit.map(|(v, _)| v).unwrap_or(true),

@@ -16,6 +16,7 @@ use crate::handoff::driver_ready::{self, DriverReady};
 use crate::handoff::toolkit;
 use crate::host::kernel::FIRMWARE_PATH;
 use crate::host::Root;
+use crate::kmod::caps::{self, CapNode};
 use crate::kmod::devices::{self, nodes_for, DeviceNode};
 use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction, OsModuleStep};
 use crate::kmod::sys::{Kernel, ModuleLoad, NodeState, SysError};
@@ -84,6 +85,9 @@ pub enum LoadError {
     /// A loaded module registered no character device in `/proc/devices`.
     #[error(transparent)]
     Devices(#[from] devices::DeviceError),
+    /// The MIG or IMEX capability nodes could not be worked out from procfs.
+    #[error(transparent)]
+    Caps(#[from] caps::CapsError),
     /// Creating (or replacing) a device node failed.
     #[error("cannot create device node {path}: {cause}")]
     Node {
@@ -219,6 +223,11 @@ pub fn execute(
             report.nodes_created.push(node.path.clone());
         }
     }
+    // Read again now that the modules are loaded: the driver lists its capabilities then.
+    let cap_nodes = caps::read_nodes(root, &plan.imex_channels)?;
+    report
+        .nodes_created
+        .extend(ensure_cap_nodes(root, &cap_nodes, kernel)?);
 
     report.driver_root = plan.driver_root.root();
     match &plan.driver_root {
@@ -427,6 +436,90 @@ pub fn gpu_minors(root: &Root) -> Vec<u32> {
     minors
 }
 
+/// Make the capability nodes as nvidia-modprobe's `nvidia_cap_mknod` and `mknod_helper` do
+/// (see [`crate::kmod::caps`]); returns the nodes made or replaced.
+pub fn ensure_cap_nodes(
+    root: &Root,
+    nodes: &[CapNode],
+    kernel: &mut dyn Kernel,
+) -> Result<Vec<PathBuf>, LoadError> {
+    let mut made = Vec::new();
+    for node in nodes {
+        if let Some(dir) = node.path.parent() {
+            ensure_caps_dir(root, dir, kernel)?;
+        }
+        if ensure_cap_node(root, node, kernel)? {
+            made.push(node.path.clone());
+        }
+    }
+    Ok(made)
+}
+
+/// `/dev/nvidia-caps` (or the IMEX channels' directory): made 0755 and, when made here, chmod
+/// 0755 and chown 0:0 (`nvidia_cap_mknod`); an existing one is left as it is.
+fn ensure_caps_dir(root: &Root, dir: &Path, kernel: &mut dyn Kernel) -> Result<(), LoadError> {
+    let path = root.join(dir);
+    match fs::create_dir(&path) {
+        Ok(()) => kernel
+            .set_owner_mode(&path, 0, 0, caps::CAPS_DIR_MODE)
+            .map_err(|cause| LoadError::Node {
+                path: dir.to_path_buf(),
+                cause,
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(LoadError::Io { path, error }),
+    }
+}
+
+/// One capability node: left alone when the driver says `DeviceFileModify: 0`; otherwise made
+/// (or replaced when its numbers are wrong) and given its mode and owner. Returns whether it
+/// was made.
+fn ensure_cap_node(
+    root: &Root,
+    node: &CapNode,
+    kernel: &mut dyn Kernel,
+) -> Result<bool, LoadError> {
+    let path = root.join(&node.path);
+    let link = PathBuf::from(format!("/dev/char/{}:{}", node.major, node.minor));
+    let link_target = Path::new("..").join(node.path.strip_prefix("/dev").unwrap_or(&node.path));
+    if !node.modify {
+        // `mknod_helper` with modification off only links an existing node.
+        if path.exists() {
+            ensure_char_link(root, &link, &link_target)?;
+        }
+        return Ok(false);
+    }
+    let fail = |cause| LoadError::Node {
+        path: node.path.clone(),
+        cause,
+    };
+    let made = match kernel.node_state(&path).map_err(fail)? {
+        NodeState::CharDevice { major, minor } if major == node.major && minor == node.minor => {
+            false
+        }
+        NodeState::Missing => true,
+        NodeState::CharDevice { .. } | NodeState::Other => {
+            fs::remove_file(&path).map_err(|error| LoadError::Io {
+                path: path.clone(),
+                error,
+            })?;
+            true
+        }
+    };
+    if made {
+        kernel
+            .mknod_char(&path, node.major, node.minor, node.mode)
+            .map_err(fail)?;
+    }
+    if made || kernel.node_owner_mode(&path).map_err(fail)? != (node.mode, node.uid, node.gid) {
+        kernel
+            .set_owner_mode(&path, node.uid, node.gid, node.mode)
+            .map_err(fail)?;
+    }
+    ensure_char_link(root, &link, &link_target)?;
+    Ok(made)
+}
+
 /// Make `node` exist with the right numbers, and its `/dev/char` link. Returns whether it
 /// created the node.
 fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Result<bool, LoadError> {
@@ -458,18 +551,24 @@ fn ensure_node(root: &Root, node: &DeviceNode, kernel: &mut dyn Kernel) -> Resul
         }
     };
     let (link, target) = node.char_link();
+    ensure_char_link(root, &link, &target)?;
+    Ok(created)
+}
+
+/// The `/dev/char/MAJOR:MINOR` link udev (and nvidia-modprobe's `symlink_char_dev`) makes.
+fn ensure_char_link(root: &Root, link: &Path, target: &Path) -> Result<(), LoadError> {
     let link = root.join(link);
-    if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+    if fs::read_link(&link).ok().as_deref() != Some(target) {
         if let Some(parent) = link.parent() {
             let _ = fs::create_dir_all(parent);
         }
         let _ = fs::remove_file(&link);
-        symlink(&target, &link).map_err(|e| LoadError::Io {
+        symlink(target, &link).map_err(|e| LoadError::Io {
             path: link.clone(),
             error: e,
         })?;
     }
-    Ok(created)
+    Ok(())
 }
 
 #[cfg(test)]

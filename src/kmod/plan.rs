@@ -13,6 +13,7 @@ use crate::host::kernel::{normalize_module_name, KernelState};
 use crate::host::keyring::{self, KeyTrust};
 use crate::host::modprobe::{self, ModprobeConfig, Softdep, MODULES_SOFTDEP};
 use crate::host::HostFacts;
+use crate::kmod::caps::CapNode;
 use crate::modinfo::{vermagic_release, Compression, ModInfo};
 use crate::overlay::manifest::{module_stem, Flavor};
 use crate::overlay::StoredOverlay;
@@ -68,6 +69,9 @@ pub struct PlanInputs<'a> {
     pub driver_root_mount: MountState,
     /// What `modprobe` would apply: `modprobe.d` options and softdeps, the kernel command line.
     pub modprobe: &'a ModprobeConfig,
+    /// The capability nodes procfs lists now ([`crate::kmod::caps::read_nodes`]), or why they
+    /// cannot be worked out (shown as a warning).
+    pub caps_nodes: Result<Vec<CapNode>, String>,
 }
 
 /// What the load does with one overlay module.
@@ -284,6 +288,12 @@ pub struct LoadPlan {
     /// The device nodes the modules need, for display (execute computes its own from
     /// `/proc/devices`).
     pub device_nodes: Vec<NodeSpec>,
+    /// The MIG and IMEX capability nodes, from `/proc/driver/nvidia/capabilities` and
+    /// `/proc/devices` as they are now: empty before `nvidia` is loaded (execute reads procfs
+    /// again after loading).
+    pub caps_nodes: Vec<CapNode>,
+    /// `driver.imex-channels`: the IMEX channel nodes to make.
+    pub imex_channels: Vec<u32>,
     /// How the driver root is provided.
     pub driver_root: DriverRootStep,
     /// What happens to the toolkit's config.
@@ -482,6 +492,8 @@ pub fn plan_load(inputs: &PlanInputs<'_>) -> Result<LoadPlan, PlanError> {
         firmware,
         os_modules,
         device_nodes: node_specs(&order),
+        caps_nodes: caps_nodes(inputs, &mut warnings),
+        imex_channels: settings.imex_channels.clone(),
         modules: steps,
         os_modules_after,
         driver_root,
@@ -1259,6 +1271,16 @@ fn dependency_order(
     Ok(order)
 }
 
+fn caps_nodes(inputs: &PlanInputs<'_>, warnings: &mut Vec<String>) -> Vec<CapNode> {
+    match &inputs.caps_nodes {
+        Ok(nodes) => nodes.clone(),
+        Err(e) => {
+            warnings.push(format!("capability nodes: {e}"));
+            Vec::new()
+        }
+    }
+}
+
 fn node_specs(order: &[String]) -> Vec<NodeSpec> {
     use crate::kmod::devices::{NVIDIACTL_MINOR, NVIDIA_MAJOR, NVIDIA_MODESET_MINOR};
     let has = |n: &str| order.iter().any(|m| m == n);
@@ -1451,6 +1473,7 @@ mod tests {
                 toolkit: ToolkitState::Absent,
                 driver_root_mount: MountState::NotMounted,
                 modprobe: &self.modprobe,
+                caps_nodes: Ok(Vec::new()),
             })
         }
 

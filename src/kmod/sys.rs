@@ -90,6 +90,17 @@ pub trait Kernel {
     ) -> Result<(), SysError>;
     /// What is at `path` now, without following a symlink on the real kernel.
     fn node_state(&self, path: &Path) -> Result<NodeState, SysError>;
+    /// The permission bits (`0o777` part) and owner of the node at `path`, not following a
+    /// symlink: `(mode, uid, gid)`.
+    fn node_owner_mode(&self, path: &Path) -> Result<(u32, u32, u32), SysError>;
+    /// chmod `mode` and chown `uid:gid` a node or directory the agent makes.
+    fn set_owner_mode(
+        &mut self,
+        path: &Path,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    ) -> Result<(), SysError>;
     /// Is `source` mounted at `target`?
     fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError>;
     /// Bind-mount `source` at `target`, then remount it read-only, `nosuid`, `nodev`.
@@ -109,30 +120,8 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
     mountinfo
         .lines()
         .filter_map(|line| line.split_whitespace().nth(4))
-        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .map(|field| PathBuf::from(crate::fsutil::unescape_mountinfo(field)))
         .collect()
-}
-
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value = u8::from_str_radix(&field[i + 1..i + 4], 8).unwrap_or(b'?');
-            out.push(value);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `MODULE_INIT_COMPRESSED_FILE`, which nix does not name.
@@ -194,6 +183,27 @@ impl Kernel for LinuxKernel {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeState::Missing),
             Err(e) => Err(io_sys_error("stat", path, e)),
         }
+    }
+
+    fn node_owner_mode(&self, path: &Path) -> Result<(u32, u32, u32), SysError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::symlink_metadata(path).map_err(|e| io_sys_error("stat", path, e))?;
+        Ok((meta.mode() & 0o777, meta.uid(), meta.gid()))
+    }
+
+    fn set_owner_mode(
+        &mut self,
+        path: &Path,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    ) -> Result<(), SysError> {
+        use std::os::unix::fs::PermissionsExt;
+        // chown first: chown clears setuid bits, never permission bits, so the order is free.
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            .map_err(|e| io_sys_error("chown", path, e))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| io_sys_error("chmod", path, e))
     }
 
     fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError> {
@@ -276,6 +286,11 @@ impl Kernel for LinuxKernel {
     }
 }
 
+fn set_file_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
 fn io_sys_error(operation: &'static str, path: &Path, e: std::io::Error) -> SysError {
     SysError {
         operation,
@@ -311,6 +326,17 @@ pub enum Call {
         major: u32,
         /// Character minor.
         minor: u32,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A chmod and chown of a node or its directory.
+    SetOwnerMode {
+        /// The node or directory.
+        path: PathBuf,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
         /// Permission bits.
         mode: u32,
     },
@@ -636,14 +662,20 @@ impl Kernel for SimulatedKernel {
         if path.exists() {
             return Err(SysError::new("mknod", path.display(), Errno::EEXIST));
         }
-        fs::write(path, format!("c {major}:{minor}\n")).map_err(|e| io_sys_error("mknod", path, e))
+        // A node is a file `c MAJOR:MINOR` with the node's permission bits; owned by root
+        // unless an `owner UID:GID` line says otherwise.
+        fs::write(path, format!("c {major}:{minor}\n"))
+            .map_err(|e| io_sys_error("mknod", path, e))?;
+        set_file_mode(path, mode).map_err(|e| io_sys_error("mknod", path, e))
     }
 
     fn node_state(&self, path: &Path) -> Result<NodeState, SysError> {
         match fs::read_to_string(path) {
             Ok(text) => {
                 let parsed = text
-                    .trim()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
                     .strip_prefix("c ")
                     .and_then(|rest| rest.split_once(':'))
                     .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
@@ -655,6 +687,51 @@ impl Kernel for SimulatedKernel {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NodeState::Missing),
             Err(_) => Ok(NodeState::Other),
         }
+    }
+
+    fn node_owner_mode(&self, path: &Path) -> Result<(u32, u32, u32), SysError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::symlink_metadata(path).map_err(|e| io_sys_error("stat", path, e))?;
+        let text = if meta.is_file() {
+            fs::read_to_string(path).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let (uid, gid) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("owner "))
+            .and_then(|o| o.split_once(':'))
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+            .unwrap_or((0, 0));
+        Ok((meta.mode() & 0o777, uid, gid))
+    }
+
+    fn set_owner_mode(
+        &mut self,
+        path: &Path,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    ) -> Result<(), SysError> {
+        self.record(Call::SetOwnerMode {
+            path: self.host(path),
+            uid,
+            gid,
+            mode,
+        });
+        if path.is_file() {
+            let text = fs::read_to_string(path).map_err(|e| io_sys_error("chown", path, e))?;
+            let node = text.lines().next().unwrap_or("");
+            let text = if (uid, gid) == (0, 0) {
+                format!("{node}\n")
+            } else {
+                format!("{node}\nowner {uid}:{gid}\n")
+            };
+            // The file may be 0400 already; a non-root test runner must still rewrite it.
+            set_file_mode(path, 0o600).map_err(|e| io_sys_error("chmod", path, e))?;
+            fs::write(path, text).map_err(|e| io_sys_error("chown", path, e))?;
+        }
+        set_file_mode(path, mode).map_err(|e| io_sys_error("chmod", path, e))
     }
 
     fn mount_state(&self, source: &Path, target: &Path) -> Result<MountState, SysError> {

@@ -6,6 +6,12 @@
 //! the store holds [`Store::lock`], so two stagers (or a stager and GC) take turns, and the
 //! leftovers of a stage that was killed are recognisable by [`TEMP_PREFIX`] and removed by the
 //! next one.
+//!
+//! A replaced copy may be the one bind-mounted at the driver root (`/run/nvidia/driver`) for the
+//! running kernel: a mount follows the directory, not its name, so deleting the old copy would
+//! empty the live driver root under running containers. It is renamed to a [`RETIRED_PREFIX`]
+//! name instead and removed only once no mount shows it (the next load mounts the new copy;
+//! the next stage, import or GC removes the old one).
 
 use crate::fsutil::{PathIoError, WithPath};
 use crate::host::version::version_cmp;
@@ -22,6 +28,9 @@ use crate::fsutil::{fsync_dir, temp_sibling, TEMP_PREFIX};
 use crate::host::Root;
 use crate::overlay::manifest::{Manifest, ManifestError, MANIFEST_NAME};
 use crate::overlay::verify::{self, check_digest, verify_tree, Generated, VerifyError};
+
+/// Name prefix of an overlay copy that was replaced while it may still be mounted.
+pub const RETIRED_PREFIX: &str = ".nvdriver-agent-retired.";
 
 /// Why a store operation failed, or an overlay directory is not usable.
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +207,15 @@ impl<'a> Store<'a> {
         for host_dir in &dirs {
             let real_dir = self.root.join(host_dir);
             let mut removed_here = false;
+            let mounted = self.mounted_names();
             for name in entry_names(&real_dir)? {
-                if !name.starts_with(TEMP_PREFIX) {
+                if !(name.starts_with(TEMP_PREFIX) || name.starts_with(RETIRED_PREFIX)) {
+                    continue;
+                }
+                if mounted.contains(&name) {
+                    // A replaced copy still mounted at the driver root: the next load moves
+                    // the mount to the new copy, a later clean removes this one.
+                    debug!(path = %real_dir.join(&name).display(), "replaced overlay still mounted; kept");
                     continue;
                 }
                 let path = real_dir.join(&name);
@@ -223,6 +239,34 @@ impl<'a> Store<'a> {
             info!(removed = ?removed, "removed leftovers of an interrupted stage");
         }
         Ok(removed)
+    }
+
+    /// Remove the retired copies in `kernel_dir` (a real path) that nothing mounts; one still
+    /// mounted stays for a later [`Store::clean_leftovers`]. Failures are only logged: the
+    /// new copy is in place either way.
+    fn remove_unmounted_retired(&self, kernel_dir: &Path) {
+        let mounted = self.mounted_names();
+        for name in entry_names(kernel_dir).unwrap_or_default() {
+            if !name.starts_with(RETIRED_PREFIX) {
+                continue;
+            }
+            let path = kernel_dir.join(&name);
+            if mounted.contains(&name) {
+                info!(path = %path.display(), "the replaced overlay is still mounted at the driver root; kept until the next load moves the mount to the new copy");
+            } else if let Err(e) = remove_any(&path) {
+                warn!(error = %e, "cannot remove a replaced overlay; the next stage removes it");
+            }
+        }
+    }
+
+    /// The last path components of every mounted directory (`/proc/self/mountinfo` under the
+    /// root), to tell a replaced copy that is still mounted.
+    fn mounted_names(&self) -> Vec<String> {
+        let text = fs::read_to_string(self.root.join("/proc/self/mountinfo")).unwrap_or_default();
+        crate::fsutil::mount_roots(&text)
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
     }
 
     /// Remove the overlays of every kernel except `keep_kernels` and the `keep_extra` newest
@@ -314,6 +358,9 @@ impl<'a> Store<'a> {
             .expect("overlay dir has a parent")
             .to_path_buf();
         let replaced = publish(staging, &target, &kernel_dir)?;
+        if replaced {
+            self.remove_unmounted_retired(&kernel_dir);
+        }
         debug!(
             OVERLAY = %target_host.display(),
             KERNEL_RELEASE = %manifest.kernel_release,
@@ -472,6 +519,9 @@ impl<'a> Store<'a> {
         });
         match result {
             Ok(replaced) => {
+                if replaced {
+                    self.remove_unmounted_retired(&kernel_dir);
+                }
                 // Staging says it once for the journal; `overlay import` prints its own line.
                 debug!(
                     OVERLAY = %target_host.display(),
@@ -688,8 +738,16 @@ fn make_ld_cache(staging: &Path) {
     }
 }
 
+/// A [`RETIRED_PREFIX`] sibling name for the replaced copy of `target`.
+fn retired_sibling(target: &Path) -> PathBuf {
+    let temp = temp_sibling(target);
+    let name = temp.file_name().unwrap_or_default().to_string_lossy();
+    target.with_file_name(name.replacen(TEMP_PREFIX, RETIRED_PREFIX, 1))
+}
+
 /// Move `staging` to `target`: a plain rename when there is none, an atomic exchange (then
-/// removal of the old copy) when there is. Returns whether something was replaced.
+/// the old copy renamed to a retired name) when there is. Returns whether something was
+/// replaced.
 fn publish(staging: &Path, target: &Path, parent: &Path) -> Result<bool, StoreError> {
     failpoint!("store::publish-rename");
     let replaced = if target.exists() {
@@ -715,8 +773,11 @@ fn publish(staging: &Path, target: &Path, parent: &Path) -> Result<bool, StoreEr
     fsync_dir(parent).with_path(parent)?;
     failpoint!("store::published");
     if replaced {
-        // `staging` now holds the old copy.
-        fs::remove_dir_all(staging).with_path(staging)?;
+        // `staging` now holds the old copy, which may be mounted at the driver root: retire
+        // it under a name that says so; `clean_leftovers` removes it once nothing mounts it.
+        let retired = retired_sibling(target);
+        fs::rename(staging, &retired).with_path(&retired)?;
+        fsync_dir(parent).with_path(parent)?;
     }
     Ok(replaced)
 }

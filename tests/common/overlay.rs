@@ -139,10 +139,17 @@ impl OverlayBuilder {
                 b"not really a library".to_vec(),
                 0o644,
             );
-            let link = PathBuf::from("usr/lib64/libnvidia-ml.so.1");
-            let target = PathBuf::from(format!("libnvidia-ml.so.{}", self.driver_version));
-            std::os::unix::fs::symlink(&target, dir.join(&link)).unwrap();
-            symlinks.push(SymlinkEntry { path: link, target });
+            add(
+                format!("usr/lib64/libcuda.so.{}", self.driver_version),
+                b"not really a library either".to_vec(),
+                0o644,
+            );
+            for name in ["libnvidia-ml", "libcuda"] {
+                let link = PathBuf::from(format!("usr/lib64/{name}.so.1"));
+                let target = PathBuf::from(format!("{name}.so.{}", self.driver_version));
+                std::os::unix::fs::symlink(&target, dir.join(&link)).unwrap();
+                symlinks.push(SymlinkEntry { path: link, target });
+            }
         }
         let manifest = Manifest {
             format: FORMAT_VERSION,

@@ -143,3 +143,90 @@ fn missing_run_is_created_as_needed() {
         text(&out)
     );
 }
+
+/// A bind mount at `target` of `source` for the guard's life (lazily unmounted at the end).
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    fn new(source: &Path, target: &Path) -> Option<BindMount> {
+        fs::create_dir_all(target).unwrap();
+        let out = Command::new("mount")
+            .arg("--bind")
+            .arg(source)
+            .arg(target)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: cannot bind-mount ({}); run the tests as root",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(BindMount(target.to_path_buf()))
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Importing a rebuilt overlay for the running kernel while its old copy is bind-mounted at the
+/// driver root (as `load` mounts it at /run/nvidia/driver) must leave the mounted tree whole:
+/// the old copy is retired, not deleted, and removed only once nothing mounts it.
+#[test]
+fn replacing_the_mounted_overlay_keeps_the_live_driver_root() {
+    use nvdriver_agent::host::Root;
+    use nvdriver_agent::overlay::store::RETIRED_PREFIX;
+    let tmp = tempfile::tempdir().unwrap();
+    // The real root: the kernel's own /proc/self/mountinfo is what the store reads.
+    let root = Root::new("/");
+    let store_dir = tmp.path().join("store");
+    let store = Store::new(&root, &store_dir);
+    let old = tmp.path().join("old");
+    let old_manifest = OverlayBuilder::nvidia(KVER).build(&old);
+    store.import(&old).unwrap();
+    let overlay = store_dir.join(KVER).join(DRIVER);
+    let driver_root = tmp.path().join("run/nvidia/driver");
+    let Some(mount) = BindMount::new(&overlay, &driver_root) else {
+        return;
+    };
+    let live_before = snapshot_dir(&driver_root);
+    assert!(!live_before.is_empty());
+
+    let rebuilt = tmp.path().join("rebuilt");
+    let new_manifest = OverlayBuilder::nvidia(KVER)
+        .with_userspace()
+        .build(&rebuilt);
+    assert_ne!(old_manifest, new_manifest);
+    let outcome = store.import(&rebuilt).unwrap();
+    assert!(format!("{outcome:?}").contains("Replaced"), "{outcome:?}");
+
+    // The driver root still shows the old tree, whole; the store's name the new one.
+    assert_eq!(snapshot_dir(&driver_root), live_before);
+    let (in_store, _) = nvdriver_agent::overlay::store::read_manifest(&overlay).unwrap();
+    assert_eq!(in_store, new_manifest);
+    let retired = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(RETIRED_PREFIX))
+            .collect()
+    };
+    assert_eq!(retired(&store_dir.join(KVER)).len(), 1);
+    // It is not a driver version, and a clean while it is mounted keeps it.
+    assert_eq!(store.driver_versions(KVER).unwrap(), [DRIVER]);
+    let lock = store.lock().unwrap();
+    store.clean_leftovers(&lock).unwrap();
+    assert_eq!(snapshot_dir(&driver_root), live_before);
+    assert_eq!(retired(&store_dir.join(KVER)).len(), 1);
+
+    // The next load moves the mount to the new copy; the next clean removes the old one.
+    drop(mount);
+    store.clean_leftovers(&lock).unwrap();
+    assert!(retired(&store_dir.join(KVER)).is_empty());
+    assert_eq!(store.driver_versions(KVER).unwrap(), [DRIVER]);
+}

@@ -5,6 +5,8 @@
 mod common;
 
 mod build;
+mod caps;
+mod cdi;
 mod cli;
 mod cli_docs;
 mod concurrency;

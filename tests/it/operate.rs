@@ -384,6 +384,8 @@ fn a_failed_boot_load_marks_the_node_not_ready_everywhere() {
 #[test]
 fn load_writes_a_valid_cdi_spec_of_the_overlay() {
     let host = host(true, "");
+    // The agent's own spec runs nvidia-cdi-hook (tests/it/cdi.rs: none, no spec).
+    host.write("/usr/bin/nvidia-cdi-hook", "#!/bin/sh\n");
     // Two GPUs, as /proc/driver/nvidia/gpus would list them.
     for (i, bus_id) in ["0000:3b:00.0", "0000:86:00.0"].iter().enumerate() {
         host.write(
