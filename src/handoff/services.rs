@@ -88,6 +88,29 @@ pub fn carried<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<DriverServic
         .collect()
 }
 
+/// The services the tree at `driver_root` (a resolved path, e.g. the mounted driver root)
+/// can run: the binaries present in its user space.
+pub fn carried_in_tree(driver_root: &Path) -> Vec<DriverService> {
+    DriverService::ALL
+        .into_iter()
+        .filter(|service| {
+            BIN_DIRS
+                .iter()
+                .any(|dir| driver_root.join(dir).join(service.binary()).is_file())
+        })
+        .collect()
+}
+
+/// The overlay's library directories under `driver_root`, as `LD_LIBRARY_PATH` (the same list
+/// the units set; see src/handoff/cdi.rs for where overlays put libraries).
+pub fn library_path(driver_root: &Path) -> String {
+    ["usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib"]
+        .iter()
+        .map(|dir| driver_root.join(dir).display().to_string())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// An NVSwitch on the PCI bus.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NvSwitch {
