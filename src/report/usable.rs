@@ -58,6 +58,9 @@ pub struct CdiFact {
     pub path: PathBuf,
     /// Whether the file exists.
     pub present: bool,
+    /// Whether nvidia-ctk or nvidia-cdi-hook is there to make it
+    /// ([`crate::handoff::cdi::generator_available`]); readiness waits for the spec only then.
+    pub generator: bool,
 }
 
 /// What `nvidia-smi -q` said about the fabric.
@@ -89,7 +92,7 @@ pub fn problems(facts: &UsableFacts) -> Vec<String> {
             out.push(problem);
         }
     }
-    if let Some(cdi) = facts.cdi_spec.as_ref().filter(|c| !c.present) {
+    if let Some(cdi) = facts.cdi_spec.as_ref().filter(|c| c.generator && !c.present) {
         out.push(format!(
             "the CDI spec {} is not written (see the agent's journal)",
             cdi.path.display()
@@ -188,6 +191,7 @@ pub fn gather(root: &Root, settings: &Settings, loaded: &[&str]) -> UsableFacts 
         cdi_spec: settings.outputs.cdi_spec.as_ref().map(|path| CdiFact {
             path: path.clone(),
             present: root.join(path).exists(),
+            generator: crate::handoff::cdi::generator_available(root, &settings.driver_root),
         }),
         nvswitches: switches.into_iter().map(|s| s.address).collect(),
         fabric,
@@ -338,9 +342,14 @@ mod tests {
             cdi_spec: Some(CdiFact {
                 path: "/var/run/cdi/nvidia.json".into(),
                 present: false,
+                generator: true,
             }),
             ..UsableFacts::default()
         };
         assert!(problems(&facts)[0].contains("/var/run/cdi/nvidia.json is not written"));
+        // Nothing here can make a spec: the agent claims no CDI, readiness does not wait.
+        let mut none = facts.clone();
+        none.cdi_spec.as_mut().unwrap().generator = false;
+        assert!(problems(&none).is_empty());
     }
 }
