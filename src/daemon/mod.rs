@@ -374,7 +374,9 @@ impl Daemon {
     /// The driver-ready file says ready only while the GPU is usable: written back when it is,
     /// removed (reason logged) when a loaded driver is not ([`crate::report::usable`]).
     fn sync_driver_ready(&self, report: &crate::report::status::StatusReport) {
-        let Some(ready) = &self.driver_ready else { return };
+        let Some(ready) = &self.driver_ready else {
+            return;
+        };
         let path = &self.ctx.settings.driver_ready;
         let result = if report.readiness.ready_now() {
             driver_ready::write_driver_ready(&self.ctx.root, path, ready)

@@ -42,7 +42,13 @@ pub fn start(ctx: &Context) -> bool {
         },
     );
     for d in &decisions {
-        info!(SERVICE = d.service.name(), START = d.start, "{}: {}", d.service.name(), d.why);
+        info!(
+            SERVICE = d.service.name(),
+            START = d.start,
+            "{}: {}",
+            d.service.name(),
+            d.why
+        );
     }
     if !decisions.iter().any(|d| d.start) {
         return false;

@@ -315,7 +315,9 @@ pub fn generator_available(root: &Root, driver_root: &Path) -> bool {
         || TOOL_DIRS
             .iter()
             .any(|dir| root.join(Path::new(dir).join(CDI_HOOK)).is_file())
-        || root.join(driver_root.join("usr/bin").join(CDI_HOOK)).is_file()
+        || root
+            .join(driver_root.join("usr/bin").join(CDI_HOOK))
+            .is_file()
 }
 
 /// `nvidia-ctk` under the root, if installed.

@@ -104,11 +104,16 @@ pub fn carried_in_tree(driver_root: &Path) -> Vec<DriverService> {
 /// The overlay's library directories under `driver_root`, as `LD_LIBRARY_PATH` (the same list
 /// the units set; see src/handoff/cdi.rs for where overlays put libraries).
 pub fn library_path(driver_root: &Path) -> String {
-    ["usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib"]
-        .iter()
-        .map(|dir| driver_root.join(dir).display().to_string())
-        .collect::<Vec<_>>()
-        .join(":")
+    [
+        "usr/lib64",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib/aarch64-linux-gnu",
+        "usr/lib",
+    ]
+    .iter()
+    .map(|dir| driver_root.join(dir).display().to_string())
+    .collect::<Vec<_>>()
+    .join(":")
 }
 
 /// An NVSwitch on the PCI bus.
@@ -395,7 +400,11 @@ mod tests {
     };
 
     fn started(decisions: &[ServiceDecision]) -> Vec<DriverService> {
-        decisions.iter().filter(|d| d.start).map(|d| d.service).collect()
+        decisions
+            .iter()
+            .filter(|d| d.start)
+            .map(|d| d.service)
+            .collect()
     }
 
     #[test]
@@ -434,7 +443,9 @@ mod tests {
         // An overlay without nv-fabricmanager on a switch host: needed and missing.
         let decisions = plan(&[DriverService::Persistenced], &switch(), ON);
         assert!(decisions[2].start);
-        assert!(decisions[2].why.contains("does not carry usr/bin/nv-fabricmanager"));
+        assert!(decisions[2]
+            .why
+            .contains("does not carry usr/bin/nv-fabricmanager"));
     }
 
     #[test]

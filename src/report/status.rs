@@ -11,10 +11,10 @@ use serde::Serialize;
 use crate::app::{CommandError, Context};
 use crate::config::MissingNextOverlayPolicy;
 use crate::host::{HostFacts, KernelState};
+use crate::report::usable::{self, UsableFacts};
 use crate::state::{
     AgentState, HoldRecord, HoldRelease, LoadRecord, LoadResult, StageRecord, StageResult,
 };
-use crate::report::usable::{self, UsableFacts};
 use crate::update::hold::{self as hold_levers, HoldLever};
 use crate::watch::{self, flatcar::UpdateEngineState, Family, NextBoot};
 

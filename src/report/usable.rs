@@ -92,7 +92,11 @@ pub fn problems(facts: &UsableFacts) -> Vec<String> {
             out.push(problem);
         }
     }
-    if let Some(cdi) = facts.cdi_spec.as_ref().filter(|c| c.generator && !c.present) {
+    if let Some(cdi) = facts
+        .cdi_spec
+        .as_ref()
+        .filter(|c| c.generator && !c.present)
+    {
         out.push(format!(
             "the CDI spec {} is not written (see the agent's journal)",
             cdi.path.display()

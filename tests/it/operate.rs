@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::agent::{self, state, wait_for, Daemon};
-use crate::common::bus::TestBus;
+use crate::common::bus::{SystemdPeer, TestBus};
 use crate::common::host::FakeHost;
 use crate::common::overlay::{OverlayBuilder, DRIVER};
 use crate::common::tools::{root_or_skip, tool_or_skip};
@@ -619,4 +619,76 @@ fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
     }
     // Root may.
     call(&conn, "Stage").unwrap();
+}
+
+const PERSISTENCED_UNIT: &str = "nvdriver-agent-persistenced.service";
+const DRIVER_READY: &str = "/run/nvidia/validations/driver-ready";
+
+/// The daemon starts the overlay's nvidia-persistenced through systemd's `RestartUnit` on the
+/// bus after its boot load, and says ready (status, D-Bus, driver-ready file) only once the
+/// unit is active; a unit that fails is a not-ready node with the unit named. The stand-in
+/// systemd answers as src/core/dbus-manager.c `method_restart_unit` and `method_load_unit` do
+/// (a job path; the unit's object path), the unit's `ActiveState` as dbus-unit.c has it.
+#[test]
+fn the_daemon_starts_persistenced_and_is_ready_only_when_it_runs() {
+    for (result, ready) in [("failed", false), ("active", true)] {
+        let host = host(true, "");
+        // The fake kernel records the bind mount of the driver root but copies nothing: put
+        // the overlay's binary where the mount would show it.
+        host.write(
+            "/run/nvidia/driver/usr/bin/nvidia-persistenced",
+            "#!/bin/sh\n",
+        );
+        let bus = TestBus::start();
+        let systemd = SystemdPeer::start_with_units(
+            &bus,
+            "running",
+            Vec::new(),
+            &[PERSISTENCED_UNIT],
+            result,
+        );
+        let daemon = Daemon::start(host.dir.path(), |c| bus.env(c));
+        wait_for(
+            "RestartUnit of the persistenced unit",
+            WAIT,
+            || systemd.unit_calls(),
+            |calls| calls.contains(&("RestartUnit".into(), PERSISTENCED_UNIT.into())),
+        );
+        // No Fabric Manager on a host without NVSwitches.
+        assert!(
+            !systemd
+                .unit_calls()
+                .iter()
+                .any(|(_, u)| u.contains("fabricmanager")),
+            "{:?}",
+            systemd.unit_calls()
+        );
+        let (code, report) = wait_for(
+            "status with the unit's state",
+            WAIT,
+            || status(&host, Some(&bus)),
+            |(_, r)| r["usable"]["services"][0]["state"] == result,
+        );
+        if ready {
+            assert_eq!(code, 0, "{report:#}");
+            wait_for(
+                "the driver-ready file written back",
+                WAIT,
+                || host.exists(DRIVER_READY),
+                |&exists| exists,
+            );
+        } else {
+            assert_eq!(code, 8, "{report:#}");
+            let detail = report["readiness-detail"].as_str().unwrap();
+            assert!(
+                detail.contains(
+                    "nvidia-persistenced is not running (nvdriver-agent-persistenced.service is failed"
+                ),
+                "{detail}\n{}",
+                daemon.log()
+            );
+            assert!(!host.exists(DRIVER_READY), "driver-ready says ready");
+        }
+        drop(daemon);
+    }
 }

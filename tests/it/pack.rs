@@ -460,7 +460,9 @@ fn inspect_lists_the_driver_services_the_user_space_carries() {
         json["manifest"]["services"].clone()
     };
     let plain = out.path().join("plain.tar.zst");
-    assert!(pack(&inputs, &["--out-archive", plain.to_str().unwrap()]).status.success());
+    assert!(pack(&inputs, &["--out-archive", plain.to_str().unwrap()])
+        .status
+        .success());
     assert_eq!(inspect(&plain), serde_json::json!([]));
 
     for binary in ["nvidia-persistenced", "nv-fabricmanager"] {
@@ -469,13 +471,18 @@ fn inspect_lists_the_driver_services_the_user_space_carries() {
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
     let with = out.path().join("services.tar.zst");
-    assert!(pack(&inputs, &["--out-archive", with.to_str().unwrap()]).status.success());
+    assert!(pack(&inputs, &["--out-archive", with.to_str().unwrap()])
+        .status
+        .success());
     assert_eq!(
         inspect(&with),
         serde_json::json!(["persistenced", "fabric-manager"])
     );
     let host = BareHost::new(key());
-    let text = agent::run(host.root.path(), &["overlay", "inspect", with.to_str().unwrap()]);
+    let text = agent::run(
+        host.root.path(),
+        &["overlay", "inspect", with.to_str().unwrap()],
+    );
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("services:  nvidia-persistenced, nv-fabricmanager"),

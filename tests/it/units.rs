@@ -500,7 +500,10 @@ fn driver_service_units_run_from_the_driver_root_after_the_agent() {
             .iter()
             .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
             .collect();
-        assert!(after.contains(&UNIT.to_owned()), "{name}: After= lacks {UNIT}: {after:?}");
+        assert!(
+            after.contains(&UNIT.to_owned()),
+            "{name}: After= lacks {UNIT}: {after:?}"
+        );
         let exec = values(&unit, "Service", "ExecStart");
         assert!(
             exec.first().map(String::as_str) == Some(binary),
@@ -512,7 +515,9 @@ fn driver_service_units_run_from_the_driver_root_after_the_agent() {
         );
         // Never the other way round: the agent must not wait for its own services.
         let agent = agent_unit();
-        assert!(!values(&agent, "Unit", "After").iter().any(|v| v.contains(name)));
+        assert!(!values(&agent, "Unit", "After")
+            .iter()
+            .any(|v| v.contains(name)));
     }
     // Fabric Manager after persistenced, as NVIDIA's units order them.
     let fm = parse_unit(&fs::read_to_string(repo_path("units").join(SERVICE_UNITS[1])).unwrap());
