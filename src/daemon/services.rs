@@ -25,8 +25,8 @@ const POLL: Duration = Duration::from_secs(2);
 /// trains an 8-GPU HGX fabric in well under a minute; a failed one stays failed.
 const WAIT: Duration = Duration::from_secs(180);
 
-/// Start the units the host needs; returns whether any is needed (then readiness waits for
-/// them). Failures are logged: readiness names the service that is not running.
+/// Start the units the host needs; returns whether any service is needed (then readiness
+/// waits for it, or names it missing). Failures are logged: readiness names the service that is not running.
 pub fn start(ctx: &Context) -> bool {
     let driver_root = ctx.root.join(&ctx.settings.driver_root);
     let switches = services::scan_nvswitches(&ctx.root).unwrap_or_else(|e| {
@@ -50,8 +50,9 @@ pub fn start(ctx: &Context) -> bool {
             d.why
         );
     }
+    let needed = decisions.iter().any(|d| d.needed);
     if !decisions.iter().any(|d| d.start) {
-        return false;
+        return needed;
     }
     match crate::watch::dbus::system_bus()
         .map_err(services::ServicesError::from)
@@ -60,7 +61,7 @@ pub fn start(ctx: &Context) -> bool {
         Ok(units) => info!("queued the start of {}", units.join(", ")),
         Err(e) => warn!("{e}"),
     }
-    true
+    needed
 }
 
 /// Look for the GPU to become usable; `done()` is called once it is, or when [`WAIT`] is over.

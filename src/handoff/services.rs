@@ -199,8 +199,11 @@ pub struct ServiceSettings {
 pub struct ServiceDecision {
     /// The service.
     pub service: DriverService,
-    /// Whether the agent starts it (and readiness waits for it).
+    /// Whether the agent starts it (readiness waits for it).
     pub start: bool,
+    /// Whether the host needs it: started, or needed and missing from the overlay (Fabric
+    /// Manager on an NVSwitch host), which readiness reports.
+    pub needed: bool,
     /// Why, in words.
     pub why: String,
 }
@@ -215,10 +218,11 @@ pub fn plan(
     DriverService::ALL
         .into_iter()
         .map(|service| {
-            let (start, why) = decide(service, carried.contains(&service), switches, settings);
+            let (needed, why) = decide(service, carried.contains(&service), switches, settings);
             ServiceDecision {
                 service,
-                start,
+                start: needed && carried.contains(&service) && service.unit().is_some(),
+                needed,
                 why,
             }
         })
@@ -273,14 +277,6 @@ pub fn start(
         started.push(unit);
     }
     Ok(started)
-}
-
-/// Stop every unit the agent ships (before an unload).
-pub fn stop_all(conn: &crate::watch::dbus::Connection) -> Result<(), ServicesError> {
-    for unit in DriverService::ALL.iter().rev().filter_map(|s| s.unit()) {
-        systemd_unit_call(conn, "StopUnit", "stop", unit)?;
-    }
-    Ok(())
 }
 
 fn systemd_unit_call(
@@ -442,7 +438,7 @@ mod tests {
         assert!(decisions[1].why.contains("no unit"));
         // An overlay without nv-fabricmanager on a switch host: needed and missing.
         let decisions = plan(&[DriverService::Persistenced], &switch(), ON);
-        assert!(decisions[2].start);
+        assert!(decisions[2].needed && !decisions[2].start);
         assert!(decisions[2]
             .why
             .contains("does not carry usr/bin/nv-fabricmanager"));

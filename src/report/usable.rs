@@ -115,6 +115,9 @@ fn service_problem(service: &ServiceFact) -> Option<String> {
     let Some(unit) = service.service.unit() else {
         return Some(format!("{name} is needed: {}", service.why));
     };
+    if service.state.is_none() && service.state_error.is_none() {
+        return Some(format!("{name} is needed: {}", service.why));
+    }
     match (&service.state, &service.state_error) {
         (Some(state), _) if state == "active" => None,
         (Some(state), _) => Some(format!(
@@ -181,7 +184,7 @@ pub fn gather(root: &Root, settings: &Settings, loaded: &[&str]) -> UsableFacts 
             };
             ServiceFact {
                 service: d.service,
-                needed: d.start,
+                needed: d.needed,
                 why: d.why,
                 state,
                 state_error,

@@ -376,7 +376,7 @@ struct SystemdSeen {
     system_state: String,
     watched: Vec<std::path::PathBuf>,
     reloads: Vec<Vec<bool>>,
-    /// `(method, unit)` of each RestartUnit/StopUnit call.
+    /// `(method, unit)` of each RestartUnit call.
     unit_calls: Vec<(String, String)>,
     /// The `ActiveState` a restarted unit reaches (`active`, or `failed` for a daemon that dies).
     restart_result: String,
@@ -433,14 +433,6 @@ impl Systemd1Manager {
         let result = seen.restart_result.clone();
         seen.unit_states.insert(name, result);
         zbus::zvariant::OwnedObjectPath::try_from(format!("{SYSTEMD_PATH}/job/1")).unwrap()
-    }
-
-    /// `StopUnit(in s name, in s mode, out o job)`.
-    fn stop_unit(&self, name: String, _mode: String) -> zbus::zvariant::OwnedObjectPath {
-        let mut seen = self.state.lock().unwrap();
-        seen.unit_calls.push(("StopUnit".into(), name.clone()));
-        seen.unit_states.insert(name, "inactive".into());
-        zbus::zvariant::OwnedObjectPath::try_from(format!("{SYSTEMD_PATH}/job/2")).unwrap()
     }
 
     /// `LoadUnit(in s name, out o unit)`.
@@ -512,7 +504,7 @@ impl SystemdPeer {
         SystemdPeer { conn, state }
     }
 
-    /// `(method, unit)` of each RestartUnit/StopUnit so far.
+    /// `(method, unit)` of each RestartUnit so far.
     pub fn unit_calls(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().unit_calls.clone()
     }
