@@ -265,6 +265,8 @@ struct DriverFragment {
     modules: Option<Vec<String>>,
     os_modules: Option<Vec<String>>,
     imex_channels: Option<Vec<u32>>,
+    persistenced: Option<bool>,
+    fabric_manager: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -307,6 +309,11 @@ pub struct Settings {
     /// IMEX channels whose `/dev/nvidia-caps-imex-channels/channel<N>` nodes the load makes
     /// (`driver.imex-channels`); non-empty also makes the `fabric-imex-mgmt` capability node.
     pub imex_channels: Vec<u32>,
+    /// Start the overlay's `nvidia-persistenced` after a load (`driver.persistenced`).
+    pub persistenced: bool,
+    /// Start the overlay's `nv-fabricmanager` after a load where the host has NVSwitches
+    /// (`driver.fabric-manager`).
+    pub fabric_manager: bool,
     /// Per module (normalised to underscores), parameter name → value.
     pub parameters: BTreeMap<String, BTreeMap<String, ParamValue>>,
     /// Host path of the NVIDIA container toolkit's `config.toml` (`toolkit.config`).
@@ -462,6 +469,8 @@ struct Merged {
     modules: Sourced<Vec<String>>,
     os_modules: Sourced<Vec<String>>,
     imex_channels: Sourced<Vec<u32>>,
+    persistenced: Sourced<bool>,
+    fabric_manager: Sourced<bool>,
     parameters: BTreeMap<String, BTreeMap<String, ParamValue>>,
     toolkit_config: Sourced<PathBuf>,
     manage_toolkit: Sourced<bool>,
@@ -501,6 +510,8 @@ impl Merged {
             set(&mut self.modules, driver.modules, file);
             set(&mut self.os_modules, driver.os_modules, file);
             set(&mut self.imex_channels, driver.imex_channels, file);
+            set(&mut self.persistenced, driver.persistenced, file);
+            set(&mut self.fabric_manager, driver.fabric_manager, file);
         }
         // Parameters merge per module and per key, so a drop-in can change one parameter.
         for (module, params) in fragment.parameters.unwrap_or_default() {
@@ -618,6 +629,8 @@ impl Merged {
             modules,
             os_modules,
             imex_channels: self.imex_channels.map(|(v, _)| v).unwrap_or_default(),
+            persistenced: self.persistenced.map(|(v, _)| v).unwrap_or(true),
+            fabric_manager: self.fabric_manager.map(|(v, _)| v).unwrap_or(true),
             parameters: self.parameters,
             toolkit_config,
             manage_toolkit: self.manage_toolkit.map(|(v, _)| v).unwrap_or(true),

@@ -6,6 +6,7 @@
 //! kernel is missing. Idle with nothing pending, the process makes no wakeups at all.
 
 pub mod bus;
+mod services;
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use crate::boot::fallback;
 use crate::boot::load::{self, LoadOutcome};
 use crate::config::{self, ConfigSource, Settings};
 use crate::daemon::bus::AgentService;
+use crate::handoff::driver_ready::{self, DriverReady};
 use crate::host::HostFacts;
 use crate::kmod::sys::Kernel;
 use crate::report::bus::AgentProperties;
@@ -75,6 +77,9 @@ enum Event {
     Reload(Option<Box<Settings>>),
     /// SIGTERM or SIGINT.
     Shutdown,
+    /// The usable-GPU watch ([`services::spawn_usable_watch`]) is done: bring the outputs and
+    /// the driver-ready file up to date.
+    Usable,
 }
 
 fn handled_signals() -> SigSet {
@@ -145,7 +150,26 @@ pub fn run(
     let _instance = InstanceLock::acquire(&ctx.root)?;
 
     let mut state = AgentState::read(&ctx.root);
-    state.load = Some(boot_path(ctx, kernel));
+    let (load_record, driver_ready) = boot_path(ctx, kernel);
+    state.load = Some(load_record);
+    if driver_ready.is_some() && services::start(ctx) {
+        // Not ready until the services run (and the fabric is trained): the watch writes the
+        // file back through refresh().
+        if let Err(e) =
+            crate::handoff::driver_ready::remove_driver_ready(&ctx.root, &ctx.settings.driver_ready)
+        {
+            warn!("{e}");
+        }
+        let loaded = crate::host::KernelState::read(
+            &ctx.root,
+            &crate::host::kernel::read_kernel_release(&ctx.root).unwrap_or_default(),
+        )
+        .map(|k| k.loaded.keys().cloned().collect())
+        .unwrap_or_default();
+        if let Err(e) = services::spawn_usable_watch(ctx, loaded, tx.clone()) {
+            warn!("cannot watch for the GPU to become usable: {e}");
+        }
+    }
     if let Err(e) = state.write(&ctx.root) {
         warn!("{e}");
     }
@@ -178,6 +202,7 @@ pub fn run(
         levers,
         retry_at: None,
         retry_delay: RETRY_FIRST,
+        driver_ready,
     };
     let load_status = state
         .load
@@ -227,7 +252,7 @@ pub fn run(
 
 /// The boot path, as `nvdriver-agent load` runs it; a failure is recorded, not fatal: the daemon
 /// stays up to stage for the next kernel, and status says what went wrong.
-fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
+fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> (LoadRecord, Option<DriverReady>) {
     let kernel_release = crate::host::kernel::read_kernel_release(&ctx.root).unwrap_or_default();
     let mut record = LoadRecord {
         at: now_unix(),
@@ -237,8 +262,12 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
         overlay: None,
         error: None,
     };
+    let mut driver_ready = None;
     match load::load(ctx, kernel) {
-        Ok(LoadOutcome::Loaded { plan, .. }) => {
+        Ok(LoadOutcome::Loaded { plan, report }) => {
+            driver_ready = Some(DriverReady::for_driver_root(
+                &report.driver_root.to_string_lossy(),
+            ));
             record.driver_version = Some(plan.driver_version.clone());
             record.overlay = Some(plan.overlay.clone());
         }
@@ -254,7 +283,7 @@ fn boot_path(ctx: &Context, kernel: &mut dyn Kernel) -> LoadRecord {
             record.error = Some(e.to_string());
         }
     }
-    record
+    (record, driver_ready)
 }
 
 /// When to retry a failed stage, and the delay after that one; `None` keeps the retry already
@@ -307,6 +336,9 @@ struct Daemon {
     levers: HostLevers,
     retry_at: Option<Instant>,
     retry_delay: Duration,
+    /// The driver-ready file the boot load wrote, kept in step with readiness by
+    /// [`Daemon::refresh`]; `None` when nothing was loaded.
+    driver_ready: Option<DriverReady>,
 }
 
 impl Daemon {
@@ -339,6 +371,31 @@ impl Daemon {
         }
     }
 
+    /// The driver-ready file says ready only while the GPU is usable: written back when it is,
+    /// removed (reason logged) when a loaded driver is not ([`crate::report::usable`]).
+    fn sync_driver_ready(&self, report: &crate::report::status::StatusReport) {
+        let Some(ready) = &self.driver_ready else {
+            return;
+        };
+        let path = &self.ctx.settings.driver_ready;
+        let result = if report.readiness.ready_now() {
+            driver_ready::write_driver_ready(&self.ctx.root, path, ready)
+        } else {
+            driver_ready::remove_driver_ready(&self.ctx.root, path).inspect(|&removed| {
+                if removed {
+                    warn!(
+                        "removed {}: {}",
+                        path.display(),
+                        report.readiness_detail.as_deref().unwrap_or("not ready")
+                    );
+                }
+            })
+        };
+        if let Err(e) = result {
+            warn!("{e}");
+        }
+    }
+
     /// Re-read how things stand and bring every output up to date: the metrics and NFD files
     /// and the D-Bus properties (each only changes when its content does).
     fn refresh(&self) {
@@ -349,6 +406,7 @@ impl Daemon {
                 return;
             }
         };
+        self.sync_driver_ready(&report);
         match crate::report::metrics::publish(&self.ctx.root, &self.ctx.settings.outputs, &report) {
             Ok(written) => {
                 for path in written {
@@ -525,6 +583,10 @@ impl Daemon {
             Event::Reload(settings) => {
                 self.reload(settings);
                 true
+            }
+            Event::Usable => {
+                self.refresh();
+                false
             }
             Event::Shutdown => false,
         }

@@ -307,6 +307,19 @@ pub fn gather(
     Ok(Some(facts))
 }
 
+/// Whether a spec can be made here at all: nvidia-ctk or nvidia-cdi-hook on the host, or the
+/// hook in the driver root's user space (`driver_root` is a host path, resolved under `root`).
+/// Without either the agent never claims CDI, and readiness does not wait for a spec.
+pub fn generator_available(root: &Root, driver_root: &Path) -> bool {
+    find_nvidia_ctk(root).is_some()
+        || TOOL_DIRS
+            .iter()
+            .any(|dir| root.join(Path::new(dir).join(CDI_HOOK)).is_file())
+        || root
+            .join(driver_root.join("usr/bin").join(CDI_HOOK))
+            .is_file()
+}
+
 /// `nvidia-ctk` under the root, if installed.
 pub fn find_nvidia_ctk(root: &Root) -> Option<PathBuf> {
     TOOL_DIRS

@@ -5,4 +5,5 @@
 pub mod cdi;
 pub mod driver_ready;
 pub mod output_file;
+pub mod services;
 pub mod toolkit;

@@ -62,6 +62,8 @@ pub struct ManifestSummary {
     pub firmware: bool,
     /// Whether it carries user space ([`Manifest::has_userspace`]).
     pub userspace: bool,
+    /// The driver services its user space can run ([`crate::handoff::services::carried`]).
+    pub services: Vec<crate::handoff::services::DriverService>,
 }
 
 /// What `overlay inspect` found; printed by [`render`] or serialised as JSON.
@@ -227,6 +229,9 @@ fn summary(manifest: &Manifest) -> ManifestSummary {
         symlinks: manifest.symlinks.len(),
         firmware: manifest.has_firmware(),
         userspace: manifest.has_userspace(),
+        services: crate::handoff::services::carried(
+            manifest.files.iter().filter_map(|f| f.path.to_str()),
+        ),
     }
 }
 
@@ -450,6 +455,17 @@ pub fn render(inspection: &Inspection) -> String {
             m.symlinks,
             if m.firmware { ", firmware" } else { "" },
             if m.userspace { ", user space" } else { "" },
+        ));
+    }
+    if let Some(m) = &inspection.manifest {
+        let services: Vec<&str> = m.services.iter().map(|s| s.name()).collect();
+        out.push_str(&format!(
+            "services:  {}\n",
+            if services.is_empty() {
+                "none (no nvidia-persistenced, nv-fabricmanager or nvlsm in usr/bin)".to_string()
+            } else {
+                services.join(", ")
+            }
         ));
     }
     out.push_str(&format!("contents:  {}\n", inspection.contents));

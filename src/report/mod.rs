@@ -6,3 +6,4 @@ pub mod bus;
 pub mod doctor;
 pub mod metrics;
 pub mod status;
+pub mod usable;

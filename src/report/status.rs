@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::app::{CommandError, Context};
 use crate::config::MissingNextOverlayPolicy;
 use crate::host::{HostFacts, KernelState};
+use crate::report::usable::{self, UsableFacts};
 use crate::state::{
     AgentState, HoldRecord, HoldRelease, LoadRecord, LoadResult, StageRecord, StageResult,
 };
@@ -60,6 +61,9 @@ pub struct StatusReport {
     pub readiness: Readiness,
     /// Why the node is less than ready, when it is.
     pub readiness_detail: Option<String>,
+    /// With the driver loaded: whether the GPU is usable (nodes, driver services, CDI spec,
+    /// NVLink fabric); `None` when no driver is loaded.
+    pub usable: Option<UsableFacts>,
     /// `ok`, `held: …`, `not-ready-after-reboot: …` or `not-ready: …` (the D-Bus PolicyState).
     pub policy_state: String,
     /// The most recent error: a failed boot load, then a failed or missing stage, then the
@@ -164,6 +168,8 @@ pub struct ReadinessFacts<'a> {
     pub last_stage: Option<&'a StageRecord>,
     /// Why the next boot's kernel could not be read (then nothing is promised for it).
     pub next_boot_unknown: Option<&'a str>,
+    /// Why the loaded driver is not a usable GPU ([`usable::problems`]); empty when it is.
+    pub not_usable: &'a [String],
 }
 
 /// Judge readiness; pure.
@@ -194,6 +200,15 @@ pub fn assess(facts: &ReadinessFacts) -> (Readiness, Option<String>) {
             _ => "the NVIDIA driver is not loaded".to_string(),
         };
         return (Readiness::NotReady, Some(why));
+    }
+    if !facts.not_usable.is_empty() {
+        return (
+            Readiness::NotReady,
+            Some(format!(
+                "the driver is loaded but the GPU is not usable: {}",
+                facts.not_usable.join("; ")
+            )),
+        );
     }
     match facts.pending_kernel {
         Some(kernel) if !facts.pending_staged => {
@@ -320,6 +335,11 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
     let loaded_driver = kernel_state
         .is_loaded("nvidia")
         .and_then(|m| m.version.clone());
+    let usable = kernel_state.is_loaded("nvidia").map(|_| {
+        let loaded: Vec<&str> = kernel_state.loaded.keys().map(String::as_str).collect();
+        usable::gather(&ctx.root, &ctx.settings, &loaded)
+    });
+    let not_usable = usable.as_ref().map(usable::problems).unwrap_or_default();
     let (readiness, readiness_detail) = assess(&ReadinessFacts {
         loaded_driver: loaded_driver.as_deref(),
         load: state.load.as_ref(),
@@ -328,6 +348,7 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         pending_staged: pending_staged == Some(true),
         last_stage: state.last_stage.as_ref(),
         next_boot_unknown: watch_error.as_deref(),
+        not_usable: &not_usable,
     });
     let daemon_pid = crate::state::instance::running_pid(&ctx.root);
     let hold_levers = lever_status(ctx, state.hold.as_ref(), daemon_pid.is_some());
@@ -342,6 +363,7 @@ pub fn gather(ctx: &Context) -> Result<StatusReport, CommandError> {
         ),
         readiness,
         readiness_detail,
+        usable,
         stage_failures: state.stage_failures,
         read_from: "disk".into(),
         loaded_driver,
@@ -432,6 +454,30 @@ fn render_hold(out: &mut String, report: &StatusReport) {
     }
 }
 
+/// The `services:` lines: each driver service the host needs, and its unit's state.
+fn render_services(out: &mut String, usable: &UsableFacts) {
+    for service in usable.services.iter().filter(|s| s.needed) {
+        let state = match (&service.state, &service.state_error) {
+            (Some(state), _) => state.clone(),
+            (None, Some(e)) => format!("unknown ({e})"),
+            (None, None) => service.why.clone(),
+        };
+        let _ = writeln!(out, "service:         {} {state}", service.service.name());
+    }
+    if !usable.nvswitches.is_empty() {
+        let fabric = match &usable.fabric {
+            Some(usable::FabricFact::States(states)) => format!("{states:?}"),
+            Some(usable::FabricFact::Unreadable(why)) => format!("unknown ({why})"),
+            None => "not read".into(),
+        };
+        let _ = writeln!(
+            out,
+            "nvlink fabric:   {} NVSwitches; {fabric}",
+            usable.nvswitches.len()
+        );
+    }
+}
+
 /// The human form of `status`.
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
@@ -456,6 +502,9 @@ pub fn render(report: &StatusReport) -> String {
         "driver loaded:   {}",
         report.loaded_driver.as_deref().unwrap_or("no")
     );
+    if let Some(usable) = &report.usable {
+        render_services(&mut out, usable);
+    }
     let _ = writeln!(
         out,
         "daemon:          {}",
@@ -613,6 +662,17 @@ mod tests {
         };
         assert_eq!(assess(&marked).0, Readiness::NotReady);
         assert_eq!(Readiness::NotReady.exit_code(), 8);
+        // Loaded, but the GPU is not usable (a failed Fabric Manager): not ready, reasons named.
+        let reasons = ["nv-fabricmanager is not running".to_string()];
+        let (readiness, detail) = assess(&ReadinessFacts {
+            not_usable: &reasons,
+            ..loaded.clone()
+        });
+        assert_eq!(readiness, Readiness::NotReady);
+        assert_eq!(
+            detail.as_deref(),
+            Some("the driver is loaded but the GPU is not usable: nv-fabricmanager is not running")
+        );
         // The boot load found no GPU: its own readiness and exit code, the kernel's words.
         let no_gpu = LoadRecord {
             at: 1,
@@ -652,6 +712,7 @@ mod tests {
         StatusReport {
             format: STATUS_FORMAT,
             running_kernel: "6.1".into(),
+            usable: None,
             loaded_driver: Some("570.1".into()),
             daemon_pid: None,
             detector: Some(Family::Ostree),

@@ -376,6 +376,46 @@ struct SystemdSeen {
     system_state: String,
     watched: Vec<std::path::PathBuf>,
     reloads: Vec<Vec<bool>>,
+    /// `(method, unit)` of each RestartUnit call.
+    unit_calls: Vec<(String, String)>,
+    /// The `ActiveState` a restarted unit reaches (`active`, or `failed` for a daemon that dies).
+    restart_result: String,
+    /// Unit name → `ActiveState`; absent is `inactive`.
+    unit_states: HashMap<String, String>,
+}
+
+/// A unit's object path as systemd makes it (src/basic/bus-label.c `bus_label_escape`: every
+/// byte but [A-Za-z0-9] becomes `_xx`).
+pub fn unit_path(unit: &str) -> String {
+    let label: String = unit
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("_{b:02x}")
+            }
+        })
+        .collect();
+    format!("{SYSTEMD_PATH}/unit/{label}")
+}
+
+/// `org.freedesktop.systemd1.Unit`, its `ActiveState` only.
+struct Systemd1Unit {
+    name: String,
+    state: Arc<Mutex<SystemdSeen>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.systemd1.Unit")]
+impl Systemd1Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> String {
+        let seen = self.state.lock().unwrap();
+        seen.unit_states
+            .get(&self.name)
+            .cloned()
+            .unwrap_or_else(|| "inactive".into())
+    }
 }
 
 #[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
@@ -384,6 +424,20 @@ impl Systemd1Manager {
         let mut seen = self.state.lock().unwrap();
         let present = seen.watched.iter().map(|p| p.exists()).collect();
         seen.reloads.push(present);
+    }
+
+    /// `RestartUnit(in s name, in s mode, out o job)`; the job is done at once here.
+    fn restart_unit(&self, name: String, _mode: String) -> zbus::zvariant::OwnedObjectPath {
+        let mut seen = self.state.lock().unwrap();
+        seen.unit_calls.push(("RestartUnit".into(), name.clone()));
+        let result = seen.restart_result.clone();
+        seen.unit_states.insert(name, result);
+        zbus::zvariant::OwnedObjectPath::try_from(format!("{SYSTEMD_PATH}/job/1")).unwrap()
+    }
+
+    /// `LoadUnit(in s name, out o unit)`.
+    fn load_unit(&self, name: String) -> zbus::zvariant::OwnedObjectPath {
+        zbus::zvariant::OwnedObjectPath::try_from(unit_path(&name)).unwrap()
     }
 
     #[zbus(property)]
@@ -406,12 +460,25 @@ impl SystemdPeer {
         system_state: &str,
         watched: Vec<std::path::PathBuf>,
     ) -> SystemdPeer {
+        Self::start_with_units(bus, system_state, watched, &[], "active")
+    }
+
+    /// The same, also serving `units` (their `ActiveState`); a restarted unit becomes
+    /// `restart_result`.
+    pub fn start_with_units(
+        bus: &TestBus,
+        system_state: &str,
+        watched: Vec<std::path::PathBuf>,
+        units: &[&str],
+        restart_result: &str,
+    ) -> SystemdPeer {
         let state = Arc::new(Mutex::new(SystemdSeen {
             system_state: system_state.into(),
             watched,
-            reloads: Vec::new(),
+            restart_result: restart_result.into(),
+            ..SystemdSeen::default()
         }));
-        let conn = connection::Builder::address(bus.address.as_str())
+        let mut builder = connection::Builder::address(bus.address.as_str())
             .unwrap()
             .name(SYSTEMD_NAME)
             .unwrap()
@@ -421,10 +488,25 @@ impl SystemdPeer {
                     state: state.clone(),
                 },
             )
-            .unwrap()
-            .build()
             .unwrap();
+        for unit in units {
+            builder = builder
+                .serve_at(
+                    unit_path(unit),
+                    Systemd1Unit {
+                        name: unit.to_string(),
+                        state: state.clone(),
+                    },
+                )
+                .unwrap();
+        }
+        let conn = builder.build().unwrap();
         SystemdPeer { conn, state }
+    }
+
+    /// `(method, unit)` of each RestartUnit so far.
+    pub fn unit_calls(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap().unit_calls.clone()
     }
 
     /// For each `Reload()` so far, which of the watched files existed.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::agent::{self, state, wait_for, Daemon};
-use crate::common::bus::TestBus;
+use crate::common::bus::{SystemdPeer, TestBus};
 use crate::common::host::FakeHost;
 use crate::common::overlay::{OverlayBuilder, DRIVER};
 use crate::common::tools::{root_or_skip, tool_or_skip};
@@ -619,4 +619,150 @@ fn the_dbus_policy_lets_anyone_read_and_only_root_act() {
     }
     // Root may.
     call(&conn, "Stage").unwrap();
+}
+
+const PERSISTENCED_UNIT: &str = "nvdriver-agent-persistenced.service";
+const DRIVER_READY: &str = "/run/nvidia/validations/driver-ready";
+
+/// The daemon starts the overlay's nvidia-persistenced through systemd's `RestartUnit` on the
+/// bus after its boot load, and says ready (status, D-Bus, driver-ready file) only once the
+/// unit is active; a unit that fails is a not-ready node with the unit named. The stand-in
+/// systemd answers as src/core/dbus-manager.c `method_restart_unit` and `method_load_unit` do
+/// (a job path; the unit's object path), the unit's `ActiveState` as dbus-unit.c has it.
+#[test]
+fn the_daemon_starts_persistenced_and_is_ready_only_when_it_runs() {
+    for (result, ready) in [("failed", false), ("active", true)] {
+        let host = host(true, "");
+        // The fake kernel records the bind mount of the driver root but copies nothing: put
+        // the overlay's binary where the mount would show it.
+        host.write(
+            "/run/nvidia/driver/usr/bin/nvidia-persistenced",
+            "#!/bin/sh\n",
+        );
+        let bus = TestBus::start();
+        let systemd = SystemdPeer::start_with_units(
+            &bus,
+            "running",
+            Vec::new(),
+            &[PERSISTENCED_UNIT],
+            result,
+        );
+        let daemon = Daemon::start(host.dir.path(), |c| bus.env(c));
+        wait_for(
+            "RestartUnit of the persistenced unit",
+            WAIT,
+            || systemd.unit_calls(),
+            |calls| calls.contains(&("RestartUnit".into(), PERSISTENCED_UNIT.into())),
+        );
+        // No Fabric Manager on a host without NVSwitches.
+        assert!(
+            !systemd
+                .unit_calls()
+                .iter()
+                .any(|(_, u)| u.contains("fabricmanager")),
+            "{:?}",
+            systemd.unit_calls()
+        );
+        let (code, report) = wait_for(
+            "status with the unit's state",
+            WAIT,
+            || status(&host, Some(&bus)),
+            |(_, r)| r["usable"]["services"][0]["state"] == result,
+        );
+        if ready {
+            assert_eq!(code, 0, "{report:#}");
+            wait_for(
+                "the driver-ready file written back",
+                WAIT,
+                || host.exists(DRIVER_READY),
+                |&exists| exists,
+            );
+        } else {
+            assert_eq!(code, 8, "{report:#}");
+            let detail = report["readiness-detail"].as_str().unwrap();
+            assert!(
+                detail.contains(
+                    "nvidia-persistenced is not running (nvdriver-agent-persistenced.service is failed"
+                ),
+                "{detail}\n{}",
+                daemon.log()
+            );
+            assert!(!host.exists(DRIVER_READY), "driver-ready says ready");
+        }
+        drop(daemon);
+    }
+}
+
+const FABRICMANAGER_UNIT: &str = "nvdriver-agent-fabricmanager.service";
+
+/// On a host with an NVSwitch on its PCI bus (vendor 0x10de, class 0x068000) the daemon starts
+/// the overlay's Fabric Manager, and the node is ready only with the unit active and every
+/// GPU's fabric `Completed` (read from the overlay's `nvidia-smi -q`; here a stand-in script
+/// printing nvidia-smi's layout, as tests/fixtures/nvidia-smi/h200-single.txt has it).
+#[test]
+fn a_switch_host_waits_for_fabric_manager_and_the_trained_fabric() {
+    for (unit_result, fabric, expect) in [
+        (
+            "failed",
+            "Completed",
+            Some("nv-fabricmanager is not running (nvdriver-agent-fabricmanager.service is failed"),
+        ),
+        (
+            "active",
+            "In Progress",
+            Some("the NVLink fabric is not trained (GPU 0: In Progress)"),
+        ),
+        ("active", "Completed", None),
+    ] {
+        let host = host(true, "");
+        host.write("/sys/bus/pci/devices/0000:05:00.0/vendor", "0x10de\n");
+        host.write("/sys/bus/pci/devices/0000:05:00.0/class", "0x068000\n");
+        host.write("/run/nvidia/driver/usr/bin/nv-fabricmanager", "#!/bin/sh\n");
+        let smi = host.path("/run/nvidia/driver/usr/bin/nvidia-smi");
+        std::fs::write(
+            &smi,
+            format!("#!/bin/sh\nprintf 'GPU 00000000:18:00.0\\n    Fabric\\n        State                : {fabric}\\n        Status               : N/A\\n'\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let bus = TestBus::start();
+        let systemd = SystemdPeer::start_with_units(
+            &bus,
+            "running",
+            Vec::new(),
+            &[FABRICMANAGER_UNIT],
+            unit_result,
+        );
+        let daemon = Daemon::start(host.dir.path(), |c| bus.env(c));
+        wait_for(
+            "RestartUnit of the Fabric Manager unit",
+            WAIT,
+            || systemd.unit_calls(),
+            |calls| calls.contains(&("RestartUnit".into(), FABRICMANAGER_UNIT.into())),
+        );
+        let (code, report) = wait_for(
+            "status with the unit's state",
+            WAIT,
+            || status(&host, Some(&bus)),
+            |(_, r)| r["usable"]["services"][2]["state"] == unit_result,
+        );
+        assert_eq!(
+            report["usable"]["nvswitches"],
+            serde_json::json!(["0000:05:00.0"])
+        );
+        match expect {
+            Some(reason) => {
+                assert_eq!(code, 8, "{report:#}");
+                let detail = report["readiness-detail"].as_str().unwrap();
+                assert!(detail.contains(reason), "{detail}\n{}", daemon.log());
+                assert!(!host.exists(DRIVER_READY));
+            }
+            None => {
+                assert_eq!(code, 0, "{report:#}\n{}", daemon.log());
+                wait_for("driver-ready", WAIT, || host.exists(DRIVER_READY), |&e| e);
+            }
+        }
+        drop(daemon);
+    }
 }

@@ -442,3 +442,50 @@ fn inspect_shows_modules_signature_and_digest_without_staging() {
     );
     assert!(text.contains("nvidia.ko  nvidia"), "{text}");
 }
+
+/// `overlay inspect` lists the driver services the packed user space can run: the binaries
+/// `--userspace` brought in usr/bin, nothing else.
+#[test]
+fn inspect_lists_the_driver_services_the_user_space_carries() {
+    let inputs = inputs();
+    let out = tempfile::tempdir().unwrap();
+    let inspect = |archive: &Path| {
+        let host = BareHost::new(key());
+        let result = agent::run(
+            host.root.path(),
+            &["overlay", "inspect", "--json", archive.to_str().unwrap()],
+        );
+        assert!(result.status.success(), "{}", agent::text(&result));
+        let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+        json["manifest"]["services"].clone()
+    };
+    let plain = out.path().join("plain.tar.zst");
+    assert!(pack(&inputs, &["--out-archive", plain.to_str().unwrap()])
+        .status
+        .success());
+    assert_eq!(inspect(&plain), serde_json::json!([]));
+
+    for binary in ["nvidia-persistenced", "nv-fabricmanager"] {
+        let path = inputs.userspace.join("usr/bin").join(binary);
+        fs::write(&path, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let with = out.path().join("services.tar.zst");
+    assert!(pack(&inputs, &["--out-archive", with.to_str().unwrap()])
+        .status
+        .success());
+    assert_eq!(
+        inspect(&with),
+        serde_json::json!(["persistenced", "fabric-manager"])
+    );
+    let host = BareHost::new(key());
+    let text = agent::run(
+        host.root.path(),
+        &["overlay", "inspect", with.to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("services:  nvidia-persistenced, nv-fabricmanager"),
+        "{text}"
+    );
+}

@@ -16,6 +16,15 @@ use std::process::{Command, Output};
 use crate::common::tools::{root_or_skip, tool_or_skip};
 
 const UNIT: &str = "nvdriver-agent.service";
+/// The driver services' units and the overlay binaries their `ExecStart=` runs.
+const SERVICE_UNITS: [&str; 2] = [
+    "nvdriver-agent-persistenced.service",
+    "nvdriver-agent-fabricmanager.service",
+];
+const DRIVER_SERVICE_BINARIES: [&str; 2] = [
+    "/run/nvidia/driver/usr/bin/nvidia-persistenced",
+    "/run/nvidia/driver/usr/bin/nv-fabricmanager",
+];
 /// What every line the verifier prints about our units or our binary contains.
 const NAME: &str = "nvdriver-agent";
 
@@ -63,6 +72,13 @@ fn verify_root(unit_files: &[(&str, &str)]) -> tempfile::TempDir {
     let bin = root.path().join("usr/bin/nvdriver-agent");
     fs::create_dir_all(bin.parent().unwrap()).unwrap();
     fs::copy(env!("CARGO_BIN_EXE_nvdriver-agent"), &bin).unwrap();
+    // The driver services' binaries, from the overlay exposed at the driver root.
+    for binary in DRIVER_SERVICE_BINARIES {
+        let path = root.path().join(binary.trim_start_matches('/'));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
     copy_tree(
         Path::new("/usr/lib/systemd/system"),
         &root.path().join("usr/lib/systemd/system"),
@@ -470,4 +486,42 @@ fn modprobe_config_keeps_nouveau_off() {
     let lines: Vec<_> = shown.lines().collect();
     assert!(lines.contains(&"blacklist nouveau"), "{shown}");
     assert!(lines.contains(&"options nouveau modeset=0"), "{shown}");
+}
+
+/// The driver services run the overlay's binaries from the driver root, start after the agent
+/// (so they stop before it, and before anything it unloads), and are pulled in by nothing but
+/// the agent's `RestartUnit` (no `[Install]`, no `WantedBy=`).
+#[test]
+fn driver_service_units_run_from_the_driver_root_after_the_agent() {
+    for (name, binary) in SERVICE_UNITS.iter().zip(DRIVER_SERVICE_BINARIES) {
+        let text = fs::read_to_string(repo_path("units").join(name)).unwrap();
+        let unit = parse_unit(&text);
+        let after: Vec<String> = values(&unit, "Unit", "After")
+            .iter()
+            .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        assert!(
+            after.contains(&UNIT.to_owned()),
+            "{name}: After= lacks {UNIT}: {after:?}"
+        );
+        let exec = values(&unit, "Service", "ExecStart");
+        assert!(
+            exec.first().map(String::as_str) == Some(binary),
+            "{name}: ExecStart= is not {binary}: {exec:?}"
+        );
+        assert!(
+            !unit.iter().any(|(section, _, _)| section == "Install"),
+            "{name}: has an [Install] section; only the agent starts it"
+        );
+        // Never the other way round: the agent must not wait for its own services.
+        let agent = agent_unit();
+        assert!(!values(&agent, "Unit", "After")
+            .iter()
+            .any(|v| v.contains(name)));
+    }
+    // Fabric Manager after persistenced, as NVIDIA's units order them.
+    let fm = parse_unit(&fs::read_to_string(repo_path("units").join(SERVICE_UNITS[1])).unwrap());
+    assert!(values(&fm, "Unit", "After")
+        .iter()
+        .any(|v| v.contains(SERVICE_UNITS[0])));
 }
