@@ -1336,6 +1336,7 @@ mod tests {
                 exports: strings(exports),
                 imports: strings(imports),
                 softdeps: Vec::new(),
+                machine: 62,
             },
         }
     }

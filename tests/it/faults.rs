@@ -10,7 +10,7 @@ use std::process::Command;
 
 use crate::common::agent::text;
 use crate::common::archive::{overlay_archive, Compression, ManifestAt};
-use crate::common::host::{snapshot_dir, FakeHost};
+use crate::common::host::{snapshot_dir, FakeHost, TEST_RESERVE_DROP_IN};
 use crate::common::modules::FixtureModule;
 use crate::common::overlay::{OverlayBuilder, Packing, DRIVER};
 use nvdriver_agent::fsutil::TEMP_PREFIX;
@@ -57,8 +57,11 @@ impl Drop for Mount {
     }
 }
 
+/// A host with the shipped disk reserve (the larger of 10 % and 1 GiB): every store here is a
+/// tmpfs of a few MiB.
 fn configured_host() -> FakeHost {
     let host = FakeHost::new(KVER);
+    fs::remove_file(host.path(TEST_RESERVE_DROP_IN)).unwrap();
     host.write(
         "/etc/nvdriver-agent/config.toml",
         &format!(

@@ -955,6 +955,7 @@ pub fn check_modules(dir: &Path, manifest: &Manifest) -> Result<Vec<ModInfo>, Mo
         let path = dir.join(&entry.path);
         let info = modinfo::read_module_file(&path)?;
         modinfo::check_vermagic(&info, &path, &manifest.kernel_release)?;
+        modinfo::check_arch(&info, &path, &manifest.arch)?;
         // The loader refuses this too; refusing it here keeps such an overlay out of the store.
         let file_name = modinfo::name_from_path(&path).unwrap_or_default();
         if info.name.replace('-', "_") != file_name {
