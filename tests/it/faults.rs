@@ -146,6 +146,87 @@ fn a_stage_that_does_not_fit_is_refused_before_writing_with_the_numbers() {
     assert_nothing_left(&host, &before);
 }
 
+/// A store too full for the next overlay until the overlay of a kernel no longer needed is
+/// removed: staging removes it first (keeping the running kernel's) and then fits.
+#[test]
+fn overlays_no_kernel_needs_make_room_before_staging() {
+    const OLD: &str = "6.1.0-27-cloud-amd64";
+    let host = configured_host();
+    host.write(
+        "/etc/nvdriver-agent/config.d/50-reserve.toml",
+        "[stage]\nkeep-free-percent = 0\nkeep-free-bytes = 1048576\nkeep-extra = 0\n",
+    );
+    let next = OverlayBuilder::nvidia(NEXT).module(
+        FixtureModule::new("nvidia", NEXT, DRIVER).padded(3 << 20, 0, 11),
+        Packing::Plain,
+    );
+    let (archive, _) = overlay_archive(&next, Compression::Zstd, ManifestAt::First);
+    host.write_bytes(&format!("/srv/{NEXT}.tar.zst"), &archive);
+    let Some(_store_fs) = Mount::tmpfs(&host.path("/var/lib/nvdriver-agent"), "size=8m") else {
+        return;
+    };
+    host.import(&OverlayBuilder::nvidia(KVER));
+    host.import(&OverlayBuilder::nvidia(OLD).module(
+        FixtureModule::new("nvidia", OLD, DRIVER).padded(4 << 20, 0, 12),
+        Packing::Plain,
+    ));
+    let store = Store::new(&host.root, STORE);
+    let space = nvdriver_agent::overlay::space::statvfs(&host.path(STORE)).unwrap();
+    assert!(
+        space.available < archive.len() as u64 + (1 << 20),
+        "the store must be too full before GC: {space:?}"
+    );
+
+    let out = crate::common::agent::run(host.dir.path(), &["stage", "--now", "--kernel", NEXT]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("removed an overlay no kernel needs, to make room"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(store.kernel_releases().unwrap(), [KVER, NEXT]);
+    assert!(store.verified(NEXT, DRIVER, "x86_64").is_some());
+}
+
+/// A download whose announced size does not fit is refused before its body is written: no
+/// part file is left in the store.
+#[test]
+fn a_download_that_does_not_fit_is_refused_before_its_body() {
+    let host = configured_host();
+    let server = crate::common::http::HttpServer::start();
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        &format!(
+            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"{}\"]\nallow-http = true\nkeep-free-percent = 0\nkeep-free-bytes = 1048576\n",
+            server.url("/{kernel}.tar.zst")
+        ),
+    );
+    let next = OverlayBuilder::nvidia(NEXT).module(
+        FixtureModule::new("nvidia", NEXT, DRIVER).padded(7 << 19, 0, 13),
+        Packing::Plain,
+    );
+    let (archive, _) = overlay_archive(&next, Compression::Zstd, ManifestAt::First);
+    server.route(
+        &format!("/{NEXT}.tar.zst"),
+        crate::common::http::Route::file(archive.clone()),
+    );
+    let Some(_store_fs) = Mount::tmpfs(&host.path("/var/lib/nvdriver-agent"), "size=4m") else {
+        return;
+    };
+    let out = crate::common::agent::run(host.dir.path(), &["stage", "--now", "--kernel", NEXT]);
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    let expected = format!(
+        "not enough room on the file system of {STORE} for the download: it needs 3.5 MiB ({} bytes)",
+        archive.len()
+    );
+    assert!(text(&out).contains(&expected), "{expected}\n{}", text(&out));
+    let downloads = host.path(format!("{STORE}/.downloads"));
+    let left: Vec<_> = fs::read_dir(&downloads)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in .downloads: {left:?}");
+}
+
 /// An archive small as served but large unpacked, with its manifest last (so no total is
 /// known before the files): unpacking stops at the reserve and removes what it wrote. With the
 /// manifest first the same archive is refused before any file byte is written.
