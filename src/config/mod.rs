@@ -181,7 +181,32 @@ pub struct StageSettings {
     pub oci: OciSettings,
     /// `stage.keep-free-percent` and `stage.keep-free-bytes`: what staging leaves free on the
     /// store's file system.
-    pub keep_free: crate::overlay::space::Reserve,
+    pub keep_free: DiskReserve,
+}
+
+/// How much of its file system the store leaves free (`stage.keep-free-percent`,
+/// `stage.keep-free-bytes`): the larger of a share of the file system and a number of bytes;
+/// see [`crate::overlay::space`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DiskReserve {
+    /// `stage.keep-free-percent`: percent of the file system's size kept free (0–100).
+    pub percent: u8,
+    /// `stage.keep-free-bytes`: bytes kept free.
+    pub bytes: u64,
+}
+
+impl DiskReserve {
+    /// No reserve: only the file system's own size limits staging.
+    pub const NONE: DiskReserve = DiskReserve {
+        percent: 0,
+        bytes: 0,
+    };
+
+    /// The bytes kept free on a file system of `total` bytes.
+    pub fn of(&self, total: u64) -> u64 {
+        let share = u128::from(total) * u128::from(self.percent.min(100)) / 100;
+        (share as u64).max(self.bytes)
+    }
 }
 
 /// `[oci]` settings (read whether or not the `oci` feature is built, so one config file serves
@@ -619,7 +644,7 @@ impl Merged {
                 insecure_registries: self.insecure_registries.map(|(v, _)| v).unwrap_or_default(),
                 mirrors: self.mirrors.map(|(v, _)| v).unwrap_or_default(),
             },
-            keep_free: crate::overlay::space::Reserve {
+            keep_free: DiskReserve {
                 percent: keep_free_percent,
                 bytes: keep_free_bytes,
             },
@@ -939,7 +964,7 @@ mod tests {
         let s = layered(&[]).unwrap();
         assert_eq!(
             s.stage.keep_free,
-            crate::overlay::space::Reserve {
+            DiskReserve {
                 percent: 10,
                 bytes: 1 << 30
             }

@@ -14,29 +14,8 @@ use std::path::{Path, PathBuf};
 /// written: about 64 `statvfs` calls for 1 GiB, each a few microseconds.
 pub const LOOK_EVERY: u64 = 16 << 20;
 
-/// How much of its file system the store leaves free: the larger of a share of the file system
-/// and a number of bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Reserve {
-    /// `stage.keep-free-percent`: percent of the file system's size kept free (0–100).
-    pub percent: u8,
-    /// `stage.keep-free-bytes`: bytes kept free.
-    pub bytes: u64,
-}
-
-impl Reserve {
-    /// No reserve: only the file system's own size limits staging.
-    pub const NONE: Reserve = Reserve {
-        percent: 0,
-        bytes: 0,
-    };
-
-    /// The bytes kept free on a file system of `total` bytes.
-    pub fn of(&self, total: u64) -> u64 {
-        let share = u128::from(total) * u128::from(self.percent.min(100)) / 100;
-        (share as u64).max(self.bytes)
-    }
-}
+/// The reserve (`stage.keep-free-*`) is part of the configuration.
+pub use crate::config::DiskReserve as Reserve;
 
 /// What `statvfs` says of a file system, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
