@@ -41,6 +41,9 @@ pub mod exit {
     /// `load`, and `status` after such a boot load: the `nvidia` module's init found no NVIDIA
     /// GPU (`ENODEV`); the overlay is fine, the host has no GPU for it.
     pub const NO_GPU: u8 = 9;
+    /// `stage`, `overlay fetch`: a source has the overlay, but the store's file system has no
+    /// room for it with `stage.keep-free-*` left free; nothing was written.
+    pub const NO_ROOM: u8 = 10;
 }
 
 /// The journal's `MESSAGE_ID` of "no NVIDIA GPU on this host" (`journalctl
@@ -136,6 +139,7 @@ impl CommandError {
             E::Config(_) | E::NoDriverVersion { .. } => exit::CONFIG,
             E::Source(e) => match &**e {
                 SourceError::NoSources => exit::CONFIG,
+                _ if e.any_no_room() => exit::NO_ROOM,
                 _ if e.any_invalid() => exit::INVALID_OVERLAY,
                 SourceError::NotFound { .. } => exit::NO_OVERLAY,
                 _ => exit::FAILURE,

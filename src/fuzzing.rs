@@ -68,7 +68,14 @@ pub fn archive(data: &[u8]) {
         max_unpacked_bytes: 4 << 20,
         max_entries: 512,
     };
-    let _ = archive::extract(data, &staging, &archive_key(), limits, "fuzz.tar");
+    let _ = archive::extract(
+        data,
+        &staging,
+        &archive_key(),
+        limits,
+        "fuzz.tar",
+        &mut crate::overlay::space::SpaceGuard::unchecked(),
+    );
     let names: Vec<PathBuf> = fs::read_dir(parent.path())
         .expect("read parent")
         .map(|e| e.expect("entry").path())

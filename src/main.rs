@@ -266,8 +266,13 @@ fn stage_next(
         .record
         .as_ref()
         .is_some_and(|r| r.result == nvdriver_agent::state::StageResult::Failed);
+    let no_room = run
+        .record
+        .as_ref()
+        .is_some_and(|r| r.result == nvdriver_agent::state::StageResult::NoRoom);
     Ok(match run.readiness {
         NextBootReadiness::Covered => exit::OK,
+        NextBootReadiness::Missing if no_room => exit::NO_ROOM,
         // Some source had an overlay, but only an invalid one.
         NextBootReadiness::Missing if failed => exit::INVALID_OVERLAY,
         NextBootReadiness::Missing => exit::NO_OVERLAY,

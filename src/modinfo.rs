@@ -134,6 +134,10 @@ pub struct ModInfo {
     /// (`tools/depmod.c` `output_softdeps`). Not part of `modinfo --json`.
     #[serde(skip)]
     pub softdeps: Vec<String>,
+    /// The ELF header's `e_machine`: the architecture the module was built for (see
+    /// [`arch_of_machine`]). Not part of `modinfo --json`.
+    #[serde(skip)]
+    pub machine: u16,
 }
 
 /// Errors reading a module file or checking what it says; every `path` is the file as given
@@ -279,6 +283,19 @@ pub enum ModinfoError {
         /// The module's whole `vermagic=` string.
         found: String,
         /// The kernel release it should have been built for.
+        expected: String,
+    },
+    /// [`check_arch`]: the module was built for another architecture than the overlay's.
+    #[error(
+        "module {module} was built for {found} but the overlay is for {expected}; \
+         build the modules for {expected} (or pack them with --arch {found})"
+    )]
+    ArchMismatch {
+        /// The module file.
+        module: PathBuf,
+        /// The architecture its ELF header names.
+        found: String,
+        /// The overlay's architecture.
         expected: String,
     },
     /// The module's `name=` differs from the name its file name gives (raised by the overlay
@@ -444,13 +461,14 @@ fn read_plain_in_parts(
     };
     // Reads (and caches) only the ranges the ELF parser asks for.
     let cache = ReadCache::new(file);
-    let (modinfo, symbols) = match head[EI_CLASS] {
+    let (modinfo, symbols, machine) = match head[EI_CLASS] {
         ELFCLASS64 => modinfo_section_in::<elf::FileHeader64<Endianness>, _>(&cache, path)?,
         ELFCLASS32 => modinfo_section_in::<elf::FileHeader32<Endianness>, _>(&cache, path)?,
         _ => return Ok(None),
     };
     let mut info = parse_modinfo_strings(modinfo, path, Compression::None, signature)?;
     (info.exports, info.imports) = symbols;
+    info.machine = machine;
     tracing::debug!(module = %path.display(), name = %info.name, vermagic = %info.vermagic,
         signed = info.signature.is_some(), "read module info (in parts)");
     Ok(Some(info))
@@ -469,9 +487,10 @@ pub fn parse_module(bytes: &[u8], origin: &Path) -> Result<ModInfo, ModinfoError
         }
     };
     let (elf_bytes, signature) = split_signature(plain, origin)?;
-    let (modinfo, symbols) = modinfo_section(elf_bytes, origin)?;
+    let (modinfo, symbols, machine) = modinfo_section(elf_bytes, origin)?;
     let mut info = parse_modinfo_strings(modinfo, origin, compression, signature)?;
     (info.exports, info.imports) = symbols;
+    info.machine = machine;
     tracing::debug!(
         module = %origin.display(),
         name = %info.name,
@@ -501,6 +520,34 @@ pub fn check_vermagic(info: &ModInfo, path: &Path, kver: &str) -> Result<(), Mod
             expected: kver.to_string(),
         })
     }
+}
+
+/// The `uname -m` name of an ELF `e_machine` (include/uapi/linux/elf-em.h), for the
+/// architectures Linux GPU hosts run; `None` for others.
+pub fn arch_of_machine(machine: u16) -> Option<&'static str> {
+    match machine {
+        62 => Some("x86_64"),   // EM_X86_64
+        183 => Some("aarch64"), // EM_AARCH64
+        21 => Some("ppc64le"),  // EM_PPC64
+        22 => Some("s390x"),    // EM_S390
+        243 => Some("riscv64"), // EM_RISCV
+        _ => None,
+    }
+}
+
+/// Checks that the module was built for architecture `arch` (`uname -m` spelling), as the
+/// kernel's `elf_check_arch` would refuse it otherwise (`ENOEXEC`, "Invalid module format").
+pub fn check_arch(info: &ModInfo, path: &Path, arch: &str) -> Result<(), ModinfoError> {
+    if arch_of_machine(info.machine) == Some(arch) {
+        return Ok(());
+    }
+    Err(ModinfoError::ArchMismatch {
+        module: path.to_path_buf(),
+        found: arch_of_machine(info.machine)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("ELF machine {}", info.machine)),
+        expected: arch.to_string(),
+    })
 }
 
 /// The module name from a file name, for modules whose `.modinfo` lacks `name=` (modpost
@@ -652,7 +699,10 @@ fn colon_hex(bytes: &[u8]) -> String {
 /// What a module exports and imports: (exported names, undefined symbol names).
 type Symbols = (Vec<String>, Vec<String>);
 
-fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<(&'a [u8], Symbols), ModinfoError> {
+/// `.modinfo`, the symbols and `e_machine` of a module's ELF image.
+type ModuleElf<'a> = (&'a [u8], Symbols, u16);
+
+fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<ModuleElf<'a>, ModinfoError> {
     if !bytes.starts_with(ELF_MAGIC) {
         let head = &bytes[..bytes.len().min(4)];
         let found = if head.is_empty() {
@@ -678,7 +728,7 @@ fn modinfo_section<'a>(bytes: &'a [u8], path: &Path) -> Result<(&'a [u8], Symbol
     }
 }
 
-fn modinfo_section_in<'a, H, R>(bytes: R, path: &Path) -> Result<(&'a [u8], Symbols), ModinfoError>
+fn modinfo_section_in<'a, H, R>(bytes: R, path: &Path) -> Result<ModuleElf<'a>, ModinfoError>
 where
     H: FileHeader<Endian = Endianness>,
     R: ReadRef<'a>,
@@ -713,6 +763,7 @@ where
     Ok((
         modinfo,
         symbols_in(&sections, endian, bytes).map_err(malformed)?,
+        header.e_machine(endian).0,
     ))
 }
 
@@ -826,6 +877,7 @@ fn parse_modinfo_strings(
         exports: Vec::new(),
         imports: Vec::new(),
         softdeps,
+        machine: 0,
     })
 }
 

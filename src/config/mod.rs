@@ -179,6 +179,34 @@ pub struct StageSettings {
     pub signatures: SignaturePolicy,
     /// `[oci]`: plain-HTTP registries and mirrors for `oci://` sources.
     pub oci: OciSettings,
+    /// `stage.keep-free-percent` and `stage.keep-free-bytes`: what staging leaves free on the
+    /// store's file system.
+    pub keep_free: DiskReserve,
+}
+
+/// How much of its file system the store leaves free (`stage.keep-free-percent`,
+/// `stage.keep-free-bytes`): the larger of a share of the file system and a number of bytes;
+/// see [`crate::overlay::space`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DiskReserve {
+    /// `stage.keep-free-percent`: percent of the file system's size kept free (0–100).
+    pub percent: u8,
+    /// `stage.keep-free-bytes`: bytes kept free.
+    pub bytes: u64,
+}
+
+impl DiskReserve {
+    /// No reserve: only the file system's own size limits staging.
+    pub const NONE: DiskReserve = DiskReserve {
+        percent: 0,
+        bytes: 0,
+    };
+
+    /// The bytes kept free on a file system of `total` bytes.
+    pub fn of(&self, total: u64) -> u64 {
+        let share = u128::from(total) * u128::from(self.percent.min(100)) / 100;
+        (share as u64).max(self.bytes)
+    }
 }
 
 /// `[oci]` settings (read whether or not the `oci` feature is built, so one config file serves
@@ -243,6 +271,8 @@ struct StageFragment {
     download_timeout_secs: Option<u64>,
     allow_http: Option<bool>,
     keep_extra: Option<u32>,
+    keep_free_percent: Option<u8>,
+    keep_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -483,6 +513,8 @@ struct Merged {
     download_timeout_secs: Sourced<u64>,
     allow_http: Sourced<bool>,
     keep_extra: Sourced<u32>,
+    keep_free_percent: Sourced<u8>,
+    keep_free_bytes: Sourced<u64>,
     detector: Sourced<Detector>,
     metrics: Sourced<PathBuf>,
     nfd_features: Sourced<PathBuf>,
@@ -546,6 +578,8 @@ impl Merged {
             );
             set(&mut self.allow_http, stage.allow_http, file);
             set(&mut self.keep_extra, stage.keep_extra, file);
+            set(&mut self.keep_free_percent, stage.keep_free_percent, file);
+            set(&mut self.keep_free_bytes, stage.keep_free_bytes, file);
         }
         if let Some(watch) = fragment.watch {
             set(&mut self.detector, watch.detector, file);
@@ -597,6 +631,16 @@ impl Merged {
                 message: "expected a number of seconds above 0, found 0".into(),
             });
         }
+        let (keep_free_percent, percent_file) =
+            required("stage.keep-free-percent", self.keep_free_percent)?;
+        if keep_free_percent > 100 {
+            return Err(ConfigError::Invalid {
+                key: "stage.keep-free-percent".into(),
+                file: percent_file,
+                message: format!("expected a percentage from 0 to 100, found {keep_free_percent}"),
+            });
+        }
+        let (keep_free_bytes, _) = required("stage.keep-free-bytes", self.keep_free_bytes)?;
         if let Some((0, file)) = &self.hold_max_hours {
             return Err(ConfigError::Invalid {
                 key: "policy.hold-max-hours".into(),
@@ -616,6 +660,10 @@ impl Merged {
             oci: OciSettings {
                 insecure_registries: self.insecure_registries.map(|(v, _)| v).unwrap_or_default(),
                 mirrors: self.mirrors.map(|(v, _)| v).unwrap_or_default(),
+            },
+            keep_free: DiskReserve {
+                percent: keep_free_percent,
+                bytes: keep_free_bytes,
             },
         };
         let driver_version = self
@@ -929,6 +977,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("driver.modules"), "{err}");
+    }
+
+    #[test]
+    fn disk_reserve_defaults_and_bounds() {
+        let s = layered(&[]).unwrap();
+        assert_eq!(
+            s.stage.keep_free,
+            DiskReserve {
+                percent: 10,
+                bytes: 1 << 30
+            }
+        );
+        let err = layered(&[(
+            "/etc/nvdriver-agent/config.toml",
+            "[stage]\nkeep-free-percent = 101\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("stage.keep-free-percent") && err.contains("from 0 to 100, found 101"),
+            "{err}"
+        );
     }
 
     #[test]

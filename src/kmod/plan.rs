@@ -1358,6 +1358,7 @@ mod tests {
                 exports: strings(exports),
                 imports: strings(imports),
                 softdeps: Vec::new(),
+                machine: 62,
             },
         }
     }

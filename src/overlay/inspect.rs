@@ -310,7 +310,14 @@ fn inspect_archive_as(
         max_unpacked_bytes: settings.max_download_bytes.saturating_mul(UNPACK_RATIO),
         max_entries: MAX_ENTRIES,
     };
-    let (contents, signature) = match archive::extract(input, &tree, &key, limits, source) {
+    let (contents, signature) = match archive::extract(
+        input,
+        &tree,
+        &key,
+        limits,
+        source,
+        &mut crate::overlay::space::SpaceGuard::unchecked(),
+    ) {
         Ok(extracted) => ("verified".to_string(), extracted.signature),
         Err(e) => (format!("DOES NOT MATCH ITS MANIFEST: {e}"), None),
     };

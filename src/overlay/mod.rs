@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod pack;
 pub mod signature;
 pub mod source;
+pub mod space;
 pub mod store;
 pub mod verify;
 

@@ -198,6 +198,7 @@ pub fn plan(input: &PackInput) -> Result<Packed, PackError> {
             continue;
         }
         let info = modinfo::read_module_file(&real)?;
+        modinfo::check_arch(&info, &real, &input.arch)?;
         let release = modinfo::vermagic_release(&info.vermagic).to_string();
         if let Some((_, first, expected)) = modules.first() {
             if *expected != release {

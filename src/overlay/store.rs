@@ -27,6 +27,7 @@ use crate::failpoints::failpoint;
 use crate::fsutil::{fsync_dir, temp_sibling, TEMP_PREFIX};
 use crate::host::Root;
 use crate::overlay::manifest::{Manifest, ManifestError, MANIFEST_NAME};
+use crate::overlay::space::{SpaceError, SpaceGuard};
 use crate::overlay::verify::{self, check_digest, verify_tree, Generated, VerifyError};
 
 /// Name prefix of an overlay copy that was replaced while it may still be mounted.
@@ -79,6 +80,9 @@ pub enum StoreError {
         /// What the OS said.
         error: io::Error,
     },
+    /// Copying into the store reached the reserve of its file system (`stage.keep-free-*`).
+    #[error(transparent)]
+    Space(#[from] SpaceError),
     /// Any other I/O error, with its path.
     #[error(transparent)]
     Io(#[from] PathIoError),
@@ -275,7 +279,17 @@ impl<'a> Store<'a> {
     /// half an overlay under its real name. Returns the host paths removed.
     pub fn gc(&self, keep_kernels: &[String], keep_extra: u32) -> Result<Vec<PathBuf>, StoreError> {
         let lock = self.lock()?;
-        self.clean_leftovers(&lock)?;
+        self.gc_locked(&lock, keep_kernels, keep_extra)
+    }
+
+    /// [`Store::gc`] under a lock the caller holds (staging, making room).
+    pub fn gc_locked(
+        &self,
+        lock: &StoreLock,
+        keep_kernels: &[String],
+        keep_extra: u32,
+    ) -> Result<Vec<PathBuf>, StoreError> {
+        self.clean_leftovers(lock)?;
         let doomed = gc_victims(&self.kernel_releases()?, keep_kernels, keep_extra);
         let top = self.root.join(&self.dir);
         let mut removed = Vec::new();
@@ -496,6 +510,15 @@ impl<'a> Store<'a> {
 
     /// Put the overlay at `source` (a real path) into the store, atomically.
     pub fn import(&self, source: &Path) -> Result<ImportOutcome, StoreError> {
+        self.import_within(source, &mut SpaceGuard::unchecked())
+    }
+
+    /// [`Store::import`], the copy stopped (and removed) when it reaches `space`'s reserve.
+    pub fn import_within(
+        &self,
+        source: &Path,
+        space: &mut SpaceGuard,
+    ) -> Result<ImportOutcome, StoreError> {
         let (manifest, manifest_text) = read_manifest(source)?;
         verify_tree(source, &manifest, Generated::Refuse)?;
         let kernel = &manifest.kernel_release;
@@ -513,10 +536,11 @@ impl<'a> Store<'a> {
         let kernel_dir = self.root.join(self.dir.join(kernel));
         create_dirs_durably(&kernel_dir)?;
         let staging = temp_sibling(&target);
-        let result = build_copy(source, &staging, &manifest, &manifest_text).and_then(|()| {
-            failpoint!("store::import-copied");
-            publish(&staging, &target, &kernel_dir)
-        });
+        let result =
+            build_copy(source, &staging, &manifest, &manifest_text, space).and_then(|()| {
+                failpoint!("store::import-copied");
+                publish(&staging, &target, &kernel_dir)
+            });
         match result {
             Ok(replaced) => {
                 if replaced {
@@ -625,6 +649,7 @@ fn build_copy(
     staging: &Path,
     manifest: &Manifest,
     manifest_text: &str,
+    space: &mut SpaceGuard,
 ) -> Result<(), StoreError> {
     fs::create_dir(staging).with_path(staging)?;
     let mut directories = vec![staging.to_path_buf()];
@@ -647,7 +672,7 @@ fn build_copy(
         ensure_parent(&to, &mut directories)?;
         let input = File::open(&from).with_path(&from)?;
         let mut output = File::create(&to).with_path(&to)?;
-        let (size, digest) = copy_hashing(input, &mut output, entry.size).with_path(&from)?;
+        let (size, digest) = copy_hashing(input, &mut output, entry.size, space, &from)?;
         check_digest(&from, entry, size, &digest)?;
         output
             .set_permissions(fs::Permissions::from_mode(entry.mode))
@@ -677,25 +702,43 @@ fn build_copy(
     Ok(())
 }
 
-fn copy_hashing(input: File, output: &mut File, limit: u64) -> io::Result<(u64, String)> {
+/// Copy `input` (at most `limit` bytes) to `output`, hashing; `space` hears of each write
+/// first. Errors name `from`.
+fn copy_hashing(
+    input: File,
+    output: &mut File,
+    limit: u64,
+    space: &mut SpaceGuard,
+    from: &Path,
+) -> Result<(u64, String), StoreError> {
     struct Tee<'a, R> {
         inner: R,
         out: &'a mut File,
+        space: &'a mut SpaceGuard,
+        stopped: Option<SpaceError>,
     }
     impl<R: io::Read> io::Read for Tee<'_, R> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             let n = self.inner.read(buf)?;
+            if let Err(e) = self.space.before_write(n as u64) {
+                self.stopped = Some(e);
+                return Err(io::Error::other("the file system's reserve is reached"));
+            }
             self.out.write_all(&buf[..n])?;
             Ok(n)
         }
     }
-    verify::sha256_reader(
-        Tee {
-            inner: input,
-            out: output,
-        },
-        limit,
-    )
+    let mut tee = Tee {
+        inner: input,
+        out: output,
+        space,
+        stopped: None,
+    };
+    let result = verify::sha256_reader(&mut tee, limit);
+    if let Some(stopped) = tee.stopped {
+        return Err(StoreError::Space(stopped));
+    }
+    Ok(result.with_path(from)?)
 }
 
 /// The container toolkit finds libraries through `<driver root>/etc/ld.so.cache`; make one for

@@ -272,7 +272,12 @@ fn last_error(
     load.and_then(|l| l.error.clone())
         .or_else(|| {
             stage
-                .filter(|s| matches!(s.result, StageResult::Failed | StageResult::Missing))
+                .filter(|s| {
+                    matches!(
+                        s.result,
+                        StageResult::Failed | StageResult::Missing | StageResult::NoRoom
+                    )
+                })
                 .and_then(|s| s.detail.clone())
         })
         .or_else(|| watch_error.map(str::to_string))

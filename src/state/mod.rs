@@ -141,6 +141,9 @@ pub enum StageResult {
     Missing,
     /// A source had it but staging failed.
     Failed,
+    /// A source had it, but the store's file system has no room for it with its reserve
+    /// (`stage.keep-free-*`) left free.
+    NoRoom,
 }
 
 impl StageResult {
@@ -152,6 +155,7 @@ impl StageResult {
             StageResult::StoodDown => "stood-down",
             StageResult::Missing => "missing",
             StageResult::Failed => "failed",
+            StageResult::NoRoom => "no-room",
         }
     }
 }
@@ -167,6 +171,7 @@ impl std::str::FromStr for StageResult {
             StageResult::StoodDown,
             StageResult::Missing,
             StageResult::Failed,
+            StageResult::NoRoom,
         ]
         .into_iter()
         .find(|r| r.as_str() == word)

@@ -68,6 +68,7 @@ impl StageError {
     pub fn exit_code(&self) -> u8 {
         use crate::app::exit;
         match self {
+            StageError::Source(e) if e.any_no_room() => exit::NO_ROOM,
             StageError::Source(SourceError::NotFound { .. } | SourceError::NoSources) => {
                 exit::NO_OVERLAY
             }
@@ -350,7 +351,7 @@ fn driver_version_to_stage(ctx: &Context, host: &HostFacts) -> Result<Option<Str
 /// overlay there when a later look only finds it (its source, digest and time say more than
 /// "already-staged", and the file events of the stage itself bring such a look at once).
 fn remember(state: &mut AgentState, record: &StageRecord) {
-    if record.result == StageResult::Failed {
+    if matches!(record.result, StageResult::Failed | StageResult::NoRoom) {
         state.stage_failures += 1;
     }
     let found_what_was_staged = record.result == StageResult::AlreadyStaged
@@ -468,7 +469,9 @@ fn fetch(
             NextBootReadiness::Covered
         }
         Err(e) => {
-            r.result = if matches!(e, SourceError::NotFound { .. } | SourceError::NoSources) {
+            r.result = if e.any_no_room() {
+                StageResult::NoRoom
+            } else if matches!(e, SourceError::NotFound { .. } | SourceError::NoSources) {
                 StageResult::Missing
             } else {
                 StageResult::Failed

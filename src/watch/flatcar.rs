@@ -8,8 +8,9 @@
 //! next boot's (`gptprio`); GRUB passes the slot to the kernel as
 //! `verity.usr=PARTUUID=<uuid>` (or `mount.usr=`/`usr=`, as a `PARTUUID=`, `PARTLABEL=` or
 //! `/dev/disk/by-part*/` reference) and `BOOT_IMAGE=/flatcar/vmlinuz-<slot>`
-//! (flatcar/scripts `build_library/grub.cfg`). The kernel's release is read from its bzImage
-//! header, so nothing needs mounting.
+//! (flatcar/scripts `build_library/grub.cfg`). The kernel's release is read from the image
+//! itself, so nothing needs mounting: from the bzImage header on x86, from the banner of the
+//! `Image` (uncompressed, gzip or EFI zboot) on arm64 ([`crate::watch::arm64_image`]).
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -20,6 +21,7 @@ use tracing::debug;
 use crate::host::kernel::is_kernel_release;
 use crate::host::version::version_cmp;
 use crate::host::Root;
+use crate::watch::arm64_image;
 use crate::watch::NextBoot;
 
 /// Partition UUID of `USR-A` (flatcar/scripts `build_library/disk_layout.json`; GRUB's
@@ -100,6 +102,15 @@ pub enum FlatcarError {
     BadRelease {
         /// The whole version string, invalid UTF-8 replaced.
         found: String,
+    },
+    /// An arm64 image's release could not be read.
+    #[error(transparent)]
+    Arm64(#[from] crate::watch::arm64_image::Arm64ImageError),
+    /// The file is neither an x86 bzImage nor an arm64 image this agent reads.
+    #[error("not a kernel image this agent reads: expected an x86 bzImage (\"HdrS\" at 0x202), an arm64 Image (\"ARM\\x64\" at 0x38), a gzip-compressed one, or an EFI zboot image (\"MZ\" and \"zimg\" at 0); the first bytes are {head}")]
+    UnknownImage {
+        /// The first 8 bytes, in hex.
+        head: String,
     },
     /// A header error, with the image file it came from.
     #[error("{path}: {error}")]
@@ -269,23 +280,77 @@ pub fn bzimage_release(header: &[u8]) -> Result<String, FlatcarError> {
     Ok(release.to_string())
 }
 
-/// [`bzimage_release`] of the file at `path` (a path on this machine, already under the
-/// root), reading at most [`BZIMAGE_HEADER_MAX`] bytes.
-pub fn read_bzimage_release(path: &Path) -> Result<String, FlatcarError> {
+/// The kernel release of the image file at `path` (a path on this machine, already under the
+/// root): [`bzimage_release`] of its first [`BZIMAGE_HEADER_MAX`] bytes for an x86 bzImage, else
+/// the banner of an arm64 image ([`crate::watch::arm64_image`]; bounded, and remembered per
+/// file version since it may mean decompressing megabytes).
+pub fn read_image_release(path: &Path) -> Result<String, FlatcarError> {
     let read_err = |source| FlatcarError::Read {
         path: path.to_path_buf(),
         error: source,
     };
+    let with_path = |source: FlatcarError| FlatcarError::Image {
+        path: path.to_path_buf(),
+        error: Box::new(source),
+    };
+    let mut file = File::open(path).map_err(read_err)?;
     let mut header = Vec::with_capacity(BZIMAGE_HEADER_MAX as usize);
-    File::open(path)
-        .map_err(read_err)?
+    (&mut file)
         .take(BZIMAGE_HEADER_MAX)
         .read_to_end(&mut header)
         .map_err(read_err)?;
-    bzimage_release(&header).map_err(|source| FlatcarError::Image {
-        path: path.to_path_buf(),
-        error: Box::new(source),
-    })
+    if header.get(HDRS_OFFSET..HDRS_OFFSET + 4) == Some(b"HdrS") {
+        return bzimage_release(&header).map_err(with_path);
+    }
+    let Some(format) = arm64_image::detect(&header) else {
+        return Err(with_path(FlatcarError::UnknownImage {
+            head: hex::encode(&header[..header.len().min(8)]),
+        }));
+    };
+    let meta = file.metadata().map_err(read_err)?;
+    let version = image_version(&meta);
+    if let Some(release) = remembered(&version) {
+        return Ok(release);
+    }
+    let release = arm64_image::read_release(&mut file, meta.len(), &format)
+        .map_err(|e| with_path(e.into()))?;
+    remember(version, &release);
+    Ok(release)
+}
+
+/// What tells one version of a file from another: device, inode, size, modification time.
+type ImageVersion = (u64, u64, u64, i64, i64);
+
+fn image_version(meta: &fs::Metadata) -> ImageVersion {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
+}
+
+/// The arm64 releases read lately (the two slots' kernels, a few boot entries).
+static REMEMBERED: std::sync::Mutex<Vec<(ImageVersion, String)>> =
+    std::sync::Mutex::new(Vec::new());
+const REMEMBER_MAX: usize = 8;
+
+fn remembered(version: &ImageVersion) -> Option<String> {
+    let cache = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .iter()
+        .find(|(v, _)| v == version)
+        .map(|(_, r)| r.clone())
+}
+
+fn remember(version: ImageVersion, release: &str) {
+    let mut cache = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= REMEMBER_MAX {
+        cache.remove(0);
+    }
+    cache.push((version, release.to_string()));
 }
 
 /// The slot the running system booted from, as the kernel command line says. Every parameter
@@ -415,7 +480,7 @@ pub fn next_boot(
             _ => Ok(None),
         };
     }
-    let release = read_bzimage_release(&path)?;
+    let release = read_image_release(&path)?;
     debug!(KERNEL_RELEASE = %release, "{} holds {release}", host_path.display());
     if release == running_kernel {
         return Ok(None);

@@ -29,7 +29,7 @@ use crate::host::kernel::is_kernel_release;
 /// The comparator the boot-entry order uses; it lives in [`crate::host::version`].
 pub use crate::host::version::version_cmp;
 use crate::host::Root;
-use crate::watch::flatcar::{bzimage_release, read_bzimage_release, BZIMAGE_HEADER_MAX};
+use crate::watch::flatcar::{bzimage_release, read_image_release, BZIMAGE_HEADER_MAX};
 use crate::watch::NextBoot;
 
 /// Where systemd-boot finds unified kernel images (type #2 entries).
@@ -579,7 +579,7 @@ pub fn read_boot_entries(root: &Root) -> Result<Vec<BootEntry>, GenericError> {
                     .and_then(|(release, _)| release)
                     .map_err(|e| e.to_string())
             } else {
-                match read_bzimage_release(&kernel_path) {
+                match read_image_release(&kernel_path) {
                     Ok(release) => Ok(release),
                     Err(e) => fields
                         .version

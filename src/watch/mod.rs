@@ -4,6 +4,7 @@
 //! runs the kernel that runs now). Events (inotify, D-Bus signals) only say "look again": every
 //! detector re-reads the state from disk, so a missed or repeated event changes nothing.
 
+pub mod arm64_image;
 pub mod dbus;
 pub mod flatcar;
 pub mod fswatch;

@@ -84,3 +84,36 @@ pub fn build_uki(sections: &[(&str, &[u8])]) -> Vec<u8> {
     assert!(status.success(), "objcopy failed");
     fs::read(out).unwrap()
 }
+
+/// Where tests/fixtures/arm64-kernel/fetch caches the real Debian arm64 kernel.
+pub fn arm64_kernel_cache() -> PathBuf {
+    let base = std::env::var_os("NVDRIVER_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/nvdriver-agent-tests"));
+    base.join("arm64-kernel")
+}
+
+/// The real Debian arm64 `vmlinuz` (as the package ships it) and its release, or `None` after
+/// printing why `test` is skipped. Under CI a missing kernel is a failure.
+pub fn debian_arm64_vmlinuz(test: &str) -> Option<(PathBuf, String)> {
+    let cache = arm64_kernel_cache();
+    let mut kernels: Vec<PathBuf> = fs::read_dir(&cache)
+        .map(|entries| entries.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    kernels.retain(|dir| dir.join("vmlinuz").is_file() && dir.join("release").is_file());
+    kernels.sort();
+    let Some(dir) = kernels.pop() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: no arm64 kernel in {}; scripts/setup fetches it (tests/fixtures/arm64-kernel/fetch)",
+            cache.display()
+        );
+        eprintln!(
+            "skipping {test}: no arm64 kernel in {}; run tests/fixtures/arm64-kernel/fetch",
+            cache.display()
+        );
+        return None;
+    };
+    let release = fs::read_to_string(dir.join("release")).unwrap();
+    Some((dir.join("vmlinuz"), release.trim().to_string()))
+}

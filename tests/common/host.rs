@@ -39,6 +39,9 @@ pub const OS_MODULE_SYMBOLS: [(&str, &str); 3] = [
 /// Flatcar's kernel command line when booted from the USR-B partition.
 pub const FLATCAR_CMDLINE_USR_B: &str = "BOOT_IMAGE=/flatcar/vmlinuz-b mount.usr=/dev/mapper/usr verity.usr=PARTUUID=e03dd35c-7c2d-4a47-b3fe-27f15780a57c root=LABEL=ROOT flatcar.oem.id=qemu\n";
 
+/// The drop-in every [`FakeHost`] has, turning the disk reserve off (`stage.keep-free-*`).
+pub const TEST_RESERVE_DROP_IN: &str = "/etc/nvdriver-agent/config.d/00-test-no-disk-reserve.toml";
+
 pub struct FakeHost {
     pub dir: tempfile::TempDir,
     pub root: Root,
@@ -55,6 +58,12 @@ impl FakeHost {
         let root = Root::new(dir.path());
         let host = FakeHost { dir, root };
         host.write("/etc/os-release", FCOS_OS_RELEASE);
+        // No disk reserve: the shipped one (10 % of the file system) depends on how full the
+        // test machine's disk is. Tests of the reserve set it in a later drop-in.
+        host.write(
+            TEST_RESERVE_DROP_IN,
+            "[stage]\nkeep-free-percent = 0\nkeep-free-bytes = 0\n",
+        );
         host.write("/proc/sys/kernel/osrelease", &format!("{kernel_release}\n"));
         host.write("/proc/modules", "");
         host.write(
@@ -169,7 +178,13 @@ impl BareHost {
         let outer = tempfile::tempdir().unwrap();
         fs::create_dir(outer.path().join("host")).unwrap();
         let root = Root::new(outer.path().join("host"));
-        BareHost { outer, root, key }
+        let host = BareHost { outer, root, key };
+        // As on a FakeHost: no disk reserve for the binary run on it.
+        host.put(
+            TEST_RESERVE_DROP_IN,
+            b"[stage]\nkeep-free-percent = 0\nkeep-free-bytes = 0\n",
+        );
+        host
     }
 
     pub fn store(&self) -> Store<'_> {

@@ -46,6 +46,8 @@ pub struct FixtureModule {
     pub exports: Vec<String>,
     /// Symbols it uses from elsewhere (undefined `.symtab` entries, as a real call leaves).
     pub imports: Vec<String>,
+    /// The ELF machine it is built for.
+    pub arch: Architecture,
 }
 
 impl FixtureModule {
@@ -63,7 +65,14 @@ impl FixtureModule {
             payload: Vec::new(),
             exports: Vec::new(),
             imports: Vec::new(),
+            arch: Architecture::X86_64,
         }
+    }
+
+    /// Built for arm64 (`EM_AARCH64`), as for a Grace Hopper host.
+    pub fn aarch64(mut self) -> Self {
+        self.arch = Architecture::Aarch64;
+        self
     }
 
     /// Export `symbols` (`EXPORT_SYMBOL`).
@@ -207,11 +216,16 @@ impl FixtureModule {
 
     /// The uncompressed module file: ELF, plus the signature trailer when signed.
     pub fn elf_bytes(&self) -> Vec<u8> {
-        let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let mut obj = Object::new(BinaryFormat::Elf, self.arch, Endianness::Little);
 
         let text = obj.section_id(StandardSection::Text);
-        // endbr64; xor eax, eax; ret
-        obj.append_section_data(text, &[0xF3, 0x0F, 0x1E, 0xFA, 0x31, 0xC0, 0xC3], 16);
+        let code: &[u8] = match self.arch {
+            // mov w0, #0; ret
+            Architecture::Aarch64 => &[0x00, 0x00, 0x80, 0x52, 0xC0, 0x03, 0x5F, 0xD6],
+            // endbr64; xor eax, eax; ret
+            _ => &[0xF3, 0x0F, 0x1E, 0xFA, 0x31, 0xC0, 0xC3],
+        };
+        obj.append_section_data(text, code, 16);
 
         let modinfo = obj.add_section(Vec::new(), b".modinfo".to_vec(), SectionKind::ReadOnlyData);
         obj.append_section_data(modinfo, &self.modinfo(), 1);

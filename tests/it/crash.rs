@@ -96,7 +96,7 @@ fn killed_stages_never_leave_a_half_overlay() {
     write(
         "/etc/nvdriver-agent/config.toml",
         format!(
-            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/srv/overlays/nvidia-{{driver}}-{{kernel}}.tar.zst\"]\nkeep-extra = 0\n"
+            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/srv/overlays/nvidia-{{driver}}-{{kernel}}.tar.zst\"]\nkeep-extra = 0\n# No disk reserve: it would depend on how full this machine's disk is.\nkeep-free-percent = 0\nkeep-free-bytes = 0\n"
         )
         .as_bytes(),
     );

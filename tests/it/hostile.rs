@@ -55,6 +55,7 @@ fn settings(archive: &str, max_download_bytes: u64) -> StageSettings {
         keep_extra: 1,
         signatures: Default::default(),
         oci: Default::default(),
+        keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
     }
 }
 

@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod arm64_overlay;
 mod build;
 mod caps;
 mod cdi;
@@ -29,6 +30,7 @@ mod pack;
 mod stage;
 mod timeline;
 mod units;
+mod watch_arm64;
 mod watch_flatcar;
 mod watch_generic;
 mod watch_ostree;

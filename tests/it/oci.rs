@@ -41,6 +41,7 @@ fn settings(source: &str, insecure: &[String], timeout: Duration) -> StageSettin
             insecure_registries: insecure.to_vec(),
             mirrors: Default::default(),
         },
+        keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
     }
 }
 
@@ -382,6 +383,7 @@ fn a_plain_image_becomes_an_overlay() {
             insecure_registries: vec![registry.host()],
             mirrors: Default::default(),
         },
+        keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
     };
     let err = stage(
         &host.root,

@@ -219,6 +219,7 @@ fn settings(source: &Path, policy: SignaturePolicy) -> StageSettings {
         keep_extra: 1,
         signatures: policy,
         oci: Default::default(),
+        keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
     }
 }
 

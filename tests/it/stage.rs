@@ -37,6 +37,7 @@ fn settings(sources: &[&str]) -> StageSettings {
         keep_extra: 1,
         signatures: Default::default(),
         oci: Default::default(),
+        keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
     }
 }
 

@@ -43,7 +43,7 @@ fn fcos_host(policy: &str) -> OstreeSysroot {
     write(
         "/etc/nvdriver-agent/config.toml",
         &format!(
-            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/var/srv/overlays/{{kernel}}/{{driver}}\"]\n[policy]\nmissing-next-overlay = \"{policy}\"\n"
+            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"/var/srv/overlays/{{kernel}}/{{driver}}\"]\nkeep-free-percent = 0\nkeep-free-bytes = 0\n[policy]\nmissing-next-overlay = \"{policy}\"\n"
         ),
     );
     sysroot

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::common::boot::{bzimage_with_release, debian_bzimage, version_string_offset};
 use crate::common::host::FakeHost;
 use nvdriver_agent::watch::flatcar::{
-    bzimage_release, next_boot, os_nvidia_sysext, read_bzimage_release, update_engine_state,
+    bzimage_release, next_boot, os_nvidia_sysext, read_image_release, update_engine_state,
     FlatcarError, UpdateEngineState,
 };
 
@@ -41,9 +41,9 @@ fn file_edge_reads_only_the_header() {
     image.resize(8 << 20, 0xcc);
     let path = dir.path().join("vmlinuz");
     std::fs::write(&path, &image).unwrap();
-    assert_eq!(read_bzimage_release(&path).unwrap(), expected);
+    assert_eq!(read_image_release(&path).unwrap(), expected);
 
-    let missing = read_bzimage_release(&dir.path().join("nope")).unwrap_err();
+    let missing = read_image_release(&dir.path().join("nope")).unwrap_err();
     assert!(matches!(missing, FlatcarError::Read { .. }), "{missing}");
 }
 

@@ -23,6 +23,7 @@ use crate::fsutil::fsync_dir;
 use crate::overlay::key::OverlayKey;
 use crate::overlay::manifest::{symlink_stays_inside, Manifest, ManifestError, MANIFEST_NAME};
 use crate::overlay::signature::{MAX_SIGNATURE_BYTES, SIGNATURE_NAME};
+use crate::overlay::space::{SpaceError, SpaceGuard};
 use crate::overlay::verify::{check_digest, VerifyError};
 
 /// Files at least this large are written back to disk in the background every this many bytes.
@@ -156,6 +157,10 @@ pub enum ArchiveError {
         /// The mismatch.
         error: VerifyError,
     },
+    /// The overlay does not fit on the store's file system with its reserve left free, or
+    /// unpacking reached the reserve (what was unpacked is the caller's to remove).
+    #[error(transparent)]
+    Space(#[from] SpaceError),
     /// Creating, writing or syncing something in the staging directory failed: a problem of
     /// this host, not of the archive.
     #[error("{path}: cannot write: {error}")]
@@ -170,7 +175,7 @@ pub enum ArchiveError {
 impl ArchiveError {
     /// Did the archive hold something wrong (as opposed to an I/O problem on this host)?
     pub fn is_invalid(&self) -> bool {
-        !matches!(self, ArchiveError::Write { .. })
+        !matches!(self, ArchiveError::Write { .. } | ArchiveError::Space(_))
     }
 }
 
@@ -191,13 +196,16 @@ pub struct Extracted {
 /// verifying every entry against the manifest, which must be for `key`. `archive` names the
 /// archive in messages. On success every file and directory is fsynced and the tree matches the
 /// manifest exactly; on error `staging` holds an unspecified partial tree for the caller to
-/// remove.
+/// remove. `space` watches the file system of `staging` while files are written; a manifest
+/// that comes before the files has its total checked against `limits` and `space` before any
+/// file byte is written.
 pub fn extract(
     input: impl Read,
     staging: &Path,
     key: &OverlayKey,
     limits: Limits,
     archive: &str,
+    space: &mut SpaceGuard,
 ) -> Result<Extracted, ArchiveError> {
     let decompressed = decompress(input, archive)?;
     let counted = Bounded {
@@ -210,6 +218,8 @@ pub fn extract(
         archive,
         staging,
         key,
+        max_unpacked_bytes: limits.max_unpacked_bytes,
+        space,
         manifest: None,
         files: BTreeMap::new(),
         links: BTreeMap::new(),
@@ -349,6 +359,9 @@ struct Unpacking<'a> {
     archive: &'a str,
     staging: &'a Path,
     key: &'a OverlayKey,
+    /// [`Limits::max_unpacked_bytes`], which the manifest's files must fit in too.
+    max_unpacked_bytes: u64,
+    space: &'a mut SpaceGuard,
     manifest: Option<Manifest>,
     files: BTreeMap<PathBuf, Written>,
     links: BTreeMap<PathBuf, PathBuf>,
@@ -646,6 +659,7 @@ impl Unpacking<'_> {
                     })
                 }
             };
+            self.space.before_write(n as u64)?;
             hasher.update(&self.buffer[..n]);
             file.write_all(&self.buffer[..n])
                 .map_err(Self::write_err(real))?;
@@ -709,6 +723,7 @@ impl Unpacking<'_> {
                 found,
             });
         }
+        self.check_manifest_total(&manifest)?;
         // What came before the manifest is checked now.
         for (path, written) in &self.files {
             let Some(listed) = manifest.file(path) else {
@@ -742,6 +757,27 @@ impl Unpacking<'_> {
             .map_err(Self::write_err(&real))?;
         self.manifest = Some(manifest);
         self.manifest_text = text;
+        Ok(())
+    }
+
+    /// The manifest's files must fit in the unpacked-size limit and, what is not written yet,
+    /// on the file system with its reserve left free.
+    fn check_manifest_total(&self, manifest: &Manifest) -> Result<(), ArchiveError> {
+        let total = manifest
+            .files
+            .iter()
+            .fold(0u64, |sum, f| sum.saturating_add(f.size));
+        if total > self.max_unpacked_bytes {
+            return Err(ArchiveError::TooLarge {
+                archive: self.archive.to_string(),
+                limit: self.max_unpacked_bytes,
+                what: "bytes of files (the manifest's total)",
+            });
+        }
+        self.space.ensure(
+            total.saturating_sub(self.bytes),
+            "the overlay's files (the manifest's total)",
+        )?;
         Ok(())
     }
 

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::fsutil::write_atomic;
+use crate::overlay::space::{SpaceError, SpaceGuard};
 
 /// Connections dropped mid-body are resumed at most this many times per call (each resume must
 /// have made progress).
@@ -118,6 +119,15 @@ pub enum FetchError {
         /// ureq's error.
         error: Box<ureq::Error>,
     },
+    /// The announced size does not fit on the store's file system with its reserve left free,
+    /// or the download reached the reserve; the part is removed.
+    #[error("{url}: {error}")]
+    Space {
+        /// The URL asked for.
+        url: String,
+        /// The numbers.
+        error: SpaceError,
+    },
     /// Writing the part file or its `.meta` file failed.
     #[error("{path}: {error}")]
     Io {
@@ -190,6 +200,18 @@ pub(crate) fn http_agent(https_only: bool, timeout: Option<Duration>) -> ureq::A
 /// part holds. On success `part` holds the whole file as served; on a dropped connection or a
 /// timeout it is kept for the next call; on anything else it is removed.
 pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Downloaded, FetchError> {
+    download_within(url, part, limits, &mut SpaceGuard::unchecked())
+}
+
+/// [`download`], refused before the body is written when the size the server announces does
+/// not fit with `space`'s reserve left free, and stopped (the part removed) when writing
+/// reaches the reserve.
+pub fn download_within(
+    url: &str,
+    part: &Path,
+    limits: &FetchLimits,
+    space: &mut SpaceGuard,
+) -> Result<Downloaded, FetchError> {
     let deadline = Instant::now() + limits.timeout;
     if url.starts_with("http://") && !limits.allow_http {
         return Err(FetchError::HttpRefused { url: url.into() });
@@ -202,6 +224,7 @@ pub fn download(url: &str, part: &Path, limits: &FetchLimits) -> Result<Download
         url,
         part,
         limits,
+        space,
         agent: http_agent(!limits.allow_http, None),
         deadline,
         meta,
@@ -222,6 +245,7 @@ struct Download<'a> {
     url: &'a str,
     part: &'a Path,
     limits: &'a FetchLimits,
+    space: &'a mut SpaceGuard,
     agent: ureq::Agent,
     deadline: Instant,
     /// What is known of the file the part belongs to; `None` once it is started over.
@@ -262,6 +286,16 @@ impl Download<'_> {
         let Some(accepted) = self.accept(&response, offset)? else {
             return Ok(None);
         };
+        if let Some(total) = accepted.announced {
+            let need = total.saturating_sub(accepted.start);
+            if let Err(e) = self.space.ensure(need, "the download") {
+                discard_part(self.part);
+                return Err(FetchError::Space {
+                    url: self.url.into(),
+                    error: e,
+                });
+            }
+        }
         let file = self.open_part(&accepted, offset)?;
         self.receive(response, file, &accepted)
     }
@@ -485,6 +519,14 @@ impl Download<'_> {
                     url: self.url.into(),
                     limit: self.limits.max_bytes,
                     announced: None,
+                });
+            }
+            if let Err(e) = self.space.before_write(n as u64) {
+                drop(file);
+                discard_part(self.part);
+                return Err(FetchError::Space {
+                    url: self.url.into(),
+                    error: e,
                 });
             }
             file.write_all(&buffer[..n]).map_err(self.io_err())?;

@@ -12,7 +12,7 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::StageSettings;
 use crate::host::Root;
@@ -26,6 +26,7 @@ use crate::overlay::signature::{
 };
 use crate::overlay::source::archive::{ArchiveError, Limits};
 use crate::overlay::source::http::{FetchError, FetchLimits};
+use crate::overlay::space::{SpaceError, SpaceGuard};
 use crate::overlay::store::{self, ImportOutcome, Store, StoreError, StoreLock};
 use crate::overlay::verify::{sha256_bytes, verify_tree, Generated, VerifyError};
 
@@ -183,6 +184,10 @@ pub enum AttemptError {
         /// The unsigned modules' overlay paths, comma-separated.
         modules: String,
     },
+    /// The overlay does not fit on the store's file system with its reserve left free (even
+    /// after removing overlays no kernel needs), or writing it reached the reserve.
+    #[error(transparent)]
+    Space(#[from] SpaceError),
     /// Building an overlay from a plain image's modules and firmware failed.
     #[error("building the overlay from the image: {0}")]
     Pack(Box<crate::overlay::pack::PackError>),
@@ -208,6 +213,17 @@ impl AttemptError {
         }
     }
 
+    /// The store's file system has no room for it (see [`crate::overlay::space`]).
+    pub fn is_no_room(&self) -> bool {
+        matches!(
+            self,
+            AttemptError::Space(_)
+                | AttemptError::Fetch(FetchError::Space { .. })
+                | AttemptError::Archive(ArchiveError::Space(_))
+                | AttemptError::Store(StoreError::Space(_))
+        )
+    }
+
     /// The source had something, and it is not a valid overlay for the key.
     pub fn is_invalid(&self) -> bool {
         match self {
@@ -222,7 +238,10 @@ impl AttemptError {
             #[cfg(feature = "oci")]
             AttemptError::Oci(e) => e.is_invalid(),
             AttemptError::Fetch(FetchError::TooLarge { .. }) => true,
-            AttemptError::Store(e) => !matches!(e, StoreError::Io { .. } | StoreError::Lock { .. }),
+            AttemptError::Store(e) => !matches!(
+                e,
+                StoreError::Io { .. } | StoreError::Lock { .. } | StoreError::Space(_)
+            ),
             _ => false,
         }
     }
@@ -292,6 +311,16 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// Did some source have the overlay, but no room on the store's file system for it?
+    pub fn any_no_room(&self) -> bool {
+        match self {
+            SourceError::NotFound { tried, .. } | SourceError::Failed { tried, .. } => {
+                tried.iter().any(|a| a.error.is_no_room())
+            }
+            _ => false,
+        }
+    }
+
     /// Did some source have the overlay, but only broken or for another kernel?
     pub fn any_invalid(&self) -> bool {
         match self {
@@ -515,7 +544,7 @@ impl Attempt<'_> {
                 path: PathBuf::from(source),
                 error: e,
             })?;
-            self.stage_archive(BufReader::new(file), source)
+            self.stage_archive(BufReader::new(file), meta.len(), source)
         } else {
             Err(AttemptError::NotAFileOrDirectory {
                 path: PathBuf::from(source),
@@ -548,13 +577,90 @@ impl Attempt<'_> {
         }
         verify_tree(real_dir, &manifest, Generated::Refuse)?;
         self.check_target(real_dir, &manifest)?;
-        Ok(self.store.import(real_dir)?)
+        self.ensure_room(manifest_total(&manifest), "the overlay's files")?;
+        let mut space = self.space_guard("the overlay's files");
+        Ok(self.store.import_within(real_dir, &mut space)?)
     }
 
-    /// An archive: unpacked and verified in one pass into a staging directory of the store, the
-    /// modules checked, then renamed into place.
-    fn stage_archive(&self, input: impl Read, name: &str) -> Result<ImportOutcome, AttemptError> {
+    /// Watches the store's file system while `what` is written.
+    fn space_guard(&self, what: &'static str) -> SpaceGuard {
+        let dir = self.store.dir();
+        SpaceGuard::new(&self.root.join(dir), dir, self.settings.keep_free, what)
+    }
+
+    /// Refuse, before writing, unless `need` bytes fit on the store's file system with the
+    /// reserve left free; when they do not, remove overlays no kernel needs and look again.
+    fn ensure_room(&self, need: u64, what: &'static str) -> Result<(), AttemptError> {
+        let guard = self.space_guard(what);
+        let first = guard.ensure(need, what);
+        let result = match first {
+            Err(SpaceError::NoRoom { .. }) if self.collect_garbage() => guard.ensure(need, what),
+            other => other,
+        };
+        if let Err(SpaceError::NoRoom { shortfall, fs, .. }) = &result {
+            warn!(
+                KERNEL_RELEASE = %self.key.kernel_release,
+                DRIVER_VERSION = %self.key.driver_version,
+                STORE = %fs.display(),
+                NEED_BYTES = shortfall.need,
+                FREE_BYTES = shortfall.available,
+                RESERVE_BYTES = shortfall.reserve,
+                FS_BYTES = shortfall.total,
+                "not staging {what}: it does not fit with the reserve left free"
+            );
+        }
+        Ok(result?)
+    }
+
+    /// Remove the overlays no kernel needs (as [`Store::gc`] would after this stage), keeping
+    /// the kernel staged for, the running kernel, every stored kernel newer than it and the
+    /// `keep-extra` newest others. Nothing is removed when the running kernel cannot be read.
+    /// Returns whether anything was removed.
+    fn collect_garbage(&self) -> bool {
+        let Ok(running) = crate::host::kernel::read_kernel_release(self.root) else {
+            return false;
+        };
+        let newer = self
+            .store
+            .kernel_releases()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| {
+                crate::host::version::version_cmp(k, &running) == std::cmp::Ordering::Greater
+            });
+        let keep: Vec<String> = [self.key.kernel_release.clone(), running.clone()]
+            .into_iter()
+            .chain(newer)
+            .collect();
+        match self
+            .store
+            .gc_locked(self.lock, &keep, self.settings.keep_extra)
+        {
+            Ok(removed) => {
+                for dir in &removed {
+                    info!(OVERLAY = %dir.display(), "removed an overlay no kernel needs, to make room");
+                }
+                !removed.is_empty()
+            }
+            Err(e) => {
+                warn!("store garbage collection failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// An archive of `size` bytes: unpacked and verified in one pass into a staging directory of
+    /// the store, the modules checked, then renamed into place. It must fit at its own size
+    /// before unpacking starts (its manifest's total once that is read; the reserve throughout).
+    fn stage_archive(
+        &self,
+        input: impl Read,
+        size: u64,
+        name: &str,
+    ) -> Result<ImportOutcome, AttemptError> {
         let (store, lock, key) = (self.store, self.lock, self.key);
+        self.ensure_room(size, "the unpacked overlay")?;
+        let mut space = self.space_guard("the unpacked overlay");
         let limits = Limits {
             max_unpacked_bytes: self
                 .settings
@@ -563,7 +669,7 @@ impl Attempt<'_> {
             max_entries: MAX_ENTRIES,
         };
         let staging = store.begin_staging(lock, &key.kernel_release, &key.driver_version)?;
-        let result = archive::extract(input, &staging, key, limits, name)
+        let result = archive::extract(input, &staging, key, limits, name, &mut space)
             .map_err(AttemptError::from)
             .and_then(|extracted| {
                 failpoint!("stage::unpacked");
@@ -592,12 +698,22 @@ impl Attempt<'_> {
         }
         let part = self.downloads_dir()?.join(part_name(self.key, url));
         failpoint!("stage::download");
-        http::download(url, &part, &FetchLimits::of(settings))?;
+        let limits = FetchLimits::of(settings);
+        let fetch =
+            || http::download_within(url, &part, &limits, &mut self.space_guard("the download"));
+        match fetch() {
+            Err(FetchError::Space {
+                error: SpaceError::NoRoom { .. },
+                ..
+            }) if self.collect_garbage() => fetch(),
+            other => other,
+        }?;
         let file = File::open(&part).map_err(|e| AttemptError::Io {
             path: part.clone(),
             error: e,
         })?;
-        let result = self.stage_archive(BufReader::new(file), url);
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let result = self.stage_archive(BufReader::new(file), size, url);
         http::discard_part(&part);
         result
     }
@@ -637,6 +753,11 @@ impl Attempt<'_> {
             endpoint = %resolved.endpoint,
             "resolved {reference}"
         );
+        let layers_total = resolved
+            .layers
+            .iter()
+            .fold(0u64, |sum, layer| sum.saturating_add(layer.size));
+        self.ensure_room(layers_total, "the image's layers")?;
         let downloads = self.downloads_dir()?;
         let scratch = tempfile::Builder::new()
             .prefix(crate::fsutil::TEMP_PREFIX)
@@ -657,7 +778,7 @@ impl Attempt<'_> {
                 path: blobs[0].clone(),
                 error: e,
             })?;
-            self.stage_archive(BufReader::new(file), &name)?
+            self.stage_archive(BufReader::new(file), resolved.layers[0].size, &name)?
         } else {
             self.stage_image(&blobs, scratch.path(), &name)?
         };
@@ -786,6 +907,14 @@ impl Attempt<'_> {
     }
 }
 
+/// The bytes of the files a manifest lists.
+fn manifest_total(manifest: &Manifest) -> u64 {
+    manifest
+        .files
+        .iter()
+        .fold(0u64, |sum, f| sum.saturating_add(f.size))
+}
+
 /// `<kernel>_<driver>_<url digest>.part`: one per URL, recognisable by kernel for GC.
 fn part_name(key: &OverlayKey, url: &str) -> String {
     format!(
@@ -826,6 +955,7 @@ pub fn check_modules(dir: &Path, manifest: &Manifest) -> Result<Vec<ModInfo>, Mo
         let path = dir.join(&entry.path);
         let info = modinfo::read_module_file(&path)?;
         modinfo::check_vermagic(&info, &path, &manifest.kernel_release)?;
+        modinfo::check_arch(&info, &path, &manifest.arch)?;
         // The loader refuses this too; refusing it here keeps such an overlay out of the store.
         let file_name = modinfo::name_from_path(&path).unwrap_or_default();
         if info.name.replace('-', "_") != file_name {
