@@ -145,6 +145,7 @@ fn an_aarch64_overlay_packs_stages_and_plans() {
             toolkit: ToolkitState::Absent,
             driver_root_mount: MountState::NotMounted,
             modprobe: &modprobe,
+            caps_nodes: Ok(Vec::new()),
         })
     };
     let plan = plan_for(&facts("aarch64")).unwrap();
