@@ -152,6 +152,14 @@ pub fn wanted(relative: &str, imex: bool) -> bool {
     is_gpu && parts.next() == Some("mig") && parts.next().is_some()
 }
 
+/// The major of `name` in `/proc/devices`; `count` nodes wanted it (for the error).
+fn major_of(proc_devices: &str, name: &'static str, count: usize) -> Result<u32, CapsError> {
+    parse_proc_devices(proc_devices)
+        .get(name)
+        .copied()
+        .ok_or(CapsError::NoMajor { name, count })
+}
+
 /// The capability nodes for `tree`, given `/proc/devices` and whether IMEX is configured;
 /// sorted by minor.
 pub fn cap_nodes(
@@ -163,12 +171,7 @@ pub fn cap_nodes(
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
-    let major = *parse_proc_devices(proc_devices)
-        .get(CAPS_MAJOR_NAME)
-        .ok_or(CapsError::NoMajor {
-            name: CAPS_MAJOR_NAME,
-            count: wanted.len(),
-        })?;
+    let major = major_of(proc_devices, CAPS_MAJOR_NAME, wanted.len())?;
     let mut nodes = wanted
         .into_iter()
         .map(|(relative, text)| {
@@ -203,12 +206,7 @@ pub fn imex_channel_nodes(
     if channels.is_empty() {
         return Ok(Vec::new());
     }
-    let major = *parse_proc_devices(proc_devices)
-        .get(IMEX_MAJOR_NAME)
-        .ok_or(CapsError::NoMajor {
-            name: IMEX_MAJOR_NAME,
-            count: channels.len(),
-        })?;
+    let major = major_of(proc_devices, IMEX_MAJOR_NAME, channels.len())?;
     let attrs = parse_attrs(params);
     let mut channels = channels.to_vec();
     channels.sort_unstable();

@@ -55,3 +55,40 @@ pub fn root_or_skip(test: &str) -> bool {
     eprintln!("skipping {test}: not running as root");
     false
 }
+
+/// Run a python3-jsonschema `script` as `python3 -c SCRIPT SCHEMA INSTANCE_FILE` on `instance`
+/// (written to a temp file): `Ok` when it exits 0, else what it printed. A missing module or a
+/// traceback (the schema itself invalid) fails the test: that is no verdict on the instance.
+pub fn jsonschema_check(
+    script: &str,
+    schema: &std::path::Path,
+    instance: &serde_json::Value,
+) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("instance.json");
+    fs::write(&file, serde_json::to_vec(instance).unwrap()).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(schema)
+        .arg(&file)
+        .output()
+        .expect("python3 (scripts/setup installs it, with python3-jsonschema)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !["ModuleNotFoundError", "SchemaError", "Traceback"]
+            .iter()
+            .any(|bad| said.contains(bad)),
+        "{}: cannot validate (run scripts/setup for python3-jsonschema): {said}",
+        schema.display()
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}

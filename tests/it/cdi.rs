@@ -6,11 +6,11 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
 use crate::common::agent;
 use crate::common::host::FakeHost;
 use crate::common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::tools;
 use serde_json::{json, Value};
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
@@ -61,9 +61,6 @@ fn load(host: &FakeHost) -> String {
 /// the 0.5.2 schema does not reach the top-level containerEdits, so that is checked against
 /// defs.json's containerEdits too.
 fn validate_cdi(spec: &Value) -> Result<(), String> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("spec.json");
-    fs::write(&file, serde_json::to_vec(spec).unwrap()).unwrap();
     let schema_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cdi-schema");
     let script = r#"
 import json, sys
@@ -81,27 +78,7 @@ for e in errors:
     print(f"{list(e.absolute_path)}: {e.message}")
 sys.exit(1 if errors else 0)
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&schema_dir)
-        .arg(&file)
-        .output()
-        .expect("python3 (scripts/setup installs it, with python3-jsonschema)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !said.contains("ModuleNotFoundError") && !said.contains("Traceback"),
-        "{said}"
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(said)
-    }
+    tools::jsonschema_check(script, &schema_dir, spec)
 }
 
 fn node_paths(nodes: &Value) -> Vec<&str> {

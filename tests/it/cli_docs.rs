@@ -8,7 +8,6 @@
 mod man;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use clap::CommandFactory as _;
 use serde_json::{json, Value};
@@ -16,6 +15,7 @@ use serde_json::{json, Value};
 use crate::common::agent::text;
 use crate::common::host::FakeHost;
 use crate::common::overlay::OverlayBuilder;
+use crate::common::tools;
 
 const KVER: &str = "6.1.0-28-cloud-amd64";
 
@@ -85,9 +85,6 @@ fn every_subcommand_has_a_page_and_the_config_file_too() {
 /// Validate `instance` against docs/schema/`schema` with python3-jsonschema (Draft 2020-12,
 /// the schema itself checked first); the validator's complaints on failure.
 fn validate(schema: &str, instance: &Value) -> Result<(), String> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("instance.json");
-    std::fs::write(&file, serde_json::to_vec(instance).unwrap()).unwrap();
     let script = r#"
 import json, sys
 import jsonschema
@@ -98,27 +95,7 @@ for e in errors:
     print(f"{list(e.absolute_path)}: {e.message}")
 sys.exit(1 if errors else 0)
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(repo("docs/schema").join(schema))
-        .arg(&file)
-        .output()
-        .expect("python3 (scripts/setup installs it, with python3-jsonschema)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !said.contains("ModuleNotFoundError") && !said.contains("SchemaError"),
-        "{schema}: cannot validate (run scripts/setup for python3-jsonschema): {said}"
-    );
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(said)
-    }
+    tools::jsonschema_check(script, &repo("docs/schema").join(schema), instance)
 }
 
 /// The JSON a command prints, exiting with one of `codes`.
