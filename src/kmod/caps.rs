@@ -289,6 +289,14 @@ pub fn read_nodes(root: &Root, imex_channels: &[u32]) -> Result<Vec<CapNode>, Ca
 mod tests {
     use super::*;
 
+    /// Each node as "PATH MAJOR:MINOR MODE(octal)".
+    fn described(nodes: &[CapNode]) -> Vec<String> {
+        nodes
+            .iter()
+            .map(|n| format!("{} {}:{} {:o}", n.path.display(), n.major, n.minor, n.mode))
+            .collect()
+    }
+
     const DEVICES: &str =
         "Character devices:\n195 nvidia\n241 nvidia-caps\n242 nvidia-caps-imex-channels\n";
 
@@ -348,10 +356,7 @@ mod tests {
             ),
         ]);
         let nodes = cap_nodes(&t, DEVICES, false).unwrap();
-        let got: Vec<_> = nodes
-            .iter()
-            .map(|n| format!("{} {}:{} {:o}", n.path.display(), n.major, n.minor, n.mode))
-            .collect();
+        let got = described(&nodes);
         assert_eq!(
             got,
             [
@@ -379,10 +384,7 @@ mod tests {
         let params =
             "ModifyDeviceFiles: 1\nDeviceFileUID: 0\nDeviceFileGID: 0\nDeviceFileMode: 438\n";
         let nodes = imex_channel_nodes(&[1, 0, 1], DEVICES, params).unwrap();
-        let got: Vec<_> = nodes
-            .iter()
-            .map(|n| format!("{} {}:{} {:o}", n.path.display(), n.major, n.minor, n.mode))
-            .collect();
+        let got = described(&nodes);
         assert_eq!(
             got,
             [

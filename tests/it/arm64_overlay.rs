@@ -40,7 +40,9 @@ fn write_modules(dir: &Path, aarch64: bool) {
     }
 }
 
-fn pack(modules: &Path, arch: &str, out: &Path) -> std::process::Output {
+/// `overlay pack` of `modules` for `arch`, to `out` given as `out_flag` (`--out-archive` or
+/// `--out-dir`).
+fn pack(modules: &Path, arch: &str, out_flag: &str, out: &Path) -> std::process::Output {
     agent::run(
         Path::new("/nonexistent"),
         &[
@@ -50,7 +52,7 @@ fn pack(modules: &Path, arch: &str, out: &Path) -> std::process::Output {
             modules.to_str().unwrap(),
             "--arch",
             arch,
-            "--out-archive",
+            out_flag,
             out.to_str().unwrap(),
         ],
     )
@@ -83,11 +85,16 @@ fn an_aarch64_overlay_packs_stages_and_plans() {
     let modules = work.path().join("kernel-open");
     write_modules(&modules, true);
     let archive = work.path().join("nvidia-aarch64.tar.zst");
-    let out = pack(&modules, "aarch64", &archive);
+    let out = pack(&modules, "aarch64", "--out-archive", &archive);
     assert!(out.status.success(), "{}", agent::text(&out));
 
     // Packed for the wrong architecture: refused, naming both.
-    let wrong = pack(&modules, "x86_64", &work.path().join("wrong.tar.zst"));
+    let wrong = pack(
+        &modules,
+        "x86_64",
+        "--out-archive",
+        &work.path().join("wrong.tar.zst"),
+    );
     assert!(!wrong.status.success());
     assert!(
         agent::text(&wrong).contains("was built for aarch64 but the overlay is for x86_64"),
@@ -164,19 +171,7 @@ fn x86_modules_in_an_aarch64_archive_are_refused_at_stage() {
     // Packed honestly for x86_64, then the manifest's arch rewritten, as a wrong build script
     // would: staging reads the modules' ELF headers, not only the manifest.
     let tree = work.path().join("tree");
-    let out = agent::run(
-        Path::new("/nonexistent"),
-        &[
-            "overlay",
-            "pack",
-            "--modules",
-            modules.to_str().unwrap(),
-            "--arch",
-            "x86_64",
-            "--out-dir",
-            tree.to_str().unwrap(),
-        ],
-    );
+    let out = pack(&modules, "x86_64", "--out-dir", &tree);
     assert!(out.status.success(), "{}", agent::text(&out));
     let manifest = tree.join("overlay.toml");
     let text = fs::read_to_string(&manifest).unwrap();
