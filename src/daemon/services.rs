@@ -33,7 +33,7 @@ pub fn start(ctx: &Context) -> bool {
         warn!("{e}");
         Vec::new()
     });
-    let decisions = services::plan(
+    let mut decisions = services::plan(
         &services::carried_in_tree(&driver_root),
         &switches,
         ServiceSettings {
@@ -51,6 +51,18 @@ pub fn start(ctx: &Context) -> bool {
         );
     }
     let needed = decisions.iter().any(|d| d.needed);
+    let fabric_manager = |d: &services::ServiceDecision| {
+        d.start && d.service == services::DriverService::FabricManager
+    };
+    if decisions.iter().any(fabric_manager) {
+        if let Err(e) = services::write_fabric_manager_config(&ctx.root, &ctx.settings.driver_root)
+        {
+            // Not started with a configuration that names the host's (missing) topology
+            // files: readiness names Fabric Manager as not running.
+            warn!("{e}");
+            decisions.retain(|d| !fabric_manager(d));
+        }
+    }
     if !decisions.iter().any(|d| d.start) {
         return needed;
     }

@@ -147,6 +147,99 @@ pub enum ServicesError {
     /// The system bus could not be reached.
     #[error(transparent)]
     Bus(#[from] crate::watch::dbus::DbusError),
+    /// Fabric Manager's configuration could not be read from the overlay or written for it.
+    #[error("cannot {action} {path}: {source}; Fabric Manager is not started")]
+    FabricManagerConfig {
+        /// `read` or `write`.
+        action: &'static str,
+        /// The file, as a host path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The overlay's stock Fabric Manager configuration, under the driver root.
+pub const FABRIC_MANAGER_STOCK_CONFIG: &str = "usr/share/nvidia/nvswitch/fabricmanager.cfg";
+/// Where the agent writes the configuration the unit runs with (`-c`): the stock one with the
+/// paths to the driver's own files moved under the driver root.
+pub const FABRIC_MANAGER_CONFIG: &str = "/run/nvdriver-agent/fabricmanager.cfg";
+/// The keys of `fabricmanager.cfg` naming the driver's own files (the per-board topology files
+/// and the database), with Fabric Manager's built-in default for each. NVIDIA's packages
+/// install those under `/usr/share/nvidia/nvswitch`; in an overlay they are under the driver
+/// root, which Fabric Manager cannot know. Logs and the state file stay where the stock file
+/// puts them: they are the host's, not the driver's.
+const FABRIC_MANAGER_DRIVER_PATHS: [(&str, &str); 2] = [
+    ("TOPOLOGY_FILE_PATH", "/usr/share/nvidia/nvswitch"),
+    ("DATABASE_PATH", "/usr/share/nvidia/nvswitch"),
+];
+
+/// Fabric Manager's configuration for an overlay at `driver_root`: the stock text with each
+/// driver path (see [`FABRIC_MANAGER_DRIVER_PATHS`]) moved under the driver root, and added,
+/// with its default, where the stock file leaves it out; pure.
+pub fn fabric_manager_config(stock: &str, driver_root: &Path) -> String {
+    let under_root = |value: &str| {
+        if Path::new(value).starts_with(driver_root) {
+            value.to_string()
+        } else {
+            driver_root
+                .join(value.trim_start_matches('/'))
+                .display()
+                .to_string()
+        }
+    };
+    let mut seen = Vec::new();
+    let mut out = format!(
+        "# Written by nvdriver-agent from {}/{FABRIC_MANAGER_STOCK_CONFIG}: the paths to the\n\
+         # driver's own files point into the driver overlay. Rewritten at every load.\n",
+        driver_root.display()
+    );
+    for line in stock.lines() {
+        let rewritten = line.split_once('=').and_then(|(key, value)| {
+            let key = key.trim();
+            let value = value.trim();
+            let known = FABRIC_MANAGER_DRIVER_PATHS.iter().any(|(k, _)| *k == key);
+            (known && value.starts_with('/')).then(|| {
+                seen.push(key.to_string());
+                format!("{key}={}", under_root(value))
+            })
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    for (key, default) in FABRIC_MANAGER_DRIVER_PATHS {
+        if !seen.iter().any(|k| k == key) {
+            out.push_str(&format!("{key}={}\n", under_root(default)));
+        }
+    }
+    out
+}
+
+/// Write [`FABRIC_MANAGER_CONFIG`] from the loaded overlay's stock file, atomically.
+pub fn write_fabric_manager_config(root: &Root, driver_root: &Path) -> Result<(), ServicesError> {
+    let stock = root.join(driver_root).join(FABRIC_MANAGER_STOCK_CONFIG);
+    let text =
+        std::fs::read_to_string(&stock).map_err(|source| ServicesError::FabricManagerConfig {
+            action: "read",
+            path: driver_root.join(FABRIC_MANAGER_STOCK_CONFIG),
+            source,
+        })?;
+    let dest = root.join(FABRIC_MANAGER_CONFIG);
+    let written = dest
+        .parent()
+        .map_or(Ok(()), |dir| crate::fsutil::create_dir_all_mode(dir, 0o755))
+        .and_then(|()| {
+            crate::fsutil::write_atomic(
+                &dest,
+                fabric_manager_config(&text, driver_root).as_bytes(),
+                0o644,
+            )
+        });
+    written.map_err(|source| ServicesError::FabricManagerConfig {
+        action: "write",
+        path: FABRIC_MANAGER_CONFIG.into(),
+        source,
+    })
 }
 
 fn read_hex(path: &Path) -> Option<u32> {
@@ -394,6 +487,70 @@ mod tests {
         persistenced: true,
         fabric_manager: true,
     };
+
+    // The lines of NVIDIA's stock fabricmanager.cfg that name paths (the driver package's
+    // /usr/share/nvidia/nvswitch/fabricmanager.cfg, as NVIDIA's Fabric Manager user guide lists
+    // its options), comments and all.
+    const STOCK_FM_CONFIG: &str = "\
+# Description: Filename for Fabric Manager logs
+LOG_FILE_NAME=/var/log/fabricmanager.log
+DAEMONIZE=1
+STATE_FILE_NAME =/tmp/fabricmanager.state
+#TOPOLOGY_FILE_PATH=/commented/out
+TOPOLOGY_FILE_PATH=/usr/share/nvidia/nvswitch
+DATABASE_PATH=/usr/share/nvidia/nvswitch
+";
+
+    #[test]
+    fn fabric_manager_config_points_driver_paths_into_the_overlay() {
+        let out = fabric_manager_config(STOCK_FM_CONFIG, Path::new("/run/nvidia/driver"));
+        let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "LOG_FILE_NAME=/var/log/fabricmanager.log",
+                "DAEMONIZE=1",
+                "STATE_FILE_NAME =/tmp/fabricmanager.state",
+                "TOPOLOGY_FILE_PATH=/run/nvidia/driver/usr/share/nvidia/nvswitch",
+                "DATABASE_PATH=/run/nvidia/driver/usr/share/nvidia/nvswitch",
+            ]
+        );
+        assert!(out.contains("#TOPOLOGY_FILE_PATH=/commented/out\n"));
+        // Rewriting is idempotent: a path already in the overlay stays.
+        let again = fabric_manager_config(&out, Path::new("/run/nvidia/driver"));
+        let again: Vec<&str> = again.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(again, lines);
+    }
+
+    #[test]
+    fn fabric_manager_config_adds_the_built_in_defaults_it_leaves_out() {
+        let out = fabric_manager_config("DAEMONIZE=1\n", Path::new("/run/nvidia/driver"));
+        assert!(out.contains("\nTOPOLOGY_FILE_PATH=/run/nvidia/driver/usr/share/nvidia/nvswitch\n"));
+        assert!(out.contains("\nDATABASE_PATH=/run/nvidia/driver/usr/share/nvidia/nvswitch\n"));
+    }
+
+    #[test]
+    fn fabric_manager_config_is_written_from_the_overlay_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let driver_root = Path::new("/run/nvidia/driver");
+        let err = write_fabric_manager_config(&root, driver_root).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "cannot read /run/nvidia/driver/usr/share/nvidia/nvswitch/fabricmanager.cfg"
+            ),
+            "{err}"
+        );
+        assert!(!root.join(FABRIC_MANAGER_CONFIG).exists());
+        let stock = root.join(driver_root).join(FABRIC_MANAGER_STOCK_CONFIG);
+        std::fs::create_dir_all(stock.parent().unwrap()).unwrap();
+        std::fs::write(&stock, STOCK_FM_CONFIG).unwrap();
+        write_fabric_manager_config(&root, driver_root).unwrap();
+        let written = std::fs::read_to_string(root.join(FABRIC_MANAGER_CONFIG)).unwrap();
+        assert!(
+            written.contains("\nTOPOLOGY_FILE_PATH=/run/nvidia/driver/usr/share/nvidia/nvswitch\n")
+        );
+    }
 
     fn started(decisions: &[ServiceDecision]) -> Vec<DriverService> {
         decisions
