@@ -13,6 +13,10 @@ pub const NVIDIACTL_MINOR: u32 = 255;
 pub const NVIDIA_MODESET_MINOR: u32 = 254;
 /// The mode nvidia-modprobe gives the nodes by default.
 pub const NODE_MODE: u32 = 0o666;
+/// Minor of `/dev/nvidia-nvswitchctl` under the `nvidia-nvswitch` major: the driver's
+/// `NVSWITCH_CTL_MINOR` (kernel-open/nvidia/linux_nvswitch.c), which nvidia-modprobe mirrors
+/// as `NV_NVSWITCH_CTL_MINOR`.
+pub const NVSWITCH_CTL_MINOR: u32 = 255;
 
 /// One character-device node to create under `/dev`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -84,6 +88,39 @@ pub fn parse_gpu_minor(information: &str) -> Option<u32> {
     })
 }
 
+/// The NVSwitch nodes for `switches` switches the driver probed (the entries of
+/// `/proc/driver/nvidia-nvswitch/devices`): `/dev/nvidia-nvswitchctl` and
+/// `/dev/nvidia-nvswitch0..N-1`, as nvidia-modprobe's `nvidia_nvswitch_mknod` names them
+/// (nvidia-modprobe-utils.c). The driver gives each probed switch the lowest free minor from 0
+/// (`nvswitch_find_minor`, linux_nvswitch.c), so N switches are minors 0..N-1; its procfs
+/// `permissions` file says mode 0666 (`nv_procfs_read_permissions`, procfs_nvswitch.c). Fabric
+/// Manager opens them; nvidia-modprobe, which makes them on a package-installed driver, is
+/// setuid and refused in overlays. None without a switch: `nvidia.ko` registers the
+/// `nvidia-nvswitch` major on every host.
+pub fn nvswitch_nodes(proc_devices: &str, switches: usize) -> Vec<DeviceNode> {
+    let Some(major) = parse_proc_devices(proc_devices)
+        .get("nvidia-nvswitch")
+        .copied()
+    else {
+        return Vec::new();
+    };
+    if switches == 0 {
+        return Vec::new();
+    }
+    let node = |path: String, minor| DeviceNode {
+        path: PathBuf::from(path),
+        major,
+        minor,
+        mode: NODE_MODE,
+    };
+    let mut nodes = vec![node("/dev/nvidia-nvswitchctl".into(), NVSWITCH_CTL_MINOR)];
+    let last = u32::try_from(switches)
+        .unwrap_or(NVSWITCH_CTL_MINOR)
+        .min(NVSWITCH_CTL_MINOR);
+    nodes.extend((0..last).map(|minor| node(format!("/dev/nvidia-nvswitch{minor}"), minor)));
+    nodes
+}
+
 /// The nodes to create, given which NVIDIA modules are loaded (kernel spelling), the text of
 /// `/proc/devices` and the GPU minors.
 pub fn nodes_for(
@@ -143,6 +180,37 @@ mod tests {
     use super::*;
 
     const PROC_DEVICES: &str = "Character devices:\n  1 mem\n195 nvidia\n195 nvidiactl\n507 nvidia-uvm\n\nBlock devices:\n  8 sd\n507 notachar\n";
+
+    /// The H200 machine's `/proc/devices` (open 580.159.04): `nvidia-nvswitch` is 239 although
+    /// the machine has no switch.
+    const H200_PROC_DEVICES: &str =
+        include_str!("../../tests/fixtures/nvidia-caps/h200-580.159.04/proc-devices");
+
+    #[test]
+    fn nvswitch_nodes_are_the_control_node_and_one_per_probed_switch() {
+        let nodes = nvswitch_nodes(H200_PROC_DEVICES, 4);
+        let listed: Vec<(String, u32, u32, u32)> = nodes
+            .iter()
+            .map(|n| (n.path.display().to_string(), n.major, n.minor, n.mode))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("/dev/nvidia-nvswitchctl".to_string(), 239, 255, 0o666),
+                ("/dev/nvidia-nvswitch0".to_string(), 239, 0, 0o666),
+                ("/dev/nvidia-nvswitch1".to_string(), 239, 1, 0o666),
+                ("/dev/nvidia-nvswitch2".to_string(), 239, 2, 0o666),
+                ("/dev/nvidia-nvswitch3".to_string(), 239, 3, 0o666),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_nvswitch_nodes_without_a_switch_or_its_major() {
+        // The H200 machine: the major is registered, no switch probed.
+        assert!(nvswitch_nodes(H200_PROC_DEVICES, 0).is_empty());
+        assert!(nvswitch_nodes(PROC_DEVICES, 4).is_empty());
+    }
 
     #[test]
     fn majors_from_char_section_only() {

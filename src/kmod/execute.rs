@@ -218,7 +218,11 @@ pub fn execute(
     let loaded: Vec<&str> = plan.modules.iter().map(|m| m.name.as_str()).collect();
     let proc_devices = read_to_string_or_empty(&root.join("/proc/devices"));
     let minors = gpu_minors(root);
-    for node in nodes_for(&loaded, &proc_devices, &minors)? {
+    let switch_nodes = devices::nvswitch_nodes(&proc_devices, nvswitch_count(root));
+    for node in nodes_for(&loaded, &proc_devices, &minors)?
+        .into_iter()
+        .chain(switch_nodes)
+    {
         if ensure_node(root, &node, kernel)? {
             report.nodes_created.push(node.path.clone());
         }
@@ -419,6 +423,14 @@ fn decompress_to_memfd(
 
 fn read_to_string_or_empty(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
+}
+
+/// How many NVSwitches the driver probed: the entries of `/proc/driver/nvidia-nvswitch/devices`
+/// (one directory per switch, named by its PCI address; procfs_nvswitch.c).
+pub fn nvswitch_count(root: &Root) -> usize {
+    fs::read_dir(root.join("/proc/driver/nvidia-nvswitch/devices"))
+        .map(|entries| entries.flatten().count())
+        .unwrap_or(0)
 }
 
 /// GPU minors from `/proc/driver/nvidia/gpus/*/information`.

@@ -359,3 +359,66 @@ fn caps_without_their_major_fail_the_load_with_the_reason() {
         "{err}"
     );
 }
+
+/// The NVSwitch nodes: none on the real H200 host (its `nvidia-nvswitch` major is registered,
+/// no switch probed); with two switches in `/proc/driver/nvidia-nvswitch/devices` (as
+/// procfs_nvswitch.c's `nvswitch_procfs_device_add` lists them), the control node and one per
+/// switch with the major `/proc/devices` names, mode 0666 (its `permissions` file), and
+/// readiness names a missing one.
+#[test]
+fn nvswitch_nodes_follow_the_probed_switches() {
+    let host = real_host();
+    load(&host);
+    assert!(!host.exists("/dev/nvidia-nvswitchctl"));
+
+    for bdf in ["0000:05:00.0", "0000:06:00.0"] {
+        host.write(
+            &format!("/proc/driver/nvidia-nvswitch/devices/{bdf}/information"),
+            "BIOS Version: 96.10.6d.00.01\n",
+        );
+    }
+    load(&host);
+    // Only the switch nodes: a scratch copy of them in a directory of their own.
+    let scratch = "/run/scratch-nvswitch-nodes";
+    fs::create_dir_all(host.path(scratch)).unwrap();
+    for entry in fs::read_dir(host.path("/dev")).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("nvidia-nvswitch") {
+            let dest = host.path(format!("{scratch}/{name}"));
+            fs::copy(entry.path(), &dest).unwrap();
+            fs::set_permissions(&dest, entry.metadata().unwrap().permissions()).unwrap();
+        }
+    }
+    let made: Vec<Stat> = made_nodes(&host, scratch)
+        .into_iter()
+        .map(|n| Stat {
+            path: n.path.replace(scratch, "/dev"),
+            ..n
+        })
+        .collect();
+    let node = |path: &str, minor| Stat {
+        path: path.into(),
+        major: 239,
+        minor,
+        mode: 0o666,
+    };
+    assert_eq!(
+        made,
+        [
+            node("/dev/nvidia-nvswitch0", 0),
+            node("/dev/nvidia-nvswitch1", 1),
+            node("/dev/nvidia-nvswitchctl", 255),
+        ]
+    );
+
+    fs::remove_file(host.path("/dev/nvidia-nvswitch1")).unwrap();
+    let facts = nvdriver_agent::report::usable::gather(
+        &host.root,
+        &ctx(&host).settings,
+        &["nvidia", "nvidia_modeset", "nvidia_uvm"],
+    );
+    assert_eq!(
+        facts.missing_nodes,
+        [PathBuf::from("/dev/nvidia-nvswitch1")]
+    );
+}
