@@ -698,7 +698,9 @@ const FABRICMANAGER_UNIT: &str = "nvdriver-agent-fabricmanager.service";
 /// On a host with an NVSwitch on its PCI bus (vendor 0x10de, class 0x068000) the daemon starts
 /// the overlay's Fabric Manager, and the node is ready only with the unit active and every
 /// GPU's fabric `Completed` (read from the overlay's `nvidia-smi -q`; here a stand-in script
-/// printing nvidia-smi's layout, as tests/fixtures/nvidia-smi/h200-single.txt has it).
+/// printing nvidia-smi's layout, as tests/fixtures/nvidia-smi/h200-single.txt has it). Fabric
+/// Manager is started with the overlay's `fabricmanager.cfg`, its topology path moved into the
+/// overlay.
 #[test]
 fn a_switch_host_waits_for_fabric_manager_and_the_trained_fabric() {
     for (unit_result, fabric, expect) in [
@@ -718,6 +720,10 @@ fn a_switch_host_waits_for_fabric_manager_and_the_trained_fabric() {
         host.write("/sys/bus/pci/devices/0000:05:00.0/vendor", "0x10de\n");
         host.write("/sys/bus/pci/devices/0000:05:00.0/class", "0x068000\n");
         host.write("/run/nvidia/driver/usr/bin/nv-fabricmanager", "#!/bin/sh\n");
+        host.write(
+            "/run/nvidia/driver/usr/share/nvidia/nvswitch/fabricmanager.cfg",
+            "DAEMONIZE=1\nTOPOLOGY_FILE_PATH=/usr/share/nvidia/nvswitch\n",
+        );
         let smi = host.path("/run/nvidia/driver/usr/bin/nvidia-smi");
         std::fs::write(
             &smi,
@@ -740,6 +746,15 @@ fn a_switch_host_waits_for_fabric_manager_and_the_trained_fabric() {
             WAIT,
             || systemd.unit_calls(),
             |calls| calls.contains(&("RestartUnit".into(), FABRICMANAGER_UNIT.into())),
+        );
+        // Started with the overlay's configuration, its topology path moved into the overlay.
+        let config =
+            std::fs::read_to_string(host.path("/run/nvdriver-agent/fabricmanager.cfg")).unwrap();
+        assert!(
+            config.contains(
+                "\nDAEMONIZE=1\nTOPOLOGY_FILE_PATH=/run/nvidia/driver/usr/share/nvidia/nvswitch\n"
+            ),
+            "{config}"
         );
         let (code, report) = wait_for(
             "status with the unit's state",
