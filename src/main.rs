@@ -23,7 +23,7 @@ use nvdriver_agent::modinfo;
 use nvdriver_agent::overlay::store::ImportOutcome;
 use nvdriver_agent::overlay::{build, pack};
 use nvdriver_agent::report::{bus as agent_bus, doctor, status};
-use nvdriver_agent::update::hold::{HostLevers, LeverScope};
+use nvdriver_agent::update::hold::{HoldAction, HostLevers, LeverScope, OSTREE_FINALIZATION_LOCK};
 use nvdriver_agent::update::stage::{self, NextBootReadiness, StageError, Target};
 use nvdriver_agent::watch;
 
@@ -270,6 +270,17 @@ fn stage_next(
         .record
         .as_ref()
         .is_some_and(|r| r.result == nvdriver_agent::state::StageResult::NoRoom);
+    // Held on ostree: with the finalization lock in place (ours, or Zincati's), ostree does not
+    // finalize the staged deployment and the next boot is this one, whose driver is loaded.
+    // Not a failure: at shutdown (ExecStop=) it would mark the unit failed at every held reboot.
+    let held_here = matches!(run.hold, Some(HoldAction::Take { .. }))
+        && ctx.root.join(OSTREE_FINALIZATION_LOCK).exists();
+    if held_here && run.readiness == NextBootReadiness::Missing {
+        println!(
+            "held: ostree will not finalize the staged deployment ({OSTREE_FINALIZATION_LOCK} is in place); the next boot stays on this deployment and its driver"
+        );
+        return Ok(exit::OK);
+    }
     Ok(match run.readiness {
         NextBootReadiness::Covered => exit::OK,
         NextBootReadiness::Missing if no_room => exit::NO_ROOM,

@@ -293,3 +293,29 @@ fn hold_on_ostree_adds_the_inhibitor_that_stops_zincatis_finalize() {
         assert_eq!(root.join(LOCK).exists(), zincati_locked, "{}", daemon.log());
     }
 }
+
+/// The shutdown stage (`ExecStop=… stage --now`) of a held ostree update: the lock keeps the
+/// next boot on this deployment, which has its driver, so it exits 0 saying so (exit 3 would
+/// mark the unit failed at every held reboot). Without the hold, a missing overlay is exit 3.
+#[test]
+fn shutdown_stage_of_a_held_ostree_update_exits_0_saying_held() {
+    for (policy, code, says) in [
+        (
+            "hold",
+            0,
+            "held: ostree will not finalize the staged deployment",
+        ),
+        ("warn", 3, "missing"),
+    ] {
+        let host = fcos_host(policy);
+        let root = host.dir.path();
+        let next = host.commit_kernel(NEXT);
+        host.stage(&next);
+        let out = agent::run(root, &["stage", "--now"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{policy}: {stdout}{stderr}");
+        assert!(stdout.contains(says), "{policy}: {stdout}{stderr}");
+        assert_eq!(root.join(LOCK).exists(), policy == "hold", "{policy}");
+    }
+}
