@@ -678,11 +678,17 @@ fn blocked_needs<'b>(
     needs: &BTreeMap<String, BTreeSet<String>>,
     blocked: &BTreeMap<&'b str, &'b str>,
 ) -> Vec<(&'b str, &'b str)> {
+    // Nothing blacklisted (the usual case): no closure to walk. Called once per configured
+    // module, so walking it anyway made planning cubic in a chain of modules (bench/scaling).
+    if blocked.is_empty() {
+        return Vec::new();
+    }
     let mut closure = vec![name.to_string()];
+    let mut seen: BTreeSet<String> = closure.iter().cloned().collect();
     let mut i = 0;
     while i < closure.len() {
         for need in &needs[&closure[i]] {
-            if !closure.contains(need) {
+            if seen.insert(need.clone()) {
                 closure.push(need.clone());
             }
         }
@@ -767,8 +773,9 @@ fn wanted_modules(
         os_before: BTreeMap::new(),
         os_after: BTreeMap::new(),
     };
+    let mut taken: BTreeSet<String> = BTreeSet::new();
     while let Some(name) = queue.pop() {
-        if wanted.modules.contains(&name) {
+        if taken.contains(&name) {
             continue;
         }
         // Only a softdep reaches a module that is, or needs, a blacklisted one here (the
@@ -800,6 +807,7 @@ fn wanted_modules(
         if let Some(softdep) = softdeps.get(&name) {
             apply_softdep(&name, softdep, &mut wanted, &mut queue);
         }
+        taken.insert(name.clone());
         wanted.modules.push(name);
     }
     Ok(wanted)
@@ -1236,37 +1244,43 @@ fn dependency_order(
             cycle: format!("{name} -> {name}"),
         });
     }
-    let mut remaining: BTreeMap<&String, BTreeSet<String>> = wanted
+    // Kahn's algorithm, always taking the first ready module in (NVIDIA's order, name): each
+    // module and each edge is handled once (the earlier rescan of every remaining module per
+    // step was quadratic: bench/scaling).
+    let mut unmet: BTreeMap<&String, usize> = BTreeMap::new();
+    let mut dependents: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
+    for name in wanted {
+        let deps: BTreeSet<&String> = needs[name]
+            .iter()
+            .filter_map(|d| wanted_set.get(d).copied())
+            .collect();
+        unmet.insert(name, deps.len());
+        for dep in deps {
+            dependents.entry(dep).or_default().push(name);
+        }
+    }
+    let mut ready: BTreeSet<(usize, &String)> = unmet
         .iter()
-        .map(|name| {
-            let deps = needs[name]
-                .iter()
-                .filter(|d| wanted_set.contains(d))
-                .cloned()
-                .collect();
-            (name, deps)
-        })
+        .filter(|(_, count)| **count == 0)
+        .map(|(name, _)| (rank(name), *name))
         .collect();
     let mut order = Vec::new();
-    while !remaining.is_empty() {
-        let mut ready: Vec<&String> = remaining
-            .iter()
-            .filter(|(_, deps)| deps.is_empty())
-            .map(|(name, _)| *name)
-            .collect();
-        if ready.is_empty() {
-            let cycle: Vec<&str> = remaining.keys().map(|s| s.as_str()).collect();
-            return Err(PlanError::DependencyCycle {
-                cycle: cycle.join(", "),
-            });
+    while let Some((_, next)) = ready.pop_first() {
+        unmet.remove(next);
+        for dependent in dependents.get(next).into_iter().flatten() {
+            let count = unmet.get_mut(dependent).expect("a wanted module");
+            *count -= 1;
+            if *count == 0 {
+                ready.insert((rank(dependent), *dependent));
+            }
         }
-        ready.sort_by_key(|name| (rank(name), (*name).clone()));
-        let next = ready[0].clone();
-        remaining.remove(&next);
-        for deps in remaining.values_mut() {
-            deps.remove(&next);
-        }
-        order.push(next);
+        order.push(next.clone());
+    }
+    if !unmet.is_empty() {
+        let cycle: Vec<&str> = unmet.keys().map(|s| s.as_str()).collect();
+        return Err(PlanError::DependencyCycle {
+            cycle: cycle.join(", "),
+        });
     }
     Ok(order)
 }
@@ -1737,5 +1751,68 @@ mod tests {
         case.modprobe
             .add_file("b.conf", "/etc/modprobe.d/b.conf", "blacklist nvidia\n");
         assert_eq!(names(&case.plan().unwrap())[0], "nvidia");
+    }
+
+    fn needs_of(edges: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+        edges
+            .iter()
+            .map(|(name, deps)| {
+                (
+                    name.to_string(),
+                    deps.iter().map(|d| d.to_string()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dependency_order_breaks_ties_in_nvidia_order_then_by_name() {
+        let needs = needs_of(&[
+            ("nvidia_uvm", &["nvidia"]),
+            ("nvidia_drm", &["nvidia_modeset"]),
+            ("zz_other", &[]),
+            ("aa_other", &[]),
+            ("nvidia", &[]),
+            ("nvidia_modeset", &["nvidia"]),
+        ]);
+        let wanted: Vec<String> = needs.keys().rev().cloned().collect();
+        assert_eq!(
+            dependency_order(&wanted, &needs).unwrap(),
+            [
+                "nvidia",
+                "nvidia_modeset",
+                "nvidia_uvm",
+                "nvidia_drm",
+                "aa_other",
+                "zz_other"
+            ]
+        );
+    }
+
+    #[test]
+    fn dependency_order_follows_a_long_chain_listed_backwards() {
+        let names: Vec<String> = (0..300).map(|k| format!("m{k:03}")).collect();
+        let needs: BTreeMap<String, BTreeSet<String>> = names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                (
+                    name.clone(),
+                    names[..k].iter().rev().take(1).cloned().collect(),
+                )
+            })
+            .collect();
+        let wanted: Vec<String> = names.iter().rev().cloned().collect();
+        assert_eq!(dependency_order(&wanted, &needs).unwrap(), names);
+    }
+
+    #[test]
+    fn dependency_cycle_names_every_module_left_unordered() {
+        let needs = needs_of(&[("a", &["b"]), ("b", &["a"]), ("c", &[]), ("d", &["a"])]);
+        let wanted: Vec<String> = needs.keys().cloned().collect();
+        match dependency_order(&wanted, &needs) {
+            Err(PlanError::DependencyCycle { cycle }) => assert_eq!(cycle, "a, b, d"),
+            other => panic!("expected a cycle, got {other:?}"),
+        }
     }
 }
