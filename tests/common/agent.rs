@@ -14,7 +14,23 @@ pub fn bin() -> &'static str {
 
 /// A command for the agent on `host`, with the kernel simulated and no systemd around.
 pub fn command(root: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(bin());
+    on_fake_host(Command::new(bin()), root, args)
+}
+
+/// The static aarch64 release binary that `NVDRIVER_AGENT_AARCH64` names (scripts/test sets it
+/// after packaging/build), run under qemu-user's `qemu-aarch64-static`, which reports the
+/// machine as `aarch64` to it (uname), as on an arm64 host. Otherwise as [`command`].
+pub fn aarch64_command(root: &Path, args: &[&str]) -> Command {
+    let binary = std::env::var_os("NVDRIVER_AGENT_AARCH64").expect(
+        "NVDRIVER_AGENT_AARCH64 must name the static aarch64 binary \
+         (packaging/build writes nvdriver-agent-VERSION-aarch64-linux-musl); scripts/test sets it",
+    );
+    let mut qemu = Command::new("qemu-aarch64-static");
+    qemu.arg(binary);
+    on_fake_host(qemu, root, args)
+}
+
+fn on_fake_host(mut command: Command, root: &Path, args: &[&str]) -> Command {
     command
         .arg("--root")
         .arg(root)

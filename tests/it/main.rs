@@ -5,6 +5,7 @@
 mod common;
 
 mod arm64_overlay;
+mod arm64_qemu;
 mod build;
 mod caps;
 mod cdi;
