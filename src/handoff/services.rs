@@ -169,7 +169,7 @@ pub const FABRIC_MANAGER_CONFIG: &str = "/run/nvdriver-agent/fabricmanager.cfg";
 /// install those under `/usr/share/nvidia/nvswitch`; in an overlay they are under the driver
 /// root, which Fabric Manager cannot know. Logs and the state file stay where the stock file
 /// puts them: they are the host's, not the driver's.
-const FABRIC_MANAGER_DRIVER_PATHS: [(&str, &str); 2] = [
+pub const FABRIC_MANAGER_DRIVER_PATHS: [(&str, &str); 2] = [
     ("TOPOLOGY_FILE_PATH", "/usr/share/nvidia/nvswitch"),
     ("DATABASE_PATH", "/usr/share/nvidia/nvswitch"),
 ];
