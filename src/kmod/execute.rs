@@ -217,12 +217,7 @@ pub fn execute(
 
     let loaded: Vec<&str> = plan.modules.iter().map(|m| m.name.as_str()).collect();
     let proc_devices = read_to_string_or_empty(&root.join("/proc/devices"));
-    let minors = gpu_minors(root);
-    let switch_nodes = devices::nvswitch_nodes(&proc_devices, nvswitch_count(root));
-    for node in nodes_for(&loaded, &proc_devices, &minors)?
-        .into_iter()
-        .chain(switch_nodes)
-    {
+    for node in device_nodes(root, &loaded, &proc_devices)? {
         if ensure_node(root, &node, kernel)? {
             report.nodes_created.push(node.path.clone());
         }
@@ -425,16 +420,29 @@ fn read_to_string_or_empty(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
 
+/// The device nodes the loaded modules (kernel spelling) need, with `/proc/devices`' text: the
+/// GPU, control, modeset and UVM nodes ([`nodes_for`], GPU minors from procfs) and the NVSwitch
+/// nodes ([`devices::nvswitch_nodes`]). The load makes them; readiness checks them.
+pub fn device_nodes(
+    root: &Root,
+    loaded: &[&str],
+    proc_devices: &str,
+) -> Result<Vec<DeviceNode>, devices::DeviceError> {
+    let mut nodes = nodes_for(loaded, proc_devices, &gpu_minors(root))?;
+    nodes.extend(devices::nvswitch_nodes(proc_devices, nvswitch_count(root)));
+    Ok(nodes)
+}
+
 /// How many NVSwitches the driver probed: the entries of `/proc/driver/nvidia-nvswitch/devices`
 /// (one directory per switch, named by its PCI address; procfs_nvswitch.c).
-pub fn nvswitch_count(root: &Root) -> usize {
+fn nvswitch_count(root: &Root) -> usize {
     fs::read_dir(root.join("/proc/driver/nvidia-nvswitch/devices"))
         .map(|entries| entries.flatten().count())
         .unwrap_or(0)
 }
 
 /// GPU minors from `/proc/driver/nvidia/gpus/*/information`.
-pub fn gpu_minors(root: &Root) -> Vec<u32> {
+fn gpu_minors(root: &Root) -> Vec<u32> {
     let dir = root.join("/proc/driver/nvidia/gpus");
     let Ok(entries) = fs::read_dir(&dir) else {
         return Vec::new();

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::handoff::services::{self, DriverService, FabricState, ServiceSettings};
 use crate::host::Root;
-use crate::kmod::{caps, devices, execute};
+use crate::kmod::{caps, execute};
 
 /// The facts [`problems`] judges.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -207,12 +207,9 @@ pub fn gather(root: &Root, settings: &Settings, loaded: &[&str]) -> UsableFacts 
 
 fn missing_nodes(root: &Root, settings: &Settings, loaded: &[&str]) -> Vec<PathBuf> {
     let proc_devices = std::fs::read_to_string(root.join("/proc/devices")).unwrap_or_default();
-    let minors = execute::gpu_minors(root);
-    let switch_nodes = devices::nvswitch_nodes(&proc_devices, execute::nvswitch_count(root));
-    let device_nodes = devices::nodes_for(loaded, &proc_devices, &minors)
+    let device_nodes = execute::device_nodes(root, loaded, &proc_devices)
         .unwrap_or_default()
         .into_iter()
-        .chain(switch_nodes)
         .map(|n| n.path);
     let cap_nodes = caps::read_nodes(root, &settings.imex_channels)
         .unwrap_or_default()
