@@ -84,12 +84,7 @@ fn packs_verifies_imports_plans_and_loads_an_aarch64_overlay() {
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(plan["arch"], "aarch64", "{plan:#}");
     assert_eq!(plan["kernel_release"], KVER, "{plan:#}");
-    let names: Vec<&str> = plan["modules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = crate::common::str_fields(&plan["modules"], "name");
     assert_eq!(names, ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
 
     let load = agent(root, &["load"]);

@@ -82,12 +82,7 @@ sys.exit(1 if errors else 0)
 }
 
 fn node_paths(nodes: &Value) -> Vec<&str> {
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["path"].as_str().unwrap())
-        .collect()
+    crate::common::str_fields(nodes, "path")
 }
 
 #[test]
@@ -112,12 +107,7 @@ fn own_spec_is_complete_and_valid_cdi() {
         ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
     );
     // Files are mounted; the overlay's SONAME links are made by the hook, as nvidia-ctk does.
-    let mounted: Vec<&str> = edits["mounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["containerPath"].as_str().unwrap())
-        .collect();
+    let mounted: Vec<&str> = crate::common::str_fields(&edits["mounts"], "containerPath");
     assert_eq!(
         mounted,
         [

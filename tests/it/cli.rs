@@ -35,12 +35,7 @@ fn plan_json_orders_modules() {
     let out = agent(&host, &["plan", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = plan["modules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = crate::common::str_fields(&plan["modules"], "name");
     let pos = |n: &str| names.iter().position(|m| *m == n).unwrap();
     assert_eq!(pos("nvidia"), 0, "{names:?}");
     assert!(

@@ -77,12 +77,7 @@ fn stages_the_overlay_for_a_newly_installed_kernel() {
     assert_eq!(report["pending-staged"], true);
     assert_eq!(report["daemon-pid"], daemon.pid());
     assert_eq!(report["detector"], "generic");
-    let stored: Vec<&str> = report["store"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kernel-release"].as_str().unwrap())
-        .collect();
+    let stored: Vec<&str> = crate::common::str_fields(&report["store"], "kernel-release");
     assert_eq!(stored, [OLD, NEW]);
 
     assert!(daemon.stop().success(), "{}", daemon.log());

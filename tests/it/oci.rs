@@ -357,12 +357,7 @@ fn a_plain_image_becomes_an_overlay() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["kind"], "oci-image");
     assert_eq!(json["digest"], image.manifest_digest.as_str());
-    let mut names: Vec<&str> = json["modules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+    let mut names: Vec<&str> = crate::common::str_fields(&json["modules"], "name");
     names.sort();
     assert_eq!(names, ["nvidia", "nvidia_modeset", "nvidia_uvm"]);
 

@@ -413,12 +413,7 @@ fn load_writes_a_valid_cdi_spec_of_the_overlay() {
         }
     }
     let edits = &spec["containerEdits"];
-    let control: Vec<&str> = edits["deviceNodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["path"].as_str().unwrap())
-        .collect();
+    let control: Vec<&str> = crate::common::str_fields(&edits["deviceNodes"], "path");
     assert!(control.contains(&"/dev/nvidiactl"), "{control:?}");
     assert!(control.contains(&"/dev/nvidia-uvm"), "{control:?}");
     let mounts = edits["mounts"].as_array().unwrap();
