@@ -1,7 +1,7 @@
 //! The `nvdriver-agent` command line: parse, call the library, print, map errors to exit codes.
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -113,11 +113,15 @@ struct Invocation {
     root: Root,
     source: ConfigSource,
     kernel: Box<dyn Kernel>,
+    /// `--fetcher`: the unprivileged fetcher's socket, when staging goes through it.
+    fetcher: Option<PathBuf>,
 }
 
 impl Invocation {
     fn context(&self) -> anyhow::Result<Context> {
-        Ok(Context::new(self.root.clone(), &self.source)?)
+        let mut ctx = Context::new(self.root.clone(), &self.source)?;
+        ctx.settings.stage.fetcher = self.fetcher.clone();
+        Ok(ctx)
     }
 }
 
@@ -136,6 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         root,
         source,
         kernel,
+        fetcher: cli.fetcher.clone(),
     };
     match cli.command {
         Command::Plan { json } => plan(&inv, json),
@@ -155,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Doctor { json } => doctor(&inv, json),
         Command::Overlay(command) => overlay(&inv, command),
         Command::Modinfo { files, json } => show_modinfo(&files, json),
+        Command::FetchServe { listen, state_dir } => fetch_serve(&inv, listen, &state_dir),
     }
 }
 
@@ -829,4 +835,12 @@ fn render_toolkit(step: &ToolkitStep) -> String {
         }
         ToolkitStep::NotManaged => "not managed".into(),
     }
+}
+
+/// `fetch-serve`: the unprivileged fetcher's one request (see `overlay::fetcher`).
+fn fetch_serve(inv: &Invocation, listen: Option<PathBuf>, state_dir: &Path) -> anyhow::Result<u8> {
+    use nvdriver_agent::overlay::source::serve;
+    let listener = serve::listener(&inv.root, listen.as_deref())?;
+    serve::serve_one(&inv.root, &listener, state_dir)?;
+    Ok(exit::OK)
 }

@@ -35,6 +35,16 @@ pub struct Cli {
     #[arg(long, global = true, hide = true)]
     pub simulate_kernel: bool,
 
+    /// Stage through the unprivileged fetcher listening on SOCKET (nvdriver-agent-fetch.socket)
+    /// instead of downloading and unpacking in this process. The shipped unit sets it.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SOCKET",
+        env = "NVDRIVER_AGENT_FETCHER"
+    )]
+    pub fetcher: Option<PathBuf>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -100,6 +110,17 @@ pub enum Command {
     /// Work with overlays and the store.
     #[command(subcommand)]
     Overlay(OverlayCommand),
+    /// Serve one request of the daemon as the unprivileged fetcher, then exit (run by
+    /// nvdriver-agent-fetch.service): download, check and unpack the overlay into STATE_DIR/store,
+    /// for the daemon to take over.
+    FetchServe {
+        /// Listen on this socket instead of the one systemd passes (LISTEN_FDS).
+        #[arg(long, value_name = "SOCKET")]
+        listen: Option<PathBuf>,
+        /// The fetcher's own directory (systemd's StateDirectory=).
+        #[arg(long, value_name = "DIR", env = "STATE_DIRECTORY")]
+        state_dir: PathBuf,
+    },
     /// Show what kernel module files say of themselves (like modinfo(8)).
     Modinfo {
         /// Module files (.ko, .ko.xz, .ko.zst).

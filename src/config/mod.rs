@@ -161,7 +161,7 @@ pub enum Detector {
 }
 
 /// Where overlays for the next kernel come from, and the limits on fetching them.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct StageSettings {
     /// Source templates over `{kernel}`, `{driver}` and `{arch}`, tried in order.
     pub sources: Vec<String>,
@@ -182,12 +182,16 @@ pub struct StageSettings {
     /// `stage.keep-free-percent` and `stage.keep-free-bytes`: what staging leaves free on the
     /// store's file system.
     pub keep_free: DiskReserve,
+    /// Stage through the unprivileged fetcher listening on this socket (a host path), not in
+    /// this process: the global `--fetcher` option, never the config files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetcher: Option<PathBuf>,
 }
 
 /// How much of its file system the store leaves free (`stage.keep-free-percent`,
 /// `stage.keep-free-bytes`): the larger of a share of the file system and a number of bytes;
 /// see [`crate::overlay::space`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct DiskReserve {
     /// `stage.keep-free-percent`: percent of the file system's size kept free (0–100).
     pub percent: u8,
@@ -211,7 +215,7 @@ impl DiskReserve {
 
 /// `[oci]` settings (read whether or not the `oci` feature is built, so one config file serves
 /// both builds).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct OciSettings {
     /// Registries (`host[:port]`) spoken to over plain HTTP.
     pub insecure_registries: Vec<String>,
@@ -665,6 +669,7 @@ impl Merged {
                 percent: keep_free_percent,
                 bytes: keep_free_bytes,
             },
+            fetcher: None,
         };
         let driver_version = self
             .driver_version

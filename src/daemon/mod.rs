@@ -445,7 +445,10 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let fetcher = self.ctx.settings.stage.fetcher.take();
         self.ctx.settings = settings;
+        // A command-line option, not a config key: a reload keeps it.
+        self.ctx.settings.stage.fetcher = fetcher;
     }
 
     fn start_watchers(&mut self, family: Family, tx: &Sender<Event>) {

@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::overlay::manifest::Manifest;
 
 /// Which overlay to stage.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct OverlayKey {
     /// The target kernel's release, as `uname -r` prints it (e.g. `5.14.0-427.el9.x86_64`).
     pub kernel_release: String,

@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod enforce;
+pub mod fetcher;
 pub mod inspect;
 pub mod key;
 pub mod manifest;

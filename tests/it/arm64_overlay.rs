@@ -68,6 +68,7 @@ fn settings(source: &str) -> StageSettings {
         signatures: Default::default(),
         oci: Default::default(),
         keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
+        fetcher: None,
     }
 }
 

@@ -56,6 +56,7 @@ fn settings(archive: &str, max_download_bytes: u64) -> StageSettings {
         signatures: Default::default(),
         oci: Default::default(),
         keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
+        fetcher: None,
     }
 }
 

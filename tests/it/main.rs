@@ -20,6 +20,7 @@ mod daemon_flatcar;
 mod daemon_hold;
 mod dbus;
 mod faults;
+mod fetcher;
 mod fuzz_regressions;
 mod hostile;
 mod load;

@@ -42,6 +42,7 @@ fn settings(source: &str, insecure: &[String], timeout: Duration) -> StageSettin
             mirrors: Default::default(),
         },
         keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
+        fetcher: None,
     }
 }
 
@@ -379,6 +380,7 @@ fn a_plain_image_becomes_an_overlay() {
             mirrors: Default::default(),
         },
         keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
+        fetcher: None,
     };
     let err = stage(
         &host.root,

@@ -220,6 +220,7 @@ fn settings(source: &Path, policy: SignaturePolicy) -> StageSettings {
         signatures: policy,
         oci: Default::default(),
         keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
+        fetcher: None,
     }
 }
 

@@ -38,6 +38,7 @@ fn settings(sources: &[&str]) -> StageSettings {
         signatures: Default::default(),
         oci: Default::default(),
         keep_free: nvdriver_agent::overlay::space::Reserve::NONE,
+        fetcher: None,
     }
 }
 

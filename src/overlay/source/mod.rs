@@ -18,6 +18,7 @@ use crate::config::StageSettings;
 use crate::host::Root;
 use crate::modinfo::{self, ModInfo, ModinfoError};
 use crate::overlay::enforce;
+use crate::overlay::fetcher::FailureKind;
 pub use crate::overlay::key::OverlayKey;
 use crate::overlay::manifest::Manifest;
 use crate::overlay::signature::{
@@ -36,6 +37,8 @@ pub mod http;
 pub mod oci;
 #[cfg(feature = "oci")]
 pub mod push;
+pub mod serve;
+mod takeover;
 
 /// An archive may unpack to at most this many times `stage.max-download-bytes`.
 pub const UNPACK_RATIO: u64 = 4;
@@ -191,6 +194,25 @@ pub enum AttemptError {
     /// Building an overlay from a plain image's modules and firmware failed.
     #[error("building the overlay from the image: {0}")]
     Pack(Box<crate::overlay::pack::PackError>),
+    /// A source failed in the fetcher (`nvdriver-agent-fetch.service`); its own words.
+    #[error("{message}")]
+    Fetched {
+        /// The fetcher's error message.
+        message: String,
+        /// Its class, as the fetcher judged it.
+        kind: crate::overlay::fetcher::FailureKind,
+    },
+    /// The exchange with the fetcher failed.
+    #[error(transparent)]
+    Fetcher(#[from] crate::overlay::fetcher::FetcherError),
+    /// What the fetcher left cannot be taken over as it is.
+    #[error("what the fetcher staged: {path} {problem}; nothing of it is used")]
+    Takeover {
+        /// The entry.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Opening a source or a download, reading a signature file, or creating a download or
     /// scratch directory failed.
     #[error("{path}: {error}")]
@@ -207,6 +229,7 @@ impl AttemptError {
     pub fn is_not_found(&self) -> bool {
         match self {
             AttemptError::Missing { .. } | AttemptError::Fetch(FetchError::NotFound { .. }) => true,
+            AttemptError::Fetched { kind, .. } => *kind == FailureKind::NotFound,
             #[cfg(feature = "oci")]
             AttemptError::Oci(e) => e.is_not_found(),
             _ => false,
@@ -217,7 +240,10 @@ impl AttemptError {
     pub fn is_no_room(&self) -> bool {
         matches!(
             self,
-            AttemptError::Space(_)
+            AttemptError::Fetched {
+                kind: FailureKind::NoRoom,
+                ..
+            } | AttemptError::Space(_)
                 | AttemptError::Fetch(FetchError::Space { .. })
                 | AttemptError::Archive(ArchiveError::Space(_))
                 | AttemptError::Store(StoreError::Space(_))
@@ -232,6 +258,11 @@ impl AttemptError {
             | AttemptError::Verify(_)
             | AttemptError::Module(_)
             | AttemptError::Pack(_)
+            | AttemptError::Takeover { .. }
+            | AttemptError::Fetched {
+                kind: FailureKind::Invalid,
+                ..
+            }
             | AttemptError::UnsignedModules { .. } => true,
             AttemptError::Signature(e) => !matches!(e, SignatureError::Io { .. }),
             AttemptError::Archive(e) => e.is_invalid(),
@@ -368,6 +399,18 @@ pub fn stage(
             digest: None,
         });
     }
+    if let Some(socket) = &settings.fetcher {
+        let attempt = Attempt {
+            root,
+            store,
+            lock: &lock,
+            settings,
+            trust: &trust,
+            key,
+            module_tree,
+        };
+        return attempt.stage_through(socket);
+    }
     let mut tried = Vec::new();
     let os = os_tag(root);
     for template in &settings.sources {
@@ -379,6 +422,7 @@ pub fn stage(
             settings,
             trust: &trust,
             key,
+            module_tree,
         };
         match attempt.stage_from(template, &source) {
             Ok((outcome, digest)) => {
@@ -485,6 +529,7 @@ struct Attempt<'a> {
     settings: &'a StageSettings,
     trust: &'a Trust,
     key: &'a OverlayKey,
+    module_tree: Option<&'a Path>,
 }
 
 impl Attempt<'_> {
