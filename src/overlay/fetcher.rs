@@ -50,7 +50,8 @@ pub struct Hello {
 
 /// What the daemon asks for: the overlay, with the daemon's own stage settings (so both sides
 /// apply one configuration) and the target kernel's module tree, when known.
-#[derive(Debug, Serialize, Deserialize)]
+// No Debug: it may carry registry credentials.
+#[derive(Serialize, Deserialize)]
 pub struct FetchRequest {
     /// The overlay to stage.
     pub key: OverlayKey,
@@ -58,6 +59,9 @@ pub struct FetchRequest {
     pub settings: StageSettings,
     /// The target kernel's module tree, when the daemon knows it.
     pub module_tree: Option<PathBuf>,
+    /// The text of `/etc/nvdriver-agent/auth.json` (root's, mode 0600, which the fetcher cannot
+    /// read), when there is one.
+    pub registry_auth: Option<String>,
 }
 
 /// The class of a source's failure, so the daemon's exit status and status report stay what

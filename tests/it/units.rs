@@ -374,16 +374,17 @@ fn shutdown_stage_runs_before_ostree_finalizes() {
         !after.contains(&"network-online.target".to_owned()),
         "{after:?}"
     );
-    assert!(
-        values(&unit, "Unit", "Wants").is_empty(),
-        "pulls nothing in"
+    // It pulls in only the fetcher, which does the downloading (ordered Before= us itself, so it
+    // stops after our ExecStop); the daemon itself has no network families.
+    assert_eq!(
+        values(&unit, "Unit", "Wants"),
+        [
+            "nvdriver-agent-fetch.socket",
+            "nvdriver-agent-fetch.service"
+        ]
     );
-    // The downloads need the network families.
-    let families = values(&unit, "Service", "RestrictAddressFamilies").join(" ");
-    for family in ["AF_UNIX", "AF_INET", "AF_INET6"] {
-        assert!(families.contains(family), "{family} missing: {families}");
-    }
-    assert!(values(&unit, "Service", "IPAddressDeny").is_empty());
+    let families = values(&unit, "Service", "RestrictAddressFamilies");
+    assert_eq!(families, ["AF_UNIX"]);
 }
 
 #[test]
@@ -524,4 +525,70 @@ fn driver_service_units_run_from_the_driver_root_after_the_agent() {
     assert!(values(&fm, "Unit", "After")
         .iter()
         .any(|v| v.contains(SERVICE_UNITS[0])));
+}
+
+/// `systemd-analyze security` of the two units that matter, printed: the fetcher (network and
+/// archive code, no privileges) below 2.0, the root daemon below the 4.7 it had while it also
+/// downloaded. `packaging/check` prints the same for the installed files.
+#[test]
+fn fetcher_and_daemon_security_exposure() {
+    let Some(analyze) = tool_or_skip("systemd-analyze", "fetcher_and_daemon_security_exposure")
+    else {
+        return;
+    };
+    for (unit, limit) in [
+        ("nvdriver-agent-fetch.service", 2.0),
+        ("nvdriver-agent.service", 4.7),
+    ] {
+        let out = run(Command::new(&analyze)
+            .args(["security", "--offline=true"])
+            .arg(repo_path("units").join(unit)));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = stdout
+            .lines()
+            .find_map(|l| {
+                l.split_once("Overall exposure level for ")?
+                    .1
+                    .split_once(": ")
+            })
+            .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level for {unit}: {stdout}"));
+        println!("systemd-analyze security: {unit}: {score}");
+        assert!(score < limit, "{unit}: exposure {score}, not below {limit}");
+    }
+}
+
+/// The fetch unit runs as no one in particular with nothing to spare, and the root daemon has no
+/// network of its own.
+#[test]
+fn fetch_unit_is_unprivileged_and_the_daemon_has_no_network() {
+    let text = fs::read_to_string(repo_path("units/nvdriver-agent-fetch.service")).unwrap();
+    let fetch = parse_unit(&text);
+    let one = |entries: &[(String, String, String)], key: &str| values(entries, "Service", key);
+    assert_eq!(one(&fetch, "DynamicUser"), ["yes"]);
+    assert!(one(&fetch, "CapabilityBoundingSet").is_empty());
+    assert!(fetch
+        .iter()
+        .any(|(s, k, _)| s == "Service" && k == "CapabilityBoundingSet"));
+    assert_eq!(one(&fetch, "ProtectSystem"), ["strict"]);
+    assert_eq!(one(&fetch, "StateDirectory"), ["nvdriver-agent-fetch"]);
+    assert_eq!(
+        one(&fetch, "ExecStart"),
+        ["/usr/bin/nvdriver-agent", "fetch-serve"]
+    );
+    assert_eq!(values(&fetch, "Unit", "Before"), ["nvdriver-agent.service"]);
+    let agent = agent_unit();
+    assert_eq!(one(&agent, "RestrictAddressFamilies"), ["AF_UNIX"]);
+    assert_eq!(one(&agent, "IPAddressDeny"), ["any"]);
+    assert_eq!(
+        one(&agent, "Environment"),
+        ["NVDRIVER_AGENT_FETCHER=/run/nvdriver-agent/fetch.sock"]
+    );
+    let socket =
+        parse_unit(&fs::read_to_string(repo_path("units/nvdriver-agent-fetch.socket")).unwrap());
+    assert_eq!(
+        values(&socket, "Socket", "ListenStream"),
+        [nvdriver_agent::overlay::fetcher::SOCKET]
+    );
+    assert_eq!(values(&socket, "Socket", "SocketMode"), ["0600"]);
 }

@@ -377,6 +377,19 @@ pub fn stage(
     key: &OverlayKey,
     module_tree: Option<&Path>,
 ) -> Result<StageReport, SourceError> {
+    stage_with(root, store, settings, key, module_tree, None)
+}
+
+/// [`stage`], with the registry credentials given as the text of an `auth.json` instead of read
+/// from the host (the fetcher cannot read root's file; the daemon sends it the text).
+pub fn stage_with(
+    root: &Root,
+    store: &Store,
+    settings: &StageSettings,
+    key: &OverlayKey,
+    module_tree: Option<&Path>,
+    registry_auth: Option<&str>,
+) -> Result<StageReport, SourceError> {
     if settings.sources.is_empty() {
         return Err(SourceError::NoSources);
     }
@@ -408,6 +421,7 @@ pub fn stage(
             trust: &trust,
             key,
             module_tree,
+            registry_auth,
         };
         return attempt.stage_through(socket);
     }
@@ -423,6 +437,7 @@ pub fn stage(
             trust: &trust,
             key,
             module_tree,
+            registry_auth,
         };
         match attempt.stage_from(template, &source) {
             Ok((outcome, digest)) => {
@@ -530,6 +545,9 @@ struct Attempt<'a> {
     trust: &'a Trust,
     key: &'a OverlayKey,
     module_tree: Option<&'a Path>,
+    /// `auth.json`'s text, when given rather than read from the host.
+    #[cfg_attr(not(feature = "oci"), allow(dead_code))]
+    registry_auth: Option<&'a str>,
 }
 
 impl Attempt<'_> {
@@ -782,7 +800,10 @@ impl Attempt<'_> {
         use crate::overlay::source::oci::{self, Client, Credentials, Reference};
         let (settings, key) = (self.settings, self.key);
         let reference = Reference::parse(source)?;
-        let credentials = Credentials::load(self.root)?;
+        let credentials = match self.registry_auth {
+            Some(text) => Credentials::parse(text, Path::new(oci::AUTH_FILE))?,
+            None => Credentials::load(self.root)?,
+        };
         let mut client = Client::new(
             &settings.oci,
             &credentials,

@@ -12,7 +12,7 @@ use tracing::info;
 
 use crate::host::Root;
 use crate::overlay::fetcher::{FailureKind, FetchReply, FetchRequest, Hello, RemoteAttempt};
-use crate::overlay::source::{stage, AttemptError, SourceError};
+use crate::overlay::source::{stage_with, AttemptError, SourceError};
 use crate::overlay::store::Store;
 
 /// The most a request line may hold.
@@ -93,13 +93,15 @@ fn fetch(root: &Root, store_dir: &Path, request: FetchRequest) -> FetchReply {
         };
     }
     let store = Store::new(root, store_dir);
-    match stage(
+    let staged = stage_with(
         root,
         &store,
         &settings,
         &key,
         request.module_tree.as_deref(),
-    ) {
+        request.registry_auth.as_deref(),
+    );
+    match staged {
         Ok(report) => {
             if let Err(e) = open_for_takeover(&root.join(store_dir), &key.kernel_release) {
                 return FetchReply {

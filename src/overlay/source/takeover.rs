@@ -20,6 +20,10 @@ use crate::overlay::manifest::GENERATED_FILES;
 use crate::overlay::store::{self, ImportOutcome};
 use crate::overlay::verify::{verify_tree, Generated};
 
+/// The registry credentials the daemon hands on (`overlay::source::oci::AUTH_FILE`, a path
+/// that exists whether or not the `oci` feature is built).
+const REGISTRY_AUTH: &str = "/etc/nvdriver-agent/auth.json";
+
 impl Attempt<'_> {
     /// Stage through the fetcher at `socket`; when it ran out of room, remove the overlays no
     /// kernel needs (which it cannot) and ask once more.
@@ -40,6 +44,7 @@ impl Attempt<'_> {
             key: self.key.clone(),
             settings: settings.clone(),
             module_tree: self.module_tree.map(Path::to_path_buf),
+            registry_auth: fs::read_to_string(self.root.join(REGISTRY_AUTH)).ok(),
         };
         // Every source may take its whole download time; then some slack for unpacking.
         let sources = u32::try_from(settings.sources.len()).unwrap_or(u32::MAX);
