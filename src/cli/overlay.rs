@@ -10,7 +10,8 @@ use crate::host::os_release::OsRelease;
 use crate::host::version::version_cmp;
 use crate::modinfo;
 use crate::overlay::source::{self, OverlayKey, StageReport};
-use crate::overlay::store::{self, ImportOutcome};
+use crate::overlay::space::SpaceGuard;
+use crate::overlay::store::{self, ImportOutcome, StoreError};
 use crate::overlay::Manifest;
 use crate::state::AgentState;
 use crate::watch;
@@ -36,7 +37,21 @@ pub fn overlay_import(ctx: &Context, dir: &Path) -> Result<ImportOutcome, Comman
     let lock = store.lock()?;
     // What an interrupted import or stage left goes first, as stage and gc do.
     store.clean_leftovers(&lock)?;
-    Ok(store.import(dir)?)
+    // The store's reserve, as staging keeps it: the whole overlay must fit before the copy
+    // starts, and the copy stops (and is removed) if the file system fills up meanwhile.
+    let what = "the imported overlay";
+    let mut space = SpaceGuard::new(
+        &ctx.root.join(store.dir()),
+        store.dir(),
+        ctx.settings.stage.keep_free,
+        what,
+    );
+    let total = manifest
+        .files
+        .iter()
+        .fold(0u64, |sum, f| sum.saturating_add(f.size));
+    space.ensure(total, what).map_err(StoreError::Space)?;
+    Ok(store.import_within(dir, &mut space)?)
 }
 
 /// Stage the overlay for a kernel from the configured sources (`overlay fetch`). The driver

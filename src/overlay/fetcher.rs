@@ -38,6 +38,8 @@ pub const STORE_SUBDIR: &str = "store";
 pub const SOCKET: &str = "/run/nvdriver-agent/fetch.sock";
 /// The most a request or reply line may hold.
 const MAX_LINE_BYTES: u64 = 4 << 20;
+/// How long a fetcher may take to greet.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the fetch unit's processes may take to be gone after its answer.
 const GONE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -124,6 +126,14 @@ pub enum FetcherError {
         /// The error.
         source: io::Error,
     },
+    /// No greeting came (no fetcher could be started, or it failed at once).
+    #[error("no fetcher answered on {socket} within 15 s: {source}; see systemctl status nvdriver-agent-fetch.service (at shutdown systemd starts no new fetcher)")]
+    NoGreeting {
+        /// The socket, as a host path.
+        socket: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
     /// A line was not what the protocol says.
     #[error("the fetcher at {socket} sent {what} that is not valid: {message}")]
     Protocol {
@@ -171,8 +181,14 @@ pub fn exchange(
         source,
     };
     let stream = connect_passing_credentials(&root.join(socket)).map_err(connect)?;
+    // A fetcher greets at once; none comes when systemd could not start one (at shutdown it
+    // starts no new unit): do not wait out the whole download time for that.
+    stream.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(io_error)?;
+    let (hello, pid) = receive_hello(&stream).map_err(|e| FetcherError::NoGreeting {
+        socket: socket.to_path_buf(),
+        source: e,
+    })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_error)?;
-    let (hello, pid) = receive_hello(&stream).map_err(io_error)?;
     protocol_line::<Hello>(socket, "its greeting", &hello)?;
     let cgroup = unit_cgroup(root, socket, pid)?;
     let mut line = serde_json::to_vec(request).expect("a request serializes");

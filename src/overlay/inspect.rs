@@ -365,7 +365,9 @@ fn inspect_oci(
     let mut blobs = Vec::new();
     for (i, layer) in resolved.layers.iter().enumerate() {
         let path = scratch.join(format!("layer-{i}"));
-        client.fetch_blob(&resolved, &reference.repository, layer, &path)?;
+        // A scratch directory, not the store: no reserve to keep.
+        let mut unchecked = crate::overlay::space::SpaceGuard::unchecked();
+        client.fetch_blob(&resolved, &reference.repository, layer, &path, &mut unchecked)?;
         blobs.push(path);
     }
     if blobs.len() == 1 && oci::layer_is_overlay(&blobs[0])? {

@@ -238,6 +238,10 @@ impl AttemptError {
 
     /// The store's file system has no room for it (see [`crate::overlay::space`]).
     pub fn is_no_room(&self) -> bool {
+        #[cfg(feature = "oci")]
+        if let AttemptError::Oci(e) = self {
+            return e.is_no_room();
+        }
         matches!(
             self,
             AttemptError::Fetched {
@@ -833,9 +837,10 @@ impl Attempt<'_> {
                 error: e,
             })?;
         let mut blobs = Vec::new();
+        let mut space = self.space_guard("the image's layers");
         for (i, layer) in resolved.layers.iter().enumerate() {
             let path = scratch.path().join(format!("layer-{i}"));
-            client.fetch_blob(&resolved, &reference.repository, layer, &path)?;
+            client.fetch_blob(&resolved, &reference.repository, layer, &path, &mut space)?;
             blobs.push(path);
         }
         let name = format!("{reference} ({})", resolved.digest);

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::overlay::space::SpaceGuard;
 use tracing::{debug, info};
 
 use crate::config::OciSettings;
@@ -121,6 +123,9 @@ pub enum OciError {
         /// The digest computed (`sha256:<hex>`).
         found: String,
     },
+    /// Writing a blob would take the store's file system into its reserve.
+    #[error(transparent)]
+    Space(crate::overlay::space::SpaceError),
     /// A manifest, token response or blob is larger than allowed, the image's layers add up
     /// to more than `stage.max-download-bytes`, or applying the layers exceeds its bounds.
     #[error("{what} is larger than {limit} bytes{}", hint)]
@@ -219,6 +224,11 @@ impl OciError {
             OciError::Endpoints { tried } => tried.iter().all(|(_, e)| e.is_not_found()),
             _ => false,
         }
+    }
+
+    /// A blob did not fit with the store's reserve left free.
+    pub fn is_no_room(&self) -> bool {
+        matches!(self, OciError::Space(_))
     }
 
     /// The registry served something wrong (as opposed to being unreachable).
@@ -807,8 +817,9 @@ impl<'a> Client<'a> {
         repository: &str,
         layer: &Descriptor,
         dest: &Path,
+        space: &mut SpaceGuard,
     ) -> Result<(), OciError> {
-        let result = self.fetch_blob_inner(resolved, repository, layer, dest);
+        let result = self.fetch_blob_inner(resolved, repository, layer, dest, space);
         if result.is_err() {
             let _ = fs::remove_file(dest);
         }
@@ -821,6 +832,7 @@ impl<'a> Client<'a> {
         repository: &str,
         layer: &Descriptor,
         dest: &Path,
+        space: &mut SpaceGuard,
     ) -> Result<(), OciError> {
         let path = format!("/v2/{repository}/blobs/{}", layer.digest);
         let what = format!("blob {}{path}", resolved.endpoint);
@@ -857,6 +869,7 @@ impl<'a> Client<'a> {
                 });
             }
             hasher.update(&buffer[..n]);
+            space.before_write(n as u64).map_err(OciError::Space)?;
             file.write_all(&buffer[..n]).with_path(dest)?;
         }
         let found = format!("sha256:{}", hex::encode(hasher.finalize()));
