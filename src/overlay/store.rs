@@ -372,6 +372,7 @@ impl<'a> Store<'a> {
             .expect("overlay dir has a parent")
             .to_path_buf();
         let replaced = publish(staging, &target, &kernel_dir)?;
+        relabel(self.root, &target);
         if replaced {
             self.remove_unmounted_retired(&kernel_dir);
         }
@@ -739,6 +740,23 @@ fn copy_hashing(
         return Err(StoreError::Space(stopped));
     }
     Ok(result.with_path(from)?)
+}
+
+/// Under SELinux, give a newly published overlay the labels the RPM's file contexts name
+/// (packaging/selinux/nvdriver-agent.cil: modules_object_t for the modules, bin_t, lib_t, usr_t):
+/// a rename keeps the label of where the files were written (var_lib_t), which `finit_module()`
+/// and containers are refused (docs/usage/selinux.md). Root only (the unprivileged fetcher's own
+/// store is not relabelled); best effort: tmpfiles.d relabels the store at every boot too.
+fn relabel(root: &Root, overlay: &Path) {
+    let selinux_on = root.join("/sys/fs/selinux/enforce").exists();
+    if !selinux_on || !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    match Command::new("restorecon").arg("-RF").arg(overlay).status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => warn!(OVERLAY = %overlay.display(), "restorecon -RF exited with {status}; the overlay keeps the labels it was written with until the next boot relabels it"),
+        Err(e) => warn!(OVERLAY = %overlay.display(), error = %e, "cannot run restorecon; the overlay keeps the labels it was written with until the next boot relabels it"),
+    }
 }
 
 /// The container toolkit finds libraries through `<driver root>/etc/ld.so.cache`; make one for
