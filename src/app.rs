@@ -146,6 +146,7 @@ impl CommandError {
             },
             E::NoOverlay { .. } => exit::NO_OVERLAY,
             E::Store(StoreError::Io { .. }) | E::Io { .. } | E::Host(_) => exit::FAILURE,
+            E::Store(StoreError::Space(_)) => exit::NO_ROOM,
             E::Store(_) | E::Verify(_) | E::Module(_) => exit::INVALID_OVERLAY,
             E::Plan(p) => match p {
                 PlanError::Nouveau { .. }

@@ -183,7 +183,9 @@ pub fn exchange(
     let stream = connect_passing_credentials(&root.join(socket)).map_err(connect)?;
     // A fetcher greets at once; none comes when systemd could not start one (at shutdown it
     // starts no new unit): do not wait out the whole download time for that.
-    stream.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(io_error)?;
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(io_error)?;
     let (hello, pid) = receive_hello(&stream).map_err(|e| FetcherError::NoGreeting {
         socket: socket.to_path_buf(),
         source: e,

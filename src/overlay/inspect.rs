@@ -367,7 +367,13 @@ fn inspect_oci(
         let path = scratch.join(format!("layer-{i}"));
         // A scratch directory, not the store: no reserve to keep.
         let mut unchecked = crate::overlay::space::SpaceGuard::unchecked();
-        client.fetch_blob(&resolved, &reference.repository, layer, &path, &mut unchecked)?;
+        client.fetch_blob(
+            &resolved,
+            &reference.repository,
+            layer,
+            &path,
+            &mut unchecked,
+        )?;
         blobs.push(path);
     }
     if blobs.len() == 1 && oci::layer_is_overlay(&blobs[0])? {

@@ -754,8 +754,12 @@ fn relabel(root: &Root, overlay: &Path) {
     }
     match Command::new("restorecon").arg("-RF").arg(overlay).status() {
         Ok(status) if status.success() => {}
-        Ok(status) => warn!(OVERLAY = %overlay.display(), "restorecon -RF exited with {status}; the overlay keeps the labels it was written with until the next boot relabels it"),
-        Err(e) => warn!(OVERLAY = %overlay.display(), error = %e, "cannot run restorecon; the overlay keeps the labels it was written with until the next boot relabels it"),
+        Ok(status) => {
+            warn!(OVERLAY = %overlay.display(), "restorecon -RF exited with {status}; the overlay keeps the labels it was written with until the next boot relabels it")
+        }
+        Err(e) => {
+            warn!(OVERLAY = %overlay.display(), error = %e, "cannot run restorecon; the overlay keeps the labels it was written with until the next boot relabels it")
+        }
     }
 }
 

@@ -164,7 +164,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        if std::thread::panicking() {
+            // A second panic here would abort the whole test binary (every other test's result
+            // lost); the first one already says what failed.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        } else {
             let _ = self.stop();
         }
     }

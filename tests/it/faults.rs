@@ -265,6 +265,35 @@ fn unpacking_stops_at_the_reserve_and_leaves_nothing() {
     }
 }
 
+/// `overlay import` keeps the store's reserve as staging does: an overlay that does not fit with
+/// it is refused before any byte is copied (exit 10, the numbers said), and nothing is left.
+#[test]
+fn overlay_import_keeps_the_reserve() {
+    let host = configured_host();
+    host.write(
+        "/etc/nvdriver-agent/config.d/50-reserve.toml",
+        "[stage]\nkeep-free-percent = 0\nkeep-free-bytes = 1048576\n",
+    );
+    let overlay = host.path("/srv/import");
+    OverlayBuilder::nvidia(NEXT)
+        .module(
+            FixtureModule::new("nvidia", NEXT, DRIVER).padded(0, 3 << 20, 7),
+            Packing::Plain,
+        )
+        .build(&overlay);
+    let Some(_store_fs) = Mount::tmpfs(&host.path("/var/lib/nvdriver-agent"), "size=4m") else {
+        return;
+    };
+    let before = snapshot_dir(host.dir.path());
+    let out = crate::common::agent::run(
+        host.dir.path(),
+        &["overlay", "import", overlay.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(10), "{}", text(&out));
+    assert!(text(&out).contains("it needs 3.0 MiB"), "{}", text(&out));
+    assert_nothing_left(&host, &before);
+}
+
 /// At boot on a full /var: `load` loads the running kernel's overlay and the daemon comes up
 /// (they write only /run and small files), the daemon's stage for a new kernel and a manual
 /// `stage` are refused for lack of room, and nothing is left behind.

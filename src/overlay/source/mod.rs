@@ -416,33 +416,23 @@ pub fn stage_with(
             digest: None,
         });
     }
+    let attempt = Attempt {
+        root,
+        store,
+        lock: &lock,
+        settings,
+        trust: &trust,
+        key,
+        module_tree,
+        registry_auth,
+    };
     if let Some(socket) = &settings.fetcher {
-        let attempt = Attempt {
-            root,
-            store,
-            lock: &lock,
-            settings,
-            trust: &trust,
-            key,
-            module_tree,
-            registry_auth,
-        };
         return attempt.stage_through(socket);
     }
     let mut tried = Vec::new();
     let os = os_tag(root);
     for template in &settings.sources {
         let source = expand(template, key).replace("{os}", &os);
-        let attempt = Attempt {
-            root,
-            store,
-            lock: &lock,
-            settings,
-            trust: &trust,
-            key,
-            module_tree,
-            registry_auth,
-        };
         match attempt.stage_from(template, &source) {
             Ok((outcome, digest)) => {
                 // update::stage says it once for the journal, with the store directory.
