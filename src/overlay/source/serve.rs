@@ -103,7 +103,7 @@ fn fetch(root: &Root, store_dir: &Path, request: FetchRequest) -> FetchReply {
     );
     match staged {
         Ok(report) => {
-            if let Err(e) = open_for_takeover(&root.join(store_dir), &key.kernel_release) {
+            if let Err(e) = open_for_takeover(&root.join(store_dir), &key) {
                 return FetchReply {
                     error: Some(e.to_string()),
                     ..FetchReply::default()
@@ -150,11 +150,15 @@ fn kind_of(error: &AttemptError) -> FailureKind {
 }
 
 /// Let the daemon move the overlay out: it holds no `CAP_DAC_OVERRIDE`, so the directories it
-/// renames out of and removes must be writable by it. They sit under `/var/lib/private` (mode
-/// 0700, root's), which no one else can enter.
-fn open_for_takeover(store: &Path, kernel_release: &str) -> io::Result<()> {
-    let kernel_dir: PathBuf = store.join(kernel_release);
-    for dir in [store, kernel_dir.as_path()] {
+/// renames out of and removes must be writable by it, and so must the overlay's own directory
+/// (rename(2) of a directory to another parent rewrites its `..`: EACCES without write on it;
+/// seen in the QEMU guest, where the daemon really lacks the capability). They sit under
+/// `/var/lib/private` (mode 0700, root's), which no one else can enter; the daemon makes the
+/// overlay root's and 0755 again before it looks at anything in it.
+fn open_for_takeover(store: &Path, key: &crate::overlay::key::OverlayKey) -> io::Result<()> {
+    let kernel_dir: PathBuf = store.join(&key.kernel_release);
+    let overlay_dir = kernel_dir.join(&key.driver_version);
+    for dir in [store, kernel_dir.as_path(), overlay_dir.as_path()] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
     }
     Ok(())
