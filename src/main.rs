@@ -841,6 +841,6 @@ fn render_toolkit(step: &ToolkitStep) -> String {
 fn fetch_serve(inv: &Invocation, listen: Option<PathBuf>, state_dir: &Path) -> anyhow::Result<u8> {
     use nvdriver_agent::overlay::source::serve;
     let listener = serve::listener(&inv.root, listen.as_deref())?;
-    serve::serve_one(&inv.root, &listener, state_dir)?;
+    while !serve::serve_one(&inv.root, &listener, state_dir)? {}
     Ok(exit::OK)
 }

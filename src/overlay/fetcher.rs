@@ -14,6 +14,7 @@
 //! One exchange: the fetcher sends [`Hello`] (with the kernel-filled `SCM_CREDENTIALS` that name
 //! its pid, so the daemon reads its cgroup from the kernel, not from what it says); the daemon
 //! sends one [`FetchRequest`] line; the fetcher answers one [`FetchReply`] line and closes.
+//! A fetcher that staged something exits; one that did not serves the next request.
 
 use std::io::{self, BufRead, BufReader, IoSliceMut, Read, Write};
 use std::os::fd::AsRawFd;
@@ -205,7 +206,10 @@ pub fn exchange(
         .read_to_end(&mut reply)
         .map_err(io_error)?;
     let reply = protocol_line::<FetchReply>(socket, "its answer", &reply)?;
-    wait_until_gone(root, &cgroup, GONE_TIMEOUT)?;
+    // Nothing to take over, nothing to wait for: the fetcher stays for the next request.
+    if reply.staged_from.is_some() {
+        wait_until_gone(root, &cgroup, GONE_TIMEOUT)?;
+    }
     Ok(reply)
 }
 

@@ -55,8 +55,15 @@ fn listener_from(fd: libsystemd::activation::FileDescriptor) -> UnixListener {
 }
 
 /// Accept one connection and serve it: greet, read the request, stage into
-/// `<state_dir>/store`, answer.
-pub fn serve_one(root: &Root, listener: &UnixListener, state_dir: &Path) -> Result<(), ServeError> {
+/// `<state_dir>/store`, answer. Returns whether an overlay was left for the daemon to take over:
+/// only then must this process exit (the daemon takes over only once it is gone); after a
+/// failure it serves the next request, so a fetcher is still there for the shutdown stage
+/// (systemd restarts none once shutdown began; seen in the QEMU ostree-late-update scenario).
+pub fn serve_one(
+    root: &Root,
+    listener: &UnixListener,
+    state_dir: &Path,
+) -> Result<bool, ServeError> {
     let (mut stream, _) = listener.accept()?;
     let mut hello = serde_json::to_vec(&Hello {
         fetcher: "nvdriver-agent-fetch".into(),
@@ -70,7 +77,7 @@ pub fn serve_one(root: &Root, listener: &UnixListener, state_dir: &Path) -> Resu
     let mut line = serde_json::to_vec(&reply).expect("a reply serializes");
     line.push(b'\n');
     stream.write_all(&line)?;
-    Ok(())
+    Ok(reply.staged_from.is_some())
 }
 
 fn read_request(stream: &UnixStream) -> Result<FetchRequest, ServeError> {
