@@ -46,11 +46,9 @@ pub fn overlay_import(ctx: &Context, dir: &Path) -> Result<ImportOutcome, Comman
         ctx.settings.stage.keep_free,
         what,
     );
-    let total = manifest
-        .files
-        .iter()
-        .fold(0u64, |sum, f| sum.saturating_add(f.size));
-    space.ensure(total, what).map_err(StoreError::Space)?;
+    space
+        .ensure(source::manifest_total(&manifest), what)
+        .map_err(StoreError::Space)?;
     Ok(store.import_within(dir, &mut space)?)
 }
 

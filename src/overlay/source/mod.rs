@@ -969,7 +969,7 @@ impl Attempt<'_> {
 }
 
 /// The bytes of the files a manifest lists.
-fn manifest_total(manifest: &Manifest) -> u64 {
+pub fn manifest_total(manifest: &Manifest) -> u64 {
     manifest
         .files
         .iter()
