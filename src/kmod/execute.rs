@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::errno::Errno;
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
 use crate::handoff::driver_ready::{self, DriverReady};
 use crate::handoff::toolkit;
@@ -19,7 +19,7 @@ use crate::host::Root;
 use crate::kmod::caps::{self, CapNode};
 use crate::kmod::devices::{self, nodes_for, DeviceNode};
 use crate::kmod::plan::{DriverRootStep, LoadPlan, ModuleAction, OsModuleAction, OsModuleStep};
-use crate::kmod::sys::{Kernel, ModuleLoad, NodeState, SysError};
+use crate::kmod::sys::{Kernel, ModuleImage, ModuleLoad, NodeState, SysError};
 use crate::modinfo::{self, Compression};
 
 /// An overlay module file opened (and hashed) during inspection, handed to `finit_module`
@@ -197,7 +197,18 @@ pub fn execute(
         let result = load_one(step, module, kernel, &mut report.module_init_micros);
         match result {
             Ok(true) => {
-                debug!(MODULE = %step.name, DRIVER_VERSION = step.version.as_deref().unwrap_or(""), "module loaded");
+                let syscall = if step.action == ModuleAction::LoadDecompressed {
+                    "init_module"
+                } else {
+                    "finit_module"
+                };
+                info!(
+                    MODULE = %step.name,
+                    DRIVER_VERSION = step.version.as_deref().unwrap_or(""),
+                    SYSCALL = syscall,
+                    "loaded {} with {syscall}",
+                    step.name
+                );
                 report.loaded.push(step.name.clone());
             }
             Ok(false) => report.already_loaded.push(step.name.clone()),
@@ -325,25 +336,27 @@ fn load_one(
     module_init_micros: &mut u64,
 ) -> Result<bool, LoadError> {
     let decompressed;
-    let (file, kernel_decompresses) = match step.action {
+    let image = match step.action {
         ModuleAction::LoadDecompressed => {
-            decompressed = decompress_to_memfd(&step.file, &module.file, step.compression)?;
-            (&decompressed, false)
+            decompressed = decompress(&step.file, &module.file, step.compression)?;
+            ModuleImage::Decompressed(&decompressed)
         }
-        _ => (&module.file, step.compression != Compression::None),
+        _ => ModuleImage::File {
+            file: &module.file,
+            compressed: step.compression != Compression::None,
+        },
     };
     let load = ModuleLoad {
         name: &step.name,
         path: &step.file,
-        file,
+        image,
         params: &step.parameters,
-        kernel_decompresses,
         version: step.version.as_deref(),
         vermagic: &module.vermagic,
         signed: module.signed,
     };
     let started = Instant::now();
-    let result = kernel.finit_module(&load);
+    let result = kernel.load_module(&load);
     *module_init_micros += u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     match result {
         Ok(()) => Ok(true),
@@ -385,11 +398,8 @@ fn refusal_hint(errno: Errno) -> &'static str {
     }
 }
 
-fn decompress_to_memfd(
-    path: &Path,
-    file: &File,
-    compression: Compression,
-) -> Result<File, LoadError> {
+/// The module image of a file compressed in a way the kernel cannot undo.
+fn decompress(path: &Path, file: &File, compression: Compression) -> Result<Vec<u8>, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         error: source,
@@ -398,22 +408,12 @@ fn decompress_to_memfd(
     let mut reader = file;
     reader.rewind().map_err(io)?;
     reader.read_to_end(&mut bytes).map_err(io)?;
-    let image =
-        modinfo::decompress(&bytes, compression, modinfo::MAX_MODULE_SIZE).map_err(|cause| {
-            LoadError::Decompress {
-                path: path.to_path_buf(),
-                cause,
-            }
-        })?;
-    let fd = nix::sys::memfd::memfd_create(
-        c"nvdriver-agent-module",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-    )
-    .map_err(|e| io(std::io::Error::from(e)))?;
-    let mut memfd = File::from(fd);
-    memfd.write_all(&image).map_err(io)?;
-    memfd.rewind().map_err(io)?;
-    Ok(memfd)
+    modinfo::decompress(&bytes, compression, modinfo::MAX_MODULE_SIZE).map_err(|cause| {
+        LoadError::Decompress {
+            path: path.to_path_buf(),
+            cause,
+        }
+    })
 }
 
 fn read_to_string_or_empty(path: &Path) -> String {

@@ -80,7 +80,8 @@ pub struct PlanInputs<'a> {
 pub enum ModuleAction {
     /// `finit_module` on the file; the kernel decompresses it when it is compressed.
     Load,
-    /// The kernel cannot decompress this format: decompress into a memfd, then load that.
+    /// The kernel cannot decompress this format: decompress it here and hand the kernel the
+    /// image (`init_module(2)`).
     LoadDecompressed,
     /// Already loaded at this version: left alone.
     AlreadyLoaded,

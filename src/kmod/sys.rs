@@ -12,18 +12,16 @@ use nix::errno::Errno;
 use crate::host::{kernel as hk, Root};
 use crate::kmod::plan::MountState;
 
-/// One module handed to `finit_module`.
+/// One module handed to the kernel.
 pub struct ModuleLoad<'a> {
     /// The kernel's spelling (`nvidia_uvm`).
     pub name: &'a str,
     /// Host path of the file, for messages.
     pub path: &'a Path,
-    /// The open file (or a memfd with the decompressed image).
-    pub file: &'a File,
+    /// What the kernel is given.
+    pub image: ModuleImage<'a>,
     /// Module parameters, `key=value key=value` (may be empty).
     pub params: &'a str,
-    /// Pass `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses.
-    pub kernel_decompresses: bool,
     // What the module says of itself; the real kernel reads it from the image, the
     // simulation needs it spelled out.
     /// `version=`, which the simulation writes to `/sys/module/<name>/version`.
@@ -32,6 +30,26 @@ pub struct ModuleLoad<'a> {
     pub vermagic: &'a str,
     /// Whether the file is signed; the simulation refuses an unsigned one under `sig_enforce`.
     pub signed: bool,
+}
+
+/// How a module reaches the kernel.
+#[derive(Clone, Copy)]
+pub enum ModuleImage<'a> {
+    /// The overlay's open file, for `finit_module(2)`; `compressed`: pass
+    /// `MODULE_INIT_COMPRESSED_FILE`, the kernel decompresses it.
+    File {
+        /// The open module file.
+        file: &'a File,
+        /// Whether the kernel is to decompress it.
+        compressed: bool,
+    },
+    /// The image decompressed here (a compression the kernel cannot undo), for `init_module(2)`.
+    /// Not `finit_module` of a memfd: SELinux checks `system:module_load` against the file's
+    /// label (`selinux_kernel_module_from_file` in security/selinux/hooks.c), and a memfd's
+    /// (`tmpfs_t`/`memfd_t`) is allowed to no service domain in Fedora's targeted policy, while a
+    /// buffer is checked against the loading domain itself, which `unconfined_service_t` passes.
+    /// LoadPin and IMA refuse both alike.
+    Decompressed(&'a [u8]),
 }
 
 /// What is at a device-node path.
@@ -78,8 +96,8 @@ impl SysError {
 
 /// The syscalls of the load path. Paths are *resolved* paths (already under the root).
 pub trait Kernel {
-    /// Load a module from an open file (`finit_module(2)`).
-    fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError>;
+    /// Load a module: `finit_module(2)` of a file, `init_module(2)` of a decompressed image.
+    fn load_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError>;
     /// Create a character device node with exactly `mode` (the umask does not apply).
     fn mknod_char(
         &mut self,
@@ -124,6 +142,16 @@ pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+impl ModuleImage<'_> {
+    /// The syscall this image is loaded with, for messages.
+    pub fn syscall(&self) -> &'static str {
+        match self {
+            ModuleImage::File { .. } => "finit_module",
+            ModuleImage::Decompressed(_) => "init_module",
+        }
+    }
+}
+
 /// `MODULE_INIT_COMPRESSED_FILE`, which nix does not name.
 const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
 
@@ -132,16 +160,22 @@ const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
 pub struct LinuxKernel;
 
 impl Kernel for LinuxKernel {
-    fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
+    fn load_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
+        let operation = module.image.syscall();
         let params = std::ffi::CString::new(module.params)
-            .map_err(|_| SysError::new("finit_module", module.path.display(), Errno::EINVAL))?;
-        let flags = if module.kernel_decompresses {
-            nix::kmod::ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE as _)
-        } else {
-            nix::kmod::ModuleInitFlags::empty()
-        };
-        nix::kmod::finit_module(module.file, &params, flags)
-            .map_err(|e| SysError::new("finit_module", module.path.display(), e))
+            .map_err(|_| SysError::new(operation, module.path.display(), Errno::EINVAL))?;
+        match module.image {
+            ModuleImage::File { file, compressed } => {
+                let flags = if compressed {
+                    nix::kmod::ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE as _)
+                } else {
+                    nix::kmod::ModuleInitFlags::empty()
+                };
+                nix::kmod::finit_module(file, &params, flags)
+            }
+            ModuleImage::Decompressed(bytes) => nix::kmod::init_module(bytes, &params),
+        }
+        .map_err(|e| SysError::new(operation, module.path.display(), e))
     }
 
     fn mknod_char(
@@ -317,6 +351,15 @@ pub enum Call {
         params: String,
         /// Whether `MODULE_INIT_COMPRESSED_FILE` was passed.
         kernel_decompresses: bool,
+    },
+    /// `init_module` of an image the agent decompressed.
+    InitModule {
+        /// The module (kernel spelling).
+        name: String,
+        /// The module file it was decompressed from.
+        path: PathBuf,
+        /// Module parameters.
+        params: String,
     },
     /// `mknod` of a character device.
     Mknod {
@@ -543,7 +586,11 @@ fn read_image(file: &File) -> Result<crate::modinfo::ModInfo, String> {
         }
         bytes.extend_from_slice(&buf[..n]);
     }
-    crate::modinfo::parse_module(&bytes, Path::new("<module image>")).map_err(|e| e.to_string())
+    parse_image(&bytes)
+}
+
+fn parse_image(bytes: &[u8]) -> Result<crate::modinfo::ModInfo, String> {
+    crate::modinfo::parse_module(bytes, Path::new("<module image>")).map_err(|e| e.to_string())
 }
 
 /// Host path of the PCI devices the simulation counts GPUs in.
@@ -563,16 +610,23 @@ fn simulated_gpus(root: &Root) -> u32 {
 }
 
 impl Kernel for SimulatedKernel {
-    fn finit_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
-        let call = Call::FinitModule {
-            name: module.name.to_string(),
-            path: module.path.to_path_buf(),
-            params: module.params.to_string(),
-            kernel_decompresses: module.kernel_decompresses,
-        };
-        self.record(call);
+    fn load_module(&mut self, module: &ModuleLoad<'_>) -> Result<(), SysError> {
+        let (name, path, params) = (
+            module.name.to_string(),
+            module.path.to_path_buf(),
+            module.params.to_string(),
+        );
+        self.record(match module.image {
+            ModuleImage::File { compressed, .. } => Call::FinitModule {
+                name,
+                path,
+                params,
+                kernel_decompresses: compressed,
+            },
+            ModuleImage::Decompressed(_) => Call::InitModule { name, path, params },
+        });
         let fail = |errno, detail: String| SysError {
-            operation: "finit_module",
+            operation: module.image.syscall(),
             target: module.path.display().to_string(),
             errno,
             detail: Some(detail),
@@ -598,8 +652,11 @@ impl Kernel for SimulatedKernel {
         if self.is_loaded(module.name) {
             return Err(fail(Errno::EEXIST, "already loaded".into()));
         }
-        let image = read_image(module.file)
-            .map_err(|e| fail(Errno::ENOEXEC, format!("invalid module format: {e}")))?;
+        let image = match module.image {
+            ModuleImage::File { file, .. } => read_image(file),
+            ModuleImage::Decompressed(bytes) => parse_image(bytes),
+        }
+        .map_err(|e| fail(Errno::ENOEXEC, format!("invalid module format: {e}")))?;
         let name = hk::normalize_module_name(module.name);
         let kallsyms = self.read(KALLSYMS);
         let known = kallsyms_names(&kallsyms);

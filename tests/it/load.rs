@@ -200,7 +200,12 @@ fn modprobe_semantics_reach_the_kernel() {
     let modules = format!("{}/usr/lib/modules/{KVER}/extra/nvidia", overlay_dir());
     let loads: Vec<_> = calls
         .into_iter()
-        .filter(|c| matches!(c, Call::Modprobe { .. } | Call::FinitModule { .. }))
+        .filter(|c| {
+            matches!(
+                c,
+                Call::Modprobe { .. } | Call::FinitModule { .. } | Call::InitModule { .. }
+            )
+        })
         .collect();
     assert_eq!(
         loads,
@@ -298,12 +303,12 @@ fn load_makes_the_exact_syscalls_and_files() {
             params: "".into(),
             kernel_decompresses: false,
         },
-        // xz: this kernel cannot, so the agent hands it a decompressed memfd.
-        Call::FinitModule {
+        // xz: this kernel cannot, so the agent decompresses it and hands over the image
+        // (init_module: SELinux refuses a memfd's label, see ModuleImage::Decompressed).
+        Call::InitModule {
             name: "nvidia_uvm".into(),
             path: format!("{modules}/nvidia-uvm.ko.xz").into(),
             params: "".into(),
-            kernel_decompresses: false,
         },
         Call::Mknod {
             path: "/dev/nvidiactl".into(),
@@ -761,14 +766,16 @@ fn no_gpu_is_its_own_state_not_a_failure() {
         .calls
         .iter()
         .filter_map(|c| match c {
-            Call::FinitModule { name, .. } => Some(format!("finit {name}")),
+            Call::FinitModule { name, .. } | Call::InitModule { name, .. } => {
+                Some(format!("load {name}"))
+            }
             Call::DeleteModule { name } => Some(format!("delete {name}")),
             _ => None,
         })
         .collect();
     assert_eq!(
         calls,
-        ["finit nvidia"],
+        ["load nvidia"],
         "no module after nvidia's failed init"
     );
     assert!(!host.read("/proc/modules").contains("nvidia"));
@@ -882,7 +889,7 @@ fn plan_error_types_are_specific() {
 /// loaded it goes in; unloading nvidia-modeset takes its symbols away again.
 #[test]
 fn simulated_kernel_resolves_symbols_not_depends() {
-    use nvdriver_agent::kmod::sys::{Kernel, ModuleLoad};
+    use nvdriver_agent::kmod::sys::{Kernel, ModuleImage, ModuleLoad};
     let host = FakeHost::new(KVER);
     let m = |name: &str| FixtureModule::new(name, KVER, DRIVER);
     let modeset = m("nvidia-modeset").exports(&["nvKmsKapiGetFunctionsTable"]);
@@ -893,12 +900,14 @@ fn simulated_kernel_resolves_symbols_not_depends() {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, module.bytes(crate::common::Compression::None)).unwrap();
         let file = fs::File::open(&path).unwrap();
-        kernel.finit_module(&ModuleLoad {
+        kernel.load_module(&ModuleLoad {
             name: &module.kernel_name(),
             path: &path,
-            file: &file,
+            image: ModuleImage::File {
+                file: &file,
+                compressed: false,
+            },
             params: "",
-            kernel_decompresses: false,
             version: Some(DRIVER),
             vermagic: &format!("{KVER} SMP preempt mod_unload modversions "),
             signed: false,
