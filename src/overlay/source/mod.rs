@@ -615,28 +615,32 @@ impl Attempt<'_> {
         real_dir: &Path,
         host_dir: &Path,
     ) -> Result<ImportOutcome, AttemptError> {
+        let manifest = self.check_tree(real_dir, &host_dir.display().to_string())?;
+        self.ensure_room(manifest_total(&manifest), "the overlay's files")?;
+        let mut space = self.space_guard("the overlay's files");
+        Ok(self.store.import_within(real_dir, &mut space)?)
+    }
+
+    /// Check the overlay tree at `dir` (`origin` names it in messages) as the one this attempt
+    /// wants: its manifest and signature, the key it is for, every file (nothing unlisted), and
+    /// that its modules fit the target kernel. Returns the manifest.
+    fn check_tree(&self, dir: &Path, origin: &str) -> Result<Manifest, AttemptError> {
         let key = self.key;
-        let (manifest, manifest_text) = store::read_manifest(real_dir)?;
-        let signature = read_signature(real_dir)?;
-        self.trust.check(
-            key,
-            manifest_text.as_bytes(),
-            signature.as_deref(),
-            &host_dir.display().to_string(),
-        )?;
+        let (manifest, manifest_text) = store::read_manifest(dir)?;
+        let signature = read_signature(dir)?;
+        self.trust
+            .check(key, manifest_text.as_bytes(), signature.as_deref(), origin)?;
         if let Some((field, expected, found)) = key.mismatch(&manifest) {
             return Err(AttemptError::WrongOverlay {
-                path: host_dir.to_path_buf(),
+                path: PathBuf::from(origin),
                 field,
                 expected,
                 found,
             });
         }
-        verify_tree(real_dir, &manifest, Generated::Refuse)?;
-        self.check_target(real_dir, &manifest)?;
-        self.ensure_room(manifest_total(&manifest), "the overlay's files")?;
-        let mut space = self.space_guard("the overlay's files");
-        Ok(self.store.import_within(real_dir, &mut space)?)
+        verify_tree(dir, &manifest, Generated::Refuse)?;
+        self.check_target(dir, &manifest)?;
+        Ok(manifest)
     }
 
     /// Watches the store's file system while `what` is written.

@@ -12,13 +12,10 @@ use std::time::Duration;
 
 use tracing::info;
 
-use super::{
-    read_signature, Attempt, AttemptError, SourceAttempt, SourceError, StageReport, MAX_ENTRIES,
-};
+use super::{Attempt, AttemptError, SourceAttempt, SourceError, StageReport, MAX_ENTRIES};
 use crate::overlay::fetcher::{self, FailureKind, FetchReply, FetchRequest};
 use crate::overlay::manifest::GENERATED_FILES;
-use crate::overlay::store::{self, ImportOutcome};
-use crate::overlay::verify::{verify_tree, Generated};
+use crate::overlay::store::ImportOutcome;
 
 /// The registry credentials the daemon hands on (`overlay::source::oci::AUTH_FILE`, a path
 /// that exists whether or not the `oci` feature is built).
@@ -138,20 +135,7 @@ impl Attempt<'_> {
             // Made by the fetcher's store; this store makes its own when publishing.
             let _ = fs::remove_file(staging.join(generated));
         }
-        let (manifest, manifest_text) = store::read_manifest(staging)?;
-        let signature = read_signature(staging)?;
-        self.trust
-            .check(key, manifest_text.as_bytes(), signature.as_deref(), origin)?;
-        if let Some((field, expected, found)) = key.mismatch(&manifest) {
-            return Err(AttemptError::WrongOverlay {
-                path: PathBuf::from(origin),
-                field,
-                expected,
-                found,
-            });
-        }
-        verify_tree(staging, &manifest, Generated::Refuse)?;
-        self.check_target(staging, &manifest)?;
+        let manifest = self.check_tree(staging, origin)?;
         crate::fsutil::sync_tree(staging).map_err(|e| io_at(staging, e))?;
         let outcome = self.store.publish_staged(self.lock, staging, &manifest)?;
         info!(
