@@ -244,3 +244,32 @@ fn handle(mut stream: TcpStream, state: &Mutex<State>) {
     let _ = stream.flush();
     let _ = stream.shutdown(Shutdown::Both);
 }
+
+/// Serve `kernel`'s NVIDIA overlay archive (tar.zst, manifest last) at `/{kernel}.tar.zst`,
+/// `shape` adjusting the route (pacing; it gets the archive's length), and make that URL
+/// pattern `host`'s one stage source (plain HTTP allowed), `extra_stage` appended to `[stage]`.
+pub fn serve_overlay_source(
+    host: &super::host::FakeHost,
+    server: &HttpServer,
+    kernel: &str,
+    shape: impl FnOnce(&mut Route, usize),
+    extra_stage: &str,
+) {
+    let (archive, _) = super::archive::overlay_archive(
+        &super::overlay::OverlayBuilder::nvidia(kernel),
+        super::archive::Compression::Zstd,
+        super::archive::ManifestAt::Last,
+    );
+    let length = archive.len();
+    let mut route = Route::file(archive);
+    shape(&mut route, length);
+    server.route(&format!("/{kernel}.tar.zst"), route);
+    host.write(
+        "/etc/nvdriver-agent/config.toml",
+        &format!(
+            "[driver]\nversion = \"{}\"\n[stage]\nsources = [\"{}\"]\nallow-http = true\n{extra_stage}",
+            super::overlay::DRIVER,
+            server.url("/{kernel}.tar.zst")
+        ),
+    );
+}

@@ -7,9 +7,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::common::agent::text;
-use crate::common::archive::{overlay_archive, Compression, ManifestAt};
 use crate::common::host::FakeHost;
-use crate::common::http::{HttpServer, Route};
+use crate::common::http::{serve_overlay_source, HttpServer, Route};
 use crate::common::overlay::{OverlayBuilder, DRIVER};
 use nvdriver_agent::overlay::Store;
 
@@ -23,23 +22,12 @@ const STORE: &str = "/var/lib/nvdriver-agent/overlays";
 /// would send it in one or two pieces).
 fn host(server: &HttpServer, download_time: Option<Duration>) -> FakeHost {
     let host = FakeHost::new(KVER);
-    let (archive, _) = overlay_archive(
-        &OverlayBuilder::nvidia(NEXT),
-        Compression::Zstd,
-        ManifestAt::Last,
-    );
     const PIECES: u32 = 50;
-    let chunk = archive.len().div_ceil(PIECES as usize).max(1);
-    let mut route = Route::file(archive);
-    route.pace = download_time.map(|total| (chunk, total / PIECES));
-    server.route(&format!("/{NEXT}.tar.zst"), route);
-    host.write(
-        "/etc/nvdriver-agent/config.toml",
-        &format!(
-            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"{}\"]\nallow-http = true\n",
-            server.url("/{kernel}.tar.zst")
-        ),
-    );
+    let pace = |route: &mut Route, length: usize| {
+        let chunk = length.div_ceil(PIECES as usize).max(1);
+        route.pace = download_time.map(|total| (chunk, total / PIECES));
+    };
+    serve_overlay_source(&host, server, NEXT, pace, "");
     host.import(&OverlayBuilder::nvidia(KVER));
     host
 }

@@ -11,10 +11,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use crate::common::archive::{overlay_archive, Compression, ManifestAt};
 use crate::common::host::{snapshot_dir, FakeHost};
-use crate::common::http::{HttpServer, Route};
-use crate::common::overlay::{OverlayBuilder, DRIVER};
+use crate::common::http::{serve_overlay_source, HttpServer};
+use crate::common::overlay::OverlayBuilder;
 use nvdriver_agent::failpoints::{ALL, CRASH_EXIT_CODE};
 use nvdriver_agent::fsutil::TEMP_PREFIX;
 use nvdriver_agent::host::Root;
@@ -57,19 +56,7 @@ fn agent_inner(root: &Path, args: &[&str], failpoints: Option<&str>) -> Output {
 /// the next kernel's overlay served over HTTP and in a directory.
 fn template(server: &HttpServer) -> FakeHost {
     let host = FakeHost::new_in(&scratch_dir(), KVER);
-    let (archive, _) = overlay_archive(
-        &OverlayBuilder::nvidia(NEXT),
-        Compression::Zstd,
-        ManifestAt::Last,
-    );
-    server.route(&format!("/{NEXT}.tar.zst"), Route::file(archive));
-    host.write(
-        "/etc/nvdriver-agent/config.toml",
-        &format!(
-            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"{}\"]\nallow-http = true\nkeep-extra = 1\n",
-            server.url("/{kernel}.tar.zst")
-        ),
-    );
+    serve_overlay_source(&host, server, NEXT, |_, _| {}, "keep-extra = 1\n");
     host.write(TOOLKIT, TOOLKIT_OLD);
     let store = Store::new(&host.root, STORE);
     for kernel in OLD.iter().copied().chain([KVER]) {

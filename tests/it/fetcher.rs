@@ -17,9 +17,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::agent::{self, text};
-use crate::common::archive::{overlay_archive, Compression, ManifestAt};
 use crate::common::host::{snapshot_dir, FakeHost};
-use crate::common::http::{HttpServer, Route};
+use crate::common::http::{serve_overlay_source, HttpServer};
 use crate::common::overlay::{OverlayBuilder, DRIVER};
 use nvdriver_agent::overlay::Store;
 
@@ -32,19 +31,7 @@ const UNIT_CGROUP: &str = "/system.slice/nvdriver-agent-fetch.service";
 
 fn host(server: &HttpServer) -> FakeHost {
     let host = FakeHost::new(KVER);
-    let (archive, _) = overlay_archive(
-        &OverlayBuilder::nvidia(NEXT),
-        Compression::Zstd,
-        ManifestAt::Last,
-    );
-    server.route(&format!("/{NEXT}.tar.zst"), Route::file(archive));
-    host.write(
-        "/etc/nvdriver-agent/config.toml",
-        &format!(
-            "[driver]\nversion = \"{DRIVER}\"\n[stage]\nsources = [\"{}\"]\nallow-http = true\n",
-            server.url("/{kernel}.tar.zst")
-        ),
-    );
+    serve_overlay_source(&host, server, NEXT, |_, _| {}, "");
     host.import(&OverlayBuilder::nvidia(KVER));
     host.mkdir("/run/nvdriver-agent");
     host.mkdir(STATE);
