@@ -8,6 +8,8 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
 
 use sha2::{Digest, Sha256};
 
@@ -296,6 +298,55 @@ pub fn sha256_reader(reader: impl Read, limit: u64) -> io::Result<(u64, String)>
     Ok((total, hex::encode(hasher.finalize())))
 }
 
+/// SHA-256 of what `fill` produces, hashed on a thread of its own so that producing the bytes
+/// (reading, decompressing, writing) overlaps hashing: on two cores about the slower of the two
+/// instead of their sum. `fill` puts the next chunk into the buffer it is given and returns its
+/// length, 0 at the end; its first error stops everything and is returned. Returns the total
+/// length and the digest (hex).
+pub fn sha256_alongside<E>(
+    mut fill: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> Result<(u64, String), E> {
+    const CHUNKS: usize = 4;
+    let (full, to_hash) = mpsc::sync_channel::<(Vec<u8>, usize)>(CHUNKS);
+    let (hashed, empty) = mpsc::sync_channel::<Vec<u8>>(CHUNKS);
+    for _ in 0..CHUNKS {
+        let _ = hashed.send(vec![0u8; crate::fsutil::IO_CHUNK]);
+    }
+    thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut hasher = Sha256::new();
+            for (chunk, n) in to_hash {
+                hasher.update(&chunk[..n]);
+                // The producer may have stopped already: the chunk is then simply dropped.
+                let _ = hashed.send(chunk);
+            }
+            hex::encode(hasher.finalize())
+        });
+        let mut total = 0u64;
+        let filled = loop {
+            // Nothing comes back only once the hasher is gone: its panic comes out of join.
+            let Ok(mut chunk) = empty.recv() else {
+                break Ok(());
+            };
+            match fill(&mut chunk) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    total += n as u64;
+                    if full.send((chunk, n)).is_err() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        drop(full);
+        let digest = hasher
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        filled.map(|()| (total, digest))
+    })
+}
+
 /// The SHA-256 of `bytes`, as 64 lowercase hex digits.
 pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -308,6 +359,50 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     const KVER: &str = "6.1.0-28-cloud-amd64";
+
+    /// Bytes that differ chunk by chunk, so a chunk hashed twice, skipped or out of order
+    /// changes the digest.
+    fn counting_bytes(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ (i >> 18) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn hashing_alongside_matches_hashing_in_line() {
+        // Many more chunks than are in flight, and a short last one.
+        let data = counting_bytes(23 * crate::fsutil::IO_CHUNK + 1234);
+        let mut rest = data.as_slice();
+        let (total, digest) = sha256_alongside(|chunk: &mut [u8]| {
+            // Short fills too, as a decompressor gives them.
+            let n = rest.len().min(chunk.len() / 3 + 1);
+            chunk[..n].copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            Ok::<_, io::Error>(n)
+        })
+        .unwrap();
+        assert_eq!(total, data.len() as u64);
+        assert_eq!(digest, sha256_bytes(&data));
+        assert_eq!(
+            sha256_reader(data.as_slice(), u64::MAX).unwrap(),
+            (total, digest)
+        );
+    }
+
+    #[test]
+    fn hashing_alongside_stops_at_the_first_error() {
+        let mut calls = 0;
+        let result = sha256_alongside(|chunk: &mut [u8]| {
+            calls += 1;
+            if calls == 7 {
+                return Err("the disk is full");
+            }
+            chunk.fill(1);
+            Ok(chunk.len())
+        });
+        assert_eq!(result, Err("the disk is full"));
+        assert_eq!(calls, 7, "nothing asked for after the error");
+    }
 
     fn tree() -> (tempfile::TempDir, Manifest) {
         let dir = tempfile::tempdir().unwrap();

@@ -590,7 +590,7 @@ impl Unpacking<'_> {
                 let flusher =
                     scope.spawn(move || requests.iter().try_for_each(|()| flushed.sync_data()));
                 let mut since_flush = 0u64;
-                let copied = self.copy_hashing(entry, &mut file, &real, |n| {
+                let copied = self.copy_hashing_alongside(entry, &mut file, &real, |n| {
                     since_flush += n;
                     if since_flush >= WRITEBACK_EVERY {
                         since_flush = 0;
@@ -647,10 +647,49 @@ impl Unpacking<'_> {
     ) -> Result<(u64, String), ArchiveError> {
         let mut hasher = Sha256::new();
         let mut written = 0u64;
-        loop {
-            let n = match entry.read(&mut self.buffer) {
-                Ok(0) => break,
+        let mut buffer = std::mem::take(&mut self.buffer);
+        let copied = loop {
+            let n = match self.read_chunk(entry, &mut buffer) {
+                Ok(0) => break Ok(()),
                 Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = self.write_chunk(file, real, &buffer[..n]) {
+                break Err(e);
+            }
+            hasher.update(&buffer[..n]);
+            written += n as u64;
+            progress(n as u64);
+        };
+        self.buffer = buffer;
+        copied.map(|()| (written, hex::encode(hasher.finalize())))
+    }
+
+    /// [`Self::copy_hashing`] for a large file, hashing on a thread of its own
+    /// ([`crate::overlay::verify::sha256_alongside`]).
+    fn copy_hashing_alongside<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        file: &mut File,
+        real: &Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<(u64, String), ArchiveError> {
+        crate::overlay::verify::sha256_alongside(|chunk| {
+            let n = self.read_chunk(entry, chunk)?;
+            self.write_chunk(file, real, &chunk[..n])?;
+            progress(n as u64);
+            Ok(n)
+        })
+    }
+
+    /// The next chunk of `entry` into `buffer`; 0 at its end.
+    fn read_chunk<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        buffer: &mut [u8],
+    ) -> Result<usize, ArchiveError> {
+        loop {
+            match entry.read(buffer) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => {
                     return Err(ArchiveError::Read {
@@ -658,15 +697,20 @@ impl Unpacking<'_> {
                         error: source,
                     })
                 }
-            };
-            self.space.before_write(n as u64)?;
-            hasher.update(&self.buffer[..n]);
-            file.write_all(&self.buffer[..n])
-                .map_err(Self::write_err(real))?;
-            written += n as u64;
-            progress(n as u64);
+                Ok(n) => return Ok(n),
+            }
         }
-        Ok((written, hex::encode(hasher.finalize())))
+    }
+
+    /// Write `chunk` to `file`, within the disk reserve.
+    fn write_chunk(
+        &mut self,
+        file: &mut File,
+        real: &Path,
+        chunk: &[u8],
+    ) -> Result<(), ArchiveError> {
+        self.space.before_write(chunk.len() as u64)?;
+        file.write_all(chunk).map_err(Self::write_err(real))
     }
 
     /// Kept in memory, not written: the caller checks it before publishing.
