@@ -590,7 +590,7 @@ impl Unpacking<'_> {
                 let flusher =
                     scope.spawn(move || requests.iter().try_for_each(|()| flushed.sync_data()));
                 let mut since_flush = 0u64;
-                let copied = self.copy_hashing_alongside(entry, &mut file, &real, |n| {
+                let copied = self.copy_hashing(entry, &mut file, &real, true, |n| {
                     since_flush += n;
                     if since_flush >= WRITEBACK_EVERY {
                         since_flush = 0;
@@ -608,7 +608,7 @@ impl Unpacking<'_> {
                 Ok::<_, ArchiveError>(copied)
             })?
         } else {
-            self.copy_hashing(entry, &mut file, &real, |_| {})?
+            self.copy_hashing(entry, &mut file, &real, false, |_| {})?
         };
         if written != size {
             return Err(ArchiveError::Truncated {
@@ -637,14 +637,24 @@ impl Unpacking<'_> {
     }
 
     /// Copy `entry` into `file`, hashing on the way; `progress` hears of each chunk written.
-    /// Returns the bytes written and their SHA-256 (hex).
+    /// Returns the bytes written and their SHA-256 (hex). `alongside`, for a large file: hash on
+    /// a thread of its own ([`crate::overlay::verify::sha256_alongside`]).
     fn copy_hashing<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         file: &mut File,
         real: &Path,
+        alongside: bool,
         mut progress: impl FnMut(u64),
     ) -> Result<(u64, String), ArchiveError> {
+        if alongside {
+            return crate::overlay::verify::sha256_alongside(|chunk| {
+                let n = self.read_chunk(entry, chunk)?;
+                self.write_chunk(file, real, &chunk[..n])?;
+                progress(n as u64);
+                Ok(n)
+            });
+        }
         let mut hasher = Sha256::new();
         let mut written = 0u64;
         let mut buffer = std::mem::take(&mut self.buffer);
@@ -663,23 +673,6 @@ impl Unpacking<'_> {
         };
         self.buffer = buffer;
         copied.map(|()| (written, hex::encode(hasher.finalize())))
-    }
-
-    /// [`Self::copy_hashing`] for a large file, hashing on a thread of its own
-    /// ([`crate::overlay::verify::sha256_alongside`]).
-    fn copy_hashing_alongside<R: Read>(
-        &mut self,
-        entry: &mut tar::Entry<'_, R>,
-        file: &mut File,
-        real: &Path,
-        mut progress: impl FnMut(u64),
-    ) -> Result<(u64, String), ArchiveError> {
-        crate::overlay::verify::sha256_alongside(|chunk| {
-            let n = self.read_chunk(entry, chunk)?;
-            self.write_chunk(file, real, &chunk[..n])?;
-            progress(n as u64);
-            Ok(n)
-        })
     }
 
     /// The next chunk of `entry` into `buffer`; 0 at its end.
