@@ -196,21 +196,7 @@ pub fn execute(
             .ok_or_else(|| LoadError::NotOpened(step.relative_path.clone()))?;
         let result = load_one(step, module, kernel, &mut report.module_init_micros);
         match result {
-            Ok(true) => {
-                let syscall = if step.action == ModuleAction::LoadDecompressed {
-                    "init_module"
-                } else {
-                    "finit_module"
-                };
-                info!(
-                    MODULE = %step.name,
-                    DRIVER_VERSION = step.version.as_deref().unwrap_or(""),
-                    SYSCALL = syscall,
-                    "loaded {} with {syscall}",
-                    step.name
-                );
-                report.loaded.push(step.name.clone());
-            }
+            Ok(true) => report.loaded.push(step.name.clone()),
             Ok(false) => report.already_loaded.push(step.name.clone()),
             Err(e) => {
                 // Leave the kernel as it was: unload what this run loaded, newest first.
@@ -359,7 +345,17 @@ fn load_one(
     let result = kernel.load_module(&load);
     *module_init_micros += u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     match result {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            let syscall = load.image.syscall();
+            info!(
+                MODULE = %step.name,
+                DRIVER_VERSION = step.version.as_deref().unwrap_or(""),
+                SYSCALL = syscall,
+                "loaded {} with {syscall}",
+                step.name
+            );
+            Ok(true)
+        }
         Err(e) if e.errno == Errno::EEXIST => Ok(false),
         // Only nvidia's own init probes for GPUs; ENODEV from another module is a failure.
         Err(cause) if is_no_gpu(&step.name, cause.errno) => Err(LoadError::NoGpu {
